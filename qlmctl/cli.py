@@ -1,0 +1,191 @@
+"""The ``qlmctl`` command line: parse, call the library, render. No logic lives here.
+
+Errors: library code raises :class:`~qlmctl.errors.QlmError`; :func:`main` turns it into
+one line on stderr and its exit code (2 bad input, 1 run-time failure, 130 Ctrl-C). A
+traceback is shown only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from qlmctl import __version__
+from qlmctl.errors import NotImplementedYet, QlmError
+
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="qlmctl",
+    help=(
+        "Keep LLM latency SLOs under load with one queue in front of vLLM.\n\n"
+        "Typical flow: `qlmctl profile` measures each model on each GPU type, "
+        "`qlmctl plan` orders queued work with a stochastic program (Pyomo + HiGHS), "
+        "`qlmctl serve` runs a workload against vLLM (or the simulator) following the "
+        "plan, and `qlmctl report` compares SLO attainment across policies."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+# ---- shared option aliases ----------------------------------------------------------
+WorkloadArg = Annotated[
+    Path, typer.Argument(help="Workload spec (YAML) or materialised workload (Parquet).")
+]
+ClusterOpt = Annotated[
+    Path,
+    typer.Option("--cluster", "-c", help="Cluster spec (YAML): GPU types, models, instances."),
+]
+ProfilesOpt = Annotated[
+    Path,
+    typer.Option(
+        "--profiles",
+        envvar="QLMCTL_PROFILES",
+        help="Directory of measured profiles; shipped defaults fill the gaps.",
+    ),
+]
+PolicyOpt = Annotated[
+    str,
+    typer.Option("--policy", "-p", help="Scheduling policy: fcfs, edf, priority, heuristic, qlm."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"qlmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks for errors.", envvar="QLMCTL_DEBUG")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def profile(
+    model: Annotated[str, typer.Argument(help="Model name from the cluster spec.")],
+    cluster: ClusterOpt,
+    instance: Annotated[
+        str | None, typer.Option(help="Instance to profile on (default: first that serves it).")
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="Attach to a running server at this URL instead.")
+    ] = None,
+    profiles: ProfilesOpt = Path("profiles"),
+) -> None:
+    """Measure MODEL on a real vLLM server and store its performance profile.
+
+    Sweeps prefill latency over prompt lengths, decode step time over concurrency, KV
+    capacity, cold start and (where supported) sleep/wake, then fits the performance
+    model used by `plan` and `serve --engine sim`.
+    """
+    raise NotImplementedYet("`qlmctl profile` is not implemented yet")
+
+
+@app.command()
+def plan(
+    workload: WorkloadArg,
+    cluster: ClusterOpt,
+    profiles: ProfilesOpt = Path("profiles"),
+    policy: PolicyOpt = "qlm",
+    out: Annotated[Path, typer.Option(help="Where to write the plan (JSON).")] = Path("plans"),
+) -> None:
+    """Plan how the cluster serves WORKLOAD's queued requests.
+
+    Groups requests by model, SLO class and length class, estimates waiting times with
+    their uncertainty, solves a two-stage stochastic program with HiGHS, and writes the
+    virtual queue of every instance to `plans/`.
+    """
+    raise NotImplementedYet("`qlmctl plan` is not implemented yet")
+
+
+@app.command()
+def serve(
+    workload: WorkloadArg,
+    cluster: ClusterOpt,
+    policy: PolicyOpt = "qlm",
+    engine: Annotated[
+        str, typer.Option(help="`vllm`: real servers over HTTP; `sim`: simulated, virtual time.")
+    ] = "vllm",
+    profiles: ProfilesOpt = Path("profiles"),
+    runs: Annotated[Path, typer.Option(help="Directory for run logs.")] = Path("runs"),
+) -> None:
+    """Replay WORKLOAD against the cluster, keeping SLOs by following the plan.
+
+    Pulls requests with backpressure, evicts blocking batch work, swaps models, balances
+    load and re-plans as the queue changes; logs every request attempt to Parquet.
+    """
+    raise NotImplementedYet("`qlmctl serve` is not implemented yet")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories.")],
+) -> None:
+    """Summarise runs: SLO attainment, goodput, latency percentiles, operations.
+
+    Several runs are compared side by side (e.g. fcfs against qlm on one workload).
+    """
+    raise NotImplementedYet("`qlmctl report` is not implemented yet")
+
+
+cluster_app = typer.Typer(help="Inspect cluster specs.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("show")
+def cluster_show(
+    path: Annotated[Path, typer.Argument(help="Cluster spec (YAML).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Validate a cluster spec and print its instances."""
+    from qlmctl.render import print_json, print_table
+    from qlmctl.specs import load_cluster
+
+    spec = load_cluster(path)
+    if json_out:
+        print_json(spec.model_dump(mode="json"))
+        return
+    rows = [
+        [
+            i.id,
+            i.gpu,
+            i.model or "-",
+            ", ".join(i.models or ["any"]),
+            i.base_url,
+            "launch" if i.launch else "attach",
+        ]
+        for i in spec.instances
+    ]
+    print_table(
+        f"cluster {path}", ["instance", "gpu", "resident", "may serve", "url", "mode"], rows
+    )
+
+
+def main() -> None:
+    """Console entry point: run the app, map domain errors to one line and an exit code.
+
+    Usage errors (missing argument, bad option) are typer's own: usage text, exit 2.
+    """
+    try:
+        app()
+    except QlmError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)

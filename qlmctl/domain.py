@@ -1,0 +1,184 @@
+"""Validated domain types: SLO classes, models, GPU types, instances, clusters, requests.
+
+Rules: every type is a frozen pydantic v2 model that rejects unknown fields; times are
+seconds (``*_s``), sizes are tokens (``*_tokens``). Cross-file checks (a workload naming
+a model the cluster lacks) live in :func:`check_models_served`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from qlmctl.errors import BadInput
+
+Name = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class Frozen(BaseModel):
+    """Base of the domain types: immutable, unknown fields are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SLOClass(Frozen):
+    """A service-level class: a TTFT target, an optional end-to-end target, a weight.
+
+    ``priority`` is the value sent as vLLM's request ``priority`` (lower is more urgent).
+    """
+
+    name: Name
+    ttft_s: PositiveSeconds
+    e2e_s: PositiveSeconds | None = None
+    weight: Annotated[float, Field(gt=0)] = 1.0
+    priority: int = 0
+
+
+class ModelSpec(Frozen):
+    """A model that instances can serve: a local path or hub id, and its size."""
+
+    name: Name
+    path: str = Field(min_length=1, description="Local directory or hub id passed to vllm serve")
+    params_b: Annotated[float, Field(gt=0)] | None = None
+    max_model_len: Annotated[int, Field(gt=0)] | None = None
+
+
+class GPUType(Frozen):
+    """A kind of accelerator (or ``cpu``) that profiles are measured on."""
+
+    name: Name
+    memory_gib: Annotated[float, Field(gt=0)] | None = None
+
+
+class LaunchSpec(Frozen):
+    """How qlmctl starts ``vllm serve`` for an instance (argument list, never a shell string)."""
+
+    port: Annotated[int, Field(gt=0, lt=65536)]
+    host: str = "127.0.0.1"
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+
+
+class InstanceSpec(Frozen):
+    """One serving instance: either attached by URL or launched locally."""
+
+    id: Name
+    gpu: Name
+    endpoint: str | None = Field(default=None, description="URL of a running vLLM server")
+    launch: LaunchSpec | None = None
+    model: Name | None = Field(default=None, description="Model resident at start")
+    models: list[Name] | None = Field(
+        default=None, description="Models this instance may serve (default: all)"
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_reach(self) -> InstanceSpec:
+        if (self.endpoint is None) == (self.launch is None):
+            raise ValueError("give exactly one of 'endpoint' (attach) or 'launch' (start)")
+        if self.model and self.models and self.model not in self.models:
+            raise ValueError(f"resident model {self.model!r} is not in 'models'")
+        return self
+
+    @property
+    def base_url(self) -> str:
+        """The server's base URL, whether attached or launched."""
+        if self.endpoint is not None:
+            return self.endpoint.rstrip("/")
+        assert self.launch is not None
+        return f"http://{self.launch.host}:{self.launch.port}"
+
+    def can_serve(self, model: str) -> bool:
+        """Whether this instance may be given work for ``model``."""
+        return self.models is None or model in self.models
+
+
+class ClusterSpec(Frozen):
+    """GPU types, models and the instances that serve them."""
+
+    gpu_types: list[GPUType]
+    models: list[ModelSpec]
+    instances: Annotated[list[InstanceSpec], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> ClusterSpec:
+        _require_unique("gpu_types", [g.name for g in self.gpu_types])
+        _require_unique("models", [m.name for m in self.models])
+        _require_unique("instances", [i.id for i in self.instances])
+        gpus = {g.name for g in self.gpu_types}
+        models = {m.name for m in self.models}
+        for inst in self.instances:
+            if inst.gpu not in gpus:
+                raise ValueError(
+                    f"instance {inst.id!r}: unknown gpu {inst.gpu!r} (known: {sorted(gpus)})"
+                )
+            for m in [inst.model, *(inst.models or [])]:
+                if m is not None and m not in models:
+                    raise ValueError(
+                        f"instance {inst.id!r}: unknown model {m!r} (known: {sorted(models)})"
+                    )
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        """The model called ``name``; :class:`BadInput` listing the known ones otherwise."""
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise BadInput(
+            f"unknown model {name!r}; the cluster has {sorted(m.name for m in self.models)}"
+        )
+
+    def instance(self, instance_id: str) -> InstanceSpec:
+        """The instance called ``instance_id``; :class:`BadInput` otherwise."""
+        for i in self.instances:
+            if i.id == instance_id:
+                return i
+        raise BadInput(
+            f"unknown instance {instance_id!r}; the cluster has {[i.id for i in self.instances]}"
+        )
+
+
+class Request(Frozen):
+    """One request of a workload.
+
+    ``output_tokens`` is the true output length when a trace knows it; a replay then asks
+    the engine for exactly that many tokens (``ignore_eos``). ``max_output_tokens`` caps it.
+    """
+
+    id: str = Field(min_length=1)
+    arrival_s: Annotated[float, Field(ge=0)]
+    model: Name
+    slo_class: Name
+    prompt: str | None = None
+    prompt_tokens: Annotated[int, Field(gt=0)]
+    max_output_tokens: Annotated[int, Field(gt=0)]
+    output_tokens: Annotated[int, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _output_within_cap(self) -> Request:
+        if self.output_tokens is not None and self.output_tokens > self.max_output_tokens:
+            raise ValueError(
+                f"output_tokens {self.output_tokens} exceeds "
+                f"max_output_tokens {self.max_output_tokens}"
+            )
+        return self
+
+    @property
+    def target_output_tokens(self) -> int:
+        """Tokens a replay generates: the known output length, else the cap."""
+        return self.output_tokens if self.output_tokens is not None else self.max_output_tokens
+
+
+def check_models_served(cluster: ClusterSpec, models: set[str]) -> None:
+    """Raise :class:`BadInput` if some model in ``models`` has no instance that may serve it."""
+    for name in sorted(models):
+        cluster.model(name)
+        if not any(i.can_serve(name) for i in cluster.instances):
+            raise BadInput(f"no instance in the cluster may serve model {name!r}")
+
+
+def _require_unique(field: str, names: list[str]) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{field}: duplicate names {dupes}")

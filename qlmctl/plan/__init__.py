@@ -1,0 +1,1 @@
+"""Planning: request groups, waiting-time estimates, policies, the stochastic program, plans."""

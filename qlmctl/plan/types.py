@@ -1,0 +1,187 @@
+"""What a policy sees (a queue snapshot) and what it returns (a plan).
+
+Rules: a snapshot is an immutable picture taken by the core at ``now_s``; a plan is the
+ordered virtual queue of request groups per instance. Every waiting request of the
+snapshot appears in exactly one group of exactly one instance; requests inside a group
+keep arrival (FIFO) order. Deadlines are absolute: arrival + the class's TTFT target.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from qlmctl.domain import Request, SLOClass
+from qlmctl.errors import BadInput
+from qlmctl.profile.perfmodel import PerfModel
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRequest:
+    """A request in flight on an instance, with what it has done so far."""
+
+    request: Request
+    dispatch_s: float
+    first_token_s: float | None
+    generated_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceState:
+    """One instance as the core knows it at snapshot time.
+
+    ``model`` is the resident model (or the one being loaded); ``ready_at_s`` is when it
+    can start new work (``now_s`` when up, the end of a load in progress otherwise);
+    ``up`` is False for a dead instance, which must get no work.
+    """
+
+    instance_id: str
+    gpu: str
+    model: str | None
+    up: bool
+    ready_at_s: float
+    servable_models: frozenset[str] | None = None  # None: any model
+    sleeping_models: frozenset[str] = frozenset()
+    running: tuple[RunningRequest, ...] = ()
+
+    def can_serve(self, model: str) -> bool:
+        """Whether the instance is up and allowed to serve ``model``."""
+        return self.up and (self.servable_models is None or model in self.servable_models)
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """Everything a policy needs: waiting requests, instances, SLO classes, profiles."""
+
+    now_s: float
+    waiting: tuple[Request, ...]  # not yet dispatched, in arrival order
+    instances: tuple[InstanceState, ...]
+    slo_classes: Mapping[str, SLOClass]
+    perf: Mapping[tuple[str, str], PerfModel]  # (model, gpu) -> performance model
+
+    def deadline_s(self, request: Request) -> float:
+        """Absolute TTFT deadline of ``request``."""
+        return request.arrival_s + self.slo_classes[request.slo_class].ttft_s
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedGroup:
+    """A group of requests (same model, class, length class) placed on an instance."""
+
+    group_id: str
+    model: str
+    slo_class: str
+    request_ids: tuple[str, ...]  # FIFO order
+    deadline_s: float  # earliest absolute deadline in the group
+    predicted_start_s: float
+    predicted_finish_s: float
+    miss_probability: float
+    priority: int = 0  # vLLM request priority for this group's requests
+
+
+@dataclass(frozen=True, slots=True)
+class InstancePlan:
+    """The virtual queue of one instance: groups in execution order."""
+
+    instance_id: str
+    groups: tuple[PlannedGroup, ...]
+
+    @property
+    def models_in_order(self) -> list[str]:
+        """The model of each segment of consecutive same-model groups (swaps between)."""
+        out: list[str] = []
+        for g in self.groups:
+            if not out or out[-1] != g.model:
+                out.append(g.model)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class SolverStats:
+    """How the plan was found: timings, MILP status and gap, scores of the candidates."""
+
+    build_s: float = 0.0
+    solve_s: float = 0.0
+    status: str = "none"
+    mip_gap: float | None = None
+    num_vars: int = 0
+    num_constraints: int = 0
+    chosen: str = "heuristic"  # which candidate won on the scoring scenarios
+    scores: dict[str, float] = field(default_factory=dict)  # candidate -> expected attainment
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Virtual queues per instance plus predictions and how they were made."""
+
+    policy: str
+    created_s: float
+    instances: tuple[InstancePlan, ...]
+    predicted_attainment: float  # expected weighted fraction of waiting requests meeting SLO
+    predicted_attainment_by_class: dict[str, float]
+    solver: SolverStats = field(default_factory=SolverStats)
+    version: int = PLAN_VERSION
+
+    def request_ids(self) -> list[str]:
+        """Every planned request id, instance by instance, in planned order."""
+        return [r for ip in self.instances for g in ip.groups for r in g.request_ids]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The versioned JSON form written to ``plans/``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "plan") -> Plan:
+        """Read the JSON form; :class:`BadInput` for another version."""
+        if data.get("version") != PLAN_VERSION:
+            raise BadInput(f"{source}: plan version {data.get('version')!r} is not {PLAN_VERSION}")
+        instances = tuple(
+            InstancePlan(
+                ip["instance_id"],
+                tuple(
+                    PlannedGroup(**{**g, "request_ids": tuple(g["request_ids"])})
+                    for g in ip["groups"]
+                ),
+            )
+            for ip in data["instances"]
+        )
+        return cls(
+            policy=data["policy"],
+            created_s=data["created_s"],
+            instances=instances,
+            predicted_attainment=data["predicted_attainment"],
+            predicted_attainment_by_class=dict(data["predicted_attainment_by_class"]),
+            solver=SolverStats(**data["solver"]),
+        )
+
+    def save(self, path: Path) -> None:
+        """Write atomically as JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+
+class Policy(Protocol):
+    """A way of turning a queue snapshot into a plan. One name per policy.
+
+    ``plan`` is called by the core on every re-plan (arrivals, completions, predicted
+    violations; rate-limited) and by ``qlmctl plan``. It must not mutate the snapshot,
+    must place every waiting request on an instance that can serve its model (raise
+    :class:`~qlmctl.errors.BadInput` if none can), and draws all randomness from ``rng``.
+    """
+
+    name: str
+
+    def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
+        """Return the virtual queues for ``snapshot``."""
+        ...

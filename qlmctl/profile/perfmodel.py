@@ -1,0 +1,154 @@
+"""The performance model of one model on one GPU type: plain data with a versioned format.
+
+It answers the questions the planner and the simulator ask: how long a prefill of N
+tokens takes, how long one decode step of a batch takes, how many KV tokens fit, how long
+a cold start, sleep or wake takes. Its coefficients come from a profile (measured by
+``qlmctl profile``) or from a shipped default whose ``provenance`` says where it came from.
+
+Step time (vLLM V1 runs prefill chunks and decodes in one batch per step)::
+
+    step_s = step_base_s
+           + prefill_s_per_token * prefill_tokens
+           + prefill_s_per_token2 * prefill_tokens**2 / 1000   # attention, per chunk
+           + decode_s_per_seq * decode_seqs
+           + decode_s_per_ctx_token * context_tokens           # KV read by decodes
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlmctl.errors import BadInput
+
+PERF_MODEL_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class PerfModel:
+    """Latency coefficients and capacities of ``model`` served on ``gpu``."""
+
+    model: str
+    gpu: str
+    step_base_s: float
+    prefill_s_per_token: float
+    prefill_s_per_token2: float
+    decode_s_per_seq: float
+    decode_s_per_ctx_token: float
+    kv_capacity_tokens: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    cold_start_s: float
+    stop_s: float
+    sleep_s: float | None = None  # None: the server refused sleep mode (e.g. vLLM on CPU)
+    wake_s: float | None = None
+    provenance: str = "estimate"
+    # Output lengths observed when profiling (a prior for the estimator); may be empty.
+    output_len_sample: tuple[int, ...] = field(default=())
+    version: int = PERF_MODEL_VERSION
+
+    def __post_init__(self) -> None:
+        for name in (
+            "step_base_s",
+            "prefill_s_per_token",
+            "prefill_s_per_token2",
+            "decode_s_per_seq",
+            "decode_s_per_ctx_token",
+            "cold_start_s",
+            "stop_s",
+        ):
+            value = getattr(self, name)
+            if not value >= 0:  # also rejects NaN
+                raise BadInput(f"profile {self.model}@{self.gpu}: {name} must be >= 0, got {value}")
+        for name in ("kv_capacity_tokens", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise BadInput(f"profile {self.model}@{self.gpu}: {name} must be > 0")
+        for name in ("sleep_s", "wake_s"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise BadInput(f"profile {self.model}@{self.gpu}: {name} must be >= 0, got {value}")
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(model, gpu)``: how profiles are looked up."""
+        return (self.model, self.gpu)
+
+    @property
+    def supports_sleep(self) -> bool:
+        """Whether a warm start (sleep, then wake) is possible on this pair."""
+        return self.sleep_s is not None and self.wake_s is not None
+
+    def step_time_s(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
+        """Duration of one engine step that prefills and decodes the given amounts."""
+        return (
+            self.step_base_s
+            + self.prefill_s_per_token * prefill_tokens
+            + self.prefill_s_per_token2 * prefill_tokens * prefill_tokens / 1000.0
+            + self.decode_s_per_seq * decode_seqs
+            + self.decode_s_per_ctx_token * context_tokens
+        )
+
+    def prefill_time_s(self, prompt_tokens: int) -> float:
+        """Time to prefill one prompt alone, chunked by the per-step token budget."""
+        total, left = 0.0, prompt_tokens
+        while left > 0:
+            chunk = min(left, self.max_num_batched_tokens)
+            total += self.step_time_s(chunk, 0, prompt_tokens - left)
+            left -= chunk
+        return total
+
+    def decode_step_s(self, batch: int, context_tokens: int) -> float:
+        """Time of one decode step for ``batch`` sequences holding ``context_tokens`` in all."""
+        return self.step_time_s(0, batch, context_tokens)
+
+    def decode_throughput_tps(self, batch: int, mean_context_tokens: float) -> float:
+        """Output tokens per second at a steady batch of ``batch`` sequences."""
+        batch = max(1, min(batch, self.max_num_seqs))
+        return batch / self.decode_step_s(batch, int(batch * mean_context_tokens))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The versioned on-disk form."""
+        data = asdict(self)
+        data["output_len_sample"] = list(self.output_len_sample)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "profile") -> PerfModel:
+        """Read the on-disk form; :class:`BadInput` for another version or a bad field."""
+        version = data.get("version")
+        if version != PERF_MODEL_VERSION:
+            raise BadInput(
+                f"{source}: profile format version {version!r} is not supported "
+                f"(this qlmctl reads version {PERF_MODEL_VERSION}); re-run `qlmctl profile`"
+            )
+        try:
+            fields = dict(data)
+            fields["output_len_sample"] = tuple(int(x) for x in fields.get("output_len_sample", ()))
+            return cls(**fields)
+        except TypeError as exc:
+            raise BadInput(f"{source}: {exc}") from None
+
+    def save(self, path: Path) -> None:
+        """Write atomically (temp file, then rename): no partial profile is ever left."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> PerfModel:
+        """Read one profile file."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise BadInput(f"{path}: profile not found") from None
+        except json.JSONDecodeError as exc:
+            raise BadInput(
+                f"{path}: malformed profile JSON ({exc.msg}, line {exc.lineno})"
+            ) from None
+        if not isinstance(data, dict):
+            raise BadInput(f"{path}: a profile must be a JSON object")
+        return cls.from_dict(data, str(path))

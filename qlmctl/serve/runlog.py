@@ -1,0 +1,207 @@
+"""The run log: what happened to every request attempt and every serving operation.
+
+A run is a directory ``RUN/`` holding
+
+* ``run.json``: schema version, run id, policy, engine, workload fingerprint, config;
+* ``requests.parquet``: one row per request *attempt* (an evicted request that is
+  re-queued and finishes elsewhere has two rows: ``evicted`` then ``finished``);
+* ``operations.parquet``: swaps, wakes, sleeps, evictions, re-plans (solver stats in
+  ``detail`` as JSON), instances going down or up.
+
+Rows are written incrementally: every flush writes a numbered part file under
+``RUN/parts/``; :meth:`RunLogWriter.close` merges the parts into the two files above and
+removes them. After a crash :func:`read_run` still reads every flushed part.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from qlmctl.errors import BadInput
+
+RUNLOG_VERSION = 1
+
+# Outcomes of one attempt. Exactly one attempt per request ends in a final outcome.
+FINISHED, EVICTED, FAILED, REJECTED, CANCELLED = (
+    "finished",  # completed; slo_met says whether in time
+    "evicted",  # aborted by the planner and re-queued (not final)
+    "failed",  # the engine failed it; re-queued if retries remain, else final
+    "rejected",  # the server refused it (HTTP 4xx): final, never retried
+    "cancelled",  # the run stopped (Ctrl-C) before it finished: final
+)
+FINAL_OUTCOMES = frozenset({FINISHED, REJECTED, CANCELLED})
+
+REQUESTS_SCHEMA = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("attempt", pa.int32()),  # 0 for the first dispatch, +1 per re-queue
+        ("model", pa.string()),
+        ("slo_class", pa.string()),
+        ("instance_id", pa.string()),  # null if never dispatched
+        ("priority", pa.int32()),  # vLLM priority sent with the request
+        ("arrival_s", pa.float64()),
+        ("dispatch_s", pa.float64()),  # null if never dispatched
+        ("first_token_s", pa.float64()),  # null if no token arrived
+        ("finish_s", pa.float64()),  # end of the attempt, whatever its outcome
+        ("prompt_tokens", pa.int32()),
+        ("output_tokens", pa.int32()),  # tokens generated in this attempt
+        ("target_output_tokens", pa.int32()),
+        ("ttft_slo_s", pa.float64()),
+        ("e2e_slo_s", pa.float64()),  # null if the class has none
+        ("tpot_s", pa.float64()),  # mean time per output token after the first
+        ("itl_max_s", pa.float64()),  # longest gap between two tokens
+        ("slo_met", pa.bool_()),  # TTFT (and e2e if set) within target; false unless finished
+        ("outcome", pa.string()),  # one of FINISHED, EVICTED, FAILED, REJECTED, CANCELLED
+        ("reason", pa.string()),  # why it was evicted, failed, rejected or cancelled
+        ("predicted_start_s", pa.float64()),  # the plan's prediction when dispatched
+        ("predicted_miss_prob", pa.float64()),
+    ]
+)
+
+OPERATIONS_SCHEMA = pa.schema(
+    [
+        ("time_s", pa.float64()),
+        ("kind", pa.string()),  # swap | wake | sleep | evict | replan | instance_down | instance_up
+        ("instance_id", pa.string()),
+        ("model", pa.string()),  # model loaded (swap, wake) or of the evicted request
+        ("from_model", pa.string()),
+        ("request_id", pa.string()),
+        ("duration_s", pa.float64()),  # swap/wake time, or solver wall time for replan
+        ("detail", pa.string()),  # JSON: solver stats, reasons
+    ]
+)
+
+_TABLES = {"requests": REQUESTS_SCHEMA, "operations": OPERATIONS_SCHEMA}
+
+
+@dataclass(frozen=True)
+class RunLog:
+    """A run read back: its metadata and its two tables."""
+
+    path: Path
+    meta: dict[str, Any]
+    requests: pd.DataFrame
+    operations: pd.DataFrame
+    complete: bool  # False if recovered from parts after a crash
+
+    @property
+    def final_attempts(self) -> pd.DataFrame:
+        """One row per request: the attempt that ended it (or its last one)."""
+        return self.requests.sort_values(["request_id", "attempt"]).groupby("request_id").tail(1)
+
+
+class RunLogWriter:
+    """Appends rows and flushes them to part files; ``close`` makes the final files.
+
+    Use as a context manager; rows are dicts keyed by the schema's column names
+    (missing columns are null).
+    """
+
+    def __init__(self, path: Path, meta: dict[str, Any], flush_every: int = 1000) -> None:
+        self.path = Path(path)
+        self._parts = self.path / "parts"
+        if self.path.exists() and any(self.path.iterdir()):
+            raise BadInput(f"{self.path}: run directory exists and is not empty")
+        self._parts.mkdir(parents=True, exist_ok=True)
+        self._meta = {"version": RUNLOG_VERSION, **meta, "complete": False}
+        self._write_meta()
+        self._pending: dict[str, list[dict[str, Any]]] = {name: [] for name in _TABLES}
+        self._num_parts = 0
+        self._flush_every = flush_every
+        self.closed = False
+
+    def add_attempt(self, row: dict[str, Any]) -> None:
+        """Record one request attempt (see ``REQUESTS_SCHEMA``)."""
+        self._add("requests", row)
+
+    def add_operation(self, row: dict[str, Any]) -> None:
+        """Record one serving operation (see ``OPERATIONS_SCHEMA``)."""
+        self._add("operations", row)
+
+    def flush(self) -> None:
+        """Write pending rows to new part files."""
+        for name, rows in self._pending.items():
+            if rows:
+                table = pa.Table.from_pylist(rows, schema=_TABLES[name])
+                tmp = self._parts / f".{name}-{self._num_parts:05d}.tmp"
+                pq.write_table(table, tmp)
+                tmp.replace(self._parts / f"{name}-{self._num_parts:05d}.parquet")
+                self._num_parts += 1
+                rows.clear()
+
+    def close(self, **extra_meta: Any) -> None:
+        """Flush, merge parts into the final files, mark the run complete."""
+        if self.closed:
+            return
+        self.flush()
+        for name, schema in _TABLES.items():
+            table = _read_parts(self._parts, name, schema)
+            tmp = self.path / f".{name}.parquet.tmp"
+            pq.write_table(table, tmp)
+            tmp.replace(self.path / f"{name}.parquet")
+        shutil.rmtree(self._parts)
+        self._meta.update(extra_meta, complete=True)
+        self._write_meta()
+        self.closed = True
+
+    def __enter__(self) -> RunLogWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _add(self, name: str, row: dict[str, Any]) -> None:
+        if self.closed:
+            raise RuntimeError("can't add rows to a closed run log")
+        self._pending[name].append(row)
+        if len(self._pending[name]) >= self._flush_every:
+            self.flush()
+
+    def _write_meta(self) -> None:
+        tmp = self.path / ".run.json.tmp"
+        tmp.write_text(json.dumps(self._meta, indent=1, default=str) + "\n", encoding="utf-8")
+        tmp.replace(self.path / "run.json")
+
+
+def read_run(path: Path) -> RunLog:
+    """Read a run directory (complete, or recovered from flushed parts after a crash)."""
+    path = Path(path)
+    meta_path = path / "run.json"
+    if not meta_path.is_file():
+        raise BadInput(f"{path}: not a run directory (no run.json)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{meta_path}: malformed ({exc.msg})") from None
+    if meta.get("version") != RUNLOG_VERSION:
+        raise BadInput(
+            f"{path}: run log version {meta.get('version')!r} is not supported "
+            f"(this qlmctl reads version {RUNLOG_VERSION})"
+        )
+    tables = {}
+    for name, schema in _TABLES.items():
+        final = path / f"{name}.parquet"
+        try:
+            if final.is_file():
+                table = pq.read_table(final, schema=schema)
+            else:
+                table = _read_parts(path / "parts", name, schema)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise BadInput(f"{path}: cannot read the {name} table ({exc})") from None
+        tables[name] = table.to_pandas()
+    return RunLog(path, meta, tables["requests"], tables["operations"], bool(meta.get("complete")))
+
+
+def _read_parts(parts: Path, name: str, schema: pa.Schema) -> pa.Table:
+    files: Iterable[Path] = sorted(parts.glob(f"{name}-*.parquet")) if parts.is_dir() else []
+    tables = [pq.read_table(f, schema=schema) for f in files]
+    return pa.concat_tables(tables) if tables else schema.empty_table()

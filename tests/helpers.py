@@ -1,0 +1,75 @@
+"""Builders shared by the tests: small clusters, requests and profiles."""
+
+from __future__ import annotations
+
+from qlmctl.domain import ClusterSpec, Request, SLOClass
+from qlmctl.profile.perfmodel import PerfModel
+
+SLO_CLASSES = {
+    "interactive": SLOClass(name="interactive", ttft_s=20, weight=1.0, priority=0),
+    "batch": SLOClass(name="batch", ttft_s=600, weight=1.0, priority=10),
+}
+
+
+def make_cluster(num_instances: int = 2, models: tuple[str, ...] = ("m1", "m2")) -> ClusterSpec:
+    """``num_instances`` attached instances on one GPU type, resident models round-robin."""
+    return ClusterSpec.model_validate(
+        {
+            "gpu_types": [{"name": "G"}],
+            "models": [{"name": m, "path": f"/models/{m}"} for m in models],
+            "instances": [
+                {
+                    "id": f"i{k}",
+                    "gpu": "G",
+                    "endpoint": f"http://127.0.0.1:{8100 + k}",
+                    "model": models[k % len(models)],
+                }
+                for k in range(num_instances)
+            ],
+        }
+    )
+
+
+def make_requests(
+    n: int,
+    model: str = "m1",
+    slo_class: str = "interactive",
+    gap_s: float = 1.0,
+    prompt_tokens: int = 100,
+    output_tokens: int = 50,
+    start_s: float = 0.0,
+    prefix: str = "r",
+) -> list[Request]:
+    """``n`` requests arriving every ``gap_s`` seconds."""
+    return [
+        Request(
+            id=f"{prefix}{k}",
+            arrival_s=start_s + k * gap_s,
+            model=model,
+            slo_class=slo_class,
+            prompt_tokens=prompt_tokens,
+            max_output_tokens=max(output_tokens, 1),
+            output_tokens=output_tokens,
+        )
+        for k in range(n)
+    ]
+
+
+def make_perf(model: str = "m1", gpu: str = "G", **overrides: object) -> PerfModel:
+    """A simple performance model: 10 ms decode steps, 0.1 ms per prefill token."""
+    fields: dict[str, object] = {
+        "model": model,
+        "gpu": gpu,
+        "step_base_s": 0.01,
+        "prefill_s_per_token": 1e-4,
+        "prefill_s_per_token2": 0.0,
+        "decode_s_per_seq": 1e-4,
+        "decode_s_per_ctx_token": 0.0,
+        "kv_capacity_tokens": 100_000,
+        "max_num_seqs": 64,
+        "max_num_batched_tokens": 2048,
+        "cold_start_s": 20.0,
+        "stop_s": 2.0,
+    }
+    fields.update(overrides)
+    return PerfModel(**fields)  # type: ignore[arg-type]
