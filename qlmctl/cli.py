@@ -177,6 +177,49 @@ def cluster_show(
     )
 
 
+workload_app = typer.Typer(help="Build and inspect workloads.", no_args_is_help=True)
+app.add_typer(workload_app, name="workload")
+
+
+@workload_app.command("build")
+def workload_build(
+    spec: Annotated[Path, typer.Argument(help="Workload spec (YAML).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Materialised workload to write (Parquet).")
+    ],
+) -> None:
+    """Materialise a workload spec into a Parquet file (schema in qlmctl/workload/parquet.py)."""
+    from qlmctl.workload import load_workload, write_workload
+
+    workload = load_workload(spec)
+    write_workload(workload, out)
+    count, short = len(workload.requests), workload.fingerprint[:12]
+    err_console.print(f"wrote {count} requests to {out} (fingerprint {short})")
+
+
+@workload_app.command("show")
+def workload_show(
+    path: WorkloadArg,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    bins: Annotated[int, typer.Option(min=1, help="Time bins of the arrival-rate sparkline.")] = 24,
+) -> None:
+    """Print a workload's rate, burstiness and length percentiles per class and model."""
+    from qlmctl.render import print_json, print_table
+    from qlmctl.workload import load_workload, summarise
+    from qlmctl.workload.summary import STATS_COLUMNS, rate_rows, stats_rows
+
+    summary = summarise(load_workload(path), bins=bins)
+    if json_out:
+        print_json(summary.to_dict())
+        return
+    print_table(summary.title, STATS_COLUMNS, stats_rows(summary))
+    print_table(
+        f"arrival rate, bins of {summary.bin_s:.3g} s",
+        ["class", "model", "peak/s", "rate over time"],
+        rate_rows(summary),
+    )
+
+
 def main() -> None:
     """Console entry point: run the app, map domain errors to one line and an exit code.
 

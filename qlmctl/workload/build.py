@@ -1,0 +1,229 @@
+"""Turn a workload spec into a :class:`Workload`, and load either a spec or a Parquet file.
+
+Pipeline (columnar, numpy; Request objects are built once at the end):
+
+1. each source yields rows: id ``<source>-<row>`` (row = record index in the file or
+   the synthetic sequence number), arrival, prompt/output lengths, optional text;
+   randomness comes from ``default_rng([seed, crc32(source name)])``, so adding a
+   source does not change the others;
+2. one clock: absolute traces (Azure) are shifted by the earliest first arrival over
+   all absolute sources, relative ones start at 0; each source then adds ``start_s``;
+3. the window keeps ``start_s <= t < end_s`` and re-zeros at ``start_s``;
+4. limits clip, drop or reject requests over ``max_output_tokens``/``max_total_tokens``;
+5. model and class assignment per source (fractions are exact over the kept rows);
+6. time scaling: ``time_scale`` multiplies times; ``target_rate_per_s`` rescales so that
+   count / duration equals it (duration: the window's length, else the last arrival).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from qlmctl.domain import Request
+from qlmctl.errors import BadInput
+from qlmctl.specs import load_spec
+from qlmctl.workload.arrivals import synthesize
+from qlmctl.workload.assign import assign
+from qlmctl.workload.lengths import draw, resample
+from qlmctl.workload.model import Workload
+from qlmctl.workload.parquet import read_workload
+from qlmctl.workload.prompts import generate_prompt
+from qlmctl.workload.spec import FileLengths, Limits, Source, WorkloadSpec
+from qlmctl.workload.traces import UNKNOWN, TraceData, read_trace
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """One source's rows, aligned arrays."""
+
+    row: np.ndarray  # int64 record index (the id suffix)
+    arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray  # UNKNOWN where the source does not know
+    prompts: np.ndarray | None  # object array of str, or None
+    absolute: bool
+
+    def take(self, keep: np.ndarray) -> _Rows:
+        return replace(
+            self,
+            row=self.row[keep],
+            arrival_s=self.arrival_s[keep],
+            prompt_tokens=self.prompt_tokens[keep],
+            output_tokens=self.output_tokens[keep],
+            prompts=self.prompts[keep] if self.prompts is not None else None,
+        )
+
+
+def load_workload(path: Path) -> Workload:
+    """Read a workload spec (``.yaml``/``.yml``) or a materialised workload (``.parquet``)."""
+    path = Path(path)
+    if path.suffix in (".parquet", ".pq"):
+        return read_workload(path)
+    if path.suffix in (".yaml", ".yml"):
+        return build_workload(load_spec(WorkloadSpec, path), path)
+    raise BadInput(f"{path}: expected a workload spec (.yaml) or a materialised one (.parquet)")
+
+
+def build_workload(spec: WorkloadSpec, spec_path: Path) -> Workload:
+    """Materialise ``spec`` (paths inside it are relative to ``spec_path``'s directory)."""
+    base = Path(spec_path).parent
+    tokenizer = base / spec.prompts.tokenizer if spec.prompts.tokenizer else None
+    rngs = [np.random.default_rng([spec.seed, zlib.crc32(s.name.encode())]) for s in spec.sources]
+    rows = [
+        _source_rows(src, base, tokenizer, rng) for src, rng in zip(spec.sources, rngs, strict=True)
+    ]
+    rows = _one_clock(spec, rows)
+    rows = _window(spec, spec_path, rows)
+    rows = [
+        _apply_limits(spec.limits, src, r, spec_path)
+        for src, r in zip(spec.sources, rows, strict=True)
+    ]
+    requests: list[Request] = []
+    scale = _time_factor(spec, spec_path, rows)
+    for src, r, rng in zip(spec.sources, rows, rngs, strict=True):
+        requests.extend(_requests(spec, src, r, rng, scale, tokenizer))
+    if not requests:
+        raise BadInput(f"{spec_path}: no requests left after the window and limits")
+    return Workload.from_requests(requests, {c.name: c for c in spec.slo_classes}, str(spec_path))
+
+
+def _source_rows(src: Source, base: Path, tok: Path | None, rng: np.random.Generator) -> _Rows:
+    if src.trace is not None:
+        data = read_trace(src.trace.format, base / src.trace.path, tok)
+        assert data.arrival_s is not None
+        arrival, absolute = data.arrival_s, data.absolute
+    else:
+        assert src.arrivals is not None and src.lengths is not None
+        arrival, absolute = synthesize(src.arrivals, rng), False
+        n = len(arrival)
+        if isinstance(src.lengths, FileLengths):
+            data = resample(read_trace(src.lengths.format, base / src.lengths.path, tok), n, rng)
+        else:
+            prompt = draw(src.lengths.prompt_tokens, n, rng)
+            data = TraceData(prompt, draw(src.lengths.output_tokens, n, rng))
+    rows = _Rows(
+        row=np.arange(len(arrival)),
+        arrival_s=arrival,
+        prompt_tokens=data.prompt_tokens,
+        output_tokens=data.output_tokens,
+        prompts=np.array(data.prompts, dtype=object) if data.prompts is not None else None,
+        absolute=absolute,
+    )
+    if src.sample_fraction < 1.0:
+        rows = rows.take(rng.random(len(rows.row)) < src.sample_fraction)
+    return rows
+
+
+def _one_clock(spec: WorkloadSpec, rows: list[_Rows]) -> list[_Rows]:
+    starts = [r.arrival_s.min() for r in rows if r.absolute and len(r.arrival_s)]
+    origin = min(starts) if starts else 0.0
+    return [
+        replace(r, arrival_s=r.arrival_s - (origin if r.absolute else 0.0) + src.start_s)
+        for src, r in zip(spec.sources, rows, strict=True)
+    ]
+
+
+def _window(spec: WorkloadSpec, spec_path: Path, rows: list[_Rows]) -> list[_Rows]:
+    start = spec.window.start_s
+    end = spec.window.end_s if spec.window.end_s is not None else np.inf
+    kept = [r.take((r.arrival_s >= start) & (r.arrival_s < end)) for r in rows]
+    if not any(len(r.row) for r in kept):
+        last = max((float(r.arrival_s.max()) for r in rows if len(r.row)), default=0.0)
+        raise BadInput(
+            f"{spec_path}: field 'window': [{start:g}, {end:g}) s holds no requests "
+            f"(the sources span 0 to {last:.1f} s)"
+        )
+    return [replace(r, arrival_s=r.arrival_s - start) for r in kept]
+
+
+def _apply_limits(limits: Limits, src: Source, r: _Rows, spec_path: Path) -> _Rows:
+    """Clip, drop or reject rows over the limits; output_tokens end up <= the cap."""
+    cap = np.full(len(r.row), limits.max_output_tokens, dtype=np.int64)
+    if limits.max_total_tokens is not None:
+        cap = np.minimum(cap, limits.max_total_tokens - r.prompt_tokens)
+    over = (cap < 1) | ((r.output_tokens != UNKNOWN) & (r.output_tokens > cap))
+    if not over.any():
+        return r
+    if limits.over == "error":
+        i = int(np.argmax(over))
+        raise BadInput(
+            f"{spec_path}: request {src.name}-{r.row[i]}: prompt_tokens "
+            f"{r.prompt_tokens[i]} + output_tokens {r.output_tokens[i]} exceed the limits "
+            f"(field 'limits'; set over: clip or drop)"
+        )
+    if limits.over == "drop":
+        return r.take(~over)
+    prompt = r.prompt_tokens
+    prompts = r.prompts
+    if limits.max_total_tokens is not None:
+        prompt = np.minimum(prompt, limits.max_total_tokens - 1)
+        if prompts is not None:  # clipped texts no longer match: generate them instead
+            prompts = prompts.copy()
+            prompts[prompt < r.prompt_tokens] = None
+    return replace(r, prompt_tokens=prompt, prompts=prompts)
+
+
+def _time_factor(spec: WorkloadSpec, spec_path: Path, rows: list[_Rows]) -> float:
+    if spec.time_scale is not None:
+        return spec.time_scale
+    if spec.target_rate_per_s is None:
+        return 1.0
+    count = sum(len(r.row) for r in rows)
+    if spec.window.end_s is not None:
+        duration = spec.window.end_s - spec.window.start_s
+    else:
+        duration = max(float(r.arrival_s.max()) for r in rows if len(r.row))
+    if duration <= 0:
+        raise BadInput(f"{spec_path}: field 'target_rate_per_s': the workload has no duration")
+    return (count / duration) / spec.target_rate_per_s
+
+
+def _requests(
+    spec: WorkloadSpec,
+    src: Source,
+    r: _Rows,
+    rng: np.random.Generator,
+    scale: float,
+    tokenizer: Path | None,
+) -> list[Request]:
+    ids = [f"{src.name}-{k}" for k in r.row.tolist()]
+    models = assign(src.model, ids, rng, "model")
+    classes = assign(src.slo_class, ids, rng, "slo_class")
+    cap = np.full(len(ids), spec.limits.max_output_tokens, dtype=np.int64)
+    if spec.limits.max_total_tokens is not None:
+        cap = np.minimum(cap, spec.limits.max_total_tokens - r.prompt_tokens)
+    output = np.minimum(r.output_tokens, cap).tolist()
+    texts = r.prompts.tolist() if r.prompts is not None else [None] * len(ids)
+    prompt_tokens = r.prompt_tokens.tolist()
+    if spec.prompts.store:
+        texts = [
+            t if t is not None else generate_prompt(i, p, tokenizer)
+            for i, t, p in zip(ids, texts, prompt_tokens, strict=True)
+        ]
+    return [
+        Request(
+            id=i,
+            arrival_s=t,
+            model=m,
+            slo_class=c,
+            prompt=text,
+            prompt_tokens=p,
+            max_output_tokens=mx,
+            output_tokens=o if o != UNKNOWN else None,
+        )
+        for i, t, m, c, text, p, mx, o in zip(
+            ids,
+            (r.arrival_s * scale).tolist(),
+            models.tolist(),
+            classes.tolist(),
+            texts,
+            prompt_tokens,
+            cap.tolist(),
+            output,
+            strict=True,
+        )
+    ]
