@@ -1,0 +1,787 @@
+"""The serving core: turns arrivals, engine events and plans into dispatches, evictions, swaps.
+
+Sans-I/O, like h11's ``Connection``: facts go in (:meth:`ServeCore.on_arrival`,
+:meth:`~ServeCore.on_event`, :meth:`~ServeCore.on_plan`, :meth:`~ServeCore.on_backpressure`),
+decisions come out (:meth:`~ServeCore.decide` -> actions, :meth:`~ServeCore.next_wakeup_s`,
+:meth:`~ServeCore.wants_improvement`), and run-log rows are collected for the driver
+(:meth:`~ServeCore.take_log`). It never reads a clock: every fact carries ``now_s``.
+
+How it works:
+
+* **Plan -> virtual queues.** A re-plan (on arrivals, re-queues, instance changes and
+  predicted violations; at most every ``replan_min_interval_s``) asks the policy for a plan
+  over the waiting requests and rebuilds one virtual queue per instance: its groups in
+  order, each a FIFO of request ids. A background improvement (the MILP) may replace the
+  plan later through :meth:`~ServeCore.on_plan`.
+* **Pulling.** An up instance dispatches the head of its virtual queue while its
+  in-flight count (and the engine's reported waiting count and KV usage) is under limits.
+* **Eviction.** When the head group is urgent (it would miss its deadline waiting for a
+  slot) and less urgent work (a higher class ``priority`` number) fills the instance, the
+  newest such requests are evicted and re-queued; bounded per request and per instance.
+* **Swap.** When the head group needs another model, the instance stops pulling, drains
+  (or evicts for an urgent head), then loads the model; nothing is dispatched until the
+  engine reports ``InstanceReady``.
+* **Faults.** An instance that goes down has its in-flight requests re-queued (a failed
+  attempt); after ``max_attempts`` failures a request is FAILED. A non-retryable abort
+  (HTTP 4xx) is REJECTED at once. Every accepted request ends in exactly one final state.
+
+NOTE: cost per event is O(1) in the number of requests; a re-plan is O(W log W) in the
+waiting requests and is rate-limited; virtual queues drop stale ids lazily at their head.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from qlmctl.domain import ClusterSpec, InstanceSpec, Request, SLOClass
+from qlmctl.engine.events import (
+    Aborted,
+    Action,
+    Dispatch,
+    EngineEvent,
+    Evict,
+    Finished,
+    FirstToken,
+    InstanceDown,
+    InstanceReady,
+    LoadModel,
+)
+from qlmctl.errors import BadInput
+from qlmctl.plan.types import InstanceState, Plan, PlannedGroup, QueueSnapshot, RunningRequest
+from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.serve.state import InstStatus, ReqState, Tracked
+
+PlanFn = Callable[[QueueSnapshot, np.random.Generator], Plan]
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    """Knobs of the serving core (recorded in run.json)."""
+
+    max_inflight: int = 8  # per instance: requests dispatched and not yet ended
+    max_engine_waiting: int | None = None  # pull only while vLLM reports fewer waiting
+    max_kv_usage: float = 0.98  # pull only while vLLM's KV usage is below this
+    replan_min_interval_s: float = 0.5
+    check_interval_s: float = 1.0  # predicted-violation checks while work is queued
+    lag_tolerance_s: float = 2.0  # a head group this late against its plan is a violation
+    max_attempts: int = 3  # failed attempts before a request is FAILED
+    max_evictions: int = 2  # per request
+    evict_cooldown_s: float = 2.0  # per instance, between eviction rounds
+    evict_batch: int = 4  # most requests evicted per instance per round
+    evict_for_swap: bool = True  # evict (not just drain) when an urgent head needs a swap
+    vllm_priority: bool = True  # send the plan's priorities with requests
+    improve: bool = True  # offer snapshots to the policy's background improver
+    improve_min_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.max_inflight < 1 or self.max_attempts < 1 or self.evict_batch < 0:
+            raise BadInput("core config: max_inflight and max_attempts must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    """A planned group in a virtual queue: the plan's data and the ids still queued."""
+
+    plan: PlannedGroup
+    ids: deque[str]
+
+
+@dataclass(slots=True, eq=False)
+class _Inst:
+    """The core's view of one instance."""
+
+    spec: InstanceSpec
+    model: str | None
+    status: InstStatus = InstStatus.UP
+    inflight: dict[str, Tracked] | None = None  # request id -> record, in dispatch order
+    evicting: dict[str, Tracked] | None = None  # evicted, abort not yet confirmed
+    prio_counts: Counter[int] | None = None  # class priority -> in-flight requests
+    sleeping: set[str] | None = None
+    load_kind: str = "swap"
+    load_from: str | None = None
+    load_started_s: float = 0.0
+    ready_at_s: float = 0.0
+    last_evict_s: float = -math.inf
+    engine_waiting: int | None = None
+    kv_usage: float | None = None
+    queued: int = 0  # waiting requests in this instance's virtual queue
+
+    def __post_init__(self) -> None:
+        self.inflight, self.evicting, self.prio_counts = {}, {}, Counter()
+        self.sleeping = set()
+
+
+@dataclass(frozen=True, slots=True)
+class CoreStats:
+    """Counts for a live view and the final summary."""
+
+    arrived: int
+    waiting: int
+    in_flight: int
+    finished: int
+    slo_met: int
+    failed: int
+    rejected: int
+    cancelled: int
+    queued_by_instance: dict[str, int]  # instance -> requests in its virtual queue
+    in_flight_by_instance: dict[str, int]
+    operations: dict[str, int]  # kind -> count
+    met_by_class: dict[str, tuple[int, int]]  # class -> (met, final)
+
+    @property
+    def final(self) -> int:
+        return self.finished + self.failed + self.rejected + self.cancelled
+
+    @property
+    def attainment(self) -> float | None:
+        """Fraction of ended requests that finished within their SLO."""
+        return self.slo_met / self.final if self.final else None
+
+
+class ServeCore:
+    """The event-driven serving core (see the module docstring)."""
+
+    def __init__(
+        self,
+        cluster: ClusterSpec,
+        slo_classes: Mapping[str, SLOClass],
+        perf: Mapping[tuple[str, str], PerfModel],
+        policy: Any,
+        config: CoreConfig | None = None,
+        rng: np.random.Generator | None = None,
+        *,
+        improver: PlanFn | None = None,
+        swap_time: Callable[[PerfModel, PerfModel | None, bool], float] | None = None,
+    ) -> None:
+        """Args:
+        cluster: the instances (all start UP with their resident model).
+        slo_classes: class name -> SLO class of every request that will arrive.
+        perf: (model, gpu) -> performance model, for snapshots and estimates.
+        policy: anything with ``plan(snapshot, rng) -> Plan`` (the fast answer).
+        config: the core's knobs.
+        rng: the only source of randomness, passed to the policy.
+        improver: the policy's slow improvement (the MILP), run by the driver on
+            snapshots from :meth:`wants_improvement`; None to never improve.
+        swap_time: (to, from, asleep) -> seconds, for the planned ready time of a load.
+        """
+        self.cluster = cluster
+        self.config = config or CoreConfig()
+        self._slo = dict(slo_classes)
+        self._perf = perf
+        self._policy = policy
+        self._rng = rng if rng is not None else np.random.default_rng(0)
+        self._improver = improver if self.config.improve else None
+        self._swap_time = swap_time or _default_swap_time
+        self._insts = {i.id: _Inst(i, i.model) for i in cluster.instances}
+        self._vq: dict[str, deque[_Group]] = {i: deque() for i in self._insts}
+        self._reqs: dict[str, Tracked] = {}
+        self._waiting: dict[str, Tracked] = {}  # id -> record, every WAITING request
+        self._replan_due = False
+        self._last_replan_s = -math.inf
+        self._next_check_s: float | None = None
+        self._offer: QueueSnapshot | None = None
+        self._improving = False
+        self._last_improve_s = -math.inf
+        self._topology = 0  # bumped when an instance goes down or comes back
+        self._offer_topology = 0
+        self._attempt_rows: list[dict[str, Any]] = []
+        self._op_rows: list[dict[str, Any]] = []
+        self._ops: Counter[str] = Counter()
+        self._final: Counter[ReqState] = Counter()
+        self._met_by_class: dict[str, list[int]] = {c: [0, 0] for c in self._slo}
+        self._hint_s = math.inf
+        self._now = 0.0
+        self.plan: Plan | None = None  # the plan in force
+
+    # ---- facts in -------------------------------------------------------------------
+
+    def on_arrival(self, request: Request, now_s: float) -> None:
+        """A request joined the queue; it is planned at the next (rate-limited) re-plan."""
+        if request.id in self._reqs:
+            raise BadInput(f"request {request.id!r} arrived twice")
+        if request.slo_class not in self._slo:
+            raise BadInput(f"request {request.id!r}: unknown SLO class {request.slo_class!r}")
+        tr = Tracked(request, self._slo[request.slo_class])
+        self._reqs[request.id] = tr
+        self._waiting[request.id] = tr
+        self._replan_due = True
+        self._now = now_s
+
+    def on_event(self, event: EngineEvent, now_s: float) -> None:
+        """An engine reported ``event``. Stale events (an attempt already ended) are ignored."""
+        self._now = now_s
+        if isinstance(event, InstanceReady | InstanceDown):
+            self._on_instance_event(event, now_s)
+            return
+        tr = self._reqs.get(event.request_id)
+        if (
+            tr is None
+            or tr.instance_id != event.instance_id
+            or not (tr.state.in_flight or tr.state is ReqState.EVICTED)
+        ):
+            return
+        if isinstance(event, FirstToken):
+            if tr.state is ReqState.DISPATCHED:
+                tr.move("start")
+                tr.first_token_s = event.time_s
+        elif isinstance(event, Finished):
+            self._end(tr, event.time_s, "finish", event.output_tokens, "")
+            inst = self._insts[event.instance_id]
+            if not self._vq[inst.spec.id] and self._waiting:
+                self._replan_due = True  # an instance ran dry while work waits elsewhere
+        elif isinstance(event, Aborted):
+            self._on_aborted(tr, event)
+
+    def on_backpressure(
+        self, instance_id: str, waiting: int | None, kv_usage: float | None
+    ) -> None:
+        """The engine's own queue length and KV usage (from vLLM ``/metrics``)."""
+        inst = self._insts[instance_id]
+        inst.engine_waiting, inst.kv_usage = waiting, kv_usage
+
+    def on_plan(self, plan: Plan, now_s: float) -> None:
+        """An improved plan from the background improver for the last offered snapshot.
+
+        Requests it does not place (arrived since) keep their current places after it.
+        Dropped if an instance went down or came back since the snapshot was taken.
+        """
+        self._improving = False
+        self._last_improve_s = now_s
+        if self._offer_topology != self._topology:
+            self._log_op(now_s, "replan", detail={"source": "improver", "adopted": False})
+            return
+        self._adopt(plan, keep_leftovers=True)
+        self._log_replan(now_s, plan, "improver")
+
+    def improvement_failed(self, now_s: float, error: str) -> None:
+        """The improver raised; the fast plan stays in force."""
+        self._improving = False
+        self._last_improve_s = now_s
+        self._log_op(now_s, "replan", detail={"source": "improver", "error": error})
+
+    def cancel_all(self, now_s: float, reason: str = "run stopped") -> list[Evict]:
+        """Stop: every request not yet ended is CANCELLED; abort those in flight."""
+        out: list[Evict] = []
+        for tr in self._reqs.values():
+            if tr.state.is_final:
+                continue
+            if tr.instance_id is not None and tr.state is not ReqState.WAITING:
+                out.append(Evict(tr.id, tr.instance_id, reason))
+            self._end(tr, now_s, "cancel", None, reason)
+        return out
+
+    # ---- decisions out --------------------------------------------------------------
+
+    def decide(self, now_s: float) -> list[Action]:
+        """What to do now: re-plan if due, then pull, evict or swap per instance."""
+        self._now = now_s
+        self._hint_s = math.inf
+        actions: list[Action] = []
+        if self._next_check_s is not None and now_s >= self._next_check_s:
+            self._next_check_s = None
+            self._check_violations(now_s)
+        if self._replan_due and now_s >= self._last_replan_s + self.config.replan_min_interval_s:
+            self._replan(now_s)
+        for inst in self._insts.values():
+            if inst.status is InstStatus.UP:
+                self._serve(inst, now_s, actions)
+        if self._next_check_s is None and self._waiting:
+            self._next_check_s = now_s + self.config.check_interval_s
+        return actions
+
+    def next_wakeup_s(self) -> float | None:
+        """When :meth:`decide` should run again if no event comes first (absolute time)."""
+        times = [self._hint_s]
+        if self._replan_due:
+            times.append(max(self._now, self._last_replan_s + self.config.replan_min_interval_s))
+        if self._next_check_s is not None:
+            times.append(self._next_check_s)
+        t = min(times)
+        return None if t == math.inf else t
+
+    def wants_improvement(self) -> QueueSnapshot | None:
+        """A snapshot for the background improver, once per due re-plan; None otherwise."""
+        if self._offer is None or self._improving:
+            return None
+        snap, self._offer = self._offer, None
+        self._improving = True
+        self._offer_topology = self._topology
+        return snap
+
+    def take_log(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Run-log rows produced since the last call: (request attempts, operations)."""
+        rows = (self._attempt_rows, self._op_rows)
+        self._attempt_rows, self._op_rows = [], []
+        return rows
+
+    # ---- views ----------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        """Whether every request that arrived has ended."""
+        return self._final.total() == len(self._reqs)
+
+    def state_of(self, request_id: str) -> ReqState:
+        """The state of one request (tests and drivers)."""
+        return self._reqs[request_id].state
+
+    def attempt_of(self, request_id: str) -> int:
+        """The index of the request's current (or last) attempt."""
+        return self._reqs[request_id].attempt
+
+    def instance_status(self, instance_id: str) -> InstStatus:
+        return self._insts[instance_id].status
+
+    def resident_model(self, instance_id: str) -> str | None:
+        return self._insts[instance_id].model
+
+    def stats(self) -> CoreStats:
+        """Counts so far (O(instances + classes))."""
+        f = self._final
+        return CoreStats(
+            arrived=len(self._reqs),
+            waiting=len(self._waiting),
+            in_flight=sum(len(i.inflight or ()) for i in self._insts.values()),
+            finished=f[ReqState.FINISHED],
+            slo_met=sum(m for m, _ in self._met_by_class.values()),
+            failed=f[ReqState.FAILED],
+            rejected=f[ReqState.REJECTED],
+            cancelled=f[ReqState.CANCELLED],
+            queued_by_instance={k: i.queued for k, i in self._insts.items()},
+            in_flight_by_instance={k: len(i.inflight or ()) for k, i in self._insts.items()},
+            operations=dict(self._ops),
+            met_by_class={c: (m, n) for c, (m, n) in self._met_by_class.items()},
+        )
+
+    # ---- planning -------------------------------------------------------------------
+
+    def _replan(self, now_s: float) -> None:
+        self._replan_due = False
+        self._last_replan_s = now_s
+        self._fail_unservable(now_s)
+        if not self._waiting:
+            self._adopt(None, keep_leftovers=False)
+            return
+        snap = self.snapshot(now_s)
+        plan = self._policy.plan(snap, self._rng)
+        self._adopt(plan, keep_leftovers=False)
+        self._log_replan(now_s, plan, "policy")
+        if (
+            self._improver is not None
+            and not self._improving
+            and now_s >= self._last_improve_s + self.config.improve_min_interval_s
+        ):
+            self._offer = snap
+
+    def snapshot(self, now_s: float) -> QueueSnapshot:
+        """The queue as a policy sees it: waiting requests in arrival order, instances."""
+        waiting = sorted(self._waiting.values(), key=lambda t: (t.request.arrival_s, t.id))
+        return QueueSnapshot(
+            now_s=now_s,
+            waiting=tuple(t.request for t in waiting),
+            instances=tuple(self._instance_state(i, now_s) for i in self._insts.values()),
+            slo_classes=self._slo,
+            perf=self._perf,
+        )
+
+    def _instance_state(self, inst: _Inst, now_s: float) -> InstanceState:
+        running = [*(inst.inflight or {}).values(), *(inst.evicting or {}).values()]
+        return InstanceState(
+            instance_id=inst.spec.id,
+            gpu=inst.spec.gpu,
+            model=inst.model,
+            up=inst.status is not InstStatus.DOWN,
+            ready_at_s=max(now_s, inst.ready_at_s) if inst.status is InstStatus.LOADING else now_s,
+            servable_models=frozenset(inst.spec.models) if inst.spec.models else None,
+            sleeping_models=frozenset(inst.sleeping or ()),
+            running=tuple(
+                RunningRequest(
+                    t.request,
+                    t.dispatch_s or now_s,
+                    t.first_token_s,
+                    int(t.first_token_s is not None),
+                )
+                for t in running
+            ),
+        )
+
+    def _adopt(self, plan: Plan | None, *, keep_leftovers: bool) -> None:
+        """Rebuild the virtual queues from ``plan`` (None: empty queues)."""
+        old = self._vq
+        self._vq = {i: deque() for i in self._insts}
+        placed: set[str] = set()
+        for ip in plan.instances if plan is not None else ():
+            vq = self._vq[ip.instance_id]
+            for pg in ip.groups:
+                ids = deque(r for r in pg.request_ids if r in self._waiting and r not in placed)
+                if ids:
+                    placed.update(ids)
+                    vq.append(_Group(pg, ids))
+        if keep_leftovers:  # queued before but not in this plan: keep them, after it
+            for iid, groups in old.items():
+                for g in groups:
+                    ids = deque(
+                        r
+                        for r in g.ids
+                        if r not in placed
+                        and self._reqs[r].state is ReqState.WAITING
+                        and self._reqs[r].vq_instance == iid
+                    )
+                    if ids:
+                        placed.update(ids)
+                        self._vq[iid].append(_Group(g.plan, ids))
+        for inst in self._insts.values():
+            inst.queued = 0
+        for tr in self._waiting.values():
+            tr.vq_instance = None
+        for iid, groups in self._vq.items():
+            for qg in groups:
+                for r in qg.ids:
+                    self._reqs[r].vq_instance = iid
+                self._insts[iid].queued += len(qg.ids)
+        self.plan = plan
+        unplanned = len(self._waiting) - len(placed)
+        if unplanned and not keep_leftovers and plan is not None:
+            missing = next(r for r in self._waiting if r not in placed)
+            raise RuntimeError(f"policy {plan.policy!r} left waiting request {missing!r} unplanned")
+
+    def _fail_unservable(self, now_s: float) -> None:
+        """Fail waiting requests that no live instance may ever serve."""
+        live = [i.spec for i in self._insts.values() if i.status is not InstStatus.DOWN]
+        if len(live) == len(self._insts) or not self._waiting:
+            return
+        for tr in list(self._waiting.values()):
+            if not any(s.can_serve(tr.request.model) for s in live):
+                self._end(tr, now_s, "fail", None, f"no live instance may serve {tr.request.model}")
+
+    def _check_violations(self, now_s: float) -> None:
+        """Re-plan if a head group runs late against its plan or an instance idles."""
+        backlog = any(i.queued for i in self._insts.values())
+        for inst in self._insts.values():
+            vq = self._vq[inst.spec.id]
+            if self._waiting and not vq and inst.status is InstStatus.UP and backlog:
+                self._replan_due = True  # idle capacity while work waits elsewhere
+            elif vq and now_s > vq[0].plan.predicted_start_s + self.config.lag_tolerance_s:
+                self._replan_due = True
+
+    # ---- serving operations -----------------------------------------------------------
+
+    def _serve(self, inst: _Inst, now_s: float, actions: list[Action]) -> None:
+        head = self._head(inst)
+        if head is None:
+            return
+        group, tr = head
+        if group.plan.model != inst.model:
+            if inst.inflight or inst.evicting:
+                if self.config.evict_for_swap and not inst.evicting:
+                    self._maybe_evict(inst, group, tr, now_s, actions, for_swap=True)
+            else:
+                self._load(inst, group.plan.model, now_s, actions)
+            return
+        while self._can_pull(inst):
+            self._dispatch(inst, group, tr, now_s, actions)
+            head = self._head(inst)
+            if head is None or head[0].plan.model != inst.model:
+                return
+            group, tr = head
+        self._maybe_evict(inst, group, tr, now_s, actions, for_swap=False)
+
+    def _head(self, inst: _Inst) -> tuple[_Group, Tracked] | None:
+        """The first still-waiting request of the instance's virtual queue and its group."""
+        vq = self._vq[inst.spec.id]
+        while vq:
+            g = vq[0]
+            while g.ids:
+                tr = self._reqs[g.ids[0]]
+                if tr.state is ReqState.WAITING and tr.vq_instance == inst.spec.id:
+                    return g, tr
+                g.ids.popleft()
+            vq.popleft()
+        return None
+
+    def _can_pull(self, inst: _Inst) -> bool:
+        cfg = self.config
+        return (
+            len(inst.inflight or ()) < cfg.max_inflight
+            and (
+                cfg.max_engine_waiting is None
+                or inst.engine_waiting is None
+                or inst.engine_waiting < cfg.max_engine_waiting
+            )
+            and (inst.kv_usage is None or inst.kv_usage < cfg.max_kv_usage)
+        )
+
+    def _dispatch(
+        self, inst: _Inst, group: _Group, tr: Tracked, now_s: float, actions: list[Action]
+    ) -> None:
+        assert inst.inflight is not None and inst.prio_counts is not None
+        group.ids.popleft()
+        tr.move("dispatch")
+        del self._waiting[tr.id]
+        inst.queued -= 1
+        tr.vq_instance = None
+        tr.instance_id = inst.spec.id
+        tr.dispatch_s = now_s
+        tr.priority = group.plan.priority if self.config.vllm_priority else 0
+        tr.predicted_start_s = group.plan.predicted_start_s
+        tr.predicted_miss_prob = group.plan.miss_probability
+        inst.inflight[tr.id] = tr
+        inst.prio_counts[tr.slo.priority] += 1
+        actions.append(Dispatch(tr.id, inst.spec.id, tr.priority))
+
+    def _maybe_evict(
+        self,
+        inst: _Inst,
+        group: _Group,
+        head: Tracked,
+        now_s: float,
+        actions: list[Action],
+        *,
+        for_swap: bool,
+    ) -> None:
+        """Evict less urgent running work if it makes the head group miss its deadline."""
+        assert inst.inflight is not None and inst.prio_counts is not None
+        cfg = self.config
+        if cfg.evict_batch == 0 or not inst.inflight:
+            return
+        head_prio = head.slo.priority
+        if not any(p > head_prio and n > 0 for p, n in inst.prio_counts.items()):
+            return
+        if now_s < inst.last_evict_s + cfg.evict_cooldown_s:
+            self._hint_s = min(self._hint_s, inst.last_evict_s + cfg.evict_cooldown_s)
+            return
+        perf = self._perf[(group.plan.model, inst.spec.gpu)]
+        start_s = perf.prefill_time_s(head.request.prompt_tokens)
+        if now_s + start_s > head.deadline_s:
+            return  # too late to save; evicting would only waste work
+        remaining = [self._remaining_s(t, inst, now_s) for t in inst.inflight.values()]
+        if for_swap:
+            wait = max(remaining) + self._load_time(inst, group.plan.model)
+        else:
+            wait = min(remaining)
+        if now_s + wait + start_s <= head.deadline_s:
+            return  # the head makes it by waiting
+        victims = [
+            t
+            for t in reversed(inst.inflight.values())
+            if t.slo.priority > head_prio
+            and t.evictions < cfg.max_evictions
+            and t.deadline_s - now_s > 2 * self._service_s(t, inst)
+        ]
+        if for_swap and len(victims) < len(inst.inflight):
+            return  # some work must drain anyway: evicting the rest gains nothing
+        n = len(victims) if for_swap else min(len(victims), cfg.evict_batch, len(group.ids))
+        for t in victims[:n]:
+            self._evict(inst, t, f"evicted for {head.id} ({head.slo.name})", now_s, actions)
+        if n:
+            inst.last_evict_s = now_s
+
+    def _evict(
+        self, inst: _Inst, tr: Tracked, reason: str, now_s: float, actions: list[Action]
+    ) -> None:
+        assert inst.inflight is not None and inst.evicting is not None
+        tr.move("evict")
+        tr.evictions += 1
+        tr.evict_reason = reason
+        self._leave_inflight(inst, tr)
+        inst.evicting[tr.id] = tr
+        actions.append(Evict(tr.id, inst.spec.id, reason))
+        self._log_op(
+            now_s,
+            "evict",
+            inst.spec.id,
+            tr.request.model,
+            request_id=tr.id,
+            detail={"reason": reason, "attempt": tr.attempt},
+        )
+
+    def _load(self, inst: _Inst, model: str, now_s: float, actions: list[Action]) -> None:
+        """Start loading ``model`` on a drained instance."""
+        assert inst.sleeping is not None
+        gpu = inst.spec.gpu
+        from_perf = self._perf.get((inst.model, gpu)) if inst.model else None
+        sleep_current = from_perf is not None and from_perf.supports_sleep
+        asleep = model in inst.sleeping
+        inst.ready_at_s = now_s + self._load_time(inst, model)
+        inst.load_kind = "wake" if asleep and self._perf[(model, gpu)].supports_sleep else "swap"
+        inst.load_from, inst.model = inst.model, model
+        inst.load_started_s = now_s
+        inst.status = InstStatus.LOADING
+        if sleep_current and inst.load_from is not None:
+            inst.sleeping.add(inst.load_from)
+            self._log_op(now_s, "sleep", inst.spec.id, inst.load_from)
+        inst.sleeping.discard(model)
+        actions.append(LoadModel(inst.spec.id, model, sleep_current))
+
+    def _load_time(self, inst: _Inst, model: str) -> float:
+        gpu = inst.spec.gpu
+        from_perf = self._perf.get((inst.model, gpu)) if inst.model else None
+        return self._swap_time(self._perf[(model, gpu)], from_perf, model in (inst.sleeping or ()))
+
+    def _service_s(self, tr: Tracked, inst: _Inst) -> float:
+        """Estimated time from dispatch to finish of ``tr`` at the instance's current load."""
+        perf = self._perf[(tr.request.model, inst.spec.gpu)]
+        batch = max(1, len(inst.inflight or ()))
+        req = tr.request
+        ctx = batch * (req.prompt_tokens + req.target_output_tokens // 2)
+        return perf.prefill_time_s(req.prompt_tokens) + req.target_output_tokens * (
+            perf.decode_step_s(batch, ctx)
+        )
+
+    def _remaining_s(self, tr: Tracked, inst: _Inst, now_s: float) -> float:
+        start = tr.dispatch_s if tr.dispatch_s is not None else now_s
+        return max(0.0, start + self._service_s(tr, inst) - now_s)
+
+    # ---- ends of attempts -------------------------------------------------------------
+
+    def _on_aborted(self, tr: Tracked, ev: Aborted) -> None:
+        if tr.state is ReqState.EVICTED or ev.reason in ("evicted", "swap"):
+            reason = tr.evict_reason or ev.reason
+            self._end(tr, ev.time_s, "requeue", ev.output_tokens, reason, outcome="evicted")
+        elif not ev.retryable:
+            self._end(tr, ev.time_s, "reject", ev.output_tokens, ev.reason)
+        else:
+            self._fail_attempt(tr, ev.time_s, ev.output_tokens, ev.reason)
+
+    def _fail_attempt(self, tr: Tracked, now_s: float, tokens: int | None, reason: str) -> None:
+        tr.failures += 1
+        if tr.failures >= self.config.max_attempts:
+            why = f"{reason} (gave up after {tr.failures} failed attempts)"
+            self._end(tr, now_s, "fail", tokens, why)
+        else:
+            self._end(tr, now_s, "requeue", tokens, reason, outcome="failed")
+
+    def _end(
+        self,
+        tr: Tracked,
+        now_s: float,
+        verb: str,
+        tokens: int | None,
+        reason: str,
+        outcome: str | None = None,
+    ) -> None:
+        """End the current attempt of ``tr`` with ``verb`` and log it."""
+        was_waiting = tr.state is ReqState.WAITING
+        if tr.instance_id is not None and not was_waiting:
+            inst = self._insts[tr.instance_id]
+            self._leave_inflight(inst, tr)
+            (inst.evicting or {}).pop(tr.id, None)
+        tr.move(verb)
+        outcome = (
+            outcome
+            or {
+                "finish": "finished",
+                "fail": "failed",
+                "reject": "rejected",
+                "cancel": "cancelled",
+            }[verb]
+        )
+        self._attempt_rows.append(tr.attempt_row(now_s, outcome, tokens, reason))
+        if verb == "requeue":
+            tr.reset_attempt()
+            self._waiting[tr.id] = tr
+            self._replan_due = True
+            return
+        if was_waiting:
+            del self._waiting[tr.id]
+            if tr.vq_instance is not None:
+                self._insts[tr.vq_instance].queued -= 1
+                tr.vq_instance = None
+        self._final[tr.state] += 1
+        met = self._met_by_class[tr.request.slo_class]
+        met[0] += bool(self._attempt_rows[-1]["slo_met"])
+        met[1] += 1
+
+    def _leave_inflight(self, inst: _Inst, tr: Tracked) -> None:
+        assert inst.inflight is not None and inst.prio_counts is not None
+        if inst.inflight.pop(tr.id, None) is not None:
+            inst.prio_counts[tr.slo.priority] -= 1
+
+    # ---- instances --------------------------------------------------------------------
+
+    def _on_instance_event(self, ev: InstanceReady | InstanceDown, now_s: float) -> None:
+        inst = self._insts[ev.instance_id]
+        if isinstance(ev, InstanceReady):
+            if inst.status is InstStatus.LOADING:
+                self._log_op(
+                    now_s,
+                    inst.load_kind,
+                    inst.spec.id,
+                    ev.model,
+                    inst.load_from,
+                    duration_s=now_s - inst.load_started_s,
+                )
+            elif inst.status is InstStatus.DOWN:
+                self._topology += 1
+                self._log_op(now_s, "instance_up", inst.spec.id, ev.model)
+            inst.status, inst.model = InstStatus.UP, ev.model
+            self._replan_due = True
+            return
+        if ev.reason == "swap" and inst.status is InstStatus.LOADING:
+            return  # the expected first half of a load
+        self._topology += 1
+        inst.status = InstStatus.DOWN
+        inst.engine_waiting = inst.kv_usage = None
+        self._log_op(now_s, "instance_down", inst.spec.id, inst.model, detail={"reason": ev.reason})
+        for tr in [*(inst.inflight or {}).values(), *(inst.evicting or {}).values()]:
+            if tr.state is ReqState.EVICTED:
+                self._end(tr, now_s, "requeue", None, tr.evict_reason, outcome="evicted")
+            else:
+                self._fail_attempt(tr, now_s, None, f"instance {inst.spec.id} down: {ev.reason}")
+        self._replan_due = True
+
+    # ---- log rows ---------------------------------------------------------------------
+
+    def _log_replan(self, now_s: float, plan: Plan, source: str) -> None:
+        s = plan.solver
+        detail = {
+            "source": source,
+            "policy": plan.policy,
+            "waiting": len(self._waiting),
+            "groups": sum(len(ip.groups) for ip in plan.instances),
+            "predicted_attainment": plan.predicted_attainment,
+            **asdict(s),
+        }
+        self._log_op(now_s, "replan", duration_s=s.build_s + s.solve_s, detail=detail)
+
+    def _log_op(
+        self,
+        now_s: float,
+        kind: str,
+        instance_id: str | None = None,
+        model: str | None = None,
+        from_model: str | None = None,
+        *,
+        request_id: str | None = None,
+        duration_s: float | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        self._ops[kind] += 1
+        self._op_rows.append(
+            {
+                "time_s": now_s,
+                "kind": kind,
+                "instance_id": instance_id,
+                "model": model,
+                "from_model": from_model,
+                "request_id": request_id,
+                "duration_s": duration_s,
+                "detail": json.dumps(detail, sort_keys=True, default=str) if detail else None,
+            }
+        )
+
+
+def _default_swap_time(to: PerfModel, frm: PerfModel | None, asleep: bool) -> float:
+    if asleep and to.wake_s is not None and to.supports_sleep:
+        return to.wake_s
+    return (frm.stop_s if frm is not None else 0.0) + to.cold_start_s

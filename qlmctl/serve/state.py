@@ -1,0 +1,156 @@
+"""Request and instance state for the serving core: ordered enums and a transition table.
+
+Rules: a request's state is one :class:`ReqState`; states at or after ``FINISHED`` are
+final (``is_final`` is a comparison). Legal moves live in ``_TRANSITIONS`` keyed by verb;
+an illegal one raises ``can't VERB in state STATE`` and changes nothing. ``EVICTED`` is
+the short stay between asking the engine to abort a request and hearing that it did;
+from there the request goes back to ``WAITING`` (or ends, if it finished meanwhile).
+
+:class:`Tracked` is the core's mutable record of one request: the current attempt's
+times and where it runs. :meth:`Tracked.attempt_row` turns an ended attempt into one
+row of the run log's requests table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from qlmctl.domain import Request, SLOClass
+
+
+class ReqState(IntEnum):
+    """Where a request is. Ordered: everything from FINISHED on is final."""
+
+    WAITING = 0  # in the queue (a virtual queue, or not yet planned)
+    DISPATCHED = 1  # sent to an instance, no token yet
+    RUNNING = 2  # first token received
+    EVICTED = 3  # abort asked by the core, engine's answer pending
+    FINISHED = 4
+    FAILED = 5  # out of attempts, or no live instance may serve it
+    REJECTED = 6  # the server refused it (HTTP 4xx); never retried
+    CANCELLED = 7  # the run stopped first
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the request is done for good."""
+        return self >= ReqState.FINISHED
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether an instance is working on it (from the core's point of view)."""
+        return self in (ReqState.DISPATCHED, ReqState.RUNNING)
+
+
+W, D, R, E = ReqState.WAITING, ReqState.DISPATCHED, ReqState.RUNNING, ReqState.EVICTED
+
+# verb -> (allowed from-states, to-state)
+_TRANSITIONS: dict[str, tuple[frozenset[ReqState], ReqState]] = {
+    "dispatch": (frozenset({W}), D),
+    "start": (frozenset({D}), R),
+    "evict": (frozenset({D, R}), E),
+    "requeue": (frozenset({D, R, E}), W),
+    "finish": (frozenset({D, R, E}), ReqState.FINISHED),
+    "fail": (frozenset({W, D, R, E}), ReqState.FAILED),
+    "reject": (frozenset({D, R, E}), ReqState.REJECTED),
+    "cancel": (frozenset({W, D, R, E}), ReqState.CANCELLED),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A request was asked to do something its state does not allow."""
+
+
+@dataclass(slots=True, eq=False)
+class Tracked:
+    """The core's record of one request across its attempts."""
+
+    request: Request
+    slo: SLOClass
+    state: ReqState = ReqState.WAITING
+    attempt: int = 0  # index of the current attempt (0 = first dispatch)
+    evictions: int = 0
+    failures: int = 0
+    vq_instance: str | None = None  # virtual queue holding it while WAITING
+    instance_id: str | None = None  # where the current attempt runs
+    priority: int = 0
+    dispatch_s: float | None = None
+    first_token_s: float | None = None
+    predicted_start_s: float | None = None
+    predicted_miss_prob: float | None = None
+    evict_reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+    @property
+    def deadline_s(self) -> float:
+        """Absolute TTFT deadline."""
+        return self.request.arrival_s + self.slo.ttft_s
+
+    def move(self, verb: str) -> None:
+        """Apply ``verb``; :class:`IllegalTransition` (state unchanged) if not allowed."""
+        allowed, to = _TRANSITIONS[verb]
+        if self.state not in allowed:
+            raise IllegalTransition(f"can't {verb} request {self.id!r} in state {self.state.name}")
+        self.state = to
+
+    def attempt_row(
+        self, finish_s: float, outcome: str, output_tokens: int | None, reason: str = ""
+    ) -> dict[str, Any]:
+        """The run-log row of the attempt that just ended (see ``REQUESTS_SCHEMA``)."""
+        req = self.request
+        ttft = None if self.first_token_s is None else self.first_token_s - req.arrival_s
+        met = (
+            outcome == "finished"
+            and ttft is not None
+            and ttft <= self.slo.ttft_s
+            and (self.slo.e2e_s is None or finish_s - req.arrival_s <= self.slo.e2e_s)
+        )
+        tpot = None
+        if self.first_token_s is not None and output_tokens and output_tokens > 1:
+            tpot = (finish_s - self.first_token_s) / (output_tokens - 1)
+        return {
+            "request_id": req.id,
+            "attempt": self.attempt,
+            "model": req.model,
+            "slo_class": req.slo_class,
+            "instance_id": self.instance_id,
+            "priority": self.priority if self.instance_id is not None else None,
+            "arrival_s": req.arrival_s,
+            "dispatch_s": self.dispatch_s,
+            "first_token_s": self.first_token_s,
+            "finish_s": finish_s,
+            "prompt_tokens": req.prompt_tokens,
+            "output_tokens": output_tokens,
+            "target_output_tokens": req.target_output_tokens,
+            "ttft_slo_s": self.slo.ttft_s,
+            "e2e_slo_s": self.slo.e2e_s,
+            "tpot_s": tpot,
+            "itl_max_s": self.extra.get("itl_max_s"),
+            "slo_met": met,
+            "outcome": outcome,
+            "reason": reason or None,
+            "predicted_start_s": self.predicted_start_s,
+            "predicted_miss_prob": self.predicted_miss_prob,
+        }
+
+    def reset_attempt(self) -> None:
+        """Forget the ended attempt's placement and times; the next one gets a new index."""
+        self.attempt += 1
+        self.instance_id = None
+        self.dispatch_s = self.first_token_s = None
+        self.predicted_start_s = self.predicted_miss_prob = None
+        self.evict_reason = ""
+        self.extra.clear()
+
+
+class InstStatus(IntEnum):
+    """What an instance can do now."""
+
+    UP = 0  # serving its resident model
+    LOADING = 1  # swapping or waking a model; no dispatch until InstanceReady
+    DOWN = 2  # failed or unreachable; no work until InstanceReady

@@ -1,0 +1,353 @@
+"""The serving core driven directly: facts in, actions out, no engine and no clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from qlmctl.domain import Request
+from qlmctl.engine.events import (
+    Aborted,
+    Action,
+    Dispatch,
+    Evict,
+    Finished,
+    FirstToken,
+    InstanceDown,
+    InstanceReady,
+    LoadModel,
+)
+from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, QueueSnapshot
+from qlmctl.serve.core import CoreConfig, ServeCore
+from qlmctl.serve.state import IllegalTransition, InstStatus, ReqState, Tracked
+from tests.helpers import SLO_CLASSES, make_cluster, make_perf, make_requests
+
+
+class TinyPolicy:
+    """Consecutive same (model, class) requests form a group; placed by ``route``.
+
+    ``by_priority`` orders by class priority first (urgent work ahead of batch work).
+    ``route`` maps a model to an instance; default: the first instance serving it.
+    """
+
+    name = "tiny"
+
+    def __init__(self, by_priority: bool = False, route: dict[str, str] | None = None) -> None:
+        self.by_priority = by_priority
+        self.route = route or {}
+        self.calls = 0
+
+    def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
+        self.calls += 1
+        reqs = list(snapshot.waiting)
+        if self.by_priority:
+            reqs.sort(key=lambda r: snapshot.slo_classes[r.slo_class].priority)
+        queues: dict[str, list[PlannedGroup]] = {i.instance_id: [] for i in snapshot.instances}
+        for r in reqs:
+            iid = self.route.get(r.model) or next(
+                i.instance_id for i in snapshot.instances if i.model == r.model and i.up
+            )
+            groups = queues[iid]
+            if groups and (groups[-1].model, groups[-1].slo_class) == (r.model, r.slo_class):
+                g = groups[-1]
+                groups[-1] = PlannedGroup(
+                    g.group_id,
+                    g.model,
+                    g.slo_class,
+                    (*g.request_ids, r.id),
+                    g.deadline_s,
+                    g.predicted_start_s,
+                    g.predicted_finish_s,
+                    0.0,
+                    g.priority,
+                )
+            else:
+                groups.append(
+                    PlannedGroup(
+                        f"g{len(groups)}",
+                        r.model,
+                        r.slo_class,
+                        (r.id,),
+                        snapshot.deadline_s(r),
+                        snapshot.now_s,
+                        snapshot.now_s,
+                        0.0,
+                        snapshot.slo_classes[r.slo_class].priority,
+                    )
+                )
+        return Plan(
+            "tiny",
+            snapshot.now_s,
+            tuple(InstancePlan(k, tuple(v)) for k, v in queues.items()),
+            1.0,
+            {},
+        )
+
+
+def make_core(
+    num_instances: int = 1,
+    policy: Any = None,
+    models: tuple[str, ...] = ("m1", "m2"),
+    **overrides: Any,
+) -> ServeCore:
+    cluster = make_cluster(num_instances, models)
+    perf = {(m, "G"): make_perf(m) for m in models}
+    config = CoreConfig(**{"replan_min_interval_s": 0.0, **overrides})
+    return ServeCore(
+        cluster, SLO_CLASSES, perf, policy or TinyPolicy(), config, np.random.default_rng(0)
+    )
+
+
+def arrive(core: ServeCore, reqs: list[Request], now_s: float = 0.0) -> list[Action]:
+    for r in reqs:
+        core.on_arrival(r, now_s)
+    return core.decide(now_s)
+
+
+def dispatched(actions: list[Action]) -> list[str]:
+    return [a.request_id for a in actions if isinstance(a, Dispatch)]
+
+
+def finish(core: ServeCore, rid: str, iid: str, t: float, tokens: int = 50) -> list[Action]:
+    core.on_event(FirstToken(rid, iid, t), t)
+    core.on_event(Finished(rid, iid, t, tokens), t)
+    return core.decide(t)
+
+
+def test_pulling_respects_inflight_limit_and_engine_backpressure() -> None:
+    core = make_core(max_inflight=3, max_engine_waiting=2)
+    actions = arrive(core, make_requests(10))
+    assert dispatched(actions) == ["r0", "r1", "r2"]
+    assert core.stats().queued_by_instance == {"i0": 7}
+    assert dispatched(finish(core, "r0", "i0", 1.0)) == ["r3"]
+    core.on_backpressure("i0", waiting=5, kv_usage=0.1)
+    assert dispatched(finish(core, "r1", "i0", 2.0)) == []
+    core.on_backpressure("i0", waiting=0, kv_usage=0.99)
+    assert core.decide(2.5) == []
+    core.on_backpressure("i0", waiting=0, kv_usage=0.5)
+    assert dispatched(core.decide(3.0)) == ["r4"]
+
+
+def test_fifo_within_a_group_and_priority_from_the_plan() -> None:
+    core = make_core(max_inflight=100)
+    reqs = make_requests(5, slo_class="batch", gap_s=0.0)
+    actions = arrive(core, reqs)
+    assert dispatched(actions) == [r.id for r in reqs]
+    assert {a.priority for a in actions if isinstance(a, Dispatch)} == {10}
+
+
+def test_replans_are_rate_limited() -> None:
+    policy = TinyPolicy()
+    core = make_core(policy=policy, replan_min_interval_s=1.0, max_inflight=1)
+    arrive(core, make_requests(1))
+    core.on_arrival(make_requests(1, prefix="x", start_s=0.2)[0], 0.2)
+    core.decide(0.2)
+    assert policy.calls == 1
+    assert core.next_wakeup_s() == 1.0
+    core.decide(1.0)
+    assert policy.calls == 2
+
+
+def _blocked_by_batch(**overrides: Any) -> tuple[ServeCore, list[Action]]:
+    """One instance full of long batch work; an urgent interactive request arrives."""
+    core = make_core(policy=TinyPolicy(by_priority=True), max_inflight=2, **overrides)
+    batch = make_requests(3, slo_class="batch", gap_s=0.0, output_tokens=5000, prefix="b")
+    arrive(core, batch)
+    urgent = make_requests(1, slo_class="interactive", start_s=1.0, output_tokens=10, prefix="u")
+    return core, arrive(core, urgent, now_s=1.0)
+
+
+def test_urgent_group_blocked_by_batch_work_evicts_the_newest_batch_request() -> None:
+    core, actions = _blocked_by_batch()
+    assert actions == [Evict("b1", "i0", "evicted for u0 (interactive)")]
+    assert core.state_of("b1") is ReqState.EVICTED
+    core.on_event(Aborted("b1", "i0", 1.0, 7, "evicted"), 1.0)
+    assert core.state_of("b1") is ReqState.WAITING and core.attempt_of("b1") == 1
+    assert dispatched(core.decide(1.0)) == ["u0"]
+    rows, ops = core.take_log()
+    assert [(r["request_id"], r["outcome"], r["output_tokens"]) for r in rows] == [
+        ("b1", "evicted", 7)
+    ]
+    assert [o["kind"] for o in ops if o["kind"] != "replan"] == ["evict"]
+
+
+def test_eviction_rounds_respect_the_cooldown() -> None:
+    core, actions = _blocked_by_batch(evict_cooldown_s=10.0)
+    assert [a.request_id for a in actions if isinstance(a, Evict)] == ["b1"]
+    core.on_event(Aborted("b1", "i0", 1.0, 7, "evicted"), 1.0)
+    core.decide(1.0)  # u0 takes the slot; b0 still runs
+    u1 = make_requests(1, slo_class="interactive", start_s=1.5, output_tokens=3000, prefix="v")
+    assert arrive(core, u1, now_s=1.5) == []  # u0 ends soon: v0 can wait
+    finish(core, "u0", "i0", 2.0)  # v0 (long) now runs beside b0
+    u2 = make_requests(1, slo_class="interactive", start_s=3.0, output_tokens=10, prefix="w")
+    assert arrive(core, u2, now_s=3.0) == []  # urgent, but within the cool-down
+    assert core.decide(10.9) == []
+    assert core.decide(11.0) == [Evict("b0", "i0", "evicted for w0 (interactive)")]
+
+
+@pytest.mark.parametrize("max_evictions", [1, 2])
+def test_a_request_is_evicted_at_most_max_evictions_times(max_evictions: int) -> None:
+    core = make_core(
+        policy=TinyPolicy(by_priority=True),
+        max_inflight=1,
+        max_evictions=max_evictions,
+        evict_cooldown_s=0.0,
+    )
+    arrive(core, make_requests(1, slo_class="batch", output_tokens=5000, prefix="b"))
+    urgent = make_requests(2, slo_class="interactive", start_s=1.0, gap_s=2.0, prefix="u")
+    assert arrive(core, urgent[:1], now_s=1.0) == [
+        Evict("b0", "i0", "evicted for u0 (interactive)")
+    ]
+    core.on_event(Aborted("b0", "i0", 1.0, 7, "evicted"), 1.0)
+    assert dispatched(core.decide(1.0)) == ["u0"]
+    assert dispatched(finish(core, "u0", "i0", 2.0)) == ["b0"]
+    actions = arrive(core, urgent[1:], now_s=3.0)
+    assert (Evict("b0", "i0", "evicted for u1 (interactive)") in actions) == (max_evictions > 1)
+
+
+def test_no_eviction_when_the_urgent_request_can_wait() -> None:
+    core = make_core(policy=TinyPolicy(by_priority=True), max_inflight=1)
+    arrive(core, make_requests(1, slo_class="batch", output_tokens=5, prefix="b"))
+    urgent = make_requests(1, slo_class="interactive", start_s=0.1, prefix="u")
+    assert arrive(core, urgent, now_s=0.1) == []
+
+
+def test_swap_waits_for_drain_and_blocks_dispatch_until_ready() -> None:
+    core = make_core(policy=TinyPolicy(route={"m1": "i0", "m2": "i0"}), evict_for_swap=False)
+    assert dispatched(arrive(core, make_requests(1, model="m1"))) == ["r0"]
+    assert arrive(core, make_requests(2, model="m2", prefix="s", start_s=1.0), 1.0) == []
+    actions = finish(core, "r0", "i0", 2.0)
+    assert actions == [LoadModel("i0", "m2", sleep_current=False)]
+    assert core.instance_status("i0") is InstStatus.LOADING
+    core.on_event(InstanceDown("i0", 2.0, "swap"), 2.0)
+    assert core.decide(10.0) == []
+    core.on_event(InstanceReady("i0", 24.0, "m2"), 24.0)
+    assert dispatched(core.decide(24.0)) == ["s0", "s1"]
+    swaps = [o for o in core.take_log()[1] if o["kind"] == "swap"]
+    assert len(swaps) == 1 and swaps[0]["from_model"] == "m1" and swaps[0]["duration_s"] == 22.0
+
+
+def test_swap_sleeps_the_current_model_where_supported() -> None:
+    cluster = make_cluster(1)
+    perf = {(m, "G"): make_perf(m, sleep_s=1.0, wake_s=2.0) for m in ("m1", "m2")}
+    policy = TinyPolicy(route={"m1": "i0", "m2": "i0"})
+    core = ServeCore(cluster, SLO_CLASSES, perf, policy, CoreConfig(replan_min_interval_s=0))
+    actions = arrive(core, make_requests(1, model="m2"))
+    assert actions == [LoadModel("i0", "m2", sleep_current=True)]
+    core.on_event(InstanceReady("i0", 3.0, "m2"), 3.0)
+    assert dispatched(core.decide(3.0)) == ["r0"]
+    finish(core, "r0", "i0", 4.0)
+    actions = arrive(core, make_requests(1, model="m1", prefix="x", start_s=5.0), 5.0)
+    assert actions == [LoadModel("i0", "m1", sleep_current=True)]
+    core.on_event(InstanceReady("i0", 7.0, "m1"), 7.0)
+    kinds = [o["kind"] for o in core.take_log()[1] if o["kind"] != "replan"]
+    assert kinds == ["sleep", "swap", "sleep", "wake"]
+
+
+def test_instance_failure_requeues_in_flight_work_which_finishes_elsewhere() -> None:
+    core = make_core(2, models=("m1",), policy=TinyPolicy(), max_inflight=2)
+    assert dispatched(arrive(core, make_requests(2))) == ["r0", "r1"]  # both on i0
+    core.on_event(InstanceDown("i0", 1.0, "failed"), 1.0)
+    core.on_event(Aborted("r0", "i0", 1.0, 0, "connection reset"), 1.0)  # stale: ignored
+    actions = core.decide(1.0)
+    assert actions == [Dispatch("r0", "i1", 0), Dispatch("r1", "i1", 0)]
+    finish(core, "r0", "i1", 2.0)
+    finish(core, "r1", "i1", 2.0)
+    assert core.done
+    rows = core.take_log()[0]
+    assert [(r["request_id"], r["attempt"], r["outcome"]) for r in rows] == [
+        ("r0", 0, "failed"),
+        ("r1", 0, "failed"),
+        ("r0", 1, "finished"),
+        ("r1", 1, "finished"),
+    ]
+    assert core.stats().finished == 2
+
+
+def test_failures_give_up_after_max_attempts_and_unservable_requests_fail() -> None:
+    core = make_core(2, models=("m1",), max_attempts=2)
+    arrive(core, make_requests(1))
+    core.on_event(Aborted("r0", "i0", 1.0, 0, "HTTP 500"), 1.0)
+    assert dispatched(core.decide(1.0)) == ["r0"]
+    core.on_event(Aborted("r0", "i0", 2.0, 0, "HTTP 500"), 2.0)
+    assert core.state_of("r0") is ReqState.FAILED
+    core.on_event(InstanceDown("i0", 3.0, "failed"), 3.0)
+    core.on_event(InstanceDown("i1", 3.0, "failed"), 3.0)
+    arrive(core, make_requests(1, prefix="x", start_s=3.0), 3.0)
+    assert core.state_of("x0") is ReqState.FAILED and core.done
+    reasons = [r["reason"] for r in core.take_log()[0]]
+    assert reasons == [
+        "HTTP 500",
+        "HTTP 500 (gave up after 2 failed attempts)",
+        "no live instance may serve m1",
+    ]
+
+
+def test_rejected_requests_are_not_retried() -> None:
+    core = make_core()
+    arrive(core, make_requests(1))
+    core.on_event(Aborted("r0", "i0", 0.5, 0, "HTTP 400: bad prompt", retryable=False), 0.5)
+    assert core.state_of("r0") is ReqState.REJECTED
+    assert core.decide(1.0) == [] and core.done
+    assert core.stats().rejected == 1
+
+
+def test_cancel_all_ends_everything_and_aborts_in_flight() -> None:
+    core = make_core(max_inflight=1)
+    arrive(core, make_requests(3))
+    assert core.cancel_all(1.0) == [Evict("r0", "i0", "run stopped")]
+    assert core.done and core.stats().cancelled == 3
+
+
+def test_illegal_transitions_raise_and_leave_state_unchanged() -> None:
+    tr = Tracked(make_requests(1)[0], SLO_CLASSES["interactive"])
+    with pytest.raises(IllegalTransition, match="can't start request 'r0' in state WAITING"):
+        tr.move("start")
+    assert tr.state is ReqState.WAITING
+    tr.move("dispatch")
+    tr.move("finish")
+    with pytest.raises(IllegalTransition, match=r"can't requeue .* in state FINISHED"):
+        tr.move("requeue")
+    assert tr.state.is_final
+
+
+def test_every_request_is_accounted_for_under_random_faults() -> None:
+    """A seeded fake engine finishes, fails, rejects and kills instances at random."""
+    rng = np.random.default_rng(7)
+    core = make_core(3, models=("m1",), max_inflight=4, max_attempts=3)
+    reqs = make_requests(200, gap_s=0.05)
+    running: dict[str, str] = {}
+    t, k = 0.0, 0
+    while not (k == len(reqs) and core.done):
+        t += 0.05
+        while k < len(reqs) and reqs[k].arrival_s <= t:
+            core.on_arrival(reqs[k], t)
+            k += 1
+        for rid, iid in sorted(running.items()):
+            x = rng.random()
+            if x < 0.3:
+                core.on_event(Finished(rid, iid, t, 5), t)
+            elif x < 0.35:
+                core.on_event(Aborted(rid, iid, t, 0, "HTTP 500"), t)
+            elif x < 0.37:
+                core.on_event(Aborted(rid, iid, t, 0, "HTTP 400", retryable=False), t)
+            else:
+                continue
+            del running[rid]
+        if rng.random() < 0.02:
+            iid = f"i{rng.integers(3)}"
+            core.on_event(InstanceDown(iid, t, "failed"), t)
+            running = {r: i for r, i in running.items() if i != iid}
+            core.on_event(InstanceReady(iid, t, "m1"), t)
+        for a in core.decide(t):
+            if isinstance(a, Dispatch):
+                running[a.request_id] = a.instance_id
+        assert t < 1000
+    rows = core.take_log()[0]
+    final = [r for r in rows if r["outcome"] in ("finished", "rejected", "cancelled")]
+    final += [r for r in rows if r["outcome"] == "failed" and "gave up" in (r["reason"] or "")]
+    assert sorted(r["request_id"] for r in final) == sorted(r.id for r in reqs)
+    s = core.stats()
+    assert s.finished + s.failed + s.rejected == len(reqs) and s.failed > 0 and s.rejected > 0
