@@ -1,0 +1,349 @@
+"""Metrics of one run: SLO attainment, goodput, throughput, latencies, utilisation, operations.
+
+Every metric is a pure, vectorised (pandas) function of a :class:`RunLog`. Definitions
+(times are seconds since the run started):
+
+* A *request* is one ``request_id``; its *final attempt* is the row
+  :attr:`RunLog.final_attempts` picks. It is **met** iff that attempt finished with
+  ``slo_met``; rejected, cancelled, failed, and (in a crashed run) still-evicted
+  requests count as missed.
+* **attainment** = met / requests; **weighted attainment** = Σ w·met / Σ w over
+  requests, w the class weight from run.json ``slo_classes`` (1 if absent).
+* **duration** = run.json ``duration_s``; for a crashed run, the latest time in the log.
+* **goodput** = met / duration; **request throughput** = finished / duration; **output
+  throughput** = output tokens of finished requests / duration; **total token
+  throughput** adds their prompt tokens.
+* **TTFT** = first token − arrival and **E2E** = finish − arrival of finished requests
+  (so both include queueing and any evicted attempts); **TPOT** is the final attempt's
+  ``tpot_s``; **queueing** = first dispatch − arrival (requests ever dispatched).
+  Percentiles interpolate linearly (``numpy.percentile``); std is the population std.
+* **utilisation** of an instance = length of the union of its attempts'
+  [dispatch, finish] intervals / duration (share of the run with ≥1 request in flight).
+* **operations**: swaps, wakes, sleeps, evictions, re-plans, instance downs from
+  operations.parquet (solver time = Σ replan ``duration_s``); failed and rejected
+  *attempts* from requests.parquet.
+* **predictions**: start error = dispatch − ``predicted_start_s`` per attempt; the miss
+  forecast of a request is the ``predicted_miss_prob`` of its first attempt that has one,
+  scored against its final outcome (Brier score; mean forecast vs observed miss rate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from qlmctl.serve.runlog import CANCELLED, EVICTED, FAILED, FINISHED, REJECTED, RunLog
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyStats:
+    """Summary of one latency (seconds); fields are None when there are no values."""
+
+    count: int
+    mean_s: float | None
+    std_s: float | None
+    p50_s: float | None
+    p90_s: float | None
+    p99_s: float | None
+
+    @classmethod
+    def from_values(cls, values: pd.Series) -> LatencyStats:
+        v = values.dropna().to_numpy(dtype=float)
+        if len(v) == 0:
+            return cls(0, None, None, None, None, None)
+        p50, p90, p99 = (float(x) for x in np.percentile(v, [50, 90, 99]))
+        return cls(len(v), float(v.mean()), float(v.std()), p50, p90, p99)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMetrics:
+    """Metrics of a set of requests (a run, one SLO class or one model)."""
+
+    requests: int
+    met: int
+    finished: int  # final attempt finished (in time or not)
+    failed: int  # final attempt failed (retries exhausted)
+    rejected: int
+    cancelled: int
+    unfinished: int  # last attempt evicted: only in a crashed run
+    attainment: float | None  # met / requests
+    weighted_attainment: float | None
+    goodput_rps: float  # met / duration
+    request_throughput_rps: float  # finished / duration
+    output_throughput_tps: float  # output tokens of finished requests / duration
+    total_token_throughput_tps: float  # (prompt + output) tokens of finished / duration
+    prompt_tokens: int  # of finished requests
+    output_tokens: int  # of finished requests
+    ttft: LatencyStats
+    tpot: LatencyStats
+    e2e: LatencyStats
+    queue: LatencyStats
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceMetrics:
+    """How busy one instance was."""
+
+    instance_id: str
+    gpu: str | None
+    attempts: int
+    busy_s: float  # union of [dispatch, finish] intervals
+    utilisation: float  # busy_s / duration
+
+
+@dataclass(frozen=True, slots=True)
+class OperationCounts:
+    """Serving operations of a run and the planner's cost."""
+
+    swaps: int
+    wakes: int
+    sleeps: int
+    evictions: int
+    replans: int
+    instance_downs: int
+    failed_attempts: int
+    rejected_attempts: int
+    swap_time_s: float  # Σ duration_s of swaps and wakes
+    solver_time_s: float  # Σ duration_s of replans
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """Predicted miss probability against the observed miss rate for a set of requests."""
+
+    requests: int
+    predicted_miss_rate: float  # mean forecast
+    observed_miss_rate: float
+    brier: float  # mean (forecast − missed)²
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionMetrics:
+    """How good the plan's estimates were (None parts: the log had no such predictions)."""
+
+    start_count: int
+    start_bias_s: float | None  # mean (dispatch − predicted start); > 0: later than predicted
+    start_mae_s: float | None
+    start_p90_abs_s: float | None
+    overall: Calibration | None
+    by_class: Mapping[str, Calibration]
+
+
+@dataclass(frozen=True, slots=True)
+class RunMetrics:
+    """Everything the report says about one run."""
+
+    path: str
+    run_id: str
+    policy: str
+    engine: str
+    started_at: str | None
+    workload_fingerprint: str | None
+    complete: bool
+    duration_s: float
+    overall: GroupMetrics
+    by_class: Mapping[str, GroupMetrics]  # slo class -> metrics
+    by_model: Mapping[str, GroupMetrics]  # model -> metrics
+    instances: tuple[InstanceMetrics, ...]
+    operations: OperationCounts
+    predictions: PredictionMetrics | None
+
+
+def run_duration_s(run: RunLog) -> float:
+    """run.json ``duration_s``, else the latest time in the log (a crashed run)."""
+    if run.meta.get("duration_s") is not None:
+        return float(run.meta["duration_s"])
+    times = [run.requests[c].max() for c in ("arrival_s", "dispatch_s", "first_token_s")]
+    times += [run.requests["finish_s"].max(), run.operations["time_s"].max()]
+    valid = [float(t) for t in times if pd.notna(t)]
+    return max(valid, default=0.0)
+
+
+def class_weights(run: RunLog) -> dict[str, float]:
+    """SLO class -> weight, from run.json ``slo_classes``."""
+    classes = run.meta.get("slo_classes") or {}
+    return {name: float((spec or {}).get("weight", 1.0)) for name, spec in classes.items()}
+
+
+def request_table(run: RunLog) -> pd.DataFrame:
+    """One row per request (its final attempt) with derived columns.
+
+    Adds ``arrival_s`` (earliest), ``first_dispatch_s``, ``met``, ``weight``, ``ttft_s``,
+    ``e2e_s`` (finished only) and ``queue_s``; indexed by ``request_id``.
+    """
+    att = run.requests
+    by_req = att.groupby("request_id")
+    out = run.final_attempts.set_index("request_id")
+    out["arrival_s"] = by_req["arrival_s"].min()
+    out["first_dispatch_s"] = by_req["dispatch_s"].min()
+    finished = out["outcome"] == FINISHED
+    out["met"] = finished & out["slo_met"].eq(True)
+    out["weight"] = out["slo_class"].map(class_weights(run)).fillna(1.0).astype(float)
+    out["ttft_s"] = (out["first_token_s"] - out["arrival_s"]).where(finished)
+    out["e2e_s"] = (out["finish_s"] - out["arrival_s"]).where(finished)
+    out["queue_s"] = out["first_dispatch_s"] - out["arrival_s"]
+    return out
+
+
+def group_metrics(req: pd.DataFrame, duration_s: float) -> GroupMetrics:
+    """Metrics of the requests in ``req`` (rows of :func:`request_table`)."""
+    outcome = req["outcome"]
+    finished = req[outcome == FINISHED]
+    n, met = len(req), int(req["met"].sum())
+    per_s = 1.0 / duration_s if duration_s > 0 else 0.0
+    prompt = int(finished["prompt_tokens"].fillna(0).sum())
+    output = int(finished["output_tokens"].fillna(0).sum())
+    weight = float(req["weight"].sum())
+    return GroupMetrics(
+        requests=n,
+        met=met,
+        finished=len(finished),
+        failed=int((outcome == FAILED).sum()),
+        rejected=int((outcome == REJECTED).sum()),
+        cancelled=int((outcome == CANCELLED).sum()),
+        unfinished=int((outcome == EVICTED).sum()),
+        attainment=met / n if n else None,
+        weighted_attainment=float((req["weight"] * req["met"]).sum()) / weight if n else None,
+        goodput_rps=met * per_s,
+        request_throughput_rps=len(finished) * per_s,
+        output_throughput_tps=output * per_s,
+        total_token_throughput_tps=(prompt + output) * per_s,
+        prompt_tokens=prompt,
+        output_tokens=output,
+        ttft=LatencyStats.from_values(req["ttft_s"]),
+        tpot=LatencyStats.from_values(finished["tpot_s"]),
+        e2e=LatencyStats.from_values(req["e2e_s"]),
+        queue=LatencyStats.from_values(req["queue_s"]),
+    )
+
+
+def busy_seconds(attempts: pd.DataFrame, duration_s: float) -> pd.Series:
+    """instance_id -> length of the union of its attempts' [dispatch, finish] intervals.
+
+    An attempt without ``finish_s`` (crashed run) is taken to run to the end.
+    """
+    iv = attempts.dropna(subset=["instance_id", "dispatch_s"])
+    iv = pd.DataFrame(
+        {
+            "instance_id": iv["instance_id"],
+            "start": iv["dispatch_s"].clip(0.0, duration_s),
+            "end": iv["finish_s"].fillna(duration_s).clip(0.0, duration_s),
+        }
+    ).sort_values(["instance_id", "start"])
+    # NOTE: an interval opens a new busy block when it starts after every earlier
+    # interval of its instance has ended (the running max of ends, shifted by one).
+    reach = iv.groupby("instance_id")["end"].cummax()
+    prev_reach = reach.groupby(iv["instance_id"]).shift()
+    block = (prev_reach.isna() | (iv["start"] > prev_reach)).cumsum()
+    blocks = iv.groupby(block).agg(instance_id=("instance_id", "first"), s=("start", "min"))
+    blocks["e"] = iv.groupby(block)["end"].max()
+    return (blocks["e"] - blocks["s"]).groupby(blocks["instance_id"]).sum()
+
+
+def instance_metrics(run: RunLog, duration_s: float) -> tuple[InstanceMetrics, ...]:
+    """Utilisation of every instance named in run.json or in the attempts."""
+    gpus = {str(i["id"]): i.get("gpu") for i in run.meta.get("instances") or []}
+    busy = busy_seconds(run.requests, duration_s)
+    attempts = run.requests["instance_id"].dropna().value_counts()
+    ids = list(gpus) + sorted(set(attempts.index) - set(gpus))
+    return tuple(
+        InstanceMetrics(
+            instance_id=i,
+            gpu=gpus.get(i),
+            attempts=int(attempts.get(i, 0)),
+            busy_s=float(busy.get(i, 0.0)),
+            utilisation=float(busy.get(i, 0.0)) / duration_s if duration_s > 0 else 0.0,
+        )
+        for i in ids
+    )
+
+
+def operation_counts(run: RunLog) -> OperationCounts:
+    """Counts of serving operations and failed/rejected attempts."""
+    ops = run.operations
+    kinds = ops["kind"].value_counts()
+    duration = ops["duration_s"].fillna(0.0)
+    outcomes = run.requests["outcome"].value_counts()
+    return OperationCounts(
+        swaps=int(kinds.get("swap", 0)),
+        wakes=int(kinds.get("wake", 0)),
+        sleeps=int(kinds.get("sleep", 0)),
+        evictions=int(kinds.get("evict", 0)),
+        replans=int(kinds.get("replan", 0)),
+        instance_downs=int(kinds.get("instance_down", 0)),
+        failed_attempts=int(outcomes.get(FAILED, 0)),
+        rejected_attempts=int(outcomes.get(REJECTED, 0)),
+        swap_time_s=float(duration[ops["kind"].isin(["swap", "wake"])].sum()),
+        solver_time_s=float(duration[ops["kind"] == "replan"].sum()),
+    )
+
+
+def _calibration(forecast: pd.Series, missed: pd.Series) -> Calibration:
+    return Calibration(
+        requests=len(forecast),
+        predicted_miss_rate=float(forecast.mean()),
+        observed_miss_rate=float(missed.mean()),
+        brier=float(((forecast - missed) ** 2).mean()),
+    )
+
+
+def prediction_metrics(run: RunLog, req: pd.DataFrame) -> PredictionMetrics | None:
+    """Predicted against observed, or None if the log holds no predictions."""
+    att = run.requests
+    started = att.dropna(subset=["predicted_start_s", "dispatch_s"])
+    err = started["dispatch_s"] - started["predicted_start_s"]
+    forecasts = (
+        att.dropna(subset=["predicted_miss_prob"])
+        .sort_values(["request_id", "attempt"])
+        .groupby("request_id")["predicted_miss_prob"]
+        .first()
+    )
+    if err.empty and forecasts.empty:
+        return None
+    scored = pd.DataFrame(
+        {
+            "p": forecasts.astype(float),
+            "missed": (~req.loc[forecasts.index, "met"]).astype(float),
+            "slo_class": req.loc[forecasts.index, "slo_class"],
+        }
+    )
+    by_class = {
+        str(name): _calibration(g["p"], g["missed"]) for name, g in scored.groupby("slo_class")
+    }
+    return PredictionMetrics(
+        start_count=len(err),
+        start_bias_s=float(err.mean()) if len(err) else None,
+        start_mae_s=float(err.abs().mean()) if len(err) else None,
+        start_p90_abs_s=float(np.percentile(err.abs(), 90)) if len(err) else None,
+        overall=_calibration(scored["p"], scored["missed"]) if len(scored) else None,
+        by_class=by_class,
+    )
+
+
+def run_metrics(run: RunLog) -> RunMetrics:
+    """All metrics of one run (see the module docstring for the definitions)."""
+    duration = run_duration_s(run)
+    req = request_table(run)
+    classes = list(class_weights(run))
+    classes += sorted(set(req["slo_class"].dropna()) - set(classes))
+    models = sorted(req["model"].dropna().unique())
+    meta = run.meta
+    return RunMetrics(
+        path=str(run.path),
+        run_id=str(meta.get("run_id") or run.path.name),
+        policy=str(meta.get("policy") or "?"),
+        engine=str(meta.get("engine") or "?"),
+        started_at=meta.get("started_at"),
+        workload_fingerprint=meta.get("workload_fingerprint"),
+        complete=run.complete,
+        duration_s=duration,
+        overall=group_metrics(req, duration),
+        by_class={c: group_metrics(req[req["slo_class"] == c], duration) for c in classes},
+        by_model={m: group_metrics(req[req["model"] == m], duration) for m in models},
+        instances=instance_metrics(run, duration),
+        operations=operation_counts(run),
+        predictions=prediction_metrics(run, req),
+    )

@@ -1,0 +1,201 @@
+"""PNG figures of a report (matplotlib, Agg, no pyplot state) and the HTML page around them.
+
+Per run: SLO attainment over time per class (rolling window over arrivals), queue depth
+(requests in flight per instance and the global waiting queue), and a Gantt of work per
+instance: every attempt's [dispatch, finish] bar coloured by model (by SLO class when the
+run serves one model), overlapping bars drawn translucent so batch depth shows, swaps and
+wakes as hatched spans with a ▼, evictions as ×, instances going down as a red |.
+For the whole report: TTFT CDFs, one line per run, with each class's TTFT target dashed;
+with several runs also SLO attainment per class and policy as grouped bars.
+
+Every file is written to a temporary name and renamed, so nothing is half-written.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import pandas as pd
+
+matplotlib.use("Agg")
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from qlmctl.report.compare import run_labels
+from qlmctl.report.html import write_html
+from qlmctl.report.metrics import request_table, run_duration_s
+from qlmctl.report.runs import Report
+from qlmctl.report.timeline import attainment_over_time, in_flight, waiting
+from qlmctl.serve.runlog import RunLog
+
+Draw = Callable[[Figure], None]
+
+
+def _save(draw: Draw, path: Path, size: tuple[float, float] = (9.0, 4.0)) -> Path:
+    fig = Figure(figsize=size, layout="constrained")
+    draw(fig)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    tmp.replace(path)
+    return path
+
+
+def _attainment(run: RunLog, label: str) -> Draw:
+    window_s = max(run_duration_s(run) / 20.0, 1.0)
+    series = attainment_over_time(run, window_s)
+
+    def draw(fig: Figure) -> None:
+        ax = fig.subplots()
+        for cls, g in series.groupby("slo_class", sort=False):
+            style = {"color": "black", "lw": 2.0} if cls == "all" else {"lw": 1.2}
+            ax.step(g["time_s"], 100 * g["attainment"], where="post", label=str(cls), **style)
+        ax.set(xlabel="arrival time (s)", ylabel="SLO attainment (%)", ylim=(-2, 102))
+        ax.set_title(f"{label}: SLO attainment, rolling {window_s:.3g} s window over arrivals")
+        ax.legend(loc="lower left", fontsize="small")
+        ax.grid(alpha=0.3)
+
+    return draw
+
+
+def _steps(depth: pd.DataFrame, end_s: float) -> tuple[list[float], list[int]]:
+    """A depth step function from 0 at time 0 to its last value at ``end_s``."""
+    times, values = depth["time_s"].tolist(), depth["depth"].tolist()
+    last = values[-1] if values else 0
+    return [0.0, *times, max(end_s, *times, 0.0)], [0, *values, last]
+
+
+def _queues(run: RunLog, label: str) -> Draw:
+    flight, wait, end_s = in_flight(run), waiting(run), run_duration_s(run)
+
+    def draw(fig: Figure) -> None:
+        top, bottom = fig.subplots(2, 1, sharex=True)
+        for inst, g in flight.groupby("instance_id"):
+            top.step(*_steps(g, end_s), where="post", label=str(inst))
+        top.set(ylabel="in flight")
+        top.set_title(f"{label}: requests in flight per instance and waiting in the queue")
+        if len(flight):
+            top.legend(loc="upper right", fontsize="small", ncols=4)
+        bottom.step(*_steps(wait, end_s), where="post", color="tab:red")
+        bottom.set(xlabel="time (s)", ylabel="waiting")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+
+    return draw
+
+
+def _gantt(run: RunLog, label: str) -> Draw:
+    att = run.requests.dropna(subset=["instance_id", "dispatch_s"])
+    end = att["finish_s"].fillna(run_duration_s(run))
+    key = "model" if att["model"].nunique() > 1 else "slo_class"
+    ops = run.operations.dropna(subset=["instance_id"])
+    instances = list(dict.fromkeys([str(i["id"]) for i in run.meta.get("instances") or []]))
+    instances += sorted((set(att["instance_id"]) | set(ops["instance_id"])) - set(instances))
+    row = {inst: k for k, inst in enumerate(instances)}
+
+    def mark(ax: Axes, kind: str, **style: Any) -> None:
+        sel = ops[ops["kind"] == kind]
+        if len(sel):
+            ax.scatter(sel["time_s"], sel["instance_id"].map(row) + 0.45, zorder=3, **style)
+
+    def draw(fig: Figure) -> None:
+        ax = fig.subplots()
+        colours = matplotlib.colormaps["tab10"]
+        for k, (name, g) in enumerate(att.groupby(key)):
+            for inst, gi in g.groupby("instance_id"):
+                bars = list(zip(gi["dispatch_s"], end[gi.index] - gi["dispatch_s"], strict=True))
+                ax.broken_barh(bars, (row[str(inst)] - 0.4, 0.8), color=colours(k % 10), alpha=0.35)
+            ax.plot([], [], color=colours(k % 10), lw=6, label=f"{key} {name}")
+        swaps = ops[ops["kind"].isin(["swap", "wake"])]
+        for _, op in swaps.iterrows():
+            width = op["duration_s"] if op["duration_s"] == op["duration_s"] else 0.0
+            ax.broken_barh(
+                [(op["time_s"], width)], (row[str(op["instance_id"])] - 0.4, 0.8),
+                facecolor="none", edgecolor="black", hatch="//",
+            )  # fmt: skip
+        mark(ax, "swap", marker="v", color="black", label="swap")
+        mark(ax, "wake", marker="v", color="tab:green", label="wake")
+        mark(ax, "evict", marker="x", color="tab:red", label="eviction")
+        mark(ax, "instance_down", marker="|", s=200, color="red", label="instance down")
+        ax.set_yticks(range(len(instances)), instances)
+        ax.set(xlabel="time (s)", ylim=(-0.7, len(instances) - 0.2))
+        ax.set_title(f"{label}: work per instance (attempts), swaps and evictions")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+        ax.grid(alpha=0.3, axis="x")
+
+    return draw
+
+
+def _ttft_cdf(report: Report, labels: tuple[str, ...]) -> Draw:
+    tables = [request_table(run)["ttft_s"].dropna().sort_values() for run in report.runs]
+    targets: dict[str, float] = {}
+    for run in report.runs:
+        for cls, spec in (run.meta.get("slo_classes") or {}).items():
+            if spec and spec.get("ttft_s") is not None:
+                targets.setdefault(cls, float(spec["ttft_s"]))
+
+    def draw(fig: Figure) -> None:
+        ax = fig.subplots()
+        for label, ttft in zip(labels, tables, strict=True):
+            share = [100 * k / len(ttft) for k in range(len(ttft) + 1)]
+            ax.step([0.0, *ttft], share, where="post", label=label)
+        for cls, target in targets.items():
+            ax.axvline(target, ls="--", lw=0.8, color="grey")
+            ax.text(target, 0.02, f" {cls} target", rotation=90, fontsize="x-small",
+                    transform=ax.get_xaxis_transform())  # fmt: skip
+        ax.set(xlabel="TTFT from arrival (s)", ylabel="finished requests (%)", ylim=(0, 101))
+        ax.set_title("TTFT CDF per run")
+        ax.legend(loc="best", fontsize="small")
+        ax.grid(alpha=0.3)
+
+    return draw
+
+
+def _attainment_bars(report: Report, labels: tuple[str, ...]) -> Draw:
+    classes = list(dict.fromkeys(c for m in report.metrics for c in m.by_class))
+    groups = ["all", *classes]
+
+    def draw(fig: Figure) -> None:
+        ax = fig.subplots()
+        width = 0.8 / len(labels)
+        for k, (label, m) in enumerate(zip(labels, report.metrics, strict=True)):
+            values = [m.overall.attainment] + [
+                m.by_class[c].attainment if c in m.by_class else None for c in classes
+            ]
+            xs = [g + k * width for g in range(len(groups))]
+            ax.bar(xs, [100 * (v or 0.0) for v in values], width, label=label)
+        ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups)
+        ax.set(ylabel="SLO attainment (%)", ylim=(0, 105))
+        ax.set_title("SLO attainment per class and run")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3, axis="y")
+
+    return draw
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
+
+
+def write_plots(report: Report, out: Path) -> list[Path]:
+    """Write every figure as PNG and ``report.html`` into ``out``; return the paths.
+
+    Returns:
+        The PNG paths in page order, then the HTML page.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    labels = run_labels(report.metrics)
+    pngs: list[Path] = []
+    for k, (run, label) in enumerate(zip(report.runs, labels, strict=True)):
+        stem = f"{k + 1}-{_slug(label)}"
+        pngs.append(_save(_attainment(run, label), out / f"{stem}-attainment.png"))
+        pngs.append(_save(_queues(run, label), out / f"{stem}-queues.png", (9.0, 5.0)))
+        height = 1.5 + 0.6 * max(len(run.meta.get("instances") or []), 2)
+        pngs.append(_save(_gantt(run, label), out / f"{stem}-gantt.png", (11.0, height)))
+    pngs.append(_save(_ttft_cdf(report, labels), out / "ttft-cdf.png"))
+    if len(report.runs) > 1:
+        pngs.append(_save(_attainment_bars(report, labels), out / "attainment-by-class.png"))
+    return [*pngs, write_html(report, pngs, out / "report.html")]
