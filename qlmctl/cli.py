@@ -136,12 +136,40 @@ def serve(
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories.")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="Output: table (rich), json, or csv.")
+    ] = "table",
+    out: Annotated[
+        Path | None, typer.Option(help="Also write PNG plots and report.html into this directory.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Compare runs even if their workloads differ.")
+    ] = False,
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="Run to compare against (directory, run id or policy; default fcfs)."),
+    ] = None,
 ) -> None:
     """Summarise runs: SLO attainment, goodput, latency percentiles, operations.
 
-    Several runs are compared side by side (e.g. fcfs against qlm on one workload).
+    Several runs are compared side by side (e.g. fcfs against qlm on one workload), with
+    the relative improvement over the baseline. JSON keys follow `vllm bench serve`.
     """
-    raise NotImplementedYet("`qlmctl report` is not implemented yet")
+    from rich.text import Text
+
+    from qlmctl.report.export import check_format, render
+    from qlmctl.report.runs import build_report
+
+    fmt = check_format(fmt)
+    result = build_report(run_dirs, baseline=baseline, force=force)
+    for warning in result.warnings:
+        err_console.print(Text.assemble(("warning: ", "bold yellow"), warning), soft_wrap=True)
+    render(result, fmt)
+    if out is not None:
+        from qlmctl.report.plots import write_plots
+
+        written = write_plots(result, out)
+        err_console.print(f"wrote {len(written)} files to {out} (open {written[-1]})")
 
 
 cluster_app = typer.Typer(help="Inspect cluster specs.", no_args_is_help=True)
