@@ -12,6 +12,10 @@ Step time (vLLM V1 runs prefill chunks and decodes in one batch per step)::
            + prefill_s_per_token2 * prefill_tokens**2 / 1000   # attention, per chunk
            + decode_s_per_seq * decode_seqs
            + decode_s_per_ctx_token * context_tokens           # KV read by decodes
+
+A lone prompt's time to first token is ``ttft_overhead_s`` (per-request latency outside
+the engine steps: HTTP, admission, delivering the token; 0 in older profiles) plus its
+chunked prefill steps.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class PerfModel:
     provenance: str = "estimate"
     # Output lengths observed when profiling (a prior for the estimator); may be empty.
     output_len_sample: tuple[int, ...] = field(default=())
+    # Added once to a request's TTFT (see module docstring); optional, so older files load.
+    ttft_overhead_s: float = 0.0
     version: int = PERF_MODEL_VERSION
 
     def __post_init__(self) -> None:
@@ -58,6 +64,7 @@ class PerfModel:
             "decode_s_per_ctx_token",
             "cold_start_s",
             "stop_s",
+            "ttft_overhead_s",
         ):
             value = getattr(self, name)
             if not value >= 0:  # also rejects NaN
@@ -91,8 +98,8 @@ class PerfModel:
         )
 
     def prefill_time_s(self, prompt_tokens: int) -> float:
-        """Time to prefill one prompt alone, chunked by the per-step token budget."""
-        total, left = 0.0, prompt_tokens
+        """TTFT of one prompt alone: the request overhead plus its chunked prefill steps."""
+        total, left = self.ttft_overhead_s, prompt_tokens
         while left > 0:
             chunk = min(left, self.max_num_batched_tokens)
             total += self.step_time_s(chunk, 0, prompt_tokens - left)
