@@ -20,7 +20,8 @@ from qlmctl.engine.events import (
     LoadModel,
 )
 from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, QueueSnapshot
-from qlmctl.serve.core import CoreConfig, ServeCore
+from qlmctl.serve.config import CoreConfig
+from qlmctl.serve.core import ServeCore
 from qlmctl.serve.state import IllegalTransition, InstStatus, ReqState, Tracked
 from tests.helpers import SLO_CLASSES, make_cluster, make_perf, make_requests
 

@@ -35,12 +35,12 @@ import json
 import math
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
-from qlmctl.domain import ClusterSpec, InstanceSpec, Request, SLOClass
+from qlmctl.domain import ClusterSpec, Request, SLOClass
 from qlmctl.engine.events import (
     Aborted,
     Action,
@@ -54,98 +54,10 @@ from qlmctl.engine.events import (
     LoadModel,
 )
 from qlmctl.errors import BadInput
-from qlmctl.plan.types import InstanceState, Plan, PlannedGroup, QueueSnapshot, RunningRequest
+from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, RunningRequest
 from qlmctl.profile.perfmodel import PerfModel
-from qlmctl.serve.state import InstStatus, ReqState, Tracked
-
-PlanFn = Callable[[QueueSnapshot, np.random.Generator], Plan]
-
-
-@dataclass(frozen=True, slots=True)
-class CoreConfig:
-    """Knobs of the serving core (recorded in run.json)."""
-
-    max_inflight: int = 8  # per instance: requests dispatched and not yet ended
-    max_engine_waiting: int | None = None  # pull only while vLLM reports fewer waiting
-    max_kv_usage: float = 0.98  # pull only while vLLM's KV usage is below this
-    replan_min_interval_s: float = 0.5
-    check_interval_s: float = 1.0  # predicted-violation checks while work is queued
-    lag_tolerance_s: float = 2.0  # a head group this late against its plan is a violation
-    max_attempts: int = 3  # failed attempts before a request is FAILED
-    max_evictions: int = 2  # per request
-    evict_cooldown_s: float = 2.0  # per instance, between eviction rounds
-    evict_batch: int = 4  # most requests evicted per instance per round
-    evict_for_swap: bool = True  # evict (not just drain) when an urgent head needs a swap
-    vllm_priority: bool = True  # send the plan's priorities with requests
-    improve: bool = True  # offer snapshots to the policy's background improver
-    improve_min_interval_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if self.max_inflight < 1 or self.max_attempts < 1 or self.evict_batch < 0:
-            raise BadInput("core config: max_inflight and max_attempts must be >= 1")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(slots=True, eq=False)
-class _Group:
-    """A planned group in a virtual queue: the plan's data and the ids still queued."""
-
-    plan: PlannedGroup
-    ids: deque[str]
-
-
-@dataclass(slots=True, eq=False)
-class _Inst:
-    """The core's view of one instance."""
-
-    spec: InstanceSpec
-    model: str | None
-    status: InstStatus = InstStatus.UP
-    inflight: dict[str, Tracked] | None = None  # request id -> record, in dispatch order
-    evicting: dict[str, Tracked] | None = None  # evicted, abort not yet confirmed
-    prio_counts: Counter[int] | None = None  # class priority -> in-flight requests
-    sleeping: set[str] | None = None
-    load_kind: str = "swap"
-    load_from: str | None = None
-    load_started_s: float = 0.0
-    ready_at_s: float = 0.0
-    last_evict_s: float = -math.inf
-    engine_waiting: int | None = None
-    kv_usage: float | None = None
-    queued: int = 0  # waiting requests in this instance's virtual queue
-
-    def __post_init__(self) -> None:
-        self.inflight, self.evicting, self.prio_counts = {}, {}, Counter()
-        self.sleeping = set()
-
-
-@dataclass(frozen=True, slots=True)
-class CoreStats:
-    """Counts for a live view and the final summary."""
-
-    arrived: int
-    waiting: int
-    in_flight: int
-    finished: int
-    slo_met: int
-    failed: int
-    rejected: int
-    cancelled: int
-    queued_by_instance: dict[str, int]  # instance -> requests in its virtual queue
-    in_flight_by_instance: dict[str, int]
-    operations: dict[str, int]  # kind -> count
-    met_by_class: dict[str, tuple[int, int]]  # class -> (met, final)
-
-    @property
-    def final(self) -> int:
-        return self.finished + self.failed + self.rejected + self.cancelled
-
-    @property
-    def attainment(self) -> float | None:
-        """Fraction of ended requests that finished within their SLO."""
-        return self.slo_met / self.final if self.final else None
+from qlmctl.serve.config import CoreConfig, CoreStats, split_policy
+from qlmctl.serve.state import InstanceRecord, InstStatus, QueuedGroup, ReqState, Tracked
 
 
 class ServeCore:
@@ -160,30 +72,30 @@ class ServeCore:
         config: CoreConfig | None = None,
         rng: np.random.Generator | None = None,
         *,
-        improver: PlanFn | None = None,
         swap_time: Callable[[PerfModel, PerfModel | None, bool], float] | None = None,
     ) -> None:
         """Args:
         cluster: the instances (all start UP with their resident model).
         slo_classes: class name -> SLO class of every request that will arrive.
         perf: (model, gpu) -> performance model, for snapshots and estimates.
-        policy: anything with ``plan(snapshot, rng) -> Plan`` (the fast answer).
+        policy: a :class:`~qlmctl.plan.types.Policy`; see :func:`split_policy` for
+            how its fast answer and its background improvement are found.
         config: the core's knobs.
         rng: the only source of randomness, passed to the policy.
-        improver: the policy's slow improvement (the MILP), run by the driver on
-            snapshots from :meth:`wants_improvement`; None to never improve.
         swap_time: (to, from, asleep) -> seconds, for the planned ready time of a load.
         """
         self.cluster = cluster
         self.config = config or CoreConfig()
         self._slo = dict(slo_classes)
         self._perf = perf
-        self._policy = policy
+        self.policy_name: str = policy.name
+        self._fast, improver = split_policy(policy)
         self._rng = rng if rng is not None else np.random.default_rng(0)
-        self._improver = improver if self.config.improve else None
+        # the slow improvement (the MILP) the driver runs on wants_improvement() snapshots
+        self.improver = improver if self.config.improve else None
         self._swap_time = swap_time or _default_swap_time
-        self._insts = {i.id: _Inst(i, i.model) for i in cluster.instances}
-        self._vq: dict[str, deque[_Group]] = {i: deque() for i in self._insts}
+        self._insts = {i.id: InstanceRecord(i, i.model) for i in cluster.instances}
+        self._vq: dict[str, deque[QueuedGroup]] = {i: deque() for i in self._insts}
         self._reqs: dict[str, Tracked] = {}
         self._waiting: dict[str, Tracked] = {}  # id -> record, every WAITING request
         self._replan_due = False
@@ -351,14 +263,14 @@ class ServeCore:
         return CoreStats(
             arrived=len(self._reqs),
             waiting=len(self._waiting),
-            in_flight=sum(len(i.inflight or ()) for i in self._insts.values()),
+            in_flight=sum(len(i.inflight) for i in self._insts.values()),
             finished=f[ReqState.FINISHED],
             slo_met=sum(m for m, _ in self._met_by_class.values()),
             failed=f[ReqState.FAILED],
             rejected=f[ReqState.REJECTED],
             cancelled=f[ReqState.CANCELLED],
             queued_by_instance={k: i.queued for k, i in self._insts.items()},
-            in_flight_by_instance={k: len(i.inflight or ()) for k, i in self._insts.items()},
+            in_flight_by_instance={k: len(i.inflight) for k, i in self._insts.items()},
             operations=dict(self._ops),
             met_by_class={c: (m, n) for c, (m, n) in self._met_by_class.items()},
         )
@@ -373,11 +285,11 @@ class ServeCore:
             self._adopt(None, keep_leftovers=False)
             return
         snap = self.snapshot(now_s)
-        plan = self._policy.plan(snap, self._rng)
+        plan = self._fast(snap, self._rng)
         self._adopt(plan, keep_leftovers=False)
         self._log_replan(now_s, plan, "policy")
         if (
-            self._improver is not None
+            self.improver is not None
             and not self._improving
             and now_s >= self._last_improve_s + self.config.improve_min_interval_s
         ):
@@ -394,8 +306,8 @@ class ServeCore:
             perf=self._perf,
         )
 
-    def _instance_state(self, inst: _Inst, now_s: float) -> InstanceState:
-        running = [*(inst.inflight or {}).values(), *(inst.evicting or {}).values()]
+    def _instance_state(self, inst: InstanceRecord, now_s: float) -> InstanceState:
+        running = [*inst.inflight.values(), *inst.evicting.values()]
         return InstanceState(
             instance_id=inst.spec.id,
             gpu=inst.spec.gpu,
@@ -403,7 +315,7 @@ class ServeCore:
             up=inst.status is not InstStatus.DOWN,
             ready_at_s=max(now_s, inst.ready_at_s) if inst.status is InstStatus.LOADING else now_s,
             servable_models=frozenset(inst.spec.models) if inst.spec.models else None,
-            sleeping_models=frozenset(inst.sleeping or ()),
+            sleeping_models=frozenset(inst.sleeping),
             running=tuple(
                 RunningRequest(
                     t.request,
@@ -426,7 +338,7 @@ class ServeCore:
                 ids = deque(r for r in pg.request_ids if r in self._waiting and r not in placed)
                 if ids:
                     placed.update(ids)
-                    vq.append(_Group(pg, ids))
+                    vq.append(QueuedGroup(pg, ids))
         if keep_leftovers:  # queued before but not in this plan: keep them, after it
             for iid, groups in old.items():
                 for g in groups:
@@ -439,7 +351,7 @@ class ServeCore:
                     )
                     if ids:
                         placed.update(ids)
-                        self._vq[iid].append(_Group(g.plan, ids))
+                        self._vq[iid].append(QueuedGroup(g.plan, ids))
         for inst in self._insts.values():
             inst.queued = 0
         for tr in self._waiting.values():
@@ -476,7 +388,7 @@ class ServeCore:
 
     # ---- serving operations -----------------------------------------------------------
 
-    def _serve(self, inst: _Inst, now_s: float, actions: list[Action]) -> None:
+    def _serve(self, inst: InstanceRecord, now_s: float, actions: list[Action]) -> None:
         head = self._head(inst)
         if head is None:
             return
@@ -496,7 +408,7 @@ class ServeCore:
             group, tr = head
         self._maybe_evict(inst, group, tr, now_s, actions, for_swap=False)
 
-    def _head(self, inst: _Inst) -> tuple[_Group, Tracked] | None:
+    def _head(self, inst: InstanceRecord) -> tuple[QueuedGroup, Tracked] | None:
         """The first still-waiting request of the instance's virtual queue and its group."""
         vq = self._vq[inst.spec.id]
         while vq:
@@ -509,10 +421,10 @@ class ServeCore:
             vq.popleft()
         return None
 
-    def _can_pull(self, inst: _Inst) -> bool:
+    def _can_pull(self, inst: InstanceRecord) -> bool:
         cfg = self.config
         return (
-            len(inst.inflight or ()) < cfg.max_inflight
+            len(inst.inflight) < cfg.max_inflight
             and (
                 cfg.max_engine_waiting is None
                 or inst.engine_waiting is None
@@ -522,9 +434,13 @@ class ServeCore:
         )
 
     def _dispatch(
-        self, inst: _Inst, group: _Group, tr: Tracked, now_s: float, actions: list[Action]
+        self,
+        inst: InstanceRecord,
+        group: QueuedGroup,
+        tr: Tracked,
+        now_s: float,
+        actions: list[Action],
     ) -> None:
-        assert inst.inflight is not None and inst.prio_counts is not None
         group.ids.popleft()
         tr.move("dispatch")
         del self._waiting[tr.id]
@@ -541,8 +457,8 @@ class ServeCore:
 
     def _maybe_evict(
         self,
-        inst: _Inst,
-        group: _Group,
+        inst: InstanceRecord,
+        group: QueuedGroup,
         head: Tracked,
         now_s: float,
         actions: list[Action],
@@ -550,7 +466,6 @@ class ServeCore:
         for_swap: bool,
     ) -> None:
         """Evict less urgent running work if it makes the head group miss its deadline."""
-        assert inst.inflight is not None and inst.prio_counts is not None
         cfg = self.config
         if cfg.evict_batch == 0 or not inst.inflight:
             return
@@ -587,9 +502,8 @@ class ServeCore:
             inst.last_evict_s = now_s
 
     def _evict(
-        self, inst: _Inst, tr: Tracked, reason: str, now_s: float, actions: list[Action]
+        self, inst: InstanceRecord, tr: Tracked, reason: str, now_s: float, actions: list[Action]
     ) -> None:
-        assert inst.inflight is not None and inst.evicting is not None
         tr.move("evict")
         tr.evictions += 1
         tr.evict_reason = reason
@@ -605,9 +519,8 @@ class ServeCore:
             detail={"reason": reason, "attempt": tr.attempt},
         )
 
-    def _load(self, inst: _Inst, model: str, now_s: float, actions: list[Action]) -> None:
+    def _load(self, inst: InstanceRecord, model: str, now_s: float, actions: list[Action]) -> None:
         """Start loading ``model`` on a drained instance."""
-        assert inst.sleeping is not None
         gpu = inst.spec.gpu
         from_perf = self._perf.get((inst.model, gpu)) if inst.model else None
         sleep_current = from_perf is not None and from_perf.supports_sleep
@@ -623,22 +536,22 @@ class ServeCore:
         inst.sleeping.discard(model)
         actions.append(LoadModel(inst.spec.id, model, sleep_current))
 
-    def _load_time(self, inst: _Inst, model: str) -> float:
+    def _load_time(self, inst: InstanceRecord, model: str) -> float:
         gpu = inst.spec.gpu
         from_perf = self._perf.get((inst.model, gpu)) if inst.model else None
-        return self._swap_time(self._perf[(model, gpu)], from_perf, model in (inst.sleeping or ()))
+        return self._swap_time(self._perf[(model, gpu)], from_perf, model in inst.sleeping)
 
-    def _service_s(self, tr: Tracked, inst: _Inst) -> float:
+    def _service_s(self, tr: Tracked, inst: InstanceRecord) -> float:
         """Estimated time from dispatch to finish of ``tr`` at the instance's current load."""
         perf = self._perf[(tr.request.model, inst.spec.gpu)]
-        batch = max(1, len(inst.inflight or ()))
+        batch = max(1, len(inst.inflight))
         req = tr.request
         ctx = batch * (req.prompt_tokens + req.target_output_tokens // 2)
         return perf.prefill_time_s(req.prompt_tokens) + req.target_output_tokens * (
             perf.decode_step_s(batch, ctx)
         )
 
-    def _remaining_s(self, tr: Tracked, inst: _Inst, now_s: float) -> float:
+    def _remaining_s(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> float:
         start = tr.dispatch_s if tr.dispatch_s is not None else now_s
         return max(0.0, start + self._service_s(tr, inst) - now_s)
 
@@ -675,7 +588,7 @@ class ServeCore:
         if tr.instance_id is not None and not was_waiting:
             inst = self._insts[tr.instance_id]
             self._leave_inflight(inst, tr)
-            (inst.evicting or {}).pop(tr.id, None)
+            inst.evicting.pop(tr.id, None)
         tr.move(verb)
         outcome = (
             outcome
@@ -702,8 +615,7 @@ class ServeCore:
         met[0] += bool(self._attempt_rows[-1]["slo_met"])
         met[1] += 1
 
-    def _leave_inflight(self, inst: _Inst, tr: Tracked) -> None:
-        assert inst.inflight is not None and inst.prio_counts is not None
+    def _leave_inflight(self, inst: InstanceRecord, tr: Tracked) -> None:
         if inst.inflight.pop(tr.id, None) is not None:
             inst.prio_counts[tr.slo.priority] -= 1
 
@@ -733,7 +645,7 @@ class ServeCore:
         inst.status = InstStatus.DOWN
         inst.engine_waiting = inst.kv_usage = None
         self._log_op(now_s, "instance_down", inst.spec.id, inst.model, detail={"reason": ev.reason})
-        for tr in [*(inst.inflight or {}).values(), *(inst.evicting or {}).values()]:
+        for tr in [*inst.inflight.values(), *inst.evicting.values()]:
             if tr.state is ReqState.EVICTED:
                 self._end(tr, now_s, "requeue", None, tr.evict_reason, outcome="evicted")
             else:

@@ -8,16 +8,20 @@ from there the request goes back to ``WAITING`` (or ends, if it finished meanwhi
 
 :class:`Tracked` is the core's mutable record of one request: the current attempt's
 times and where it runs. :meth:`Tracked.attempt_row` turns an ended attempt into one
-row of the run log's requests table.
+row of the run log's requests table. :class:`InstanceRecord` and :class:`QueuedGroup`
+are the core's view of an instance and of a group in its virtual queue.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from qlmctl.domain import Request, SLOClass
+from qlmctl.domain import InstanceSpec, Request, SLOClass
+from qlmctl.plan.types import PlannedGroup
 
 
 class ReqState(IntEnum):
@@ -154,3 +158,36 @@ class InstStatus(IntEnum):
     UP = 0  # serving its resident model
     LOADING = 1  # swapping or waking a model; no dispatch until InstanceReady
     DOWN = 2  # failed or unreachable; no work until InstanceReady
+
+
+@dataclass(slots=True, eq=False)
+class QueuedGroup:
+    """A planned group in a virtual queue: the plan's data and the ids still queued."""
+
+    plan: PlannedGroup
+    ids: deque[str]  # FIFO; stale ids (no longer waiting here) are dropped at the head
+
+
+@dataclass(slots=True, eq=False)
+class InstanceRecord:
+    """The core's view of one instance."""
+
+    spec: InstanceSpec
+    model: str | None  # resident model, or the one being loaded
+    status: InstStatus = InstStatus.UP
+    inflight: dict[str, Tracked] = field(default_factory=dict)  # id -> record, dispatch order
+    evicting: dict[str, Tracked] = field(default_factory=dict)  # abort not yet confirmed
+    prio_counts: Counter[int] = field(default_factory=Counter)  # class priority -> in flight
+    sleeping: set[str] = field(default_factory=set)  # models asleep on it (warm start)
+    load_kind: str = "swap"  # swap | wake, while LOADING
+    load_from: str | None = None
+    load_started_s: float = 0.0
+    ready_at_s: float = 0.0  # planned end of the load in progress
+    last_evict_s: float = -math.inf
+    engine_waiting: int | None = None  # from vLLM /metrics
+    kv_usage: float | None = None
+    queued: int = 0  # waiting requests in this instance's virtual queue
+
+    @property
+    def id(self) -> str:
+        return self.spec.id

@@ -1,0 +1,126 @@
+"""What both drivers share: run metadata, moving the core's log rows to disk, the summary.
+
+The drivers differ only in their clock and engine; everything a run writes besides the
+rows (run.json keys, the final summary) is built here so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlmctl.domain import ClusterSpec
+from qlmctl.serve.config import CoreConfig, CoreStats
+from qlmctl.serve.core import ServeCore
+from qlmctl.serve.runlog import RunLogWriter
+from qlmctl.workload import Workload
+
+ProgressFn = Callable[[CoreStats, float], None]  # (counts so far, run time)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The outcome of one ``serve`` run, as printed at the end."""
+
+    run_dir: Path
+    policy: str
+    engine: str
+    requests: int
+    finished: int
+    slo_met: int
+    failed: int
+    rejected: int
+    cancelled: int
+    duration_s: float
+    attainment_by_class: dict[str, float | None] = field(default_factory=dict)
+    operations: dict[str, int] = field(default_factory=dict)  # kind -> count
+
+    @property
+    def attainment(self) -> float:
+        """Fraction of all requests that finished within their SLO."""
+        return self.slo_met / self.requests if self.requests else 0.0
+
+    @property
+    def goodput_rps(self) -> float:
+        """Requests finished within their SLO per second of run time."""
+        return self.slo_met / self.duration_s if self.duration_s > 0 else 0.0
+
+    @classmethod
+    def from_stats(
+        cls, stats: CoreStats, run_dir: Path, policy: str, engine: str, duration_s: float
+    ) -> RunSummary:
+        return cls(
+            run_dir=run_dir,
+            policy=policy,
+            engine=engine,
+            requests=stats.arrived,
+            finished=stats.finished,
+            slo_met=stats.slo_met,
+            failed=stats.failed,
+            rejected=stats.rejected,
+            cancelled=stats.cancelled,
+            duration_s=duration_s,
+            attainment_by_class={
+                c: (m / n if n else None) for c, (m, n) in stats.met_by_class.items()
+            },
+            operations=stats.operations,
+        )
+
+
+def run_meta(
+    workload: Workload,
+    cluster: ClusterSpec,
+    policy: str,
+    engine: str,
+    config: CoreConfig,
+    seed: int,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """run.json keys written by ``serve`` (``extra`` adds the workload and cluster paths)."""
+    return {
+        "run_id": None,
+        "policy": policy,
+        "engine": engine,
+        "workload": workload.source,
+        "workload_fingerprint": workload.fingerprint,
+        "cluster": None,
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "instances": [{"id": i.id, "gpu": i.gpu} for i in cluster.instances],
+        "slo_classes": {
+            c.name: {"ttft_s": c.ttft_s, "e2e_s": c.e2e_s, "weight": c.weight}
+            for c in workload.slo_classes.values()
+        },
+        "config": {**config.to_dict(), "seed": seed},
+        **(extra or {}),
+    }
+
+
+def default_run_name(workload: Workload, policy: str, engine: str) -> str:
+    """``<workload stem>-<policy>-<engine>-<UTC timestamp>``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(workload.source).stem) or "workload"
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    return f"{stem}-{policy}-{engine}-{stamp}"
+
+
+def open_log(run_dir: Path, meta: dict[str, Any]) -> RunLogWriter:
+    """Create the run directory's writer; ``run_id`` defaults to the directory name."""
+    return RunLogWriter(run_dir, {**meta, "run_id": meta.get("run_id") or Path(run_dir).name})
+
+
+def write_rows(
+    core: ServeCore,
+    log: RunLogWriter,
+    enrich: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
+    """Move the core's pending rows into the writer (``enrich`` may fill driver-only fields)."""
+    attempts, operations = core.take_log()
+    for row in attempts:
+        if enrich is not None:
+            enrich(row)
+        log.add_attempt(row)
+    for row in operations:
+        log.add_operation(row)
