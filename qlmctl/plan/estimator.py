@@ -1,0 +1,204 @@
+"""Output-length beliefs and scenario sampling: the uncertainty behind waiting times.
+
+Output lengths (the one unknown that drives service time) follow a log-normal per
+(model, SLO class): ``log L ~ Normal(mu, sigma^2)``. ``sigma`` is fixed from the prior
+sample; ``mu`` has a conjugate Normal prior ``N(mu0, sigma^2 / prior_strength)`` whose
+``mu0``/``sigma`` come from the profiles' ``output_len_sample`` of that model (or a
+default median of 200 tokens, log-sd 1.0). Each observed completion updates ``mu`` in
+closed form: precision adds ``1/sigma^2`` per observation, the mean moves towards the
+observed log-lengths. ``prior_strength`` says how many observations the prior is worth.
+
+A scenario draws ``mu`` from its posterior per (model, class) (so scenarios share load
+shocks across groups, as real workloads do), then the group's output tokens: an exact
+sum of per-request draws for small groups, a CLT normal for groups of ``clt_min``
+requests or more; both are capped by the requests' ``max_output_tokens``. Running
+requests draw what they have left from the length distribution truncated at what they
+already generated; it delays their instance. Service time = prefill + tokens * decode
+seconds per token (see :mod:`qlmctl.plan.problem`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from qlmctl.domain import Request
+from qlmctl.plan.problem import Problem
+from qlmctl.profile.perfmodel import PerfModel
+
+DEFAULT_MEDIAN_TOKENS = 200.0
+DEFAULT_LOG_SD = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Scenarios:
+    """Sampled inputs of the second stage: S equally likely scenarios."""
+
+    service_s: np.ndarray  # [G, I, S] seconds (inf where not eligible)
+    free_s: np.ndarray  # [I, S] when each instance has finished its running requests
+
+    @property
+    def count(self) -> int:
+        """S."""
+        return int(self.free_s.shape[1])
+
+
+class LengthModel:
+    """Bayesian output-length model per (model, SLO class); mutable, fed by completions."""
+
+    def __init__(self, prior_strength: float = 20.0) -> None:
+        self.prior_strength = prior_strength
+        self._prior: dict[str, tuple[float, float]] = {}  # model -> (mu0, sigma)
+        self._obs: dict[tuple[str, str], tuple[int, float]] = {}  # key -> (n, sum log L)
+        self._memo: dict[tuple[str, str], tuple[float, float, float]] = {}  # posterior cache
+
+    def set_priors(self, perf: Mapping[tuple[str, str], PerfModel]) -> None:
+        """Take priors from the profiles' length samples for models without one yet."""
+        samples: dict[str, list[int]] = {}
+        for (model, _gpu), pm in sorted(perf.items()):
+            samples.setdefault(model, []).extend(pm.output_len_sample)
+        for model, sample in samples.items():
+            if model in self._prior:
+                continue
+            self._memo.clear()
+            logs = np.log(np.maximum(np.array(sample, float), 1.0))
+            if len(logs) >= 2:
+                self._prior[model] = (float(logs.mean()), max(float(logs.std()), 0.05))
+            else:
+                self._prior[model] = (math.log(DEFAULT_MEDIAN_TOKENS), DEFAULT_LOG_SD)
+
+    def observe(self, model: str, slo_class: str, output_tokens: int) -> None:
+        """Record one completed request's output length."""
+        n, s = self._obs.get((model, slo_class), (0, 0.0))
+        self._obs[(model, slo_class)] = (n + 1, s + math.log(max(output_tokens, 1)))
+        self._memo.pop((model, slo_class), None)
+
+    def posterior(self, model: str, slo_class: str) -> tuple[float, float, float]:
+        """``(mu_n, tau_n, sigma)``: posterior mean and sd of ``mu``, and the log-sd."""
+        key = (model, slo_class)
+        if key not in self._memo:
+            self._memo[key] = self._posterior(model, slo_class)
+        return self._memo[key]
+
+    def _posterior(self, model: str, slo_class: str) -> tuple[float, float, float]:
+        mu0, sigma = self._prior.get(model, (math.log(DEFAULT_MEDIAN_TOKENS), DEFAULT_LOG_SD))
+        n, sum_log = self._obs.get((model, slo_class), (0, 0.0))
+        prec = self.prior_strength / sigma**2 + n / sigma**2
+        mu = (mu0 * self.prior_strength / sigma**2 + sum_log / sigma**2) / prec
+        return mu, math.sqrt(1.0 / prec), sigma
+
+    def expected(self, request: Request) -> float:
+        """Expected output tokens of ``request`` (posterior predictive mean, capped)."""
+        mu, tau, sigma = self.posterior(request.model, request.slo_class)
+        return min(math.exp(mu + (sigma**2 + tau**2) / 2), float(request.max_output_tokens))
+
+
+def sample_scenarios(
+    problem: Problem, lengths: LengthModel, rng: np.random.Generator, count: int, clt_min: int = 16
+) -> Scenarios:
+    """Draw ``count`` scenarios of output tokens and turn them into service times."""
+    keys = sorted({(g.model, g.slo_class) for g in problem.groups})
+    post = np.array([lengths.posterior(m, c) for m, c in keys])  # [K, 3]
+    mu_ks = post[:, :1] + post[:, 1:2] * rng.standard_normal((len(keys), count))  # [K, S]
+    kidx = {k: n for n, k in enumerate(keys)}
+    g_key = np.array([kidx[(g.model, g.slo_class)] for g in problem.groups])
+    sigma = post[g_key, 2]
+    caps = np.array([sum(r.max_output_tokens for r in g.requests) for g in problem.groups], float)
+
+    tokens = np.empty((problem.num_groups, count))
+    large = problem.size >= clt_min
+    if large.any():  # CLT: sum of n log-normals given mu
+        mu, s2, n = mu_ks[g_key[large]], sigma[large, None] ** 2, problem.size[large, None]
+        mean = np.exp(mu + s2 / 2)
+        var = np.expm1(s2) * np.exp(2 * mu + s2)
+        draw = n * mean + np.sqrt(n * var) * rng.standard_normal(mean.shape)
+        tokens[large] = np.clip(draw, n, caps[large, None])
+    small = np.flatnonzero(~large)
+    if small.size:  # exact: one draw per request
+        reqs = [(g, r.max_output_tokens) for g in small for r in problem.groups[g].requests]
+        owner = np.array([g for g, _ in reqs])
+        cap = np.array([c for _, c in reqs], float)
+        z = rng.standard_normal((len(reqs), count))
+        draw = np.minimum(np.exp(mu_ks[g_key[owner]] + sigma[owner, None] * z), cap[:, None])
+        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+        tokens[small] = np.add.reduceat(np.maximum(draw, 1.0), starts, axis=0)
+    return scenarios_from_tokens(problem, tokens, _running_left(problem, lengths, rng, count))
+
+
+def mean_scenario(problem: Problem, lengths: LengthModel) -> Scenarios:
+    """The single expected-value scenario (the deterministic mean-value problem)."""
+    tokens = np.array([[sum(lengths.expected(r) for r in g.requests)] for g in problem.groups])
+    left = np.array(
+        [[max(lengths.expected(rr.request) - rr.generated_tokens, 1.0)] for rr in problem.running]
+    ).reshape(len(problem.running), 1)
+    return scenarios_from_tokens(problem, tokens, left)
+
+
+def known_scenario(problem: Problem) -> Scenarios:
+    """The clairvoyant scenario: each request's true (or capped) output length."""
+    tokens = np.array(
+        [[sum(r.target_output_tokens for r in g.requests)] for g in problem.groups], float
+    )
+    left = np.array(
+        [[max(rr.request.target_output_tokens - rr.generated_tokens, 1)] for rr in problem.running],
+        float,
+    ).reshape(len(problem.running), 1)
+    return scenarios_from_tokens(problem, tokens, left)
+
+
+def scenarios_from_tokens(
+    problem: Problem, tokens: np.ndarray, running_left: np.ndarray
+) -> Scenarios:
+    """Service and free times from group output tokens [G, S] and running leftovers [R, S]."""
+    service = problem.prefill_s[:, :, None] + problem.decode_spt[:, :, None] * tokens[:, None, :]
+    free = np.repeat(problem.ready_s[:, None], tokens.shape[1], axis=1)
+    if len(problem.running):
+        work = problem.running_spt[:, None] * running_left
+        np.add.at(free, problem.running_instance, work)
+    return Scenarios(service_s=service, free_s=free)
+
+
+def _running_left(
+    problem: Problem, lengths: LengthModel, rng: np.random.Generator, count: int
+) -> np.ndarray:
+    """Tokens each running request still has to generate, [R, S], truncated sampling."""
+    out = np.empty((len(problem.running), count))
+    for k, rr in enumerate(problem.running):
+        mu, tau, sigma = lengths.posterior(rr.request.model, rr.request.slo_class)
+        sd = math.sqrt(sigma**2 + tau**2)
+        done = max(rr.generated_tokens, 1)
+        lo = 0.5 * math.erfc(-(math.log(done) - mu) / (sd * math.sqrt(2)))  # P(L <= done)
+        u = rng.uniform(min(lo, 1 - 1e-9), 1.0, count)
+        total = np.minimum(np.exp(mu + sd * _norm_ppf(u)), rr.request.max_output_tokens)
+        out[k] = np.maximum(total - rr.generated_tokens, 1.0)
+    return out
+
+
+def _norm_ppf(p: np.ndarray) -> np.ndarray:
+    """Standard normal quantile (Acklam's rational approximation, rel. error < 1.2e-9)."""
+    a = (-39.69683028665376, 220.9460984245205, -275.9285104469687, 138.3577518672690,
+         -30.66479806614716, 2.506628277459239)  # fmt: skip
+    b = (-54.47609879822406, 161.5858368580409, -155.6989798598866, 66.80131188771972,
+         -13.28068155288572)  # fmt: skip
+    c = (-7.784894002430293e-03, -0.3223964580411365, -2.400758277161838, -2.549732539343734,
+         4.374664141464968, 2.938163982698783)  # fmt: skip
+    d = (7.784695709041462e-03, 0.3224671290700398, 2.445134137142996, 3.754408661907416)
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    q = np.where(p < 0.5, p, 1 - p)
+    tail = q < 0.02425
+    r = np.sqrt(-2 * np.log(np.where(tail, q, 0.5)))
+    x_tail = (((((c[0] * r + c[1]) * r + c[2]) * r + c[3]) * r + c[4]) * r + c[5]) / (
+        (((d[0] * r + d[1]) * r + d[2]) * r + d[3]) * r + 1
+    )
+    t = q - 0.5
+    s = t * t
+    x_mid = (
+        (((((a[0] * s + a[1]) * s + a[2]) * s + a[3]) * s + a[4]) * s + a[5])
+        * t
+        / (((((b[0] * s + b[1]) * s + b[2]) * s + b[3]) * s + b[4]) * s + 1)
+    )
+    x = np.where(tail, x_tail, x_mid)  # quantile of q (<= 0.5)
+    return np.where(p < 0.5, x, -x)

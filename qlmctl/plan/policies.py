@@ -1,0 +1,317 @@
+"""Policies behind one interface, and the registry the core and the CLI use.
+
+How it works: every policy prepares the snapshot the same way (:func:`prepare`: groups,
+problem arrays, S held-out scoring scenarios), builds one or more candidate queue sets,
+scores them on the scoring scenarios and returns the best as a :class:`Plan` with
+per-group predicted start/finish and miss probability.
+
+- ``fcfs``: global arrival order, least predicted finish placement.
+- ``edf``: absolute-deadline order, same placement.
+- ``priority``: what vLLM's priority scheduling does (class priority, then arrival);
+  groups carry their class's priority for the engine.
+- ``heuristic``: EDF plus model batching: the best of EDF-greedy and two block orders
+  (blocks per class x model, per deadline bucket x model), all swap-aware greedy.
+- ``qlm``: the heuristic's candidates plus the F2 stochastic program (solved on its own
+  in-sample scenarios, warm-started from the best heuristic); the best candidate on the
+  held-out scoring scenarios wins, so it never scores below the heuristic. For the
+  serving core it splits into :meth:`QlmPolicy.quick` (the heuristic answer now) and
+  :meth:`QlmPolicy.improve` (the MILP, safe to run in a worker thread: one Pyomo model
+  and one HiGHS object per call, no shared state but the read-only snapshot).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qlmctl.errors import BadInput
+from qlmctl.plan import heuristics as H
+from qlmctl.plan.estimator import LengthModel, Scenarios, mean_scenario, sample_scenarios
+from qlmctl.plan.groups import DEFAULT_MAX_GROUP_SIZE, build_groups
+from qlmctl.plan.milp import DEFAULT_SWAP_COST, solve
+from qlmctl.plan.problem import Problem, build_problem
+from qlmctl.plan.simulate import Queues, Score, queues_from_assignment, simulate
+from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, Policy, QueueSnapshot, SolverStats
+
+
+@dataclass(frozen=True)
+class Context:
+    """One snapshot prepared for planning."""
+
+    problem: Problem
+    scen: Scenarios  # held-out scoring scenarios
+    mean_service: np.ndarray  # [G, I]
+    mean_free: np.ndarray  # [I]
+
+
+def prepare(
+    snapshot: QueueSnapshot,
+    lengths: LengthModel,
+    rng: np.random.Generator,
+    scenarios: int = 50,
+    max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
+) -> Context:
+    """Groups, problem arrays and ``scenarios`` scoring scenarios for ``snapshot``."""
+    lengths.set_priors(snapshot.perf)
+    groups = build_groups(snapshot.waiting, snapshot.slo_classes, lengths.expected, max_group_size)
+    problem = build_problem(snapshot, groups, lengths.expected)
+    scen = sample_scenarios(problem, lengths, rng, max(1, scenarios))
+    return Context(problem, scen, scen.service_s.mean(axis=2), scen.free_s.mean(axis=1))
+
+
+def to_plan(
+    ctx: Context,
+    policy: str,
+    queues: Queues,
+    score: Score,
+    stats: SolverStats,
+    with_priority: bool = False,
+) -> Plan:
+    """The :class:`Plan` of ``queues`` with the predictions of ``score``."""
+    pb = ctx.problem
+    instances = []
+    for i, queue in enumerate(queues):
+        planned = []
+        for g in queue:
+            grp = pb.groups[g]
+            planned.append(
+                PlannedGroup(
+                    group_id=grp.group_id,
+                    model=grp.model,
+                    slo_class=grp.slo_class,
+                    request_ids=tuple(r.id for r in grp.requests),
+                    deadline_s=grp.deadline_s,
+                    predicted_start_s=float(score.start_s[g]),
+                    predicted_finish_s=float(score.finish_s[g]),
+                    miss_probability=float(score.miss_prob[g]),
+                    priority=grp.priority if with_priority else 0,
+                )
+            )
+        instances.append(InstancePlan(pb.instance_ids[i], tuple(planned)))
+    return Plan(
+        policy=policy,
+        created_s=pb.now_s,
+        instances=tuple(instances),
+        predicted_attainment=score.attainment,
+        predicted_attainment_by_class=score.by_class,
+        solver=stats,
+    )
+
+
+class _Base:
+    """Shared options: scoring scenarios, group size, the (shared, mutable) length model."""
+
+    name = "base"
+
+    def __init__(
+        self,
+        scenarios: int = 50,
+        max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
+        lengths: LengthModel | None = None,
+    ) -> None:
+        self.scenarios = scenarios
+        self.max_group_size = max_group_size
+        self.lengths = lengths if lengths is not None else LengthModel()
+
+    def prepare(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Context:
+        """See :func:`prepare`."""
+        return prepare(snapshot, self.lengths, rng, self.scenarios, self.max_group_size)
+
+
+class OrderPolicy(_Base):
+    """One fixed order plus least-predicted-finish placement (fcfs, edf, priority)."""
+
+    def __init__(
+        self, name: str, order: Callable[[Problem], H.Order], with_priority: bool, **options: Any
+    ) -> None:
+        super().__init__(**options)
+        self.name = name
+        self._order = order
+        self._with_priority = with_priority
+
+    def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
+        """Place groups in this policy's order."""
+        t0 = time.perf_counter()
+        ctx = self.prepare(snapshot, rng)
+        queues = H.greedy_place(
+            ctx.problem, ctx.mean_service, ctx.mean_free, self._order(ctx.problem)
+        )
+        score = simulate(ctx.problem, ctx.scen, queues)
+        stats = SolverStats(
+            build_s=time.perf_counter() - t0,
+            status="heuristic",
+            chosen=self.name,
+            scores={self.name: score.attainment},
+        )
+        return to_plan(ctx, self.name, queues, score, stats, self._with_priority)
+
+
+def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order, list[int]]]:
+    """EDF-greedy and two model-batched greedy candidates, scored; with their orders."""
+    pb = ctx.problem
+    min_ttft = float(np.min(pb.deadline_s - pb.release_s))
+    out = {}
+    edf = H.edf_order(pb)
+    orders = {
+        "edf-greedy": (edf, [0] * len(edf)),
+        "class-blocks": H.block_order(pb),
+        "deadline-blocks": H.block_order(pb, bucket_s=min_ttft),
+    }
+    for name, (order, blocks) in orders.items():
+        queues = H.greedy_place(pb, ctx.mean_service, ctx.mean_free, order)
+        out[name] = (queues, simulate(pb, ctx.scen, queues), order, blocks)
+    return out
+
+
+def _best(cands: dict[str, Any]) -> str:
+    """Candidate with the highest score; ties go to the first listed."""
+    return max(cands, key=lambda k: cands[k][1].attainment)
+
+
+class HeuristicPolicy(_Base):
+    """EDF + model batching + swap-aware least-finish-time placement."""
+
+    name = "heuristic"
+
+    def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
+        """The best-scoring heuristic candidate."""
+        t0 = time.perf_counter()
+        ctx = self.prepare(snapshot, rng)
+        cands = heuristic_candidates(ctx)
+        best = _best(cands)
+        stats = SolverStats(
+            build_s=time.perf_counter() - t0,
+            status="heuristic",
+            chosen=best,
+            scores={k: v[1].attainment for k, v in cands.items()},
+        )
+        return to_plan(ctx, self.name, cands[best][0], cands[best][1], stats)
+
+
+class QlmPolicy(_Base):
+    """The stochastic program, never worse than the heuristic on the scoring scenarios."""
+
+    name = "qlm"
+
+    def __init__(
+        self,
+        time_limit_s: float = 2.0,
+        mip_gap: float = 0.01,
+        milp_scenarios: int = 10,
+        swap_cost: float = DEFAULT_SWAP_COST,
+        warm_start: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        if not time_limit_s >= 0 or not 0 <= mip_gap < 1 or milp_scenarios < 1:
+            raise BadInput("qlm: time_limit_s must be >= 0, mip_gap in [0, 1), milp_scenarios >= 1")
+        self.time_limit_s = time_limit_s
+        self.mip_gap = mip_gap
+        self.milp_scenarios = milp_scenarios
+        self.swap_cost = swap_cost
+        self.warm_start = warm_start
+
+    def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
+        """The heuristic answer, labelled ``qlm``: call it on the hot path."""
+        ctx = self.prepare(snapshot, rng)
+        cands = heuristic_candidates(ctx)
+        best = _best(cands)
+        stats = SolverStats(
+            status="heuristic",
+            chosen=best,
+            scores={k: v[1].attainment for k, v in cands.items()},
+            note="heuristic answer; the MILP improver has not run",
+        )
+        return to_plan(ctx, self.name, cands[best][0], cands[best][1], stats)
+
+    def improve(
+        self, snapshot: QueueSnapshot, budget_s: float, rng: np.random.Generator
+    ) -> Plan | None:
+        """Run the MILP within about ``budget_s``; the plan only if it beats the heuristic."""
+        plan = self._solve(snapshot, rng, budget_s)
+        return plan if plan.solver.chosen == "milp" else None
+
+    def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
+        """Heuristic candidates plus the MILP, best on the scoring scenarios."""
+        return self._solve(snapshot, rng, self.time_limit_s)
+
+    def _solve(self, snapshot: QueueSnapshot, rng: np.random.Generator, budget_s: float) -> Plan:
+        eval_rng, milp_rng = rng.spawn(2)
+        ctx = self.prepare(snapshot, eval_rng)
+        pb = ctx.problem
+        cands = heuristic_candidates(ctx)
+        best = _best(cands)
+        seq_name = max(("class-blocks", "deadline-blocks"), key=lambda k: cands[k][1].attainment)
+        order, blocks = cands[seq_name][2], cands[seq_name][3]
+        if self.milp_scenarios == 1:
+            in_sample = mean_scenario(pb, self.lengths)
+        else:
+            in_sample = sample_scenarios(pb, self.lengths, milp_rng, self.milp_scenarios)
+        instance_of = [0] * pb.num_groups
+        for i, queue in enumerate(cands[best][0]):
+            for g in queue:
+                instance_of[g] = i
+        warm = queues_from_assignment(pb, instance_of, order) if self.warm_start else None
+        warm_miss = simulate(pb, in_sample, warm).miss if warm is not None else None
+        scores = {k: v[1].attainment for k, v in cands.items()}
+        note = ""
+        try:
+            res = solve(
+                pb, in_sample, order, blocks, warm, warm_miss,
+                time_limit_s=budget_s, mip_gap=self.mip_gap, swap_cost=self.swap_cost,
+            )  # fmt: skip
+        except (RuntimeError, ValueError, OSError, MemoryError) as exc:
+            note = f"MILP failed ({type(exc).__name__}: {exc}); heuristic plan"
+            stats = SolverStats(status="error", chosen=best, scores=scores, note=note)
+            return to_plan(ctx, self.name, cands[best][0], cands[best][1], stats)
+        chosen_q, chosen_s, chosen = cands[best][0], cands[best][1], best
+        if res.instance_of is None:
+            note = f"MILP found no plan ({res.status}); fell back to the heuristic"
+        else:
+            q = queues_from_assignment(pb, res.instance_of, order)
+            sc = simulate(pb, ctx.scen, q)
+            scores["milp"] = sc.attainment
+            if sc.attainment > chosen_s.attainment:
+                chosen_q, chosen_s, chosen = q, sc, "milp"
+            else:
+                note = "the MILP incumbent did not beat the heuristic on the scoring scenarios"
+        stats = SolverStats(
+            build_s=res.build_s + res.translate_s,
+            solve_s=res.solve_s,
+            status=res.status,
+            mip_gap=res.mip_gap,
+            num_vars=res.num_vars,
+            num_constraints=res.num_constraints,
+            chosen=chosen,
+            scores=scores,
+            note=note,
+        )
+        return to_plan(ctx, self.name, chosen_q, chosen_s, stats)
+
+
+POLICIES: dict[str, Callable[..., Policy]] = {
+    "fcfs": lambda **o: OrderPolicy("fcfs", H.fcfs_order, False, **o),
+    "edf": lambda **o: OrderPolicy("edf", H.edf_order, False, **o),
+    "priority": lambda **o: OrderPolicy("priority", H.priority_order, True, **o),
+    "heuristic": HeuristicPolicy,
+    "qlm": QlmPolicy,
+}
+
+
+def make_policy(name: str, **options: Any) -> Policy:
+    """The policy called ``name``; :class:`BadInput` listing the valid names otherwise.
+
+    Options that only ``qlm`` understands (time_limit_s, mip_gap, milp_scenarios,
+    swap_cost, warm_start) are ignored by the others.
+    """
+    if name not in POLICIES:
+        raise BadInput(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if name != "qlm":
+        options = {
+            k: v for k, v in options.items() if k in ("scenarios", "max_group_size", "lengths")
+        }
+    return POLICIES[name](**options)
