@@ -250,3 +250,11 @@ def test_stored_prompts_are_generated_when_lengths_only(tmp_path: Path) -> None:
     assert all(
         r.prompt and len(r.prompt.split()) == round(r.prompt_tokens * 0.75) for r in w.requests
     )
+
+
+def test_missing_trace_names_spec_source_and_file(tmp_path: Path) -> None:
+    spec = synthetic(lengths={"format": "csv", "path": "lengths/nope.csv"})
+    with pytest.raises(
+        BadInput, match=r"w\.yaml: sources\[0\] \(s\): .*lengths/nope\.csv: file not"
+    ):
+        load_workload(write_spec(tmp_path, spec))

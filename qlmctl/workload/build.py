@@ -46,6 +46,7 @@ class _Rows:
     output_tokens: np.ndarray  # UNKNOWN where the source does not know
     prompts: np.ndarray | None  # object array of str, or None
     absolute: bool
+    first_s: float  # first arrival before sampling: the clock origin of absolute traces
 
     def take(self, keep: np.ndarray) -> _Rows:
         return replace(
@@ -73,9 +74,12 @@ def build_workload(spec: WorkloadSpec, spec_path: Path) -> Workload:
     base = Path(spec_path).parent
     tokenizer = base / spec.prompts.tokenizer if spec.prompts.tokenizer else None
     rngs = [np.random.default_rng([spec.seed, zlib.crc32(s.name.encode())]) for s in spec.sources]
-    rows = [
-        _source_rows(src, base, tokenizer, rng) for src, rng in zip(spec.sources, rngs, strict=True)
-    ]
+    rows = []
+    for i, (src, rng) in enumerate(zip(spec.sources, rngs, strict=True)):
+        try:
+            rows.append(_source_rows(src, base, tokenizer, rng))
+        except BadInput as exc:
+            raise BadInput(f"{spec_path}: sources[{i}] ({src.name}): {exc}") from None
     rows = _one_clock(spec, rows)
     rows = _window(spec, spec_path, rows)
     rows = [
@@ -112,6 +116,7 @@ def _source_rows(src: Source, base: Path, tok: Path | None, rng: np.random.Gener
         output_tokens=data.output_tokens,
         prompts=np.array(data.prompts, dtype=object) if data.prompts is not None else None,
         absolute=absolute,
+        first_s=float(arrival[0]) if len(arrival) else 0.0,
     )
     if src.sample_fraction < 1.0:
         rows = rows.take(rng.random(len(rows.row)) < src.sample_fraction)
@@ -119,7 +124,7 @@ def _source_rows(src: Source, base: Path, tok: Path | None, rng: np.random.Gener
 
 
 def _one_clock(spec: WorkloadSpec, rows: list[_Rows]) -> list[_Rows]:
-    starts = [r.arrival_s.min() for r in rows if r.absolute and len(r.arrival_s)]
+    starts = [r.first_s for r in rows if r.absolute]
     origin = min(starts) if starts else 0.0
     return [
         replace(r, arrival_s=r.arrival_s - (origin if r.absolute else 0.0) + src.start_s)

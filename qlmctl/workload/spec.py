@@ -224,8 +224,9 @@ class WorkloadSpec(Frozen):
     models: Annotated[list[Name], Field(min_length=1)]
     sources: Annotated[list[Source], Field(min_length=1)]
     window: Window = Window()
+    # at most one: rescale times so count / duration hits the rate, or multiply them
     target_rate_per_s: PositiveFloat | None = None
-    time_scale: PositiveFloat | None = None
+    time_scale: PositiveFloat | None = None  # 2.0: twice as slow (half the rate)
     limits: Limits = Limits()
     prompts: Prompts = Prompts()
 
