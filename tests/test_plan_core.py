@@ -1,0 +1,225 @@
+"""Planner core: groups, estimator, scoring, fast policies, plan invariants and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qlmctl.domain import Request
+from qlmctl.errors import BadInput
+from qlmctl.plan.estimator import LengthModel, _norm_ppf, known_scenario, sample_scenarios
+from qlmctl.plan.groups import build_groups
+from qlmctl.plan.policies import POLICIES, make_policy, prepare
+from qlmctl.plan.simulate import simulate
+from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, RunningRequest
+from tests.helpers import SLO_CLASSES, make_perf, make_requests
+
+MODELS = ("m1", "m2")
+
+
+def snapshot(
+    requests: list[Request],
+    residents: tuple[str | None, ...] = ("m1", "m2"),
+    servable: tuple[frozenset[str] | None, ...] | None = None,
+    now_s: float = 0.0,
+    running: tuple[tuple[RunningRequest, ...], ...] | None = None,
+    cold_start_s: float = 20.0,
+) -> QueueSnapshot:
+    """A snapshot with one instance per resident model on GPU ``G``."""
+    perf = {(m, "G"): make_perf(m, cold_start_s=cold_start_s) for m in MODELS}
+    insts = tuple(
+        InstanceState(
+            f"i{k}",
+            "G",
+            model,
+            True,
+            now_s,
+            servable_models=servable[k] if servable else None,
+            running=running[k] if running else (),
+        )
+        for k, model in enumerate(residents)
+    )
+    return QueueSnapshot(now_s, tuple(requests), insts, SLO_CLASSES, perf)
+
+
+def mixed_requests(counts: list[tuple[str, str, int]], gap_s: float = 0.5) -> list[Request]:
+    """Requests of several (model, class, n) streams, interleaved by arrival."""
+    out: list[Request] = []
+    for k, (model, cls, n) in enumerate(counts):
+        out += make_requests(n, model=model, slo_class=cls, gap_s=gap_s, prefix=f"s{k}-")
+    return sorted(out, key=lambda r: (r.arrival_s, r.id))
+
+
+# ---- groups -----------------------------------------------------------------------
+
+
+def test_groups_fifo_absolute_deadlines_and_split() -> None:
+    reqs = make_requests(10, gap_s=1.0, start_s=100.0)
+    groups = build_groups(reqs, SLO_CLASSES, lambda r: 50.0, max_size=4)
+    assert [g.size for g in groups] == [4, 4, 2]
+    assert [r.id for g in groups for r in g.requests] == [r.id for r in reqs]
+    # absolute: arrival + TTFT of the first request, not the class's 20 s
+    assert [g.deadline_s for g in groups] == [120.0, 124.0, 128.0]
+
+
+def test_groups_split_by_span_and_length_class() -> None:
+    reqs = make_requests(3, gap_s=6.0) + make_requests(1, prompt_tokens=5000, prefix="long")
+    groups = build_groups(reqs, SLO_CLASSES, lambda r: 50.0)
+    sizes = sorted((g.length_class, g.size) for g in groups)
+    assert sizes == [("long", 1), ("short", 1), ("short", 2)]  # span 10 s: 12 s is cut off
+
+
+def test_unknown_class_is_bad_input() -> None:
+    reqs = make_requests(1, slo_class="gold")
+    with pytest.raises(BadInput, match="unknown SLO class 'gold'"):
+        build_groups(reqs, SLO_CLASSES, lambda r: 1.0)
+
+
+# ---- estimator --------------------------------------------------------------------
+
+
+def test_length_posterior_moves_towards_observations() -> None:
+    lm = LengthModel(prior_strength=10)
+    lm.set_priors({("m1", "G"): make_perf(output_len_sample=(100, 200, 400))})
+    req = make_requests(1, output_tokens=5000)[0]
+    before = lm.expected(req)
+    for _ in range(50):
+        lm.observe("m1", "interactive", 1000)
+    after = lm.expected(req)
+    assert before < 400 < 800 < after
+    assert lm.expected(make_requests(1, slo_class="batch", output_tokens=5000)[0]) == pytest.approx(
+        before, rel=0.3
+    )
+
+
+def test_norm_ppf_matches_known_quantiles() -> None:
+    p = np.array([0.001, 0.025, 0.5, 0.975, 0.999])
+    expected = [-3.090232, -1.959964, 0.0, 1.959964, 3.090232]
+    assert np.allclose(_norm_ppf(p), expected, atol=1e-5)
+
+
+def test_running_requests_delay_their_instance() -> None:
+    busy = RunningRequest(make_requests(1, prefix="run", output_tokens=4000)[0], 0.0, 0.5, 10)
+    snap = snapshot(make_requests(4), running=((busy,), ()))
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), scenarios=30)
+    assert (ctx.scen.free_s[0] > 0).all() and (ctx.scen.free_s[1] == 0).all()
+
+
+def test_scenarios_spread_and_clairvoyant_truth() -> None:
+    snap = snapshot(mixed_requests([("m1", "interactive", 40), ("m2", "batch", 5)]))
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(1), scenarios=200)
+    svc = ctx.scen.service_s[:, 0, :]
+    assert (svc.std(axis=1) > 0).all()  # CLT and exact paths both random
+    truth = known_scenario(ctx.problem)
+    assert truth.count == 1 and np.isfinite(truth.service_s[:, 0, 0]).all()
+
+
+# ---- policies and plans --------------------------------------------------------------
+
+
+@st.composite
+def workloads(draw: st.DrawFn) -> tuple[QueueSnapshot, str]:
+    streams = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(MODELS),
+                st.sampled_from(["interactive", "batch"]),
+                st.integers(1, 30),
+            ),
+            min_size=1,
+            max_size=5,
+        )
+    )
+    residents = draw(st.sampled_from([("m1",), ("m1", "m2"), ("m2", None, "m1")]))
+    servable = tuple(frozenset([m]) if m else None for m in residents)
+    restrict = draw(st.booleans()) and set(MODELS) <= set(residents)
+    reqs = mixed_requests(streams, gap_s=draw(st.sampled_from([0.1, 2.0])))
+    return snapshot(reqs, residents, servable if restrict else None), draw(
+        st.sampled_from(sorted(POLICIES))
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(workloads())
+def test_plan_invariants(case: tuple[QueueSnapshot, str]) -> None:
+    snap, name = case
+    models_up = {m for i in snap.instances for m in MODELS if i.can_serve(m)}
+    if not {r.model for r in snap.waiting} <= models_up:
+        with pytest.raises(BadInput, match="no live instance can serve"):
+            make_policy(name, scenarios=10, time_limit_s=0.2).plan(snap, np.random.default_rng(0))
+        return
+    plan = make_policy(name, scenarios=10, time_limit_s=0.2).plan(snap, np.random.default_rng(0))
+    ids = plan.request_ids()
+    assert sorted(ids) == sorted(r.id for r in snap.waiting)  # every request exactly once
+    arrival = {r.id: (r.arrival_s, r.id) for r in snap.waiting}
+    insts = {i.instance_id: i for i in snap.instances}
+    for ip in plan.instances:
+        for g in ip.groups:
+            assert insts[ip.instance_id].can_serve(g.model)
+            assert [arrival[r] for r in g.request_ids] == sorted(arrival[r] for r in g.request_ids)
+            assert 0.0 <= g.miss_probability <= 1.0
+            assert g.predicted_finish_s >= g.predicted_start_s
+    assert 0.0 <= plan.predicted_attainment <= 1.0
+
+
+def test_priority_policy_sets_vllm_priority() -> None:
+    snap = snapshot(mixed_requests([("m1", "interactive", 3), ("m1", "batch", 3)]))
+    plan = make_policy("priority").plan(snap, np.random.default_rng(0))
+    prios = {g.slo_class: g.priority for ip in plan.instances for g in ip.groups}
+    assert prios == {"interactive": 0, "batch": 10}
+
+
+def test_batching_beats_fcfs_when_swaps_hurt() -> None:
+    # one instance, alternating models: FCFS swaps at every group, batching does not
+    reqs = mixed_requests([("m1", "batch", 60), ("m2", "batch", 60)], gap_s=0.01)
+    snap = snapshot(reqs, residents=("m1",), cold_start_s=120.0)
+    fcfs = make_policy("fcfs", max_group_size=4).plan(snap, np.random.default_rng(0))
+    heur = make_policy("heuristic", max_group_size=4).plan(snap, np.random.default_rng(0))
+    assert heur.predicted_attainment > fcfs.predicted_attainment + 0.2
+
+
+def test_deadlines_in_plan_are_absolute() -> None:
+    snap = snapshot(make_requests(3, start_s=500.0), now_s=505.0)
+    plan = make_policy("edf").plan(snap, np.random.default_rng(0))
+    assert [g.deadline_s for ip in plan.instances for g in ip.groups] == [520.0]
+
+
+def test_bad_input_is_clear() -> None:
+    with pytest.raises(BadInput, match="no waiting requests"):
+        make_policy("edf").plan(snapshot([]), np.random.default_rng(0))
+    with pytest.raises(BadInput, match="choose one of fcfs, edf, priority, heuristic, qlm"):
+        make_policy("sjf")
+    with pytest.raises(BadInput, match="must be >= 0"):
+        make_perf(decode_s_per_seq=float("nan"))
+    reqs = make_requests(2, model="m2")
+    with pytest.raises(BadInput, match="no live instance can serve model 'm2'"):
+        make_policy("heuristic").plan(
+            snapshot(reqs, ("m1",), (frozenset({"m1"}),)), np.random.default_rng(0)
+        )
+
+
+def test_plan_json_round_trip(tmp_path: Path) -> None:
+    snap = snapshot(mixed_requests([("m1", "interactive", 5), ("m2", "batch", 5)]))
+    plan = make_policy("heuristic").plan(snap, np.random.default_rng(0))
+    plan.save(tmp_path / "p.json")
+    back = Plan.from_dict(__import__("json").loads((tmp_path / "p.json").read_text()))
+    assert back == plan
+
+
+def test_scores_are_reproducible_and_match_simulation() -> None:
+    snap = snapshot(mixed_requests([("m1", "interactive", 12), ("m2", "interactive", 12)]))
+    a = make_policy("edf").plan(snap, np.random.default_rng(3))
+    b = make_policy("edf").plan(snap, np.random.default_rng(3))
+    assert a.instances == b.instances and a.predicted_attainment == b.predicted_attainment
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(9), scenarios=20)
+    sc = sample_scenarios(ctx.problem, LengthModel(), np.random.default_rng(9), 20)
+    queues = tuple(tuple(range(ctx.problem.num_groups)) if i == 0 else () for i in range(2))
+    score = simulate(ctx.problem, sc, queues)
+    assert score.miss.shape == (ctx.problem.num_groups, 20)
+    assert score.expected_misses == pytest.approx(
+        float(np.sum(score.miss.mean(1) * ctx.problem.size))
+    )

@@ -1,0 +1,101 @@
+"""The stochastic program: brute-force optimum, qlm never below the heuristic, fallback."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qlmctl.plan import heuristics as H
+from qlmctl.plan.estimator import LengthModel, sample_scenarios
+from qlmctl.plan.milp import build_model, scenario_data, solve
+from qlmctl.plan.policies import QlmPolicy, make_policy, prepare
+from qlmctl.plan.simulate import queues_from_assignment, simulate
+from tests.test_plan_core import mixed_requests, snapshot
+
+SWAP_COST = 0.01
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_milp_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    streams = [
+        (str(rng.choice(["m1", "m2"])), str(rng.choice(["interactive", "batch"])), 40)
+        for _ in range(3)
+    ]
+    reqs = mixed_requests(streams, gap_s=0.05)
+    snap = snapshot(reqs, residents=("m1", "m2", "m1"), cold_start_s=8.0)
+    ctx = prepare(snap, LengthModel(), rng, scenarios=3, max_group_size=24)
+    pb = ctx.problem
+    assert 3 <= pb.num_groups <= 7
+    scen = sample_scenarios(pb, LengthModel(), rng, 3)
+    order, blocks = H.block_order(pb, bucket_s=10.0)
+    best = np.inf
+    for assign in itertools.product(range(pb.num_instances), repeat=pb.num_groups):
+        sc = simulate(pb, scen, queues_from_assignment(pb, assign, order))
+        best = min(best, sc.expected_misses + SWAP_COST * sc.swap_s)
+    res = solve(pb, scen, order, blocks, mip_gap=0.0, time_limit_s=30, swap_cost=SWAP_COST)
+    assert res.status == "Optimal" and res.instance_of is not None
+    assert res.objective == pytest.approx(best, abs=1e-5)
+    chosen = simulate(pb, scen, queues_from_assignment(pb, res.instance_of, order))
+    assert chosen.expected_misses + SWAP_COST * chosen.swap_s == pytest.approx(best, abs=1e-5)
+
+
+def test_model_is_pyomo_with_mutable_params_and_named_stage_costs() -> None:
+    snap = snapshot(mixed_requests([("m1", "interactive", 10), ("m2", "batch", 10)]))
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), scenarios=2)
+    order, blocks = H.block_order(ctx.problem)
+    m = build_model(scenario_data(ctx.problem, ctx.scen, order, blocks))
+    assert m.p.mutable and m.big_m.mutable
+    assert len(m.second_stage_cost) == 2 and m.first_stage_cost is not None
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(0, 10_000))
+def test_qlm_never_below_heuristic(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    streams = [
+        (str(rng.choice(["m1", "m2"])), str(rng.choice(["interactive", "batch"])), 30)
+        for _ in range(4)
+    ]
+    snap = snapshot(mixed_requests(streams, gap_s=0.1), ("m1", "m2"), cold_start_s=10.0)
+    heur = make_policy("heuristic", scenarios=20, max_group_size=8).plan(
+        snap, np.random.default_rng(seed).spawn(2)[0]
+    )
+    qlm = make_policy("qlm", scenarios=20, max_group_size=8, time_limit_s=0.3).plan(
+        snap, np.random.default_rng(seed)
+    )
+    assert qlm.predicted_attainment >= heur.predicted_attainment - 1e-12
+    assert qlm.solver.chosen in {*heur.solver.scores, "milp"}
+
+
+def test_timeout_without_incumbent_falls_back_to_heuristic() -> None:
+    snap = snapshot(mixed_requests([("m1", "interactive", 60), ("m2", "batch", 60)], 0.05))
+    pol = QlmPolicy(time_limit_s=0.0, warm_start=False, scenarios=10, max_group_size=4)
+    plan = pol.plan(snap, np.random.default_rng(0))
+    assert plan.solver.chosen != "milp"
+    assert "fell back to the heuristic" in plan.solver.note
+    assert sorted(plan.request_ids()) == sorted(r.id for r in snap.waiting)
+
+
+def test_quick_and_improve_in_worker_threads() -> None:
+    snap = snapshot(mixed_requests([("m1", "interactive", 30), ("m2", "batch", 30)], 0.1))
+    pol = QlmPolicy(scenarios=10, max_group_size=6)
+    quick = pol.quick(snap, np.random.default_rng(0))
+    assert quick.solver.status == "heuristic" and quick.policy == "qlm"
+    results: list[object] = []
+    threads = [
+        threading.Thread(
+            target=lambda s=s: results.append(pol.improve(snap, 0.5, np.random.default_rng(s)))
+        )
+        for s in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2  # each is a better plan or None, never an exception
