@@ -2,7 +2,8 @@
 
 Rules: every problem with a run directory becomes one :class:`BadInput` line naming the
 directory (missing, not a directory, no or malformed run.json, an older schema version,
-an unreadable or truncated Parquet table). A run recovered from part files after a crash
+an unreadable or truncated Parquet table, rows lacking a required field or with an
+unknown outcome). A run recovered from part files after a crash
 (``complete`` false) is still reported, with a warning in :attr:`Report.warnings`.
 """
 
@@ -12,12 +13,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 
 from qlmctl.errors import BadInput
 from qlmctl.report.compare import Comparison, compare
 from qlmctl.report.metrics import RunMetrics, run_metrics
-from qlmctl.serve.runlog import RunLog, read_run
+from qlmctl.serve.runlog import CANCELLED, EVICTED, FAILED, FINISHED, REJECTED, RunLog, read_run
+
+OUTCOMES = (FINISHED, EVICTED, FAILED, REJECTED, CANCELLED)
+_REQUIRED_ATTEMPT = ("request_id", "attempt", "arrival_s", "outcome")
+_REQUIRED_OPERATION = ("time_s", "kind")
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,24 @@ def load_run(path: Path) -> RunLog:
         raise BadInput(f"{path}: cannot read the run log ({exc})") from None
     if run.requests.empty and not run.complete:
         raise BadInput(f"{path}: the run log holds no requests (the run wrote nothing yet)")
+    _check_required(path / "requests.parquet", run.requests, _REQUIRED_ATTEMPT)
+    _check_required(path / "operations.parquet", run.operations, _REQUIRED_OPERATION)
+    unknown = ~run.requests["outcome"].isin(OUTCOMES)
+    if unknown.any():
+        row = int(unknown.to_numpy().argmax())
+        raise BadInput(
+            f"{path / 'requests.parquet'}: row {row}: unknown outcome "
+            f"{run.requests['outcome'].iloc[row]!r} (expected one of {', '.join(OUTCOMES)})"
+        )
     return run
+
+
+def _check_required(table: Path, frame: pd.DataFrame, columns: tuple[str, ...]) -> None:
+    """BadInput naming the first row lacking a required field (e.g. another schema's file)."""
+    for col in columns:
+        missing = frame[col].isna().to_numpy()
+        if missing.any():
+            raise BadInput(f"{table}: row {int(missing.argmax())}: {col} is missing")
 
 
 def build_report(
