@@ -17,7 +17,6 @@ REPO = Path(__file__).resolve().parents[1]
 TRACES = REPO.parent / "shared" / "traces"
 CONV = TRACES / "AzureLLMInferenceTrace_conv.csv"
 CODE = TRACES / "AzureLLMInferenceTrace_code.csv"
-needs_traces = pytest.mark.skipif(not CONV.is_file(), reason="shared traces not present")
 
 
 def write_spec(tmp_path: Path, spec: dict[str, Any], name: str = "w.yaml") -> Path:
@@ -180,7 +179,6 @@ def test_default_slo_classes_are_qlm_paper_values(tmp_path: Path) -> None:
     }
 
 
-@needs_traces
 def test_azure_conv_rate_and_lengths() -> None:
     w = load_workload(REPO / "workloads" / "azure-conv.yaml")
     assert len(w.requests) == 19366
@@ -190,7 +188,6 @@ def test_azure_conv_rate_and_lengths() -> None:
     assert all(r.prompt is None for r in w.requests[:100])
 
 
-@needs_traces
 def test_azure_traces_share_one_clock(tmp_path: Path) -> None:
     spec = {
         "models": ["m1"],
@@ -206,7 +203,6 @@ def test_azure_traces_share_one_clock(tmp_path: Path) -> None:
     assert len(w.requests) == 19366 + 8819
 
 
-@needs_traces
 def test_azure_window_scaled_to_target_rate(tmp_path: Path) -> None:
     spec = {
         "models": ["m1"],

@@ -15,7 +15,6 @@ from qlmctl.workload import load_workload
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
-HAS_TRACES = (REPO.parent / "shared" / "traces" / "AzureLLMInferenceTrace_conv.csv").is_file()
 
 
 def test_build_then_show_json(tmp_path: Path) -> None:
@@ -42,7 +41,6 @@ def test_show_table(tmp_path: Path) -> None:
     assert "arrival rate" in result.output
 
 
-@pytest.mark.skipif(not HAS_TRACES, reason="shared traces not present")
 def test_show_azure_conv_prints_its_rate() -> None:
     result = runner.invoke(
         app, ["workload", "show", str(REPO / "workloads/azure-conv.yaml"), "--json"]
@@ -88,8 +86,6 @@ def test_failed_build_writes_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["demo", "azure-conv", "azure-mixed", "synthetic-bursty"])
 def test_shipped_specs_load(name: str) -> None:
-    if name != "demo" and not HAS_TRACES:
-        pytest.skip("shared traces not present")
     w = load_workload(REPO / "workloads" / f"{name}.yaml")
     assert len(w.requests) > 50
     assert [r.arrival_s for r in w.requests] == sorted(r.arrival_s for r in w.requests)

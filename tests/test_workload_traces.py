@@ -141,8 +141,6 @@ def test_real_conv_trace_is_sorted_and_complete() -> None:
         / "traces"
         / "AzureLLMInferenceTrace_conv.csv"
     )
-    if not path.is_file():
-        pytest.skip("shared traces not present")
     data = read_trace("azure", path)
     assert len(data) == 19366
     assert data.arrival_s is not None and np.all(np.diff(data.arrival_s) >= 0)
