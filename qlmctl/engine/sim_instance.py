@@ -1,0 +1,374 @@
+"""One simulated vLLM V1 instance: waiting queue, continuous batching, KV cache, preemption.
+
+The instance knows no clock and no heap: :class:`~qlmctl.engine.sim.SimEngine` asks it to
+start a step at a time (:meth:`SimInstance.start_step`, which returns when the step ends)
+and to apply the step's effects at that end (:meth:`SimInstance.end_step`).
+
+Scheduling follows vLLM V1, one step at a time, with a token budget of
+``max_num_batched_tokens`` per step:
+
+1. decodes first: every decoding request computes one token (one new KV slot);
+2. partial prefills continue, in admission order, each with a chunk of the remaining budget;
+3. only if nobody was preempted in this step: waiting requests are admitted in queue order
+   (FCFS, or lowest ``priority`` then arrival) while the budget, ``max_num_seqs`` and the
+   free KV slots allow; a long prompt is admitted with a chunk (chunked prefill).
+
+When KV slots run out, the most recently admitted running request (FCFS), or the least
+urgent one (priority), is preempted: it frees its KV, goes back to the head of the waiting
+queue and later recomputes the prefill of its prompt plus the tokens it generated. KV is
+counted in tokens (no block rounding). A request samples a token at the end of every step
+in which its computed tokens reach its length (prompt + generated).
+
+NOTE: speed. While only decodes run and nothing can be admitted, the batch does not change
+until the first decoder finishes or the KV slots run out, so one "step" covers ``n`` decode
+steps in closed form: decoders do not store their token count but the value of the
+instance's decode-step counter when they joined, finish points sit in a heap keyed by that
+counter, and context/KV totals move by ``batch * n``. The engine cuts such a multi-step
+short (:meth:`truncate`) when a request arrives or leaves; no Python loop runs over the
+batch per step.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+from enum import IntEnum
+
+from qlmctl.engine.events import Aborted, EngineEvent, Finished, FirstToken
+from qlmctl.profile.perfmodel import PerfModel
+
+
+class ReqState(IntEnum):
+    """Where a request is inside the instance; DONE is final."""
+
+    WAITING = 0
+    PREFILL = 1
+    DECODE = 2
+    DONE = 3
+
+
+class InstanceState(IntEnum):
+    """Whether the instance serves: READY, loading a model, or DOWN (failed or empty)."""
+
+    READY = 0
+    LOADING = 1
+    DOWN = 2
+
+
+class SimRequest:
+    """A request inside a simulated instance (mutable, private to the simulator).
+
+    ``generated`` is exact except while decoding, when the true count is
+    ``generated + decode_steps - join_step`` (see :meth:`SimInstance.generated`).
+    """
+
+    __slots__ = (
+        "computed",
+        "first_token_sent",
+        "generated",
+        "id",
+        "join_id",
+        "join_step",
+        "order",
+        "priority",
+        "prompt_tokens",
+        "state",
+        "target_tokens",
+    )
+
+    def __init__(
+        self, request_id: str, prompt_tokens: int, target_tokens: int, priority: int, order: int
+    ) -> None:
+        self.id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.target_tokens = target_tokens
+        self.priority = priority
+        self.order = order  # submission order: FCFS key and priority tie-break
+        self.state = ReqState.WAITING
+        self.computed = 0  # tokens whose KV is computed (prefill progress)
+        self.generated = 0
+        self.join_step = 0
+        self.join_id = 0  # tells a live finish-heap entry from a stale one
+        self.first_token_sent = False
+
+
+@dataclass(slots=True)
+class _Step:
+    """The step in flight: ``n`` steps from ``start_s``, the k-th lasting ``a + b * k``."""
+
+    start_s: float
+    n: int
+    a: float
+    b: float
+    chunks: dict[SimRequest, int]  # prefill request -> tokens computed in this step
+
+    def span(self, k: int) -> float:
+        """Duration of the first ``k`` steps."""
+        return k * self.a + self.b * k * (k - 1) / 2
+
+    def steps_by(self, t: float) -> int:
+        """How many of the ``n`` steps have ended at or before ``t``."""
+        lo, hi, d = 0, self.n, t - self.start_s
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.span(mid) <= d:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+class SimInstance:
+    """A vLLM V1 server model: one resident model, its queue, batch and KV cache."""
+
+    def __init__(self, instance_id: str, priority_scheduling: bool) -> None:
+        self.id = instance_id
+        self.priority_scheduling = priority_scheduling
+        self.model: str | None = None
+        self.perf: PerfModel | None = None
+        self.state = InstanceState.DOWN
+        self.asleep: set[str] = set()  # models sleeping on this instance (warm)
+        self.token = 0  # bumped to invalidate this instance's pending engine event
+        self.has_event = False  # a step end, start or ready is pending on the engine heap
+        self.num_preemptions = 0
+        self._join_seq = 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self._fcfs: deque[SimRequest] = deque()
+        self._prio: list[tuple[int, int, SimRequest]] = []
+        self._running: dict[str, SimRequest] = {}  # admission order; victims from the end
+        self._prefilling: list[SimRequest] = []  # running requests still computing prefill
+        self._finish: list[tuple[int, int, SimRequest]] = []  # (finish step, join id, req)
+        self._num_decoding = 0
+        self._decode_steps = 0  # decode steps run so far by this instance
+        self._ctx_tokens = 0  # sum over decoders of prompt + generated
+        self._kv_used = 0
+        self._step: _Step | None = None
+
+    @property
+    def stepping(self) -> bool:
+        """Whether a step is in flight."""
+        return self._step is not None
+
+    # ---- queue -------------------------------------------------------------------
+
+    def enqueue(self, req: SimRequest, front: bool = False) -> None:
+        """Put ``req`` in the waiting queue (``front``: a preempted request, FCFS)."""
+        req.state = ReqState.WAITING
+        if self.priority_scheduling:
+            heapq.heappush(self._prio, (req.priority, req.order, req))
+        elif front:
+            self._fcfs.appendleft(req)
+        else:
+            self._fcfs.append(req)
+
+    def _waiting_head(self) -> SimRequest | None:
+        """The next request to admit; drops aborted ones (removed lazily)."""
+        if self.priority_scheduling:
+            while self._prio and self._prio[0][2].state is not ReqState.WAITING:
+                heapq.heappop(self._prio)
+            return self._prio[0][2] if self._prio else None
+        while self._fcfs and self._fcfs[0].state is not ReqState.WAITING:
+            self._fcfs.popleft()
+        return self._fcfs[0] if self._fcfs else None
+
+    def _pop_waiting(self) -> None:
+        if self.priority_scheduling:
+            heapq.heappop(self._prio)
+        else:
+            self._fcfs.popleft()
+
+    # ---- steps -------------------------------------------------------------------
+
+    def start_step(self, now_s: float) -> float | None:
+        """Schedule a step at ``now_s`` (module docstring); its end time, None when idle."""
+        perf = self.perf
+        assert perf is not None and self._step is None
+        free = perf.kv_capacity_tokens - self._kv_used
+        budget = perf.max_num_batched_tokens
+        preempted = False
+        while self._num_decoding > free:
+            free += self._preempt(self._victim())
+            preempted = True
+        decode_free = free
+        free -= self._num_decoding
+        budget -= self._num_decoding
+        chunks: dict[SimRequest, int] = {}
+        for req in list(self._prefilling):  # a copy: preemption edits the list
+            if budget <= 0:
+                break
+            if req.state is not ReqState.PREFILL:
+                continue
+            chunk = min(req.prompt_tokens + req.generated - req.computed, budget)
+            while chunk > free and req.state is ReqState.PREFILL:
+                victim = self._victim()
+                given_back = chunks.pop(victim, 0) + (victim.state is ReqState.DECODE)
+                free += self._preempt(victim) + given_back
+                budget += given_back
+                preempted = True
+            if req.state is not ReqState.PREFILL:
+                break  # V1: the request preempted itself; stop scheduling running ones
+            chunks[req] = chunk
+            free -= chunk
+            budget -= chunk
+        if not preempted or not (chunks or self._num_decoding):
+            while budget > 0 and len(self._running) < perf.max_num_seqs:
+                head = self._waiting_head()
+                if head is None:
+                    break
+                chunk = min(head.prompt_tokens + head.generated, budget)
+                if chunk > free:
+                    break
+                self._pop_waiting()
+                head.state = ReqState.PREFILL
+                self._running[head.id] = head
+                self._prefilling.append(head)
+                chunks[head] = chunk
+                free -= chunk
+                budget -= chunk
+        batch = self._num_decoding
+        if not chunks and not batch:
+            return None
+        n = 1
+        if not chunks and not preempted:
+            n = min(self._steps_to_first_finish(), decode_free // batch)
+        first_s = perf.step_time_s(sum(chunks.values()), batch, self._ctx_tokens)
+        step = _Step(now_s, n, first_s, perf.decode_s_per_ctx_token * batch, chunks)
+        self._step = step
+        return now_s + step.span(n)
+
+    def end_step(self, now_s: float, out: list[EngineEvent]) -> None:
+        """Apply the step in flight, ending at ``now_s``: tokens, first tokens, finishes."""
+        step = self._step
+        assert step is not None
+        self._step = None
+        batch = self._num_decoding
+        if batch:
+            self._decode_steps += step.n
+            self._ctx_tokens += batch * step.n
+            self._kv_used += batch * step.n
+            finish = self._finish
+            while finish and finish[0][0] <= self._decode_steps:
+                _, join_id, req = heapq.heappop(finish)
+                if req.join_id == join_id and req.state is ReqState.DECODE:
+                    self._leave_decode(req)
+                    self._finished(req, now_s, out)
+        for req, chunk in step.chunks.items():
+            if req.state is not ReqState.PREFILL:
+                continue  # aborted during the step
+            req.computed += chunk
+            self._kv_used += chunk
+            if req.computed < req.prompt_tokens + req.generated:
+                continue
+            req.generated += 1
+            self._prefilling.remove(req)
+            if not req.first_token_sent:
+                req.first_token_sent = True
+                out.append(FirstToken(req.id, self.id, now_s))
+            if req.generated >= req.target_tokens:
+                self._kv_used -= req.computed
+                self._finished(req, now_s, out)
+            else:
+                self._join_decode(req)
+
+    def truncate(self, now_s: float) -> float | None:
+        """End the step in flight at the first step boundary at or after ``now_s``.
+
+        Returns:
+            The new end time, or None if it did not change.
+        """
+        step = self._step
+        if step is None or step.n == 1:
+            return None
+        n = min(step.n, step.steps_by(now_s) + 1)
+        if n == step.n:
+            return None
+        step.n = n
+        return step.start_s + step.span(n)
+
+    # ---- leaving -----------------------------------------------------------------
+
+    def remove(self, req: SimRequest, now_s: float) -> int:
+        """Take ``req`` out (abort) at ``now_s``; returns the tokens it had produced."""
+        tokens = req.generated
+        if req.state is ReqState.PREFILL:
+            self._kv_used -= req.computed
+            self._prefilling.remove(req)
+            del self._running[req.id]
+        elif req.state is ReqState.DECODE:
+            tokens = self._leave_decode(req)
+            del self._running[req.id]
+            if self._step is not None:
+                tokens += self._step.steps_by(now_s)
+        req.state = ReqState.DONE
+        return tokens
+
+    def drain(self, now_s: float, reason: str, out: list[EngineEvent]) -> None:
+        """Abort every request on the instance (failure or swap) and empty it."""
+        waiting = [e[2] for e in sorted(self._prio)] if self.priority_scheduling else self._fcfs
+        for req in [*self._running.values(), *waiting]:
+            if req.state is not ReqState.DONE:
+                tokens = self.remove(req, now_s)
+                out.append(Aborted(req.id, self.id, now_s, tokens, reason, retryable=True))
+        self._clear()
+
+    # ---- bookkeeping -------------------------------------------------------------
+
+    def generated(self, req: SimRequest) -> int:
+        """Tokens ``req`` has produced so far."""
+        if req.state is ReqState.DECODE:
+            return req.generated + self._decode_steps - req.join_step
+        return req.generated
+
+    def _steps_to_first_finish(self) -> int:
+        finish = self._finish
+        while finish[0][2].join_id != finish[0][1] or finish[0][2].state is not ReqState.DECODE:
+            heapq.heappop(finish)
+        return finish[0][0] - self._decode_steps
+
+    def _join_decode(self, req: SimRequest) -> None:
+        req.state = ReqState.DECODE
+        self._join_seq += 1
+        req.join_id = self._join_seq
+        req.join_step = self._decode_steps
+        self._num_decoding += 1
+        self._ctx_tokens += req.prompt_tokens + req.generated
+        heapq.heappush(
+            self._finish,
+            (self._decode_steps + req.target_tokens - req.generated, req.join_id, req),
+        )
+
+    def _leave_decode(self, req: SimRequest) -> int:
+        """Take a decoder out of the batch totals (KV included); returns its token count."""
+        generated = self.generated(req)
+        req.generated = generated
+        self._num_decoding -= 1
+        self._ctx_tokens -= req.prompt_tokens + generated
+        self._kv_used -= req.prompt_tokens + generated - 1
+        return generated
+
+    def _finished(self, req: SimRequest, now_s: float, out: list[EngineEvent]) -> None:
+        del self._running[req.id]
+        req.state = ReqState.DONE
+        out.append(Finished(req.id, self.id, now_s, req.target_tokens))
+
+    def _victim(self) -> SimRequest:
+        if self.priority_scheduling:
+            return max(self._running.values(), key=lambda r: (r.priority, r.order))
+        return next(reversed(self._running.values()))
+
+    def _preempt(self, victim: SimRequest) -> int:
+        """Recompute preemption: free the victim's KV, requeue it; returns the slots freed."""
+        if victim.state is ReqState.DECODE:
+            freed = victim.prompt_tokens + self._leave_decode(victim) - 1
+        else:
+            freed = victim.computed
+            self._kv_used -= freed
+            self._prefilling.remove(victim)
+        del self._running[victim.id]
+        victim.computed = 0
+        self.num_preemptions += 1
+        self.enqueue(victim, front=True)
+        return freed

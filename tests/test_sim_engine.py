@@ -1,0 +1,241 @@
+from collections.abc import Callable
+
+import pytest
+
+from qlmctl.domain import Request
+from qlmctl.engine import sim_instance
+from qlmctl.engine.events import (
+    Aborted,
+    EngineEvent,
+    Finished,
+    FirstToken,
+    InstanceDown,
+    InstanceReady,
+)
+from qlmctl.engine.sim import SimEngine
+from qlmctl.errors import BadInput, EngineError
+from qlmctl.profile.perfmodel import PerfModel
+from tests.helpers import make_cluster, make_perf, make_requests
+
+
+def engine_for(scheduling: str = "fcfs", num_instances: int = 1, **perf: object) -> SimEngine:
+    """Instances i0, i1, ... (m1, m2 round-robin) with make_perf profiles for both models."""
+    profiles = {(m, "G"): make_perf(m, "G", **perf) for m in ("m1", "m2")}
+    return SimEngine(make_cluster(num_instances), profiles, scheduling=scheduling)
+
+
+def drain(engine: SimEngine) -> list[EngineEvent]:
+    """Advance event by event until nothing is left."""
+    out: list[EngineEvent] = []
+    while (t := engine.next_event_time()) is not None:
+        out += engine.advance(t)
+    return out
+
+
+def times(events: list[EngineEvent], kind: type[FirstToken | Finished]) -> dict[str, float]:
+    return {e.request_id: e.time_s for e in events if isinstance(e, kind)}
+
+
+def submit_all(engine: SimEngine, requests: list[Request], instance: str = "i0") -> None:
+    for r in requests:
+        engine.submit(r, instance, 0, r.arrival_s)
+
+
+def test_batched_decodes_are_faster_per_token_than_sequential() -> None:
+    alone = engine_for()
+    submit_all(alone, make_requests(1, output_tokens=50))
+    one_s = times(drain(alone), Finished)["r0"]
+    together = engine_for()
+    submit_all(together, make_requests(8, gap_s=0.0, output_tokens=50))
+    finished = times(drain(together), Finished)
+    assert len(finished) == 8
+    assert one_s < max(finished.values()) < 2 * one_s < 8 * one_s
+
+
+def test_chunked_prefill_respects_the_token_budget() -> None:
+    perf = make_perf(max_num_batched_tokens=100)
+    engine = engine_for(max_num_batched_tokens=100)
+    submit_all(engine, make_requests(2, gap_s=0.0, prompt_tokens=60, output_tokens=3))
+    first = times(drain(engine), FirstToken)
+    step1 = perf.step_time_s(100, 0, 0)  # r0's 60 tokens + 40 of r1
+    assert first["r0"] == pytest.approx(step1)
+    # step 2: r0 decodes (context 61) while r1 computes its last 20 prompt tokens
+    assert first["r1"] == pytest.approx(step1 + perf.step_time_s(20, 1, 61))
+
+
+def test_long_prompt_is_prefilled_in_chunks() -> None:
+    perf = make_perf(max_num_batched_tokens=100)
+    engine = engine_for(max_num_batched_tokens=100)
+    submit_all(engine, make_requests(1, prompt_tokens=250, output_tokens=1))
+    events = drain(engine)
+    assert times(events, FirstToken)["r0"] == pytest.approx(perf.prefill_time_s(250))
+    assert times(events, Finished)["r0"] == times(events, FirstToken)["r0"]
+
+
+def test_kv_pressure_preempts_and_every_request_still_finishes() -> None:
+    roomy = engine_for()
+    submit_all(roomy, make_requests(10, gap_s=0.0, prompt_tokens=100, output_tokens=100))
+    roomy_finished = times(drain(roomy), Finished)
+    assert len(roomy_finished) == 10
+    assert roomy.num_preemptions == 0
+
+    tight = engine_for(kv_capacity_tokens=600)
+    submit_all(tight, make_requests(10, gap_s=0.0, prompt_tokens=100, output_tokens=100))
+    events = drain(tight)
+    assert tight.num_preemptions > 0
+    done = [e for e in events if isinstance(e, Finished)]
+    assert sorted(e.request_id for e in done) == sorted(f"r{k}" for k in range(10))
+    assert all(e.output_tokens == 100 for e in done)
+    # recomputation costs time: the tight instance finishes later
+    assert max(times(events, Finished).values()) > max(roomy_finished.values())
+
+
+def test_request_longer_than_the_kv_cache_is_refused() -> None:
+    engine = engine_for(kv_capacity_tokens=600)
+    submit_all(engine, make_requests(1, prompt_tokens=550, output_tokens=100))
+    (event,) = engine.advance(0.0)
+    assert isinstance(event, Aborted) and event.reason == "too-long" and not event.retryable
+
+
+def first_token_order(scheduling: str) -> list[str]:
+    engine = engine_for(scheduling, max_num_seqs=1)
+    for k, prio in enumerate([10, 10, 0, 5, 0]):
+        req = make_requests(1, prefix=f"p{prio}-", start_s=0.0)[0].model_copy(
+            update={"id": f"r{k}-p{prio}"}
+        )
+        engine.submit(req, "i0", prio, 0.0)
+    return [e.request_id for e in drain(engine) if isinstance(e, FirstToken)]
+
+
+def test_priority_scheduling_serves_lower_values_first_then_arrival() -> None:
+    assert first_token_order("priority") == ["r2-p0", "r4-p0", "r3-p5", "r0-p10", "r1-p10"]
+    assert first_token_order("fcfs") == ["r0-p10", "r1-p10", "r2-p0", "r3-p5", "r4-p0"]
+
+
+def test_abort_waiting_and_running_requests() -> None:
+    engine = engine_for(max_num_seqs=1)
+    submit_all(engine, make_requests(2, gap_s=0.0, output_tokens=100))
+    events = engine.advance(0.5)  # r0 decodes (~10 ms steps); r1 waits
+    assert list(times(events, FirstToken)) == ["r0"]
+    engine.abort("r0", 0.5)
+    engine.abort("r1", 0.5)
+    engine.abort("unknown", 0.5)  # already gone: a no-op
+    events = drain(engine)
+    aborted = {e.request_id: e for e in events if isinstance(e, Aborted)}
+    assert set(aborted) == {"r0", "r1"}
+    assert all(e.reason == "evicted" and e.time_s == 0.5 for e in aborted.values())
+    assert 10 < aborted["r0"].output_tokens < 100
+    assert aborted["r1"].output_tokens == 0
+    assert not [e for e in events if isinstance(e, Finished | FirstToken)]
+
+
+def test_abort_frees_the_batch_for_waiting_requests() -> None:
+    engine = engine_for(max_num_seqs=1)
+    submit_all(engine, make_requests(2, gap_s=0.0, output_tokens=1000))
+    engine.advance(0.5)
+    engine.abort("r0", 0.5)
+    first = times(drain(engine), FirstToken)
+    assert 0.5 < first["r1"] < 0.6
+
+
+def test_swap_is_ready_after_stop_plus_cold_start() -> None:
+    engine = engine_for()  # make_perf: stop 2 s, cold start 20 s
+    submit_all(engine, make_requests(1, output_tokens=1000))
+    engine.advance(1.0)
+    engine.load_model("i0", "m2", 1.0)
+    late = make_requests(1, model="m2", start_s=5.0, prefix="late")[0]
+    engine.submit(late, "i0", 0, 5.0)
+    events = drain(engine)
+    assert events[0] == InstanceDown("i0", 1.0, "swap")
+    assert isinstance(events[1], Aborted) and events[1].reason == "swap" and events[1].retryable
+    assert events[2] == Aborted("late0", "i0", 5.0, 0, "unavailable")
+    assert events[3] == InstanceReady("i0", pytest.approx(1.0 + 2.0 + 20.0), "m2")  # type: ignore[arg-type]
+
+
+def test_sleeping_model_wakes_instead_of_cold_starting() -> None:
+    engine = engine_for(sleep_s=1.5, wake_s=0.5)
+    engine.load_model("i0", "m2", 0.0, sleep_current=True)
+    ready = [e for e in drain(engine) if isinstance(e, InstanceReady)]
+    assert ready == [InstanceReady("i0", 1.5 + 20.0, "m2")]
+    engine.load_model("i0", "m1", 30.0, sleep_current=True)
+    ready = [e for e in drain(engine) if isinstance(e, InstanceReady)]
+    assert ready == [InstanceReady("i0", 30.0 + 0.5, "m1")]
+    # the swapped-in model serves
+    engine.submit(make_requests(1, start_s=40.0)[0], "i0", 0, 40.0)
+    assert times(drain(engine), Finished)
+
+
+def test_failure_aborts_every_request_and_restart_cold_starts() -> None:
+    engine = engine_for(num_instances=2, max_num_seqs=2)
+    submit_all(engine, make_requests(4, gap_s=0.0, output_tokens=500))
+    submit_all(engine, make_requests(1, model="m2", prefix="other", output_tokens=500), "i1")
+    assert not engine.advance(1.0)[3:]  # first tokens only
+    engine.fail("i0", 1.0)
+    events = engine.advance(1.0)
+    assert events[0] == InstanceDown("i0", 1.0, "failed")
+    aborted = [e for e in events if isinstance(e, Aborted)]
+    assert sorted(e.request_id for e in aborted) == ["r0", "r1", "r2", "r3"]
+    assert all(e.reason == "failed" and e.retryable for e in aborted)
+    assert [e.output_tokens > 0 for e in aborted] == [True, True, False, False]
+    engine.load_model("i0", "m1", 2.0)
+    events = drain(engine)
+    assert InstanceReady("i0", 22.0, "m1") in events  # nothing to stop: cold start only
+    assert "other0" in times(events, Finished)  # the other instance was unaffected
+
+
+def test_loading_twice_and_going_back_in_time_are_refused() -> None:
+    engine = engine_for()
+    engine.load_model("i0", "m2", 0.0)
+    with pytest.raises(EngineError, match="while it is loading"):
+        engine.load_model("i0", "m1", 1.0)
+    with pytest.raises(EngineError, match="backwards"):
+        engine.advance(0.5)
+    with pytest.raises(BadInput, match="unknown instance"):
+        engine.fail("nope", 2.0)
+
+
+def replay(perf: PerfModel, scheduling: str = "fcfs") -> list[EngineEvent]:
+    profiles = {(m, "G"): perf.__class__(**(perf.to_dict() | {"model": m})) for m in ("m1", "m2")}
+    engine = SimEngine(make_cluster(2), profiles, scheduling=scheduling)
+    requests = [
+        r.model_copy(update={"prompt_tokens": 50 + 37 * k % 400, "output_tokens": 5 + 13 * k % 90})
+        for k, r in enumerate(make_requests(60, gap_s=0.05, output_tokens=100))
+    ]
+    out: list[EngineEvent] = []
+    for k, r in enumerate(requests):
+        out += engine.advance(r.arrival_s)
+        on_i1 = k % 3 == 0
+        req = r.model_copy(update={"model": "m2"}) if on_i1 else r
+        engine.submit(req, "i1" if on_i1 else "i0", k % 4, r.arrival_s)
+        if k == 30:
+            engine.abort("r29", r.arrival_s)
+    return out + drain(engine)
+
+
+@pytest.mark.parametrize("scheduling", ["fcfs", "priority"])
+def test_same_inputs_give_identical_events(scheduling: str) -> None:
+    perf = make_perf(kv_capacity_tokens=3000, decode_s_per_ctx_token=1e-6, max_num_seqs=8)
+    events = replay(perf, scheduling)
+    assert events == replay(perf, scheduling)
+    assert sum(isinstance(e, Finished) for e in events) == 59
+    assert [e.request_id for e in events if isinstance(e, Aborted)] == ["r29"]
+    assert [e.time_s for e in events] == sorted(e.time_s for e in events)
+
+
+def test_multi_step_jumps_match_step_by_step_simulation(monkeypatch: pytest.MonkeyPatch) -> None:
+    perf = make_perf(kv_capacity_tokens=3000, decode_s_per_ctx_token=1e-6, max_num_seqs=8)
+    fast = replay(perf)
+    steps_to_first_finish: Callable[[sim_instance.SimInstance], int] = (
+        sim_instance.SimInstance._steps_to_first_finish
+    )
+    # one decode step per event: the batch is recomputed every step
+    monkeypatch.setattr(
+        sim_instance.SimInstance,
+        "_steps_to_first_finish",
+        lambda self: min(1, steps_to_first_finish(self)),
+    )
+    slow = replay(perf)
+    assert [(type(e), getattr(e, "request_id", None)) for e in fast] == [
+        (type(e), getattr(e, "request_id", None)) for e in slow
+    ]
+    assert [e.time_s for e in fast] == pytest.approx([e.time_s for e in slow], abs=1e-9)
