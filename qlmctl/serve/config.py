@@ -18,13 +18,15 @@ from qlmctl.errors import BadInput
 from qlmctl.plan.types import Plan, QueueSnapshot
 
 PlanFn = Callable[[QueueSnapshot, np.random.Generator], Plan]
+ImproveFn = Callable[[QueueSnapshot, np.random.Generator], Plan | None]
 
 
 @dataclass(frozen=True, slots=True)
 class CoreConfig:
     """Knobs of the serving core (recorded in run.json)."""
 
-    max_inflight: int = 8  # per instance: requests dispatched and not yet ended
+    max_inflight: int | None = None  # per instance; None: the profile's max_num_seqs
+    kv_budget: float = 1.0  # pull while in-flight prompt+output tokens fit this share of KV
     max_engine_waiting: int | None = None  # pull only while vLLM reports fewer waiting
     max_kv_usage: float = 0.98  # pull only while vLLM's KV usage is below this
     replan_min_interval_s: float = 0.5
@@ -40,10 +42,12 @@ class CoreConfig:
     improve_min_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.max_inflight < 1 or self.max_attempts < 1 or self.evict_batch < 0:
+        if (self.max_inflight or 1) < 1 or self.max_attempts < 1 or self.evict_batch < 0:
             raise BadInput(
                 "core config: max_inflight and max_attempts must be >= 1, evict_batch >= 0"
             )
+        if not self.kv_budget > 0:
+            raise BadInput("core config: kv_budget must be > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,14 +81,28 @@ class CoreStats:
         return self.slo_met / self.final if self.final else None
 
 
-def split_policy(policy: Any) -> tuple[PlanFn, PlanFn | None]:
+def split_policy(policy: Any) -> tuple[PlanFn, ImproveFn | None]:
     """(fast plan, background improvement or None) of a policy.
 
-    A policy with an improver (the ``qlm`` policy) exposes ``fast_plan`` and ``improve``;
-    any other policy is its own fast plan and has no improvement.
+    A policy with an improver (the ``qlm`` policy) exposes ``quick(snapshot, rng)`` and
+    ``improve(snapshot, budget_s, rng) -> Plan | None`` (None: nothing better than the
+    quick answer) with its budget in ``time_limit_s``; any other policy is its own fast
+    plan and has no improvement.
     """
-    fast = getattr(policy, "fast_plan", None)
+    quick = getattr(policy, "quick", None)
     improve = getattr(policy, "improve", None)
-    if callable(fast) and callable(improve):
-        return fast, improve
-    return policy.plan, None
+    if not (callable(quick) and callable(improve)):
+        return policy.plan, None
+    budget_s = float(getattr(policy, "time_limit_s", 2.0))
+
+    def improvement(snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan | None:
+        plan: Plan | None = improve(snapshot, budget_s, rng)
+        return plan
+
+    return quick, improvement
+
+
+def length_observer(policy: Any) -> Callable[[str, str, int], None] | None:
+    """The policy's ``lengths.observe(model, slo_class, output_tokens)``, if it learns lengths."""
+    observe = getattr(getattr(policy, "lengths", None), "observe", None)
+    return observe if callable(observe) else None

@@ -56,7 +56,13 @@ from qlmctl.engine.events import (
 from qlmctl.errors import BadInput
 from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, RunningRequest
 from qlmctl.profile.perfmodel import PerfModel
-from qlmctl.serve.config import CoreConfig, CoreStats, split_policy
+from qlmctl.serve.config import (
+    CoreConfig,
+    CoreStats,
+    ImproveFn,
+    length_observer,
+    split_policy,
+)
 from qlmctl.serve.state import InstanceRecord, InstStatus, QueuedGroup, ReqState, Tracked
 
 
@@ -90,9 +96,10 @@ class ServeCore:
         self._perf = perf
         self.policy_name: str = policy.name
         self._fast, improver = split_policy(policy)
+        self._observe = length_observer(policy)  # output lengths seen, for its estimates
         self._rng = rng if rng is not None else np.random.default_rng(0)
         # the slow improvement (the MILP) the driver runs on wants_improvement() snapshots
-        self.improver = improver if self.config.improve else None
+        self.improver: ImproveFn | None = improver if self.config.improve else None
         self._swap_time = swap_time or _default_swap_time
         self._insts = {i.id: InstanceRecord(i, i.model) for i in cluster.instances}
         self._vq: dict[str, deque[QueuedGroup]] = {i: deque() for i in self._insts}
@@ -148,6 +155,8 @@ class ServeCore:
                 tr.first_token_s = event.time_s
         elif isinstance(event, Finished):
             self._end(tr, event.time_s, "finish", event.output_tokens, "")
+            if self._observe is not None:
+                self._observe(tr.request.model, tr.request.slo_class, event.output_tokens)
             inst = self._insts[event.instance_id]
             if not self._vq[inst.spec.id] and self._waiting:
                 self._replan_due = True  # an instance ran dry while work waits elsewhere
@@ -161,16 +170,20 @@ class ServeCore:
         inst = self._insts[instance_id]
         inst.engine_waiting, inst.kv_usage = waiting, kv_usage
 
-    def on_plan(self, plan: Plan, now_s: float) -> None:
-        """An improved plan from the background improver for the last offered snapshot.
+    def on_plan(self, plan: Plan | None, now_s: float) -> None:
+        """The background improver's answer for the last offered snapshot.
 
-        Requests it does not place (arrived since) keep their current places after it.
-        Dropped if an instance went down or came back since the snapshot was taken.
+        None means it found nothing better. Requests the plan does not place (arrived
+        since) keep their current places after it. The plan is dropped if an instance
+        went down or came back since the snapshot was taken.
         """
         self._improving = False
         self._last_improve_s = now_s
-        if self._offer_topology != self._topology:
-            self._log_op(now_s, "replan", detail={"source": "improver", "adopted": False})
+        if plan is None or self._offer_topology != self._topology:
+            why = "no better plan" if plan is None else "instances changed"
+            self._log_op(
+                now_s, "replan", detail={"source": "improver", "adopted": False, "why": why}
+            )
             return
         self._adopt(plan, keep_leftovers=True)
         self._log_replan(now_s, plan, "improver")
@@ -400,7 +413,7 @@ class ServeCore:
             else:
                 self._load(inst, group.plan.model, now_s, actions)
             return
-        while self._can_pull(inst):
+        while self._can_pull(inst, tr):
             self._dispatch(inst, group, tr, now_s, actions)
             head = self._head(inst)
             if head is None or head[0].plan.model != inst.model:
@@ -421,10 +434,16 @@ class ServeCore:
             vq.popleft()
         return None
 
-    def _can_pull(self, inst: InstanceRecord) -> bool:
+    def _can_pull(self, inst: InstanceRecord, head: Tracked) -> bool:
+        """Backpressure: sequences, KV tokens, and what vLLM itself reports."""
         cfg = self.config
+        perf = self._perf[(head.request.model, inst.spec.gpu)]
+        n = len(inst.inflight)
         return (
-            len(inst.inflight) < cfg.max_inflight
+            n < (cfg.max_inflight or perf.max_num_seqs)
+            and (
+                n == 0 or inst.kv_tokens + head.kv_tokens <= cfg.kv_budget * perf.kv_capacity_tokens
+            )
             and (
                 cfg.max_engine_waiting is None
                 or inst.engine_waiting is None
@@ -451,8 +470,7 @@ class ServeCore:
         tr.priority = group.plan.priority if self.config.vllm_priority else 0
         tr.predicted_start_s = group.plan.predicted_start_s
         tr.predicted_miss_prob = group.plan.miss_probability
-        inst.inflight[tr.id] = tr
-        inst.prio_counts[tr.slo.priority] += 1
+        inst.add_inflight(tr)
         actions.append(Dispatch(tr.id, inst.spec.id, tr.priority))
 
     def _maybe_evict(
@@ -507,7 +525,7 @@ class ServeCore:
         tr.move("evict")
         tr.evictions += 1
         tr.evict_reason = reason
-        self._leave_inflight(inst, tr)
+        inst.remove_inflight(tr)
         inst.evicting[tr.id] = tr
         actions.append(Evict(tr.id, inst.spec.id, reason))
         self._log_op(
@@ -587,7 +605,7 @@ class ServeCore:
         was_waiting = tr.state is ReqState.WAITING
         if tr.instance_id is not None and not was_waiting:
             inst = self._insts[tr.instance_id]
-            self._leave_inflight(inst, tr)
+            inst.remove_inflight(tr)
             inst.evicting.pop(tr.id, None)
         tr.move(verb)
         outcome = (
@@ -614,10 +632,6 @@ class ServeCore:
         met = self._met_by_class[tr.request.slo_class]
         met[0] += bool(self._attempt_rows[-1]["slo_met"])
         met[1] += 1
-
-    def _leave_inflight(self, inst: InstanceRecord, tr: Tracked) -> None:
-        if inst.inflight.pop(tr.id, None) is not None:
-            inst.prio_counts[tr.slo.priority] -= 1
 
     # ---- instances --------------------------------------------------------------------
 

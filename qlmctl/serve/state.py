@@ -91,6 +91,11 @@ class Tracked:
         return self.request.id
 
     @property
+    def kv_tokens(self) -> int:
+        """KV tokens the request holds at its end: prompt plus target output."""
+        return self.request.prompt_tokens + self.request.target_output_tokens
+
+    @property
     def deadline_s(self) -> float:
         """Absolute TTFT deadline."""
         return self.request.arrival_s + self.slo.ttft_s
@@ -178,6 +183,7 @@ class InstanceRecord:
     inflight: dict[str, Tracked] = field(default_factory=dict)  # id -> record, dispatch order
     evicting: dict[str, Tracked] = field(default_factory=dict)  # abort not yet confirmed
     prio_counts: Counter[int] = field(default_factory=Counter)  # class priority -> in flight
+    kv_tokens: int = 0  # prompt + target output tokens of the requests in flight
     sleeping: set[str] = field(default_factory=set)  # models asleep on it (warm start)
     load_kind: str = "swap"  # swap | wake, while LOADING
     load_from: str | None = None
@@ -191,3 +197,14 @@ class InstanceRecord:
     @property
     def id(self) -> str:
         return self.spec.id
+
+    def add_inflight(self, tr: Tracked) -> None:
+        self.inflight[tr.id] = tr
+        self.prio_counts[tr.slo.priority] += 1
+        self.kv_tokens += tr.kv_tokens
+
+    def remove_inflight(self, tr: Tracked) -> None:
+        """Forget ``tr`` if it is in flight here (no-op otherwise)."""
+        if self.inflight.pop(tr.id, None) is not None:
+            self.prio_counts[tr.slo.priority] -= 1
+            self.kv_tokens -= tr.kv_tokens

@@ -1,0 +1,136 @@
+"""The simulated driver: the serving core against :class:`SimEngine` in virtual time.
+
+A discrete-event loop: the next moment is the earliest of the next arrival, the engine's
+next event and the core's next timer; the clock jumps there, the engine's events up to
+it and the arrivals at it are fed to the core, and the core's actions are applied to the
+engine. Ties are broken in one fixed order (engine events, then arrivals, then
+decisions), so the same inputs and seed give identical request tables.
+
+The background improver (the ``qlm`` policy's MILP) runs synchronously at the re-plan
+that offers a snapshot, while virtual time stands still, only when ``improve=True``
+(``CoreConfig.improve``). It is off by default here: a time-limited MILP's answer
+depends on the machine's speed, which would break determinism.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qlmctl.clock import VirtualClock
+from qlmctl.domain import ClusterSpec, Request, check_models_served
+from qlmctl.engine.events import Action, Dispatch, Evict, LoadModel
+from qlmctl.engine.sim import SimEngine
+from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.serve.config import CoreConfig
+from qlmctl.serve.core import ServeCore
+from qlmctl.serve.run import ProgressFn, RunSummary, open_log, run_meta, write_rows
+from qlmctl.workload import Workload
+
+# core timers firing this many times in a row with nothing else happening: stalled
+_MAX_IDLE_WAKEUPS = 10_000
+
+
+def run_simulated(
+    workload: Workload,
+    cluster: ClusterSpec,
+    perf: Mapping[tuple[str, str], PerfModel],
+    policy: Any,
+    config: CoreConfig | None,
+    run_dir: Path,
+    seed: int = 0,
+    *,
+    meta: dict[str, Any] | None = None,
+    failures: Sequence[tuple[float, str]] = (),
+    on_progress: ProgressFn | None = None,
+) -> RunSummary:
+    """Replay ``workload`` on a simulated ``cluster`` and write the run log to ``run_dir``.
+
+    Args:
+        workload: the requests (arrival times are virtual seconds from 0).
+        cluster: instances, each starting with its resident model ready.
+        perf: (model, gpu) -> performance model for every pair the cluster may use.
+        policy: the scheduling policy (see :func:`qlmctl.plan.policies.make_policy`).
+        config: the core's knobs; ``improve`` defaults to False here (see the module doc).
+        run_dir: the run directory to create (must not exist or be empty).
+        seed: seeds the policy's randomness.
+        meta: extra run.json keys (workload and cluster paths).
+        failures: (virtual time, instance id) pairs: the instance fails then (fault tests).
+        on_progress: called now and then with the core's counts and the virtual time.
+
+    Returns:
+        The run's summary; the run directory holds the complete log.
+    """
+    config = config if config is not None else CoreConfig(improve=False)
+    check_models_served(cluster, workload.models)
+    scheduling = "priority" if config.vllm_priority else "fcfs"
+    engine = SimEngine(cluster, perf, scheduling=scheduling)
+    rng = np.random.default_rng(seed)
+    core = ServeCore(cluster, workload.slo_classes, perf, policy, config, rng)
+    improve_rng = np.random.default_rng([seed, 1])
+    clock = VirtualClock()
+    requests = workload.requests
+    by_id = {r.id: r for r in requests}
+    pending_failures = sorted(failures)
+    meta = run_meta(workload, cluster, policy.name, "sim", config, seed, meta)
+    k, idle, steps = 0, 0, 0
+    with open_log(run_dir, meta) as log:
+        while True:
+            t = min(
+                requests[k].arrival_s if k < len(requests) else math.inf,
+                _or_inf(engine.next_event_time()),
+                _or_inf(core.next_wakeup_s()),
+                pending_failures[0][0] if pending_failures else math.inf,
+            )
+            if t == math.inf or idle > _MAX_IDLE_WAKEUPS:
+                break
+            t = max(t, clock.now())
+            clock.advance_to(t)
+            events = engine.advance(t)
+            for ev in events:
+                core.on_event(ev, t)
+            while pending_failures and pending_failures[0][0] <= t:
+                engine.fail(pending_failures.pop(0)[1], t)
+            arrived = k
+            while k < len(requests) and requests[k].arrival_s <= t:
+                core.on_arrival(requests[k], t)
+                k += 1
+            actions = core.decide(t)
+            snap = core.wants_improvement()
+            if snap is not None and core.improver is not None:
+                core.on_plan(core.improver(snap, improve_rng), t)
+                actions += core.decide(t)
+            _apply(engine, actions, by_id, t)
+            idle = 0 if (events or actions or k > arrived) else idle + 1
+            write_rows(core, log)
+            steps += 1
+            if on_progress is not None and steps % 500 == 0:
+                on_progress(core.stats(), t)
+        if not core.done:
+            core.cancel_all(clock.now(), "simulation stalled")  # the engine is dropped anyway
+            write_rows(core, log)
+        stats = core.stats()
+        if on_progress is not None:
+            on_progress(stats, clock.now())
+        log.close(duration_s=clock.now())
+    return RunSummary.from_stats(stats, Path(run_dir), policy.name, "sim", clock.now())
+
+
+def _apply(
+    engine: SimEngine, actions: list[Action], by_id: Mapping[str, Request], now_s: float
+) -> None:
+    for a in actions:
+        if isinstance(a, Dispatch):
+            engine.submit(by_id[a.request_id], a.instance_id, a.priority, now_s)
+        elif isinstance(a, Evict):
+            engine.abort(a.request_id, now_s)
+        elif isinstance(a, LoadModel):
+            engine.load_model(a.instance_id, a.model, now_s, sleep_current=a.sleep_current)
+
+
+def _or_inf(t: float | None) -> float:
+    return math.inf if t is None else t

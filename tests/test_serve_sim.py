@@ -1,0 +1,115 @@
+"""Whole runs through the simulated driver: determinism, accounting, policies compared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from qlmctl.domain import ClusterSpec, SLOClass
+from qlmctl.plan.policies import make_policy
+from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.serve.config import CoreConfig
+from qlmctl.serve.runlog import read_run
+from qlmctl.serve.sim_driver import run_simulated
+from qlmctl.workload import Workload
+from tests.helpers import SLO_CLASSES, make_cluster, make_perf, make_requests
+
+FINAL = {"finished", "rejected", "cancelled"}
+
+
+def hol_workload() -> Workload:
+    """A burst of long batch jobs, then a stream of short interactive requests behind it."""
+    batch = make_requests(80, slo_class="batch", gap_s=0.01, output_tokens=1000, prefix="b")
+    chat = make_requests(
+        30, slo_class="interactive", gap_s=1.0, start_s=2.0, output_tokens=20, prefix="c"
+    )
+    return Workload.from_requests([*batch, *chat], SLO_CLASSES, "hol")
+
+
+def small_cluster() -> tuple[ClusterSpec, dict[tuple[str, str], PerfModel]]:
+    cluster = make_cluster(2, models=("m1",))
+    return cluster, {("m1", "G"): make_perf("m1", max_num_seqs=4)}
+
+
+def run(tmp: Path, policy: str, name: str, **kw: Any) -> pd.DataFrame:
+    cluster, perf = small_cluster()
+    run_simulated(
+        hol_workload(),
+        cluster,
+        perf,
+        make_policy(policy),
+        CoreConfig(improve=False),
+        tmp / name,
+        seed=3,
+        **kw,
+    )
+    return read_run(tmp / name).requests
+
+
+def final_outcomes(requests: pd.DataFrame) -> pd.Series:
+    """Per request: how many attempts ended it for good (must be exactly one)."""
+    last = requests.groupby("request_id")["attempt"].transform("max") == requests["attempt"]
+    ends = requests["outcome"].isin(FINAL) | (requests["outcome"].eq("failed") & last)
+    return requests[ends].groupby("request_id").size()
+
+
+def test_same_seed_gives_identical_request_tables(tmp_path: Path) -> None:
+    a = run(tmp_path, "heuristic", "a")
+    b = run(tmp_path, "heuristic", "b")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_every_request_has_exactly_one_final_outcome(tmp_path: Path) -> None:
+    reqs = run(tmp_path, "qlm", "q")
+    counts = final_outcomes(reqs)
+    assert len(counts) == 110 and set(counts) == {1}
+    meta = read_run(tmp_path / "q").meta
+    assert meta["complete"] and meta["engine"] == "sim" and meta["policy"] == "qlm"
+
+
+@pytest.mark.parametrize("policy", ["heuristic", "qlm"])
+def test_slo_aware_policies_beat_fcfs_on_head_of_line_blocking(tmp_path: Path, policy: str) -> None:
+    def interactive_attainment(df: pd.DataFrame) -> float:
+        fin = df[(df.outcome == "finished") & (df.slo_class == "interactive")]
+        return float(fin.slo_met.sum()) / 30
+
+    fcfs = interactive_attainment(run(tmp_path, "fcfs", "fcfs"))
+    smart = interactive_attainment(run(tmp_path, policy, policy))
+    assert fcfs < 0.5 and smart > fcfs + 0.3
+
+
+def test_an_instance_failure_loses_nothing(tmp_path: Path) -> None:
+    reqs = run(tmp_path, "heuristic", "f", failures=[(3.0, "i0")])
+    assert len(final_outcomes(reqs)) == 110 and set(final_outcomes(reqs)) == {1}
+    failed_attempts = reqs[reqs.outcome == "failed"]
+    assert len(failed_attempts) > 0 and (failed_attempts.instance_id == "i0").all()
+    retried = reqs[reqs.request_id.isin(failed_attempts.request_id) & (reqs.attempt == 1)]
+    assert (retried.outcome == "finished").all() and (retried.instance_id == "i1").all()
+    ops = read_run(tmp_path / "f").operations
+    assert "instance_down" in set(ops.kind)
+
+
+def test_eviction_rescues_tight_interactive_requests(tmp_path: Path) -> None:
+    slo = {
+        "interactive": SLOClass(name="interactive", ttft_s=3, priority=0),
+        "batch": SLOClass(name="batch", ttft_s=600, priority=10),
+    }
+    wl = Workload.from_requests(hol_workload().requests, slo, "hol-tight")
+    cluster, perf = small_cluster()
+    out = {}
+    for evict_batch in (0, 4):
+        run_dir = tmp_path / f"e{evict_batch}"
+        out[evict_batch] = run_simulated(
+            wl, cluster, perf, make_policy("heuristic"),
+            CoreConfig(improve=False, evict_batch=evict_batch), run_dir, seed=0,
+        )  # fmt: skip
+    assert out[0].operations.get("evict", 0) == 0 and out[4].operations["evict"] > 0
+    rescued, blocked = (out[k].attainment_by_class["interactive"] or 0.0 for k in (4, 0))
+    assert rescued > blocked
+    reqs = read_run(tmp_path / "e4").requests
+    evicted = reqs[reqs.outcome == "evicted"]
+    assert (evicted.slo_class == "batch").all()
+    assert set(final_outcomes(reqs)) == {1} and out[4].finished == 110
