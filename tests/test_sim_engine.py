@@ -100,9 +100,7 @@ def test_request_longer_than_the_kv_cache_is_refused() -> None:
 def first_token_order(scheduling: str) -> list[str]:
     engine = engine_for(scheduling, max_num_seqs=1)
     for k, prio in enumerate([10, 10, 0, 5, 0]):
-        req = make_requests(1, prefix=f"p{prio}-", start_s=0.0)[0].model_copy(
-            update={"id": f"r{k}-p{prio}"}
-        )
+        req = make_requests(1, prefix=f"r{k}-p{prio}")[0].model_copy(update={"id": f"r{k}-p{prio}"})
         engine.submit(req, "i0", prio, 0.0)
     return [e.request_id for e in drain(engine) if isinstance(e, FirstToken)]
 
