@@ -104,14 +104,56 @@ def plan(
     profiles: ProfilesOpt = Path("profiles"),
     policy: PolicyOpt = "qlm",
     out: Annotated[Path, typer.Option(help="Where to write the plan (JSON).")] = Path("plans"),
+    compare: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated policies to compare side by side, e.g. fcfs,edf,qlm."),
+    ] = None,
+    at: Annotated[
+        float | None, typer.Option(help="Plan at time T (s): only requests arrived by then.")
+    ] = None,
+    time_limit: Annotated[float, typer.Option(help="qlm: HiGHS time limit (s).")] = 10.0,
+    mip_gap: Annotated[float, typer.Option(help="qlm: relative MIP gap to stop at.")] = 0.01,
+    scenarios: Annotated[int, typer.Option(help="qlm: scenarios in the stochastic program.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of every scenario draw.")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Plan how the cluster serves WORKLOAD's queued requests.
 
     Groups requests by model, SLO class and length class, estimates waiting times with
     their uncertainty, solves a two-stage stochastic program with HiGHS, and writes the
-    virtual queue of every instance to `plans/`.
+    virtual queue of every instance to `plans/`. Every plan is scored on the same
+    held-out scenarios; `--compare` prints the policies side by side.
     """
-    raise NotImplementedYet("`qlmctl plan` is not implemented yet")
+    from qlmctl.plan.planner import instance_rows, plan_workload, summary
+    from qlmctl.render import print_json, print_table
+
+    names = [p.strip() for p in compare.split(",") if p.strip()] if compare else [policy]
+    options = {"time_limit_s": time_limit, "mip_gap": mip_gap, "milp_scenarios": scenarios}
+    measured = profiles if profiles.exists() or profiles != Path("profiles") else None
+    result = plan_workload(workload, cluster, measured, names, options, seed, at, out)
+    if json_out:
+        print_json(summary(result))
+        return
+    if len(result) == 1:
+        only = next(iter(result.values()))
+        for inst, rows in instance_rows(only.plan).items():
+            cols = ["#", "group", "model", "class", "size", "deadline s", "start s", "finish s"]
+            print_table(f"instance {inst}", [*cols, "P(miss)"], rows)
+    classes = sorted({c for r in result.values() for c in r.held_out.by_class})
+    rows = [
+        [
+            name,
+            r.held_out.attainment,
+            *(r.held_out.by_class[c] for c in classes),
+            r.wall_s,
+            r.plan.solver.chosen,
+            r.plan.solver.status,
+            r.plan.solver.note or "-",
+        ]
+        for name, r in result.items()
+    ]
+    cols = ["policy", "attainment", *classes, "plan s", "chosen", "status", "note"]
+    print_table("predicted SLO attainment (held-out scenarios)", cols, rows)
 
 
 @app.command()
