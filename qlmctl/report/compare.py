@@ -23,10 +23,16 @@ from qlmctl.report.metrics import GroupMetrics, RunMetrics
 class MetricRow:
     """One compared metric: its value in every run and the improvement over the baseline."""
 
-    name: str
+    metric: str  # e.g. slo_attainment
+    slo_class: str | None  # None: the whole run
     higher_is_better: bool
     values: tuple[float | None, ...]  # one per run, in run order
     improvement: tuple[float | None, ...]  # relative to the baseline; positive = better
+
+    @property
+    def name(self) -> str:
+        """``metric`` for the whole run, ``metric[class]`` for one SLO class."""
+        return self.metric if self.slo_class is None else f"{self.metric}[{self.slo_class}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +110,12 @@ def relative_improvement(value: float | None, base: float | None, higher: bool) 
     return change if higher else 0.0 - change  # 0.0 - x: no negative zero
 
 
-def _row(name: str, values: list[float | None], base: int, higher: bool) -> MetricRow:
+def _row(
+    name: str, cls: str | None, values: list[float | None], base: int, higher: bool
+) -> MetricRow:
     return MetricRow(
-        name=name,
+        metric=name,
+        slo_class=cls,
         higher_is_better=higher,
         values=tuple(values),
         improvement=tuple(relative_improvement(v, values[base], higher) for v in values),
@@ -130,17 +139,23 @@ def compare(
     warnings = check_same_workload(runs, force)
     base = pick_baseline(runs, baseline)
     rows = [
-        _row(name, [get(r.overall) for r in runs], base, higher)
+        _row(name, None, [get(r.overall) for r in runs], base, higher)
         for name, get, higher in _GROUP_METRICS
     ]
     rows.insert(
         1,
-        _row("weighted_slo_attainment", [r.overall.weighted_attainment for r in runs], base, True),
+        _row(
+            "weighted_slo_attainment",
+            None,
+            [r.overall.weighted_attainment for r in runs],
+            base,
+            True,
+        ),
     )
     classes = list(dict.fromkeys(c for r in runs for c in r.by_class))
     for cls in classes:
         for name, get, higher in _GROUP_METRICS:
             if name in _CLASS_METRICS:
                 values = [get(r.by_class[cls]) if cls in r.by_class else None for r in runs]
-                rows.append(_row(f"{name}[{cls}]", values, base, higher))
+                rows.append(_row(name, cls, values, base, higher))
     return Comparison(run_labels(runs), base, tuple(rows), warnings)

@@ -40,7 +40,8 @@ def _comparison_table(c: Comparison) -> str:
     others = [k for k in range(len(c.labels)) if k != c.baseline]
     rows = [
         {
-            "metric": row.name,
+            "metric": row.metric,
+            "class": row.slo_class or "all",
             **dict(zip(c.labels, row.values, strict=True)),
             **{f"Δ {c.labels[k]} (%)": _percent(row.improvement[k]) for k in others},
         }

@@ -26,6 +26,10 @@ def _ms(x: float | None) -> str:
     return "-" if x is None else f"{1000 * x:.4g}"
 
 
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
 def _slo_rows(groups: dict[str, GroupMetrics]) -> list[list[Any]]:
     return [
         [
@@ -93,7 +97,7 @@ def print_run(m: RunMetrics) -> None:
         ]
         print_table(
             f"predicted vs observed · dispatch − predicted start over {p.start_count} "
-            f"dispatches: bias {_ms(p.start_bias_s)} ms, MAE {_ms(p.start_mae_s)} ms",
+            f"dispatches: bias {_s(p.start_bias_s)} s, MAE {_s(p.start_mae_s)} s",
             ["requests", "n", "predicted miss", "observed miss", "Brier"],
             rows,
         )
@@ -103,9 +107,10 @@ def print_comparison(c: Comparison) -> None:
     """A value column per run, then the improvement of every other run over the baseline."""
     labels = [escape(label) for label in c.labels]
     others = [k for k in range(len(labels)) if k != c.baseline]
-    columns = ["metric", *labels, *(f"Δ {labels[k]}" for k in others)]
+    columns = ["metric", "class", *labels, *(f"Δ {labels[k]}" for k in others)]
     rows = [
-        [escape(row.name), *row.values, *(_pct(row.improvement[k]) for k in others)]
+        [escape(row.metric), escape(row.slo_class or "all"), *row.values]
+        + [_pct(row.improvement[k]) for k in others]
         for row in c.rows
     ]
     print_table(f"comparison (baseline {labels[c.baseline]}; Δ > 0 is better)", columns, rows)
