@@ -4,9 +4,10 @@ Per run: SLO attainment over time per class (rolling window over arrivals), queu
 (requests in flight per instance and the global waiting queue), and a Gantt of work per
 instance: every attempt's [dispatch, finish] bar coloured by model (by SLO class when the
 run serves one model), overlapping bars drawn translucent so batch depth shows, swaps and
-wakes as hatched spans with a ▼, evictions as ×, instances going down as a red |.
-For the whole report: TTFT CDFs, one line per run, with each class's TTFT target dashed;
-with several runs also SLO attainment per class and policy as grouped bars.
+wakes as hatched spans with a ▼, sleeps as a grey ▲, evictions as ×, instances going
+down as a red |. For the whole report: TTFT CDFs (all requests and one panel per class),
+one line per run, the class's TTFT target dashed; with several runs also SLO attainment
+per class and run as grouped bars.
 
 Every file is written to a temporary name and renamed, so nothing is half-written.
 """
@@ -118,6 +119,7 @@ def _gantt(run: RunLog, label: str) -> Draw:
             )  # fmt: skip
         mark(ax, "swap", marker="v", color="black", label="swap")
         mark(ax, "wake", marker="v", color="tab:green", label="wake")
+        mark(ax, "sleep", marker="^", color="grey", label="sleep")
         mark(ax, "evict", marker="x", color="tab:red", label="eviction")
         mark(ax, "instance_down", marker="|", s=200, color="red", label="instance down")
         ax.set_yticks(range(len(instances)), instances)
@@ -129,29 +131,37 @@ def _gantt(run: RunLog, label: str) -> Draw:
     return draw
 
 
-def _ttft_cdf(report: Report, labels: tuple[str, ...]) -> Draw:
-    tables = [request_table(run)["ttft_s"].dropna().sort_values() for run in report.runs]
+def _ttft_cdf(report: Report, labels: tuple[str, ...]) -> tuple[Draw, int]:
+    """One panel for all requests and one per class; returns the drawing and panel count."""
+    tables = [request_table(run)[["slo_class", "ttft_s"]].dropna() for run in report.runs]
     targets: dict[str, float] = {}
     for run in report.runs:
         for cls, spec in (run.meta.get("slo_classes") or {}).items():
             if spec and spec.get("ttft_s") is not None:
                 targets.setdefault(cls, float(spec["ttft_s"]))
+    classes = list(dict.fromkeys(c for t in tables for c in t["slo_class"]))
+    panels = ["all", *classes]
 
     def draw(fig: Figure) -> None:
-        ax = fig.subplots()
-        for label, ttft in zip(labels, tables, strict=True):
-            share = [100 * k / len(ttft) for k in range(len(ttft) + 1)]
-            ax.step([0.0, *ttft], share, where="post", label=label)
-        for cls, target in targets.items():
-            ax.axvline(target, ls="--", lw=0.8, color="grey")
-            ax.text(target, 0.02, f" {cls} target", rotation=90, fontsize="x-small",
-                    transform=ax.get_xaxis_transform())  # fmt: skip
-        ax.set(xlabel="TTFT from arrival (s)", ylabel="finished requests (%)", ylim=(0, 101))
-        ax.set_title("TTFT CDF per run")
-        ax.legend(loc="best", fontsize="small")
-        ax.grid(alpha=0.3)
+        ncols = min(len(panels), 3)
+        axes = fig.subplots(-(-len(panels) // ncols), ncols, squeeze=False).ravel()
+        for ax, panel in zip(axes, panels, strict=False):
+            for label, table in zip(labels, tables, strict=True):
+                sel = table if panel == "all" else table[table["slo_class"] == panel]
+                ttft = sel["ttft_s"].sort_values().tolist()
+                share = [100 * k / len(ttft) for k in range(len(ttft) + 1)] if ttft else []
+                if ttft:
+                    ax.step([0.0, *ttft], share, where="post", label=label)
+            if panel in targets:
+                ax.axvline(targets[panel], ls="--", lw=1.0, color="grey", label="TTFT target")
+            ax.set(xlabel="TTFT from arrival (s)", ylabel="finished (%)", ylim=(0, 101))
+            ax.set_title(f"TTFT CDF: {panel}")
+            ax.grid(alpha=0.3)
+        axes[0].legend(loc="lower right", fontsize="small")
+        for ax in axes[len(panels) :]:
+            ax.set_visible(False)
 
-    return draw
+    return draw, len(panels)
 
 
 def _attainment_bars(report: Report, labels: tuple[str, ...]) -> Draw:
@@ -195,7 +205,8 @@ def write_plots(report: Report, out: Path) -> list[Path]:
         pngs.append(_save(_queues(run, label), out / f"{stem}-queues.png", (9.0, 5.0)))
         height = 1.5 + 0.6 * max(len(run.meta.get("instances") or []), 2)
         pngs.append(_save(_gantt(run, label), out / f"{stem}-gantt.png", (11.0, height)))
-    pngs.append(_save(_ttft_cdf(report, labels), out / "ttft-cdf.png"))
+    cdf, panels = _ttft_cdf(report, labels)
+    pngs.append(_save(cdf, out / "ttft-cdf.png", (12.0, 3.5 * -(-panels // 3))))
     if len(report.runs) > 1:
         pngs.append(_save(_attainment_bars(report, labels), out / "attainment-by-class.png"))
     return [*pngs, write_html(report, pngs, out / "report.html")]
