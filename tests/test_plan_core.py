@@ -118,6 +118,22 @@ def test_scenarios_spread_and_clairvoyant_truth() -> None:
     assert truth.count == 1 and np.isfinite(truth.service_s[:, 0, 0]).all()
 
 
+def test_clairvoyant_policies_plan_on_the_true_lengths() -> None:
+    reqs = make_requests(3, output_tokens=3000) + make_requests(3, prefix="s", output_tokens=5)
+    snap = snapshot(reqs)
+    guess = prepare(snap, LengthModel(), np.random.default_rng(0))
+    truth = prepare(snap, LengthModel(), np.random.default_rng(0), clairvoyant=True)
+    assert {g.length_class for g in guess.problem.groups} == {"short"}
+    assert {g.length_class for g in truth.problem.groups} == {"short", "long"}
+    known = known_scenario(truth.problem)
+    assert truth.scen.count == 1 and np.allclose(truth.scen.service_s, known.service_s)
+    for name in POLICIES:
+        plan = make_policy(name, clairvoyant=True).plan(snap, np.random.default_rng(0))
+        assert sorted(plan.request_ids()) == sorted(r.id for r in reqs)
+        misses = [g.miss_probability for ip in plan.instances for g in ip.groups]
+        assert set(misses) <= {0.0, 1.0}  # one known scenario: no uncertainty left
+
+
 # ---- policies and plans --------------------------------------------------------------
 
 

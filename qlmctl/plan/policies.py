@@ -17,6 +17,11 @@ per-group predicted start/finish and miss probability.
   serving core it splits into :meth:`QlmPolicy.quick` (the heuristic answer now) and
   :meth:`QlmPolicy.improve` (the MILP, safe to run in a worker thread: one Pyomo model
   and one HiGHS object per call, no shared state but the read-only snapshot).
+
+Every policy takes ``clairvoyant=True``: it is then told each request's true output
+length (:func:`~qlmctl.plan.estimator.known_scenario` replaces the sampled scenarios, and
+groups and decode contexts use the true lengths). Benchmarks use it as the bound on what
+better length estimates could buy; it needs lengths a real deployment does not know.
 """
 
 from __future__ import annotations
@@ -28,9 +33,16 @@ from typing import Any
 
 import numpy as np
 
+from qlmctl.domain import Request
 from qlmctl.errors import BadInput
 from qlmctl.plan import heuristics as H
-from qlmctl.plan.estimator import LengthModel, Scenarios, mean_scenario, sample_scenarios
+from qlmctl.plan.estimator import (
+    LengthModel,
+    Scenarios,
+    known_scenario,
+    mean_scenario,
+    sample_scenarios,
+)
 from qlmctl.plan.groups import DEFAULT_MAX_GROUP_SIZE, build_groups
 from qlmctl.plan.milp import DEFAULT_SWAP_COST, solve
 from qlmctl.plan.problem import Problem, build_problem
@@ -54,13 +66,26 @@ def prepare(
     rng: np.random.Generator,
     scenarios: int = 50,
     max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
+    clairvoyant: bool = False,
 ) -> Context:
-    """Groups, problem arrays and ``scenarios`` scoring scenarios for ``snapshot``."""
+    """Groups, problem arrays and ``scenarios`` scoring scenarios for ``snapshot``.
+
+    With ``clairvoyant`` the true output lengths replace the estimates and the one
+    known scenario replaces the sampled ones.
+    """
     lengths.set_priors(snapshot.perf)
-    groups = build_groups(snapshot.waiting, snapshot.slo_classes, lengths.expected, max_group_size)
-    problem = build_problem(snapshot, groups, lengths.expected)
-    scen = sample_scenarios(problem, lengths, rng, max(1, scenarios))
+    expected = _true_length if clairvoyant else lengths.expected
+    groups = build_groups(snapshot.waiting, snapshot.slo_classes, expected, max_group_size)
+    problem = build_problem(snapshot, groups, expected)
+    if clairvoyant:
+        scen = known_scenario(problem)
+    else:
+        scen = sample_scenarios(problem, lengths, rng, max(1, scenarios))
     return Context(problem, scen, scen.service_s.mean(axis=2), scen.free_s.mean(axis=1))
+
+
+def _true_length(request: Request) -> float:
+    return float(request.target_output_tokens)
 
 
 def to_plan(
@@ -103,7 +128,8 @@ def to_plan(
 
 
 class _Base:
-    """Shared options: scoring scenarios, group size, the (shared, mutable) length model."""
+    """Shared options: scoring scenarios, group size, the (shared, mutable) length model,
+    and whether the true output lengths are known (``clairvoyant``)."""
 
     name = "base"
 
@@ -112,14 +138,18 @@ class _Base:
         scenarios: int = 50,
         max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
         lengths: LengthModel | None = None,
+        clairvoyant: bool = False,
     ) -> None:
         self.scenarios = scenarios
         self.max_group_size = max_group_size
         self.lengths = lengths if lengths is not None else LengthModel()
+        self.clairvoyant = clairvoyant
 
     def prepare(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Context:
         """See :func:`prepare`."""
-        return prepare(snapshot, self.lengths, rng, self.scenarios, self.max_group_size)
+        return prepare(
+            snapshot, self.lengths, rng, self.scenarios, self.max_group_size, self.clairvoyant
+        )
 
 
 class OrderPolicy(_Base):
@@ -247,7 +277,9 @@ class QlmPolicy(_Base):
         best = _best(cands)
         seq_name = max(("class-blocks", "deadline-blocks"), key=lambda k: cands[k][1].attainment)
         order, blocks = cands[seq_name][2], cands[seq_name][3]
-        if self.milp_scenarios == 1:
+        if self.clairvoyant:
+            in_sample = ctx.scen
+        elif self.milp_scenarios == 1:
             in_sample = mean_scenario(pb, self.lengths)
         else:
             in_sample = sample_scenarios(pb, self.lengths, milp_rng, self.milp_scenarios)
@@ -293,6 +325,8 @@ class QlmPolicy(_Base):
         return to_plan(ctx, self.name, chosen_q, chosen_s, stats)
 
 
+_SHARED_OPTIONS = ("scenarios", "max_group_size", "lengths", "clairvoyant")
+
 POLICIES: dict[str, Callable[..., Policy]] = {
     "fcfs": lambda **o: OrderPolicy("fcfs", H.fcfs_order, False, **o),
     "edf": lambda **o: OrderPolicy("edf", H.edf_order, False, **o),
@@ -305,13 +339,12 @@ POLICIES: dict[str, Callable[..., Policy]] = {
 def make_policy(name: str, **options: Any) -> Policy:
     """The policy called ``name``; :class:`BadInput` listing the valid names otherwise.
 
-    Options that only ``qlm`` understands (time_limit_s, mip_gap, milp_scenarios,
-    swap_cost, warm_start) are ignored by the others.
+    Every policy takes the options of ``_SHARED_OPTIONS`` (scenarios, max_group_size,
+    lengths, clairvoyant); those only ``qlm`` understands (time_limit_s, mip_gap,
+    milp_scenarios, swap_cost, warm_start) are ignored by the others.
     """
     if name not in POLICIES:
         raise BadInput(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     if name != "qlm":
-        options = {
-            k: v for k, v in options.items() if k in ("scenarios", "max_group_size", "lengths")
-        }
+        options = {k: v for k, v in options.items() if k in _SHARED_OPTIONS}
     return POLICIES[name](**options)
