@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -56,6 +56,7 @@ from qlmctl.engine.events import (
 from qlmctl.errors import BadInput
 from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, RunningRequest
 from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.profile.store import swap_time_s
 from qlmctl.serve.config import (
     CoreConfig,
     CoreStats,
@@ -77,8 +78,6 @@ class ServeCore:
         policy: Any,
         config: CoreConfig | None = None,
         rng: np.random.Generator | None = None,
-        *,
-        swap_time: Callable[[PerfModel, PerfModel | None, bool], float] | None = None,
     ) -> None:
         """Args:
         cluster: the instances (all start UP with their resident model).
@@ -88,7 +87,6 @@ class ServeCore:
             how its fast answer and its background improvement are found.
         config: the core's knobs.
         rng: the only source of randomness, passed to the policy.
-        swap_time: (to, from, asleep) -> seconds, for the planned ready time of a load.
         """
         self.cluster = cluster
         self.config = config or CoreConfig()
@@ -100,7 +98,6 @@ class ServeCore:
         self._rng = rng if rng is not None else np.random.default_rng(0)
         # the slow improvement (the MILP) the driver runs on wants_improvement() snapshots
         self.improver: ImproveFn | None = improver if self.config.improve else None
-        self._swap_time = swap_time or _default_swap_time
         self._insts = {i.id: InstanceRecord(i, i.model) for i in cluster.instances}
         self._vq: dict[str, deque[QueuedGroup]] = {i: deque() for i in self._insts}
         self._reqs: dict[str, Tracked] = {}
@@ -557,7 +554,10 @@ class ServeCore:
     def _load_time(self, inst: InstanceRecord, model: str) -> float:
         gpu = inst.spec.gpu
         from_perf = self._perf.get((inst.model, gpu)) if inst.model else None
-        return self._swap_time(self._perf[(model, gpu)], from_perf, model in inst.sleeping)
+        sleep = from_perf is not None and from_perf.supports_sleep
+        return swap_time_s(
+            self._perf[(model, gpu)], from_perf, model in inst.sleeping, sleep_current=sleep
+        )
 
     def _service_s(self, tr: Tracked, inst: InstanceRecord) -> float:
         """Estimated time from dispatch to finish of ``tr`` at the instance's current load."""
@@ -705,9 +705,3 @@ class ServeCore:
                 "detail": json.dumps(detail, sort_keys=True, default=str) if detail else None,
             }
         )
-
-
-def _default_swap_time(to: PerfModel, frm: PerfModel | None, asleep: bool) -> float:
-    if asleep and to.wake_s is not None and to.supports_sleep:
-        return to.wake_s
-    return (frm.stop_s if frm is not None else 0.0) + to.cold_start_s

@@ -6,10 +6,11 @@ rows (run.json keys, the final summary) is built here so the two cannot drift ap
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ class RunSummary:
     duration_s: float
     attainment_by_class: dict[str, float | None] = field(default_factory=dict)
     operations: dict[str, int] = field(default_factory=dict)  # kind -> count
+    interrupted: bool = False  # stopped by Ctrl-C before the workload ended
 
     @property
     def attainment(self) -> float:
@@ -48,6 +50,9 @@ class RunSummary:
     def goodput_rps(self) -> float:
         """Requests finished within their SLO per second of run time."""
         return self.slo_met / self.duration_s if self.duration_s > 0 else 0.0
+
+    def with_interrupted(self, interrupted: bool) -> RunSummary:
+        return replace(self, interrupted=interrupted)
 
     @classmethod
     def from_stats(
@@ -106,9 +111,20 @@ def default_run_name(workload: Workload, policy: str, engine: str) -> str:
     return f"{stem}-{policy}-{engine}-{stamp}"
 
 
-def open_log(run_dir: Path, meta: dict[str, Any]) -> RunLogWriter:
-    """Create the run directory's writer; ``run_id`` defaults to the directory name."""
-    return RunLogWriter(run_dir, {**meta, "run_id": meta.get("run_id") or Path(run_dir).name})
+@contextlib.contextmanager
+def open_log(run_dir: Path, meta: dict[str, Any]) -> Iterator[RunLogWriter]:
+    """The run directory's writer (``run_id`` defaults to the directory name).
+
+    The caller closes it (with ``duration_s``) when the run ends; if the run raises
+    instead, the rows so far are flushed and the run stays marked incomplete.
+    """
+    log = RunLogWriter(run_dir, {**meta, "run_id": meta.get("run_id") or Path(run_dir).name})
+    try:
+        yield log
+    except BaseException:
+        if not log.closed:
+            log.flush()
+        raise
 
 
 def write_rows(

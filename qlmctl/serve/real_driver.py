@@ -1,0 +1,399 @@
+"""The real-time driver: the serving core against real vLLM servers, with asyncio and httpx.
+
+How it works: the instances are launched (``vllm serve`` argument lists) or attached
+(checked first); the run clock (:class:`~qlmctl.clock.WallClock`) starts when all are
+ready, so arrival times are seconds from then. One loop owns the core: it feeds arrivals
+when due and every item other tasks put on its queue (engine events, ``/metrics``
+backpressure, improved plans), asks the core to decide and applies the actions:
+
+* Dispatch: one task per request streams ``/v1/completions`` (many at once, never one
+  at a time); its first token, end, rejection (HTTP 4xx: not retryable) or failure
+  become engine events;
+* Evict: cancel the request's task, which closes the stream (vLLM aborts the request);
+* LoadModel: stop the server and start it with the other model; InstanceReady when up.
+
+A poller per instance reads ``/metrics`` (waiting requests, KV usage) and watches the
+process: a launched server that exited, or an endpoint unreachable three polls in a
+row, is reported down (its requests are re-queued by the core). The policy's MILP
+improver runs in a worker thread (``asyncio.to_thread``) so dispatch never waits on it.
+Ctrl-C stops dispatching, cancels what is in flight (logged ``cancelled``), closes the
+log and reports an interrupted run. Events from a request task that is no longer the
+request's current attempt are dropped, so the core never hears stale news.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from qlmctl.clock import WallClock
+from qlmctl.domain import ClusterSpec, Request, check_models_served
+from qlmctl.engine.events import (
+    Aborted,
+    Action,
+    Dispatch,
+    EngineEvent,
+    Evict,
+    Finished,
+    FirstToken,
+    InstanceDown,
+    InstanceReady,
+    LoadModel,
+)
+from qlmctl.engine.vllm import RequestRejected, fetch_metrics, stream_completion
+from qlmctl.errors import EngineError
+from qlmctl.plan.types import Plan
+from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.serve.config import CoreConfig
+from qlmctl.serve.core import ServeCore
+from qlmctl.serve.instances import RealInstance
+from qlmctl.serve.run import ProgressFn, RunSummary, open_log, run_meta, write_rows
+from qlmctl.serve.runlog import RunLogWriter
+from qlmctl.workload import Workload, prompt_for
+
+_UNREACHABLE_POLLS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class RealOptions:
+    """Timeouts and cadences of the real driver (recorded in run.json)."""
+
+    ready_timeout_s: float = 300.0  # launch or swap until the model is served
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 120.0  # longest silence inside one streamed response
+    metrics_interval_s: float = 0.5
+    cpu: bool | None = None  # CPU-safe launch flags; None: detect
+    kill_at: tuple[tuple[float, str], ...] = ()  # tests: (run time, instance) to kill
+
+
+@dataclass(frozen=True, slots=True)
+class _Backpressure:
+    instance_id: str
+    waiting: int | None
+    kv_usage: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Improved:
+    plan: Plan | None
+    error: str | None = None
+
+
+_Item = EngineEvent | _Backpressure | _Improved
+
+
+def run_real(
+    workload: Workload,
+    cluster: ClusterSpec,
+    perf: Mapping[tuple[str, str], PerfModel],
+    policy: Any,
+    config: CoreConfig | None,
+    run_dir: Path,
+    seed: int = 0,
+    *,
+    options: RealOptions | None = None,
+    meta: dict[str, Any] | None = None,
+    on_progress: ProgressFn | None = None,
+) -> RunSummary:
+    """Replay ``workload`` on real vLLM servers; write the run log to ``run_dir``.
+
+    Arguments as for :func:`~qlmctl.serve.sim_driver.run_simulated`, plus ``options``.
+    Launched servers are stopped at the end. Ctrl-C gives an interrupted summary.
+    """
+    driver = _RealDriver(workload, cluster, perf, policy, config or CoreConfig(), seed, options)
+    return asyncio.run(driver.run(Path(run_dir), meta or {}, on_progress))
+
+
+class _RealDriver:
+    def __init__(
+        self,
+        workload: Workload,
+        cluster: ClusterSpec,
+        perf: Mapping[tuple[str, str], PerfModel],
+        policy: Any,
+        config: CoreConfig,
+        seed: int,
+        options: RealOptions | None,
+    ) -> None:
+        check_models_served(cluster, workload.models)
+        self.workload, self.policy, self.config, self.seed = workload, policy, config, seed
+        self.options = options or RealOptions()
+        self.cluster = cluster
+        self.perf = perf
+        self.by_id: dict[str, Request] = {r.id: r for r in workload.requests}
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        # request id -> (task, instance) of its current attempt
+        self.tasks: dict[str, tuple[asyncio.Task[None], str]] = {}
+        self.itl_max: dict[str, float] = {}  # request id -> longest gap, last finished attempt
+        self.background: set[asyncio.Task[Any]] = set()
+        self.clock = WallClock()
+        self.stop = asyncio.Event()
+
+    async def run(
+        self, run_dir: Path, meta: dict[str, Any], on_progress: ProgressFn | None
+    ) -> RunSummary:
+        opts = self.options
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGINT, self.stop.set)
+        meta = run_meta(self.workload, self.cluster, self.policy.name, "vllm", self.config,
+                        self.seed, {**meta, "real_options": _options_dict(opts)})  # fmt: skip
+        timeout = httpx.Timeout(opts.read_timeout_s, connect=opts.connect_timeout_s)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        try:
+            with open_log(run_dir, meta) as log:
+                self.instances = {
+                    s.id: RealInstance(
+                        s, self.cluster, run_dir / "servers",
+                        priority_scheduling=self.config.vllm_priority, cpu=opts.cpu,
+                        ready_timeout_s=opts.ready_timeout_s,
+                    )
+                    for s in self.cluster.instances
+                }  # fmt: skip
+                async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+                    self.client = client
+                    try:
+                        if await self._start_instances():
+                            return await self._serve(run_dir, log, on_progress)
+                        log.close(duration_s=0.0, interrupted=True)
+                        return RunSummary(run_dir, self.policy.name, "vllm", 0, 0, 0, 0, 0, 0,
+                                          0.0, interrupted=True)  # fmt: skip
+                    finally:
+                        for t in [*(t for t, _ in self.tasks.values()), *self.background]:
+                            t.cancel()
+                        await asyncio.gather(*(i.stop() for i in self.instances.values()))
+        finally:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGINT)
+
+    async def _start_instances(self) -> bool:
+        """Launch or check every instance at once; False if Ctrl-C came first."""
+        start: asyncio.Future[Any] = asyncio.gather(
+            *(i.start(self.client) for i in self.instances.values())
+        )
+        stopped: asyncio.Future[Any] = asyncio.create_task(self.stop.wait())
+        done, _ = await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if start in done:
+            start.result()
+            return True
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError, EngineError):
+            await start
+        return False
+
+    async def _serve(
+        self, run_dir: Path, log: RunLogWriter, on_progress: ProgressFn | None
+    ) -> RunSummary:
+        # The core hears only of models an instance can serve: attached ones can't swap.
+        core_cluster = self.cluster.model_copy(
+            update={
+                "instances": [
+                    s if s.launch is not None else s.model_copy(update={"models": [i.model]})
+                    for s, i in zip(self.cluster.instances, self.instances.values(), strict=True)
+                ]
+            }
+        )
+        core = ServeCore(
+            core_cluster, self.workload.slo_classes, self.perf, self.policy, self.config,
+            np.random.default_rng(self.seed),
+        )  # fmt: skip
+        self.core = core
+        improve_rng = np.random.default_rng([self.seed, 1])
+        self.clock = WallClock()
+        for inst in self.instances.values():
+            self._spawn(self._poll(inst))
+        for t_s, iid in self.options.kill_at:
+            self._spawn(self._kill_later(t_s, iid))
+        requests, k = self.workload.requests, 0
+        interrupted = False
+        while True:
+            now = self.clock.now()
+            while k < len(requests) and requests[k].arrival_s <= now:
+                core.on_arrival(requests[k], now)
+                k += 1
+            if self.stop.is_set():
+                interrupted = True
+                self._apply(list(core.cancel_all(now, "interrupted (Ctrl-C)")))
+                write_rows(core, log, self._enrich)
+                break
+            self._apply(core.decide(now))
+            snap = core.wants_improvement()
+            if snap is not None and core.improver is not None:
+                self._spawn(self._improve(core.improver, snap, improve_rng))
+            write_rows(core, log, self._enrich)
+            if on_progress is not None:
+                on_progress(core.stats(), now)
+            if k == len(requests) and core.done:
+                break
+            next_t = min(
+                requests[k].arrival_s if k < len(requests) else math.inf,
+                core.next_wakeup_s() or math.inf,
+                now + 0.5,  # refresh the live view
+            )
+            await self._next_items(max(0.0, next_t - self.clock.now()))
+        duration = self.clock.now()
+        log.close(duration_s=duration, interrupted=interrupted)
+        summary = RunSummary.from_stats(core.stats(), run_dir, self.policy.name, "vllm", duration)
+        return summary.with_interrupted(interrupted)
+
+    async def _next_items(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for queued items, then feed all of them to the core."""
+        with contextlib.suppress(TimeoutError):
+            first = await asyncio.wait_for(self.queue.get(), timeout_s)
+            self._feed(first)
+            while not self.queue.empty():
+                self._feed(self.queue.get_nowait())
+
+    def _feed(self, item: _Item) -> None:
+        core, now = self.core, self.clock.now()
+        if isinstance(item, _Backpressure):
+            core.on_backpressure(item.instance_id, item.waiting, item.kv_usage)
+        elif isinstance(item, _Improved):
+            if item.error is not None:
+                core.improvement_failed(now, item.error)
+            else:
+                core.on_plan(item.plan, now)
+        else:
+            core.on_event(item, now)
+
+    # ---- actions ----------------------------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, Dispatch):
+                task = asyncio.create_task(self._request(a))
+                self.tasks[a.request_id] = (task, a.instance_id)
+            elif isinstance(a, Evict):
+                current = self.tasks.get(a.request_id)
+                if current is not None:
+                    current[0].cancel()
+            elif isinstance(a, LoadModel):
+                self._spawn(self._load(a.instance_id, a.model))
+
+    async def _request(self, a: Dispatch) -> None:
+        req, inst = self.by_id[a.request_id], self.instances[a.instance_id]
+        me = asyncio.current_task()
+        rid, iid = a.request_id, a.instance_id
+
+        def mine() -> bool:
+            current = self.tasks.get(rid)
+            return current is not None and current[0] is me
+
+        def push(ev: EngineEvent) -> None:
+            if mine():
+                self.queue.put_nowait(ev)
+
+        try:
+            result = await stream_completion(
+                self.client, inst.base_url, req.model, prompt_for(req), req.target_output_tokens,
+                priority=a.priority if self.config.vllm_priority else None,
+                ignore_eos=req.output_tokens is not None,
+                on_first_token=lambda _t: push(FirstToken(rid, iid, self.clock.now())),
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            push(Aborted(rid, iid, self.clock.now(), 0, "evicted"))
+        except RequestRejected as exc:
+            push(Aborted(rid, iid, self.clock.now(), 0, f"HTTP {exc.status_code}: {exc}", False))
+        except EngineError as exc:
+            push(Aborted(rid, iid, self.clock.now(), 0, str(exc)[:300]))
+            if inst.launched and not inst.alive() and not inst.swapping:
+                self._report_down(inst, "process exited")
+        else:
+            gaps = result.inter_token_s
+            self.itl_max[rid] = max(gaps) if gaps else 0.0
+            push(Finished(rid, iid, self.clock.now(), result.output_tokens))
+        finally:
+            if mine():
+                del self.tasks[rid]
+
+    async def _load(self, iid: str, model: str) -> None:
+        inst = self.instances[iid]
+        self.queue.put_nowait(InstanceDown(iid, self.clock.now(), "swap"))
+        try:
+            await inst.load(model)
+        except (EngineError, OSError) as exc:
+            inst.down = True
+            self.queue.put_nowait(InstanceDown(iid, self.clock.now(), f"failed: {exc}"[:300]))
+        else:
+            self.queue.put_nowait(InstanceReady(iid, self.clock.now(), model))
+
+    def _report_down(self, inst: RealInstance, reason: str) -> None:
+        """Tell the core once; forget the instance's request tasks (their news is stale)."""
+        if inst.down:
+            return
+        inst.down = True
+        for rid in [r for r, (_, iid) in self.tasks.items() if iid == inst.spec.id]:
+            self.tasks.pop(rid)[0].cancel()
+        self.queue.put_nowait(InstanceDown(inst.spec.id, self.clock.now(), f"failed: {reason}"))
+
+    # ---- background -------------------------------------------------------------------
+
+    async def _poll(self, inst: RealInstance) -> None:
+        """Backpressure from /metrics; report the instance down if it died or went silent."""
+        misses = 0
+        while True:
+            await asyncio.sleep(self.options.metrics_interval_s)
+            if inst.down or inst.swapping:
+                misses = 0
+                continue
+            if inst.launched and not inst.alive():
+                self._report_down(inst, "process exited")
+                continue
+            try:
+                m = await fetch_metrics(self.client, inst.base_url)
+            except EngineError:
+                misses += 1
+                if misses >= _UNREACHABLE_POLLS:
+                    self._report_down(inst, f"unreachable for {misses} polls")
+                continue
+            misses = 0
+            waiting = m.get("num_requests_waiting")
+            self.queue.put_nowait(
+                _Backpressure(
+                    inst.spec.id,
+                    None if waiting is None else int(waiting),
+                    m.get("kv_cache_usage_perc"),
+                )
+            )
+
+    async def _improve(self, improver: Any, snap: Any, rng: np.random.Generator) -> None:
+        try:
+            plan = await asyncio.to_thread(improver, snap, rng)
+        except Exception as exc:  # the improver is optional: any failure keeps the fast plan
+            self.queue.put_nowait(_Improved(None, f"{type(exc).__name__}: {exc}"))
+        else:
+            self.queue.put_nowait(_Improved(plan))
+
+    async def _kill_later(self, t_s: float, iid: str) -> None:
+        await asyncio.sleep(max(0.0, t_s - self.clock.now()))
+        self.instances[iid].kill()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    def _enrich(self, row: dict[str, Any]) -> None:
+        """Driver-only fields: the longest inter-token gap; unknown tokens of aborted attempts."""
+        if row["outcome"] == "finished":
+            row["itl_max_s"] = self.itl_max.pop(row["request_id"], None)
+        else:
+            row["output_tokens"] = None  # a cancelled stream does not say how far it got
+
+
+def _options_dict(options: RealOptions) -> dict[str, Any]:
+    return {
+        "ready_timeout_s": options.ready_timeout_s,
+        "read_timeout_s": options.read_timeout_s,
+        "metrics_interval_s": options.metrics_interval_s,
+    }
