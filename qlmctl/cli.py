@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from qlmctl import __version__
-from qlmctl.errors import NotImplementedYet, QlmError
+from qlmctl.errors import QlmError
 
 err_console = Console(stderr=True)
 
@@ -76,7 +76,20 @@ def _root(
     _state["debug"] = debug
 
 
-@app.command()
+profile_app = typer.Typer(
+    help=(
+        "Measure models on real vLLM and inspect the stored profiles.\n\n"
+        "`qlmctl profile run MODEL -c cluster.yaml` sweeps prefill latency over prompt "
+        "lengths, decode step time over concurrency, KV saturation, cold start and (where "
+        "supported) sleep/wake, then fits the performance model used by `plan` and "
+        "`serve --engine sim`; `qlmctl profile show` prints profiles."
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(profile_app, name="profile")
+
+
+@profile_app.command("run")
 def profile(
     model: Annotated[str, typer.Argument(help="Model name from the cluster spec.")],
     cluster: ClusterOpt,
@@ -86,15 +99,60 @@ def profile(
     endpoint: Annotated[
         str | None, typer.Option(help="Attach to a running server at this URL instead.")
     ] = None,
+    gpu: Annotated[
+        str | None, typer.Option(help="GPU type to file the profile under (default: instance's).")
+    ] = None,
     profiles: ProfilesOpt = Path("profiles"),
+    quick: Annotated[bool, typer.Option(help="A short sweep (tests, CI, a first look).")] = False,
+    output_lengths: Annotated[
+        int, typer.Option(help="Also sample N natural output lengths (estimator prior).")
+    ] = 0,
+    ready_timeout: Annotated[
+        float, typer.Option(help="Seconds a launched server may take to become ready.")
+    ] = 300.0,
 ) -> None:
     """Measure MODEL on a real vLLM server and store its performance profile.
 
-    Sweeps prefill latency over prompt lengths, decode step time over concurrency, KV
-    capacity, cold start and (where supported) sleep/wake, then fits the performance
-    model used by `plan` and `serve --engine sim`.
+    Launches `vllm serve` from the instance's launch spec (timing cold start and stop) or
+    attaches to `--endpoint`/the instance's endpoint, runs the sweeps with a progress bar,
+    and writes PROFILES/<model>__<gpu>.json (nothing is written if anything fails).
     """
-    raise NotImplementedYet("`qlmctl profile` is not implemented yet")
+    from dataclasses import replace
+
+    from qlmctl.profile.profiler import SweepConfig, profile_cluster_model, profile_rows
+    from qlmctl.render import print_table
+    from qlmctl.specs import load_cluster
+
+    sweep = SweepConfig.quick() if quick else SweepConfig()
+    result = profile_cluster_model(
+        load_cluster(cluster),
+        model,
+        profiles,
+        instance=instance,
+        endpoint=endpoint,
+        gpu=gpu,
+        sweep=replace(sweep, output_lengths=output_lengths),
+        ready_timeout_s=ready_timeout,
+    )
+    print_table(f"profile {result.path}", ["field", "value"], profile_rows(result.perf))
+    typer.echo(f"decode-step fit: median relative error {result.fit_error:.1%}")
+
+
+@profile_app.command("show")
+def profile_show(
+    path: Annotated[Path, typer.Argument(help="A profile (JSON) or a directory of them.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Print a stored profile (or every profile in a directory) as a table."""
+    from qlmctl.profile.profiler import load_profiles, profile_rows
+    from qlmctl.render import print_json, print_table
+
+    perfs = load_profiles(path)
+    if json_out:
+        print_json([p.to_dict() for p in perfs.values()])
+        return
+    for source, perf in perfs.items():
+        print_table(f"profile {source}", ["field", "value"], profile_rows(perf))
 
 
 @app.command()

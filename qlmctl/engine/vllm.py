@@ -1,0 +1,323 @@
+"""HTTP client of a vLLM OpenAI-compatible server: streamed completions, metrics, health.
+
+How it works: :func:`stream_completion` posts to ``/v1/completions`` with ``stream: true``
+and reads the server-sent events line by line, stamping each token's arrival with
+``time.perf_counter()`` (this is an I/O driver, so it may read the clock). Chunks carry
+``token_ids`` (we ask for ``return_token_ids``), so a chunk that holds several tokens
+counts as several arrivals. The final usage chunk gives the authoritative token count.
+
+Rules: cancelling the awaiting task leaves the ``async with`` stream block, which closes
+the connection; vLLM aborts a request whose stream is closed and frees its KV blocks (this
+is how eviction works from outside). HTTP 4xx is :class:`RequestRejected` carrying the
+server's own message; connection problems and timeouts are :class:`EngineError` naming
+the URL. ``priority`` is only sent when given, because servers without
+``--scheduling-policy priority`` may refuse it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from qlmctl.errors import BadInput, EngineError
+
+# Prometheus sample name -> our key. V0 servers call the KV gauge gpu_cache_usage_perc.
+_METRICS = {
+    "vllm:num_requests_running": "num_requests_running",
+    "vllm:num_requests_waiting": "num_requests_waiting",
+    "vllm:kv_cache_usage_perc": "kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc": "kv_cache_usage_perc",
+    "vllm:num_preemptions_total": "num_preemptions_total",
+    # Engine-side timings (engine-core timestamps, immune to a slow client):
+    "vllm:generation_tokens_total": "generation_tokens_total",
+    "vllm:request_decode_time_seconds_sum": "request_decode_time_seconds_sum",
+    "vllm:request_decode_time_seconds_count": "request_decode_time_seconds_count",
+}
+_UNSUPPORTED_STATUS = (400, 404, 405, 501)
+
+
+class RequestRejected(EngineError):
+    """The server refused a request with HTTP 4xx; the message is the server's own."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionResult:
+    """Timing of one streamed completion; times are seconds from sending the request."""
+
+    ttft_s: float
+    token_times_s: tuple[float, ...]  # arrival of every output token, first = ttft_s
+    output_tokens: int
+    finish_reason: str | None  # "length", "stop", ... as the server reports it
+    e2e_s: float
+
+    @property
+    def inter_token_s(self) -> tuple[float, ...]:
+        """Gaps between consecutive token arrivals."""
+        t = self.token_times_s
+        return tuple(b - a for a, b in itertools.pairwise(t))
+
+
+@dataclass(frozen=True, slots=True)
+class SleepResult:
+    """Outcome of a sleep/wake call: ``supported`` False means the server refused it."""
+
+    supported: bool
+    elapsed_s: float | None
+    detail: str
+
+
+async def stream_completion(
+    client: httpx.AsyncClient,
+    base_url: str,
+    model: str,
+    prompt: str | list[int],
+    max_tokens: int,
+    *,
+    priority: int | None = None,
+    ignore_eos: bool = False,
+    on_first_token: Callable[[float], None] | None = None,
+    temperature: float = 0.8,
+) -> CompletionResult:
+    """Stream one completion and time every token.
+
+    Args:
+        client: shared async client (its timeout applies to connect and each read).
+        base_url: server URL without a trailing ``/v1``.
+        model: served model name.
+        prompt: text, or token ids (exact prompt lengths for profiling).
+        max_tokens: output cap; with ``ignore_eos`` exactly this many tokens come back.
+        priority: vLLM request priority (lower first); omitted when None.
+        ignore_eos: keep generating past the end-of-sequence token.
+        on_first_token: called with the TTFT as soon as the first token arrives.
+        temperature: sampling temperature.
+
+    Returns:
+        The timings; ``output_tokens`` is the server's usage count when it reports one.
+
+    Raises:
+        RequestRejected: HTTP 4xx (unknown model, prompt too long, bad priority, ...).
+        EngineError: connection refused or dropped, timeout, HTTP 5xx.
+    """
+    url = f"{base_url.rstrip('/')}/v1/completions"
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": ignore_eos,
+        "temperature": temperature,
+        "return_token_ids": True,
+    }
+    if priority is not None:
+        body["priority"] = priority
+    times: list[float] = []
+    finish: str | None = None
+    usage_tokens: int | None = None
+    start = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=body) as resp:
+            if resp.status_code >= 400:
+                await resp.aread()
+                _raise_for_status(resp, url)
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                now = time.perf_counter() - start
+                if chunk.get("usage"):
+                    usage_tokens = chunk["usage"].get("completion_tokens")
+                for choice in chunk.get("choices") or ():
+                    count = _tokens_in(choice)
+                    if count and not times and on_first_token is not None:
+                        on_first_token(now)
+                    times.extend([now] * count)
+                    finish = choice.get("finish_reason") or finish
+    except httpx.TimeoutException as exc:
+        raise EngineError(f"{url}: timed out ({type(exc).__name__})") from None
+    except httpx.HTTPError as exc:
+        raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from None
+    e2e = time.perf_counter() - start
+    if not times:
+        raise EngineError(f"{url}: the stream ended without any token (finish={finish!r})")
+    return CompletionResult(
+        ttft_s=times[0],
+        token_times_s=tuple(times),
+        output_tokens=usage_tokens if usage_tokens is not None else len(times),
+        finish_reason=finish,
+        e2e_s=e2e,
+    )
+
+
+def _tokens_in(choice: dict[str, Any]) -> int:
+    """Tokens carried by one streamed choice (token ids when the server sends them)."""
+    ids = choice.get("token_ids")
+    if isinstance(ids, list):
+        return len(ids)
+    return 1 if choice.get("text") else 0
+
+
+def _raise_for_status(resp: httpx.Response, url: str) -> None:
+    message = _error_message(resp)
+    if 400 <= resp.status_code < 500:
+        raise RequestRejected(resp.status_code, f"{url}: HTTP {resp.status_code}: {message}")
+    raise EngineError(f"{url}: HTTP {resp.status_code}: {message}")
+
+
+def _error_message(resp: httpx.Response) -> str:
+    """The server's error text: OpenAI-style ``{"error": {"message"}}`` or the raw body."""
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text.strip()[:300] or resp.reason_phrase
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if isinstance(data.get("detail"), str):
+            return str(data["detail"])
+    return json.dumps(data)[:300]
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sum the vLLM gauges/counters we use over all label sets of a Prometheus text page.
+
+    Returns the keys ``num_requests_running``, ``num_requests_waiting``,
+    ``kv_cache_usage_perc`` (0-1), ``num_preemptions_total``, ``generation_tokens_total``
+    and ``request_decode_time_seconds_sum``/``_count`` that the page holds.
+    """
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_part, _, value = line.rpartition(" ")
+        name = name_part.split("{", 1)[0].strip()
+        key = _METRICS.get(name)
+        if key is None:
+            continue
+        try:
+            out[key] = out.get(key, 0.0) + float(value)
+        except ValueError:
+            continue
+    return out
+
+
+async def fetch_metrics(client: httpx.AsyncClient, base_url: str) -> dict[str, float]:
+    """GET ``/metrics`` and parse it with :func:`parse_metrics`."""
+    text = await _get_text(client, f"{base_url.rstrip('/')}/metrics")
+    return parse_metrics(text)
+
+
+async def fetch_cache_info(client: httpx.AsyncClient, base_url: str) -> dict[str, str]:
+    """Labels of ``vllm:cache_config_info`` (block_size, num_gpu_blocks, ...); {} if absent."""
+    text = await _get_text(client, f"{base_url.rstrip('/')}/metrics")
+    for line in text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            labels = line[line.index("{") + 1 : line.rindex("}")]
+            return dict(_split_labels(labels))
+    return {}
+
+
+def _split_labels(labels: str) -> list[tuple[str, str]]:
+    pairs = []
+    for part in labels.split('",'):
+        key, _, value = part.partition("=")
+        pairs.append((key.strip(), value.strip().strip('"')))
+    return pairs
+
+
+async def list_models(client: httpx.AsyncClient, base_url: str) -> list[str]:
+    """Names served at ``base_url`` (GET ``/v1/models``)."""
+    url = f"{base_url.rstrip('/')}/v1/models"
+    data = json.loads(await _get_text(client, url))
+    try:
+        return [str(m["id"]) for m in data["data"]]
+    except (KeyError, TypeError):
+        raise EngineError(f"{url}: unexpected answer {json.dumps(data)[:200]}") from None
+
+
+async def server_version(client: httpx.AsyncClient, base_url: str) -> str:
+    """``"vllm <version>"`` from GET ``/version`` (``"vllm (version unknown)"`` if absent)."""
+    try:
+        data = json.loads(await _get_text(client, f"{base_url.rstrip('/')}/version"))
+        return f"vllm {data['version']}"
+    except (EngineError, ValueError, KeyError, TypeError):
+        return "vllm (version unknown)"
+
+
+async def check_endpoint(client: httpx.AsyncClient, base_url: str, model: str) -> None:
+    """Attach-mode check: the server answers and serves ``model``.
+
+    Raises:
+        BadInput: the server is unreachable, or does not serve ``model`` (the message lists
+            what it serves).
+    """
+    try:
+        served = await list_models(client, base_url)
+    except EngineError as exc:
+        raise BadInput(f"cannot use endpoint {base_url}: {exc}") from None
+    if model not in served:
+        raise BadInput(f"endpoint {base_url} does not serve model {model!r}; it serves {served}")
+
+
+async def _get_text(client: httpx.AsyncClient, url: str) -> str:
+    try:
+        resp = await client.get(url)
+    except httpx.TimeoutException:
+        raise EngineError(f"{url}: timed out") from None
+    except httpx.HTTPError as exc:
+        raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from None
+    if resp.status_code >= 400:
+        _raise_for_status(resp, url)
+    return resp.text
+
+
+async def sleep(client: httpx.AsyncClient, base_url: str, level: int = 1) -> SleepResult:
+    """POST ``/sleep?level=N``; unsupported when the server refuses (404/400/...)."""
+    return await _timed_post(client, f"{base_url.rstrip('/')}/sleep", {"level": level})
+
+
+async def wake_up(client: httpx.AsyncClient, base_url: str) -> SleepResult:
+    """POST ``/wake_up``; unsupported when the server refuses."""
+    return await _timed_post(client, f"{base_url.rstrip('/')}/wake_up", {})
+
+
+async def is_sleeping(client: httpx.AsyncClient, base_url: str) -> bool | None:
+    """GET ``/is_sleeping``: True/False, or None when the endpoint does not exist."""
+    url = f"{base_url.rstrip('/')}/is_sleeping"
+    try:
+        resp = await client.get(url)
+    except httpx.HTTPError as exc:
+        raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from None
+    if resp.status_code in _UNSUPPORTED_STATUS:
+        return None
+    if resp.status_code >= 400:
+        _raise_for_status(resp, url)
+    return bool(resp.json().get("is_sleeping"))
+
+
+async def _timed_post(client: httpx.AsyncClient, url: str, params: dict[str, Any]) -> SleepResult:
+    start = time.perf_counter()
+    try:
+        resp = await client.post(url, params=params)
+    except httpx.HTTPError as exc:
+        raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from None
+    elapsed = time.perf_counter() - start
+    if resp.status_code in _UNSUPPORTED_STATUS:
+        return SleepResult(False, None, f"HTTP {resp.status_code}: {_error_message(resp)}")
+    if resp.status_code >= 400:
+        _raise_for_status(resp, url)
+    return SleepResult(True, elapsed, resp.text.strip()[:200])
