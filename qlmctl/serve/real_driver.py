@@ -73,6 +73,7 @@ class RealOptions:
     metrics_interval_s: float = 0.5
     cpu: bool | None = None  # CPU-safe launch flags; None: detect
     kill_at: tuple[tuple[float, str], ...] = ()  # tests: (run time, instance) to kill
+    transport: httpx.AsyncBaseTransport | None = None  # tests: a fake HTTP transport
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +160,8 @@ class _RealDriver:
                     )
                     for s in self.cluster.instances
                 }  # fmt: skip
-                async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+                client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=opts.transport)
+                async with client:
                     self.client = client
                     try:
                         if await self._start_instances():

@@ -1,0 +1,101 @@
+"""The real driver against fake vLLM servers (httpx.MockTransport): no vLLM needed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+
+from qlmctl.domain import Request
+from qlmctl.plan.policies import make_policy
+from qlmctl.serve.config import CoreConfig
+from qlmctl.serve.real_driver import RealOptions, run_real
+from qlmctl.serve.run import RunSummary
+from qlmctl.serve.runlog import read_run
+from qlmctl.workload import Workload
+from tests.helpers import SLO_CLASSES, make_cluster, make_perf
+
+
+def fake_vllm(token_delay_s: float = 0.0) -> httpx.MockTransport:
+    """Serves m1 and m2; prompt 'REJECT' gets HTTP 400, 'FAIL' HTTP 500, others stream."""
+
+    async def stream(n: int) -> AsyncIterator[bytes]:
+        for _ in range(n):
+            await asyncio.sleep(token_delay_s)
+            chunk = {"choices": [{"text": "x", "token_ids": [7], "finish_reason": None}]}
+            yield f"data: {json.dumps(chunk)}\n\n".encode()
+        yield f"data: {json.dumps({'choices': [], 'usage': {'completion_tokens': n}})}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m1"}, {"id": "m2"}]})
+        if path == "/metrics":
+            return httpx.Response(200, text="vllm:num_requests_waiting 0\n")
+        body = json.loads(request.content)
+        if body["prompt"] == "REJECT":
+            return httpx.Response(400, json={"error": {"message": "prompt too long"}})
+        if body["prompt"] == "FAIL":
+            return httpx.Response(500, text="boom")
+        return httpx.Response(200, content=stream(body["max_tokens"]))
+
+    return httpx.MockTransport(handler)
+
+
+def requests(n: int, gap_s: float, prompts: dict[int, str] | None = None) -> list[Request]:
+    prompts = prompts or {}
+    return [
+        Request(id=f"r{k}", arrival_s=k * gap_s, model=f"m{k % 2 + 1}", slo_class="interactive",
+                prompt=prompts.get(k, "hello"), prompt_tokens=5, max_output_tokens=8,
+                output_tokens=8)
+        for k in range(n)
+    ]  # fmt: skip
+
+
+def run(
+    tmp: Path, reqs: list[Request], policy: str = "heuristic", delay: float = 0.0
+) -> RunSummary:
+    perf = {(m, "G"): make_perf(m) for m in ("m1", "m2")}
+    return run_real(
+        Workload.from_requests(reqs, SLO_CLASSES, "fake"), make_cluster(2), perf,
+        make_policy(policy, time_limit_s=0.2), CoreConfig(improve_min_interval_s=0.0),
+        tmp / "run", options=RealOptions(transport=fake_vllm(delay), metrics_interval_s=0.05),
+    )  # fmt: skip
+
+
+def test_requests_stream_concurrently_and_faults_end_properly(tmp_path: Path) -> None:
+    reqs = requests(20, 0.05, {3: "REJECT", 4: "FAIL"})
+    run(tmp_path, reqs, policy="qlm")
+    log = read_run(tmp_path / "run")
+    df = log.requests
+    assert log.complete and set(df.request_id) == {r.id for r in reqs}
+    rejected = df[df.request_id == "r3"]
+    assert list(rejected.outcome) == ["rejected"] and "prompt too long" in rejected.reason.iloc[0]
+    failed = df[df.request_id == "r4"].sort_values("attempt")
+    assert list(failed.outcome) == ["failed"] * 3 and "gave up" in failed.reason.iloc[-1]
+    done = df[df.outcome == "finished"]
+    assert len(done) == 18 and (done.output_tokens == 8).all() and done.itl_max_s.notna().all()
+    sources = [json.loads(d).get("source") for d in log.operations.detail.dropna()]
+    assert "improver" in sources  # the MILP ran in a worker thread beside the loop
+
+
+def test_ctrl_c_cancels_in_flight_work_and_closes_the_log(tmp_path: Path) -> None:
+    timer = threading.Timer(0.8, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        summary = run(tmp_path, requests(40, 0.1), delay=0.2)
+    finally:
+        timer.cancel()
+    assert summary.interrupted
+    log = read_run(tmp_path / "run")
+    assert log.complete and log.meta["interrupted"]
+    final = log.final_attempts
+    assert set(final.outcome) == {"cancelled"}  # 8 tokens at 0.2 s each: nothing finished
+    assert final.request_id.nunique() == len(final) > 0
