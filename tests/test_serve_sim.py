@@ -7,14 +7,18 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from qlmctl.cli import app
 from qlmctl.domain import ClusterSpec, SLOClass
+from qlmctl.errors import BadInput
 from qlmctl.plan.policies import make_policy
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.runlog import read_run
 from qlmctl.serve.sim_driver import run_simulated
-from qlmctl.workload import Workload
+from qlmctl.specs import dump_spec
+from qlmctl.workload import Workload, write_workload
 from tests.helpers import SLO_CLASSES, make_cluster, make_perf, make_requests
 
 FINAL = {"finished", "rejected", "cancelled"}
@@ -113,3 +117,22 @@ def test_eviction_rescues_tight_interactive_requests(tmp_path: Path) -> None:
     evicted = reqs[reqs.outcome == "evicted"]
     assert (evicted.slo_class == "batch").all()
     assert set(final_outcomes(reqs)) == {1} and out[4].finished == 110
+
+
+def test_serve_command_runs_the_simulator_and_reports(tmp_path: Path) -> None:
+    cluster, perf = small_cluster()
+    dump_spec(cluster, tmp_path / "cluster.yaml")
+    (tmp_path / "profiles").mkdir()
+    perf[("m1", "G")].save(tmp_path / "profiles" / "m1__G.json")
+    write_workload(hol_workload(), tmp_path / "wl.parquet")
+    args = ["serve", str(tmp_path / "wl.parquet"), "-c", str(tmp_path / "cluster.yaml"),
+            "--engine", "sim", "--profiles", str(tmp_path / "profiles"),
+            "--runs", str(tmp_path / "runs"), "--name", "x"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--policy", "edf"])
+    assert result.exit_code == 0, result.output
+    assert "attainment interactive" in result.output and "runs/x" in result.output
+    assert read_run(tmp_path / "runs" / "x").meta["policy"] == "edf"
+    again = CliRunner().invoke(app, [*args, "--policy", "edf"])
+    assert isinstance(again.exception, BadInput) and "exists" in str(again.exception)
+    bad = CliRunner().invoke(app, [*args[:-1], "y", "--policy", "nope"])
+    assert isinstance(bad.exception, BadInput) and "unknown policy" in str(bad.exception)

@@ -75,6 +75,7 @@ def prepare_serve(
     """
     if engine not in ENGINES:
         raise BadInput(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    chosen = make_policy(policy)
     workload = load_workload(workload_path)
     cluster = load_cluster(cluster_path)
     check_models_served(cluster, workload.models)
@@ -86,7 +87,7 @@ def prepare_serve(
         workload=workload,
         cluster=cluster,
         perf=perf,
-        policy=make_policy(policy),
+        policy=chosen,
         engine=engine,
         config=CoreConfig(vllm_priority=policy == "priority", improve=engine == "vllm"),
         run_dir=run_dir,
