@@ -112,3 +112,10 @@ def test_predict_queues_beyond_max_num_seqs() -> None:
     times = predict_batch(perf, [(100, 20)] * 3)
     assert times[0] == times[1]  # admitted and prefilled together
     assert times[2][0] > times[0][1]  # the third starts after one of them finished
+
+
+def test_a_spurious_quadratic_prefill_term_is_dropped() -> None:
+    linear = make_perf("m", "G", prefill_s_per_token=5e-5, prefill_s_per_token2=0.0)
+    fitted = fit_perf_model(measurements_of(linear, noise=0.05), "m", "G", "t")
+    assert fitted.prefill_s_per_token2 == 0.0
+    assert fitted.prefill_s_per_token == pytest.approx(5e-5, rel=0.2)

@@ -8,7 +8,8 @@ one row of a design matrix: a prefill sample (TTFT of a lone prompt) is the per-
 :meth:`PerfModel.prefill_time_s` chunks it; a decode sample (median inter-token gap at a
 steady batch) is one decode step, with no overhead. Rows are weighted by
 1/measured, so the fit minimises relative error, and coefficients that come out negative
-are pinned to zero and the rest refitted (a small active-set NNLS).
+are pinned to zero and the rest refitted (a small active-set NNLS). The quadratic prefill
+term is kept only when it clearly improves the fit.
 
 :func:`predict_batch` runs the fitted model forward for requests that arrive together
 (admission up to ``max_num_seqs``, chunked prefill under the token budget, then decode
@@ -27,6 +28,7 @@ import numpy as np
 from qlmctl.errors import EngineError
 from qlmctl.profile.perfmodel import PerfModel
 
+QUADRATIC_GAIN = 0.8  # keep the quadratic prefill term only if it cuts the residual by 20 %
 COEFFICIENTS = (
     "step_base_s",
     "prefill_s_per_token",
@@ -126,7 +128,21 @@ def fit_coefficients(meas: Measurements) -> dict[str, float]:
     a = np.vstack(rows) * weights[:, None]
     b = y * weights
     coef = _nnls(a, b)
+    # NOTE: the quadratic prefill term is applied to a whole step's prefill tokens, so a
+    # spurious one (noise on long prompts) overprices batched prefills badly. Keep it only
+    # when it explains the data clearly better than the model without it.
+    quad = COEFFICIENTS.index("prefill_s_per_token2")
+    if coef[quad] > 0:
+        keep = [k for k in range(len(COEFFICIENTS)) if k != quad]
+        linear = np.zeros_like(coef)
+        linear[keep] = _nnls(a[:, keep], b)
+        if _rss(a, b, coef) >= QUADRATIC_GAIN * _rss(a, b, linear):
+            coef = linear
     return dict(zip(COEFFICIENTS, (float(c) for c in coef), strict=True))
+
+
+def _rss(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> float:
+    return float(np.sum((a @ x - b) ** 2))
 
 
 def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:

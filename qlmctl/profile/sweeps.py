@@ -96,6 +96,7 @@ async def measure(
             saturation = await sweeper.saturation(sweep, advance)
             outputs = await sweeper.output_lengths(sweep, lengths, max_len, advance)
             sleep_s, wake_s = await _sleep_wake(client, base_url, gpu, cpu, notes)
+            advance("sleep/wake", 1)
         cache = await vllm.fetch_cache_info(client, base_url)
         version = await vllm.server_version(client, base_url)
     kv = _kv_capacity(cache, saturation, sweep, notes)
@@ -196,6 +197,7 @@ class _Sweeper:
         for c in sweep.concurrency_levels:
             for p in sweep.decode_prompt_lengths:
                 if p + n > max_len:
+                    advance(f"decode x{c}", 1)
                     continue
                 steps = []
                 for _ in range(sweep.decode_repeats):
