@@ -1,0 +1,152 @@
+"""Results of the sweep: the Parquet table, the markdown summary, the plots, the targets.
+
+How it works: rows from :mod:`benchmarks.policies.run` become one DataFrame (one row per
+run, schema :data:`COLUMNS`). The markdown shows, per scenario and cluster, the
+*reference load*: the lowest swept load where ``fcfs`` attains 50 % or less (the issue's
+target point), with every policy's attainment per class, throughput and operations, and
+a short sweep table of overall attainment per load. The targets are checked there:
+``qlm`` >= 1.9 x ``fcfs``, >= 10 points above ``edf``, within 5 points of the clairvoyant
+bound, throughput not below ``fcfs``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+
+COLUMNS = (
+    "scenario", "instances", "load", "time_scale", "policy", "requests", "ended", "finished",
+    "met", "failed", "rejected", "cancelled", "attainment", "weighted_attainment",
+    "goodput_rps", "throughput_rps", "throughput_tps", "output_tps", "ttft_p50_s", "swaps",
+    "evictions", "replans", "solver_s", "duration_s", "wall_s", "att_interactive",
+    "n_interactive", "att_batch-1", "n_batch-1", "att_batch-2", "n_batch-2",
+)  # fmt: skip
+POLICY_ORDER = ("fcfs", "edf", "priority", "heuristic", "qlm", "clairvoyant")
+
+
+def to_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The results table, columns in :data:`COLUMNS` order."""
+    frame = pd.DataFrame(list(rows))
+    return frame.loc[:, list(COLUMNS)].sort_values(["scenario", "instances", "load"], kind="stable")
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
+    """Write atomically (temp file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
+    return path
+
+
+def reference_load(cell: pd.DataFrame) -> float | None:
+    """Lowest load where fcfs attains 50 % or less (None if it never does)."""
+    fcfs = cell[(cell["policy"] == "fcfs") & (cell["attainment"] <= 0.5)]
+    return float(fcfs["load"].min()) if len(fcfs) else None
+
+
+def targets(point: pd.DataFrame) -> dict[str, bool]:
+    """The issue's four targets at one (scenario, cluster, load) point."""
+    att = point.set_index("policy")["attainment"]
+    tput = point.set_index("policy")["throughput_rps"]
+    return {
+        "qlm >= 1.9x fcfs": att["qlm"] >= 1.9 * att["fcfs"],
+        "qlm >= edf + 10 pt": att["qlm"] >= att["edf"] + 0.10,
+        "qlm within 5 pt of clairvoyant": att["qlm"] >= att["clairvoyant"] - 0.05,
+        "throughput >= fcfs": tput["qlm"] >= tput["fcfs"] * 0.995,
+    }
+
+
+def _pct(x: Any) -> str:
+    return "" if x is None or pd.isna(x) else f"{100 * float(x):.1f}"
+
+
+def _policy_rows(point: pd.DataFrame) -> list[str]:
+    lines = [
+        "| policy | attainment % | interactive % | batch-1 % | batch-2 % | goodput req/s "
+        "| throughput req/s | tok/s | swaps | evictions |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    by = point.set_index("policy")
+    for p in POLICY_ORDER:
+        if p not in by.index:
+            continue
+        r = by.loc[p]
+        lines.append(
+            f"| {p} | {_pct(r['attainment'])} | {_pct(r['att_interactive'])} "
+            f"| {_pct(r['att_batch-1'])} | {_pct(r['att_batch-2'])} | {r['goodput_rps']:.2f} "
+            f"| {r['throughput_rps']:.2f} | {r['throughput_tps']:.0f} | {int(r['swaps'])} "
+            f"| {int(r['evictions'])} |"
+        )
+    return lines
+
+
+def _sweep_rows(cell: pd.DataFrame) -> list[str]:
+    pols = [p for p in POLICY_ORDER if p in set(cell["policy"])]
+    lines = ["| load | " + " | ".join(pols) + " |", "|--:|" + "--:|" * len(pols)]
+    for load, pt in cell.groupby("load"):
+        att = pt.set_index("policy")["attainment"]
+        lines.append(f"| {load:g} | " + " | ".join(_pct(att.get(p)) for p in pols) + " |")
+    return lines
+
+
+def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None) -> str:
+    """The summary the README quotes."""
+    out = [
+        "# Policy benchmark (simulated vLLM, real traces)",
+        "",
+        f"Regenerate: `{command}`" + (f" (wall time {wall_s / 60:.1f} min)." if wall_s else "."),
+        "Attainment = requests finishing with TTFT inside their class SLO / all requests.",
+        "Load = offered request rate / the cluster's estimated capacity (fluid estimate).",
+        "",
+    ]
+    for (scenario, n), cell in frame.groupby(["scenario", "instances"], sort=True):
+        out += [f"## {scenario}, {n} instances ({n // 2} A100 + {n - n // 2} A10)", ""]
+        ref = reference_load(cell)
+        if ref is None:
+            out += ["fcfs never drops to 50 % in this sweep; no target point.", ""]
+        else:
+            point = cell[cell["load"] == ref]
+            met = targets(point)
+            out += [f"Reference load {ref:g} (lowest load where fcfs attains <= 50 %):", ""]
+            out += [*_policy_rows(point), ""]
+            out += ["Targets: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in met.items())]
+            out += [""]
+        out += ["Overall attainment % by load:", "", *_sweep_rows(cell), ""]
+    return "\n".join(out)
+
+
+def plot_attainment(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """One figure per scenario: attainment against load, a panel per cluster size."""
+    paths = []
+    for scenario, sc in frame.groupby("scenario", sort=True):
+        sizes = sorted(sc["instances"].unique())
+        fig, axes = plt.subplots(1, len(sizes), figsize=(5.0 * len(sizes), 3.8), squeeze=False)
+        for ax, n in zip(axes[0], sizes, strict=True):
+            cell = sc[sc["instances"] == n]
+            for p in POLICY_ORDER:
+                line = cell[cell["policy"] == p].sort_values("load")
+                if len(line):
+                    style = "--" if p == "clairvoyant" else "-"
+                    ax.plot(line["load"], 100 * line["attainment"], style, marker="o", label=p)
+            ax.set_title(f"{scenario}, {n} instances")
+            ax.set_xlabel("offered load / estimated capacity")
+            ax.set_ylabel("SLO attainment %")
+            ax.set_ylim(0, 102)
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"attainment_vs_load_{scenario}.png"
+        tmp = path.with_suffix(".tmp.png")
+        fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+        tmp.replace(path)
+        paths.append(path)
+    return paths

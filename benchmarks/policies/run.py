@@ -1,0 +1,129 @@
+"""Run the sweep: every (scenario, cluster size, load, policy) point through the real stack.
+
+How it works: each point builds its workload (:func:`scenarios.build_point`), replays it
+with :func:`qlmctl.serve.sim_driver.run_simulated` (the serving core, the policy, the
+simulated vLLM engine) into a temporary run directory, and reads the metrics back with
+:func:`qlmctl.report.metrics.run_metrics`, the same code ``qlmctl report`` uses. So a
+row is exactly what a user would see for that run. Points run in a process pool.
+
+The ``qlm`` policy runs with its MILP improver on (``CoreConfig.improve``): the driver
+solves it synchronously while virtual time stands still, so its (time-limited) answers
+depend on the machine's speed; every other policy is deterministic for the seed.
+``clairvoyant`` is the ``qlm`` planner told every request's true output length: the
+bound on what better length estimates could buy.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.policies.scenarios import SCENARIOS, build_point, slo_classes
+from qlmctl.plan.policies import make_policy
+from qlmctl.profile.store import ProfileStore
+from qlmctl.report.metrics import run_metrics
+from qlmctl.report.runs import load_run
+from qlmctl.serve.config import CoreConfig
+from qlmctl.serve.sim_driver import run_simulated
+
+# label -> (registry name, options, run the MILP improver)
+POLICY_RUNS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "fcfs": ("fcfs", {}, False),
+    "edf": ("edf", {}, False),
+    "priority": ("priority", {}, False),
+    "heuristic": ("heuristic", {}, False),
+    "qlm": ("qlm", {}, True),
+    "clairvoyant": ("qlm", {"clairvoyant": True}, True),
+}
+CLASSES = ("interactive", "batch-1", "batch-2")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the sweep."""
+
+    scenario: str
+    instances: int
+    load: float  # offered load / estimated capacity
+    policy: str  # a key of POLICY_RUNS
+    window_s: tuple[float, float]
+    slo_s: tuple[float, float, float]  # interactive, batch-1, batch-2 TTFT targets
+    seed: int = 0
+
+
+def run_point(point: Point) -> dict[str, Any]:
+    """Replay one point and return its row of results."""
+    scenario = SCENARIOS[point.scenario]
+    cluster = scenario.cluster(point.instances)
+    perf = ProfileStore.load().for_cluster(cluster)
+    workload, scale = build_point(
+        scenario, cluster, perf, point.load, point.window_s, slo_classes(*point.slo_s)
+    )
+    name, options, improve = POLICY_RUNS[point.policy]
+    policy = make_policy(name, **options)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="qlmctl-bench-") as tmp:
+        run_dir = Path(tmp) / "run"
+        run_simulated(
+            workload, cluster, perf, policy, CoreConfig(improve=improve), run_dir, point.seed
+        )
+        m = run_metrics(load_run(run_dir))
+    o = m.overall
+    row: dict[str, Any] = {
+        "scenario": point.scenario,
+        "instances": point.instances,
+        "load": point.load,
+        "time_scale": scale,
+        "policy": point.policy,
+        "requests": len(workload.requests),
+        "ended": o.requests,
+        "finished": o.finished,
+        "met": o.met,
+        "failed": o.failed,
+        "rejected": o.rejected,
+        "cancelled": o.cancelled,
+        "attainment": o.attainment,
+        "weighted_attainment": o.weighted_attainment,
+        "goodput_rps": o.goodput_rps,
+        "throughput_rps": o.request_throughput_rps,
+        "throughput_tps": o.total_token_throughput_tps,
+        "output_tps": o.output_throughput_tps,
+        "ttft_p50_s": o.ttft.p50_s,
+        "swaps": m.operations.swaps + m.operations.wakes,
+        "evictions": m.operations.evictions,
+        "replans": m.operations.replans,
+        "solver_s": m.operations.solver_time_s,
+        "duration_s": m.duration_s,
+        "wall_s": time.perf_counter() - t0,
+    }
+    for c in CLASSES:
+        g = m.by_class.get(c)
+        row[f"att_{c}"] = g.attainment if g is not None and g.requests else None
+        row[f"n_{c}"] = g.requests if g is not None else 0
+    return row
+
+
+def sweep(
+    points: Sequence[Point], jobs: int, on_row: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Run ``points`` on ``jobs`` processes; rows in the order of ``points``."""
+    if jobs <= 1:
+        rows = []
+        for p in points:
+            rows.append(run_point(p))
+            if on_row is not None:
+                on_row(rows[-1])
+        return rows
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(run_point, p) for p in points]
+        out = []
+        for f in futures:
+            out.append(f.result())
+            if on_row is not None:
+                on_row(out[-1])
+        return out
