@@ -43,6 +43,11 @@ class ModelSpec(Frozen):
     path: str = Field(min_length=1, description="Local directory or hub id passed to vllm serve")
     params_b: Annotated[float, Field(gt=0)] | None = None
     max_model_len: Annotated[int, Field(gt=0)] | None = None
+    profile: Name | None = Field(
+        default=None,
+        description="Profile to use (default: the model's own name), e.g. the base model's "
+        "profile for a fine-tune with the same architecture",
+    )
 
 
 class GPUType(Frozen):

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from qlmctl.domain import ClusterSpec
 from qlmctl.errors import BadInput
 from qlmctl.profile.store import ProfileStore, swap_time_s
 from qlmctl.specs import load_cluster
@@ -89,3 +90,17 @@ def test_swap_time() -> None:
     no_sleep = make_perf(model="c", cold_start_s=30.0)
     assert swap_time_s(no_sleep, cur, asleep=True) == 32.0
     assert swap_time_s(to, no_sleep, asleep=False, sleep_current=True) == 22.0
+
+
+def test_model_can_borrow_another_models_profile() -> None:
+    data = make_cluster(1, models=("tiny-a", "tiny-b")).model_dump()
+    for m in data["models"]:
+        m["profile"] = "tiny"
+    for inst in data["instances"]:
+        inst["gpu"] = "cpu"
+    data["gpu_types"] = [{"name": "cpu"}]
+    borrowed = ProfileStore.load(None).for_cluster(ClusterSpec.model_validate(data))
+    assert set(borrowed) == {("tiny-a", "cpu"), ("tiny-b", "cpu")}
+    tiny = ProfileStore.load(None).get("tiny", "cpu")
+    assert borrowed[("tiny-b", "cpu")].model == "tiny-b"
+    assert borrowed[("tiny-b", "cpu")].decode_s_per_seq == tiny.decode_s_per_seq

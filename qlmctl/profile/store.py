@@ -10,7 +10,7 @@ from the two profiles involved.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -97,13 +97,16 @@ class ProfileStore:
                 pair = (model, inst.gpu)
                 if pair in out:
                     continue
-                if pair not in self.profiles:
+                profile_name = cluster.model(model).profile or model
+                found = self.profiles.get((profile_name, inst.gpu))
+                if found is None:
                     raise BadInput(
-                        f"instance {inst.id!r}: no profile for model {model!r} on gpu "
+                        f"instance {inst.id!r}: no profile for model {profile_name!r} on gpu "
                         f"{inst.gpu!r}; available: {self._listing()}. "
                         "Measure one with `qlmctl profile` or restrict the instance's 'models'"
                     )
-                out[pair] = self.profiles[pair]
+                # A borrowed profile is applied under the cluster's model name.
+                out[pair] = found if profile_name == model else replace(found, model=model)
         return out
 
     def _listing(self) -> str:
