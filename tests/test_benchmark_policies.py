@@ -11,24 +11,26 @@ from benchmarks.policies.run import Point, run_point
 from benchmarks.policies.scenarios import SCENARIOS, build_point, capacity_rps, slo_classes
 from qlmctl.profile.store import ProfileStore
 
-WINDOW_S = (300.0, 315.0)
+SPAN_S = 10.0
 
 
-def test_load_scaling_hits_the_target_load() -> None:
+def test_load_scaling_offers_the_target_load_over_the_span() -> None:
     scenario = SCENARIOS["A-mixed"]
     cluster = scenario.cluster(4)
     perf = ProfileStore.load().for_cluster(cluster)
-    light, scale_light = build_point(scenario, cluster, perf, 0.5, WINDOW_S, slo_classes())
-    heavy, scale_heavy = build_point(scenario, cluster, perf, 2.0, WINDOW_S, slo_classes())
-    assert len(light.requests) == len(heavy.requests)
-    assert abs(scale_light / scale_heavy - 4.0) < 1e-9  # 4x the load: a quarter of the time
-    offered = len(heavy.requests) / ((WINDOW_S[1] - WINDOW_S[0]) * scale_heavy)
-    assert abs(offered / capacity_rps(heavy, cluster, perf) - 2.0) < 1e-6
+    counts = []
+    for load in (0.5, 2.0):
+        wl, _scale, offered = build_point(scenario, cluster, perf, load, SPAN_S, slo_classes())
+        assert wl.requests[-1].arrival_s <= SPAN_S  # the window is scaled into the span
+        assert offered == len(wl.requests) / SPAN_S / capacity_rps(wl, cluster, perf)
+        assert abs(offered - load) < 0.25 * load  # a short span: a few requests off
+        counts.append(len(wl.requests))
+    assert 3 < counts[1] / counts[0] < 5  # 4x the load: about 4x the requests
 
 
 def test_smallest_point_accounts_for_every_request(tmp_path: Path) -> None:
     rows = [
-        run_point(Point("A-mixed", 4, 1.5, policy, WINDOW_S, (20, 60, 3600)))
+        run_point(Point("A-mixed", 4, 1.5, policy, SPAN_S, (20, 60, 3600)))
         for policy in ("fcfs", "clairvoyant")
     ]
     frame = report.to_frame(rows)

@@ -3,7 +3,7 @@
 Builds the sweep (cells of scenario x cluster size, loads, policies), runs it, prints
 one line per run, and writes ``policies.parquet``, ``policies.md`` and
 ``attainment_vs_load_<scenario>.png`` into the output directory (default
-``benchmarks/results``). ``--quick`` runs one cell on a shorter window.
+``benchmarks/results``). ``--quick`` runs one cell with a shorter span of arrivals.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from benchmarks.policies import report
 from benchmarks.policies.run import POLICY_RUNS, Point, sweep
-from benchmarks.policies.scenarios import QUICK_WINDOW_S, REPO, WINDOW_S
+from benchmarks.policies.scenarios import QUICK_SPAN_S, REPO, SPAN_S
 
 # (scenario, instances) cells and loads; chosen from the paper's shapes, not from results
 FULL_CELLS = (("A-mixed", 4), ("A-mixed", 8), ("B-multimodel", 8), ("C-longprompt", 4))
@@ -28,9 +28,9 @@ QUICK_LOADS = (1.0, 2.0)
 def points(quick: bool, slo_s: tuple[float, float, float], seed: int = 0) -> list[Point]:
     """Every run of the sweep; the costliest (high load, many instances) first."""
     cells, loads = (QUICK_CELLS, QUICK_LOADS) if quick else (FULL_CELLS, FULL_LOADS)
-    window = QUICK_WINDOW_S if quick else WINDOW_S
+    span = QUICK_SPAN_S if quick else SPAN_S
     pts = [
-        Point(s, n, load, p, window, slo_s, seed)
+        Point(s, n, load, p, span, slo_s, seed)
         for s, n in cells
         for load in loads
         for p in POLICY_RUNS
@@ -51,7 +51,7 @@ def _print_row(row: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; see the module docstring."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks.policies", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="one cell, short window")
+    ap.add_argument("--quick", action="store_true", help="one cell, short span")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument(

@@ -22,11 +22,11 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 COLUMNS = (
-    "scenario", "instances", "load", "time_scale", "policy", "requests", "ended", "finished",
-    "met", "failed", "rejected", "cancelled", "attainment", "weighted_attainment",
-    "goodput_rps", "throughput_rps", "throughput_tps", "output_tps", "ttft_p50_s", "swaps",
-    "evictions", "replans", "solver_s", "duration_s", "wall_s", "att_interactive",
-    "n_interactive", "att_batch-1", "n_batch-1", "att_batch-2", "n_batch-2",
+    "scenario", "instances", "load", "offered_load", "time_scale", "policy", "requests",
+    "ended", "finished", "met", "failed", "rejected", "cancelled", "attainment",
+    "weighted_attainment", "goodput_rps", "throughput_rps", "throughput_tps", "output_tps",
+    "ttft_p50_s", "swaps", "evictions", "replans", "solver_s", "duration_s", "wall_s",
+    "att_interactive", "n_interactive", "att_batch-1", "n_batch-1", "att_batch-2", "n_batch-2",
 )  # fmt: skip
 POLICY_ORDER = ("fcfs", "edf", "priority", "heuristic", "qlm", "clairvoyant")
 

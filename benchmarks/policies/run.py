@@ -51,7 +51,7 @@ class Point:
     instances: int
     load: float  # offered load / estimated capacity
     policy: str  # a key of POLICY_RUNS
-    window_s: tuple[float, float]
+    span_s: float  # virtual seconds of arrivals
     slo_s: tuple[float, float, float]  # interactive, batch-1, batch-2 TTFT targets
     seed: int = 0
 
@@ -61,8 +61,8 @@ def run_point(point: Point) -> dict[str, Any]:
     scenario = SCENARIOS[point.scenario]
     cluster = scenario.cluster(point.instances)
     perf = ProfileStore.load().for_cluster(cluster)
-    workload, scale = build_point(
-        scenario, cluster, perf, point.load, point.window_s, slo_classes(*point.slo_s)
+    workload, scale, offered = build_point(
+        scenario, cluster, perf, point.load, point.span_s, slo_classes(*point.slo_s)
     )
     name, options, improve = POLICY_RUNS[point.policy]
     policy = make_policy(name, **options)
@@ -78,6 +78,7 @@ def run_point(point: Point) -> dict[str, Any]:
         "scenario": point.scenario,
         "instances": point.instances,
         "load": point.load,
+        "offered_load": offered,
         "time_scale": scale,
         "policy": point.policy,
         "requests": len(workload.requests),

@@ -15,11 +15,13 @@ and A10 GPUs with the shipped default profiles. The shapes follow the paper (arX
 * ``C-longprompt``: one model; interactive code-trace traffic beside arXiv-length jobs
   (prompts of about 2,600 tokens) with the batch-1 SLO.
 
-Load: one fixed window of the traces (``WINDOW_S``) is time-scaled so that the offered
-load hits a target multiple of the cluster's *estimated* capacity (:func:`capacity_rps`,
-a fluid estimate from the profiles: per request, prefill and decode seconds at a full
-batch; per instance, the inverse of the mean over the requests it may serve). Load 1.0
-is the estimate of saturation; the sweep runs from light load to twice that.
+Load: every point offers ``SPAN_S`` seconds of arrivals (virtual time) at a target
+multiple of the cluster's *estimated* capacity (:func:`capacity_rps`, a fluid estimate
+from the profiles: per request, prefill and decode seconds inside a full batch; per
+instance, the inverse of the mean over the requests it may serve). The traces are read
+from ``START_S`` on; the window is as long as needed for that span at that load, and
+its times are scaled to fit the span, so overload lasts as long at every load and
+cluster size. Load 1.0 is the estimate of saturation; the sweep runs to twice that.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ TRACES = REPO.parent / "shared" / "traces"
 CODE = "AzureLLMInferenceTrace_code.csv"
 CONV = "AzureLLMInferenceTrace_conv.csv"
 ARXIV = "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv"
-WINDOW_S = (300.0, 660.0)  # 6 minutes of the Azure clock (both traces are active)
-QUICK_WINDOW_S = (300.0, 420.0)
+START_S = 300.0  # seconds into the Azure clock (both traces active)
+SPAN_S = 120.0  # virtual seconds of arrivals at every load
+QUICK_SPAN_S = 45.0
+_REF_WINDOW_S = 600.0  # trace seconds used for a first estimate of the natural load
 ARXIV_RATE_PER_S = 0.25  # batch-2 / long-prompt jobs, Poisson, on the unscaled clock
 SMALL, SMALL2, BIG = "llama-3.1-8b", "mistral-7b", "llama-3.1-70b"
 MODEL_PATHS = {
@@ -212,12 +216,26 @@ def build_point(
     cluster: ClusterSpec,
     perf: Mapping[tuple[str, str], PerfModel],
     load: float,
-    window_s: tuple[float, float],
+    span_s: float,
     slos: list[SLOClass],
-) -> tuple[Workload, float]:
-    """The workload at ``load`` x estimated capacity, and the time scale that gives it."""
+) -> tuple[Workload, float, float]:
+    """The workload offering about ``load`` x estimated capacity over ``span_s``.
+
+    The window length is found by a few fixed-point steps (window length = span x load /
+    natural load of the window); its times are then scaled to fill the span exactly.
+
+    Returns:
+        The workload, its time scale, and the load it actually offers.
+    """
     where = REPO / "benchmarks" / "policies" / f"{scenario.name}.yaml"  # a label only
-    base = build_workload(scenario.spec(window_s, 1.0, slos), where)
-    natural = len(base.requests) / (window_s[1] - window_s[0]) / capacity_rps(base, cluster, perf)
-    scale = natural / load
-    return build_workload(scenario.spec(window_s, scale, slos), where), scale
+    length = _REF_WINDOW_S
+    for _ in range(3):
+        window = (START_S, START_S + length)
+        base = build_workload(scenario.spec(window, 1.0, slos), where)
+        cap = capacity_rps(base, cluster, perf)
+        length = span_s * load * cap * length / len(base.requests)
+    window = (START_S, START_S + length)
+    base = build_workload(scenario.spec(window, 1.0, slos), where)
+    scale = span_s / length
+    offered = len(base.requests) / span_s / capacity_rps(base, cluster, perf)
+    return build_workload(scenario.spec(window, scale, slos), where), scale, offered
