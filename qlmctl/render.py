@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Piped output (files, CI logs) gets a wide fixed width rather than rich's 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -19,7 +21,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
         bool(rows) and all(isinstance(r[i], int | float) for r in rows) for i in range(len(columns))
     ]
     for col, is_num in zip(columns, numeric, strict=True):
-        table.add_column(col, justify="right" if is_num else "left")
+        table.add_column(col, justify="right" if is_num else "left", overflow="fold")
     for row in rows:
         table.add_row(*(format_cell(v) for v in row))
     console.print(table)
