@@ -291,6 +291,45 @@ def report(
         err_console.print(f"wrote {len(written)} files to {out} (open {written[-1]})")
 
 
+@app.command()
+def demo(
+    engine: Annotated[
+        str, typer.Option(help="`vllm`: two real vLLM-CPU servers; `sim`: the simulator.")
+    ] = "vllm",
+    policies: Annotated[
+        str, typer.Option(help="Comma-separated policies to compare; the first is the baseline.")
+    ] = "fcfs,qlm",
+    workdir: Annotated[
+        Path, typer.Option(help="Where models, cluster spec and run logs go.", envvar="QLMCTL_DEMO")
+    ] = Path(".qlmctl-demo"),
+) -> None:
+    """The main job on an embedded default: fcfs against qlm on two tiny CPU models.
+
+    Builds two tiny random-weight Llama models locally, starts two real `vllm serve`
+    instances on the CPU (no GPU needed), replays the short mixed interactive/batch
+    workload `workloads/demo.yaml` once per policy, and prints the comparison.
+    Takes a few minutes; `--engine sim` gives the simulated answer in seconds.
+    """
+    from qlmctl.demo import run_demo
+    from qlmctl.report.tables import print_report
+    from qlmctl.serve.command import ServeJob
+    from qlmctl.serve.live import live_view, print_summary
+    from qlmctl.serve.run import RunSummary
+
+    def run_live(job: ServeJob) -> RunSummary:
+        err_console.print(f"[bold]policy {job.policy.name}[/] on {engine}: {job.total} requests")
+        with live_view(engine, job.total) as progress:
+            summary = job.run(progress)
+        print_summary(summary)
+        return summary
+
+    names = [p.strip() for p in policies.split(",") if p.strip()]
+    summaries, result = run_demo(workdir, names, engine, run_live)
+    print_report(result)
+    if any(s.interrupted for s in summaries):
+        raise typer.Exit(130)
+
+
 cluster_app = typer.Typer(help="Inspect cluster specs.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 
