@@ -10,7 +10,8 @@ backpressure, improved plans), asks the core to decide and applies the actions:
   at a time); its first token, end, rejection (HTTP 4xx: not retryable) or failure
   become engine events;
 * Evict: cancel the request's task, which closes the stream (vLLM aborts the request);
-* LoadModel: stop the server and start it with the other model; InstanceReady when up.
+* LoadModel: stop the server and start it with the other model; InstanceReady when up
+  (a restart: sleep-mode warm start is not driven yet, so sleep costs are dropped).
 
 A poller per instance reads ``/metrics`` (waiting requests, KV usage) and watches the
 process: a launched server that exited, or an endpoint unreachable three polls in a
@@ -28,7 +29,7 @@ import contextlib
 import math
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,10 @@ class _RealDriver:
         self.workload, self.policy, self.config, self.seed = workload, policy, config, seed
         self.options = options or RealOptions()
         self.cluster = cluster
-        self.perf = perf
+        # NOTE: warm start (vLLM sleep mode: one server per model, the idle one asleep) is
+        # not driven yet; a swap here always restarts the server, so the core must plan
+        # with restart costs, never with wake times it would not get.
+        self.perf = {k: replace(p, sleep_s=None, wake_s=None) for k, p in perf.items()}
         self.by_id: dict[str, Request] = {r.id: r for r in workload.requests}
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         # request id -> (task, instance) of its current attempt
