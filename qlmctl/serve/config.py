@@ -40,6 +40,7 @@ class CoreConfig:
     vllm_priority: bool = True  # send the plan's priorities with requests
     improve: bool = True  # offer snapshots to the policy's background improver
     improve_min_interval_s: float = 10.0
+    calibrate_speed: bool = True  # scale profiles by the decode speed observed (calibration.py)
 
     def __post_init__(self) -> None:
         if (self.max_inflight or 1) < 1 or self.max_attempts < 1 or self.evict_batch < 0:

@@ -57,6 +57,7 @@ from qlmctl.errors import BadInput
 from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, RunningRequest
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import swap_time_s
+from qlmctl.serve.calibration import SpeedCalibration
 from qlmctl.serve.config import (
     CoreConfig,
     CoreStats,
@@ -91,7 +92,9 @@ class ServeCore:
         self.cluster = cluster
         self.config = config or CoreConfig()
         self._slo = dict(slo_classes)
-        self._perf = perf
+        # Profiles as observed: step times scaled by the speed seen so far (or as given).
+        self._speed = SpeedCalibration(perf) if self.config.calibrate_speed else None
+        self._perf = self._speed.current if self._speed is not None else perf
         self.policy_name: str = policy.name
         self._fast, improver = split_policy(policy)
         self._observe = length_observer(policy)  # output lengths seen, for its estimates
@@ -151,10 +154,11 @@ class ServeCore:
                 tr.move("start")
                 tr.first_token_s = event.time_s
         elif isinstance(event, Finished):
+            inst = self._insts[event.instance_id]
+            self._observe_speed(tr, inst, event)
             self._end(tr, event.time_s, "finish", event.output_tokens, "")
             if self._observe is not None:
                 self._observe(tr.request.model, tr.request.slo_class, event.output_tokens)
-            inst = self._insts[event.instance_id]
             if not self._vq[inst.spec.id] and self._waiting:
                 self._replan_due = True  # an instance ran dry while work waits elsewhere
         elif isinstance(event, Aborted):
@@ -568,6 +572,16 @@ class ServeCore:
         return perf.prefill_time_s(req.prompt_tokens) + req.target_output_tokens * (
             perf.decode_step_s(batch, ctx)
         )
+
+    def _observe_speed(self, tr: Tracked, inst: InstanceRecord, ev: Finished) -> None:
+        """Feed the decode speed of a finished request to the calibration."""
+        if self._speed is None or tr.first_token_s is None or ev.output_tokens < 2:
+            return
+        req, batch = tr.request, max(1, len(inst.inflight))
+        tpot_s = (ev.time_s - tr.first_token_s) / (ev.output_tokens - 1)
+        # the same batch and context as _service_s assumes, so the factor corrects it
+        context = batch * (req.prompt_tokens + req.target_output_tokens // 2)
+        self._speed.observe((req.model, inst.spec.gpu), tpot_s, batch, context)
 
     def _remaining_s(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> float:
         start = tr.dispatch_s if tr.dispatch_s is not None else now_s

@@ -1,0 +1,68 @@
+"""Online speed calibration: profiles scaled by the speed actually observed.
+
+A profile is measured once, under one load; the machine serving now may be slower or
+faster (another tenant on the host, thermal limits, another build of the engine). On
+every finished request the core reports the observed time per output token together with
+the batch and context it ran with; this module keeps, per (model, GPU), an exponentially
+weighted mean of observed / predicted and serves the profiles with every step-time
+coefficient scaled by it. Capacities (sequences, KV tokens) and start-up times stay as
+profiled. Planning and eviction decisions then use the speed the cluster really has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+
+from qlmctl.profile.perfmodel import PerfModel
+
+Pair = tuple[str, str]  # (model, gpu)
+
+
+class SpeedCalibration:
+    """Per-(model, GPU) slowdown factors learnt from finished requests."""
+
+    def __init__(
+        self,
+        perf: Mapping[Pair, PerfModel],
+        weight: float = 0.2,
+        bounds: tuple[float, float] = (0.2, 20.0),
+    ) -> None:
+        """Args:
+        perf: the profiled performance models.
+        weight: weight of each new observation in the running mean.
+        bounds: the factor is kept inside these (one odd request can't run away with it).
+        """
+        self._profiled = dict(perf)
+        self._weight = weight
+        self._bounds = bounds
+        self._factor: dict[Pair, float] = {}
+        self.current: dict[Pair, PerfModel] = dict(perf)  # the scaled profiles
+
+    def factor(self, pair: Pair) -> float:
+        """Observed / profiled step time of ``pair`` (1.0 until something is observed)."""
+        return self._factor.get(pair, 1.0)
+
+    def observe(self, pair: Pair, tpot_s: float, batch: int, context_tokens: int) -> None:
+        """A request of ``pair`` decoded at ``tpot_s`` per token in a batch of ``batch``."""
+        profiled = self._profiled.get(pair)
+        if profiled is None or not tpot_s > 0:
+            return
+        ratio = tpot_s / profiled.decode_step_s(max(1, batch), context_tokens)
+        low, high = self._bounds
+        old = self._factor.get(pair)
+        new = ratio if old is None else (1 - self._weight) * old + self._weight * ratio
+        self._factor[pair] = min(high, max(low, new))
+        self.current[pair] = scaled(profiled, self._factor[pair])
+
+
+def scaled(perf: PerfModel, factor: float) -> PerfModel:
+    """``perf`` with every per-step time coefficient multiplied by ``factor``."""
+    return replace(
+        perf,
+        step_base_s=perf.step_base_s * factor,
+        prefill_s_per_token=perf.prefill_s_per_token * factor,
+        prefill_s_per_token2=perf.prefill_s_per_token2 * factor,
+        decode_s_per_seq=perf.decode_s_per_seq * factor,
+        decode_s_per_ctx_token=perf.decode_s_per_ctx_token * factor,
+    )
