@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from qlmctl.domain import ClusterSpec, Request, SLOClass
 from qlmctl.profile.perfmodel import PerfModel
 
@@ -73,3 +77,16 @@ def make_perf(model: str = "m1", gpu: str = "G", **overrides: object) -> PerfMod
     }
     fields.update(overrides)
     return PerfModel(**fields)  # type: ignore[arg-type]
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout_s: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run the real console entry point, so errors map to one line and an exit code."""
+    return subprocess.run(
+        [sys.executable, "-c", "from qlmctl.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env={**os.environ, **(env or {})},
+    )

@@ -1,7 +1,5 @@
 """The command line through typer's CliRunner: help, version, errors and exit codes."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,19 +7,10 @@ from typer.testing import CliRunner
 
 from qlmctl import __version__
 from qlmctl.cli import app
+from tests.helpers import run_cli
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the real console entry point (so exit-code mapping is exercised)."""
-    return subprocess.run(
-        [sys.executable, "-c", "from qlmctl.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_version() -> None:

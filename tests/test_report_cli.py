@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 from typer.testing import CliRunner
 
 from qlmctl.cli import app
+from tests.helpers import run_cli
 from tests.test_report_metrics import write_run
 
 runner = CliRunner()
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real console entry point, so errors map to one line and an exit code."""
-    return subprocess.run(
-        [sys.executable, "-c", "from qlmctl.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_json_comparison_and_plots(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from qlmctl.domain import Request, SLOClass
 from qlmctl.errors import BadInput
+from qlmctl.fileio import atomic_write_text
 from qlmctl.profile.perfmodel import PerfModel
 
 PLAN_VERSION = 1
@@ -164,11 +165,7 @@ class Plan:
 
     def save(self, path: Path) -> None:
         """Write atomically as JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
 class Policy(Protocol):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from qlmctl.errors import BadInput
+from qlmctl.fileio import atomic_write_text
 
 PERF_MODEL_VERSION = 1
 
@@ -139,11 +140,7 @@ class PerfModel:
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file, then rename): no partial profile is ever left."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> PerfModel:

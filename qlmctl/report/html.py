@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qlmctl.fileio import atomic_write_text
 from qlmctl.report.compare import Comparison
 from qlmctl.report.export import report_csv
 from qlmctl.report.runs import Report
@@ -80,7 +81,5 @@ def write_html(report: Report, pngs: list[Path], path: Path) -> Path:
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>qlmctl report</title>'
         f"<style>{_STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n"
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, page)
     return path

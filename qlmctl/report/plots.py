@@ -26,6 +26,7 @@ matplotlib.use("Agg")
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from qlmctl.fileio import atomic_path
 from qlmctl.report.compare import run_labels
 from qlmctl.report.html import write_html
 from qlmctl.report.metrics import request_table, run_duration_s
@@ -39,9 +40,8 @@ Draw = Callable[[Figure], None]
 def _save(draw: Draw, path: Path, size: tuple[float, float] = (9.0, 4.0)) -> Path:
     fig = Figure(figsize=size, layout="constrained")
     draw(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     return path
 
 

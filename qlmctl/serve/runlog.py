@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from qlmctl.errors import BadInput
+from qlmctl.fileio import atomic_path, atomic_write_text
 
 RUNLOG_VERSION = 1
 
@@ -132,9 +133,8 @@ class RunLogWriter:
         for name, rows in self._pending.items():
             if rows:
                 table = pa.Table.from_pylist(rows, schema=_TABLES[name])
-                tmp = self._parts / f".{name}-{self._num_parts:05d}.tmp"
-                pq.write_table(table, tmp)
-                tmp.replace(self._parts / f"{name}-{self._num_parts:05d}.parquet")
+                with atomic_path(self._parts / f"{name}-{self._num_parts:05d}.parquet") as tmp:
+                    pq.write_table(table, tmp)
                 self._num_parts += 1
                 rows.clear()
 
@@ -145,9 +145,8 @@ class RunLogWriter:
         self.flush()
         for name, schema in _TABLES.items():
             table = _read_parts(self._parts, name, schema)
-            tmp = self.path / f".{name}.parquet.tmp"
-            pq.write_table(table, tmp)
-            tmp.replace(self.path / f"{name}.parquet")
+            with atomic_path(self.path / f"{name}.parquet") as tmp:
+                pq.write_table(table, tmp)
         shutil.rmtree(self._parts)
         self._meta.update(extra_meta, complete=True)
         self._write_meta()
@@ -167,9 +166,7 @@ class RunLogWriter:
             self.flush()
 
     def _write_meta(self) -> None:
-        tmp = self.path / ".run.json.tmp"
-        tmp.write_text(json.dumps(self._meta, indent=1, default=str) + "\n", encoding="utf-8")
-        tmp.replace(self.path / "run.json")
+        atomic_write_text(self.path / "run.json", json.dumps(self._meta, indent=1, default=str))
 
 
 def read_run(path: Path) -> RunLog:

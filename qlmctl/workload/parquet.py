@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from qlmctl.domain import Request, SLOClass
 from qlmctl.errors import BadInput
+from qlmctl.fileio import atomic_path
 from qlmctl.specs import describe_validation_error
 from qlmctl.workload.model import WORKLOAD_VERSION, Workload
 
@@ -72,13 +73,10 @@ def write_workload(workload: Workload, path: Path) -> None:
         "fingerprint": workload.fingerprint,
     }
     table = pa.table(columns, schema=SCHEMA.with_metadata({META_KEY: json.dumps(meta)}))
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise BadInput(f"{path}: cannot write ({exc})") from None
 
 
