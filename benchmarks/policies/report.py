@@ -74,11 +74,11 @@ def _policy_rows(point: pd.DataFrame) -> list[str]:
         "| throughput req/s | tok/s | swaps | evictions |",
         "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    by = point.set_index("policy")
+    by = {rec["policy"]: rec for rec in point.to_dict("records")}
     for p in POLICY_ORDER:
-        if p not in by.index:
+        if p not in by:
             continue
-        r = by.loc[p]
+        r = by[p]
         lines.append(
             f"| {p} | {_pct(r['attainment'])} | {_pct(r['att_interactive'])} "
             f"| {_pct(r['att_batch-1'])} | {_pct(r['att_batch-2'])} | {r['goodput_rps']:.2f} "
@@ -107,7 +107,8 @@ def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None) -> 
         "Load = offered request rate / the cluster's estimated capacity (fluid estimate).",
         "",
     ]
-    for (scenario, n), cell in frame.groupby(["scenario", "instances"], sort=True):
+    for (scenario, size), cell in frame.groupby(["scenario", "instances"], sort=True):
+        n = int(str(size))
         out += [f"## {scenario}, {n} instances ({n // 2} A100 + {n - n // 2} A10)", ""]
         ref = reference_load(cell)
         if ref is None:
