@@ -17,6 +17,7 @@ from typing import Any
 from benchmarks.policies import report
 from benchmarks.policies.run import POLICY_RUNS, Point, sweep
 from benchmarks.policies.scenarios import QUICK_SPAN_S, REPO, SPAN_S
+from qlmctl.fileio import atomic_write_text
 
 # (scenario, instances) cells and loads; chosen from the paper's shapes, not from results
 FULL_CELLS = (("A-mixed", 4), ("A-mixed", 8), ("B-multimodel", 8), ("C-longprompt", 4))
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     report.write_parquet(frame, args.out / f"{name}.parquet")
     command = ".venv/bin/python -m benchmarks.policies" + (" --quick" if args.quick else "")
     md = args.out / f"{name}.md"
-    md.write_text(report.markdown(frame, command, wall) + "\n", encoding="utf-8")
+    atomic_write_text(md, report.markdown(frame, command, wall) + "\n")
     plots = [] if args.quick else report.plot_attainment(frame, args.out)
     print(f"wrote {md}, {args.out / (name + '.parquet')}, {len(plots)} plot(s) in {wall:.0f} s")
     return 0

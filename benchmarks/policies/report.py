@@ -21,6 +21,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from qlmctl.fileio import atomic_path
+
 COLUMNS = (
     "scenario", "instances", "load", "offered_load", "time_scale", "policy", "requests",
     "ended", "finished", "met", "failed", "rejected", "cancelled", "attainment",
@@ -38,11 +40,9 @@ def to_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
-    """Write atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
+    """Write the results table (atomically)."""
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
     return path
 
 
@@ -145,9 +145,8 @@ def plot_attainment(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
         axes[0][-1].legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / f"attainment_vs_load_{scenario}.png"
-        tmp = path.with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=90)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
         plt.close(fig)
-        tmp.replace(path)
         paths.append(path)
     return paths
