@@ -64,7 +64,7 @@ class SaturationSample:
 
     concurrency: int
     max_running: int
-    max_waiting: int
+    max_waiting: int  # highest queue held over two consecutive /metrics samples
     max_kv_usage: float  # 0-1
     preemptions: int
 

@@ -97,6 +97,7 @@ def run_profile(
         seqs, batched = (
             flag_value(launch.extra_args, f) for f in ("--max-num-seqs", "--max-num-batched-tokens")
         )
+        load_before = os.getloadavg()[0]
         try:
             launcher.start()
             try:
@@ -117,7 +118,9 @@ def run_profile(
             )
         finally:
             stop_s = launcher.stop()
-        meas = replace(meas, cold_start_s=cold_start_s, stop_s=stop_s)
+        # Other processes on this host compete with the server: say how busy it was.
+        load = f"host load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} during the run"
+        meas = replace(meas, cold_start_s=cold_start_s, stop_s=stop_s, notes=(*meas.notes, load))
     perf = fit_perf_model(meas, model.name, gpu, _provenance(meas, launched=launch is not None))
     path = profile_path(profiles_dir, model.name, gpu)
     perf.save(path)

@@ -20,6 +20,7 @@ Cold start and stop belong to the launcher, so :func:`measure` leaves them at 0.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import statistics
 from collections.abc import Awaitable, Callable, Iterator
@@ -102,9 +103,8 @@ async def measure(
     kv = _kv_capacity(cache, saturation, sweep, notes)
     on_cpu = cpu if cpu is not None else gpu.lower() == "cpu"
     if max_num_seqs is None:
-        max_num_seqs = (
-            _observed_max_num_seqs(saturation) or _DEFAULT_MAX_NUM_SEQS["cpu" if on_cpu else "gpu"]
-        )
+        max_num_seqs = _DEFAULT_MAX_NUM_SEQS["cpu" if on_cpu else "gpu"]
+        notes.append(f"max_num_seqs {max_num_seqs} is vLLM's default (not given to qlmctl)")
     return Measurements(
         prefill=tuple(prefill),
         decode=tuple(decode),
@@ -225,12 +225,13 @@ class _Sweeper:
                     for _ in range(c)
                 )
             )
-            peak = {"num_requests_running": 0.0, "num_requests_waiting": 0.0}
-            peak["kv_cache_usage_perc"] = 0.0
+            peak = {"num_requests_running": 0.0, "kv_cache_usage_perc": 0.0}
+            waiting: list[float] = []
             while not load.done():
                 now = await vllm.fetch_metrics(self.client, self.base_url)
                 for key in peak:
                     peak[key] = max(peak[key], now.get(key, 0.0))
+                waiting.append(now.get("num_requests_waiting", 0.0))
                 await asyncio.wait([load], timeout=0.2)
             await load
             after = await vllm.fetch_metrics(self.client, self.base_url)
@@ -240,7 +241,7 @@ class _Sweeper:
             sample = SaturationSample(
                 c,
                 int(peak["num_requests_running"]),
-                int(peak["num_requests_waiting"]),
+                int(_sustained_peak(waiting)),
                 peak["kv_cache_usage_perc"],
                 int(preempted),
             )
@@ -270,6 +271,15 @@ class _Sweeper:
 
         await asyncio.gather(*(one(k) for k in range(sweep.output_lengths)))
         return sorted(out)
+
+
+def _sustained_peak(samples: list[float]) -> float:
+    """The highest level held over two consecutive samples.
+
+    NOTE: requests that arrive in the middle of an engine step wait for the next one, so a
+    single sample with waiting > 0 is normal; a queue that persists means saturation.
+    """
+    return max((min(a, b) for a, b in itertools.pairwise(samples)), default=0.0)
 
 
 def _engine_step_s(before: dict[str, float], after: dict[str, float]) -> float | None:
@@ -344,11 +354,3 @@ def _kv_capacity(
     notes.append("kv capacity estimated from KV usage under load")
     in_cache = min(s.concurrency, s.max_running or s.concurrency) * per_request
     return max(1, int(in_cache / s.max_kv_usage))
-
-
-def _observed_max_num_seqs(saturation: list[SaturationSample]) -> int | None:
-    """Running requests plateaued with others waiting and KV to spare: that is the cap."""
-    for s in saturation:
-        if s.max_waiting > 0 and s.max_kv_usage < 0.9 and s.preemptions == 0:
-            return s.max_running
-    return None
