@@ -1,8 +1,8 @@
 """The embedded demo: the README's main job, runnable on a machine without GPU.
 
 It builds two tiny random-weight Llama models locally (same architecture, different
-weights, so they share the ``tiny@cpu`` profile), writes a cluster spec of two instances
-that may serve either model, replays the short mixed interactive/batch workload
+weights, so they share the ``tiny@cpu`` profile), writes a cluster spec of two instances,
+one per model, replays the short mixed interactive/batch workload
 ``workloads/demo.yaml`` once per policy (real ``vllm serve`` processes on the CPU, or the
 simulator with ``engine="sim"``), and compares the runs with ``qlmctl report``'s code.
 Everything it writes goes under one work directory.
@@ -31,7 +31,11 @@ DEMO_MAX_NUM_SEQS = 4
 
 
 def demo_cluster(models_dir: Path, ports: Sequence[int]) -> ClusterSpec:
-    """Two CPU instances, one per tiny model at start, each allowed to serve both."""
+    """Two CPU instances, one per tiny model.
+
+    Each keeps its model: restarting ``vllm serve`` with the other model takes most of a
+    minute on a CPU, as long as the whole demo workload, so swaps could only lose here.
+    """
     names = list(DEMO_MODELS)
     return ClusterSpec.model_validate(
         {
@@ -49,6 +53,7 @@ def demo_cluster(models_dir: Path, ports: Sequence[int]) -> ClusterSpec:
                         "extra_args": ["--max-num-seqs", str(DEMO_MAX_NUM_SEQS)],
                     },
                     "model": names[k],
+                    "models": [names[k]],
                 }
                 for k, port in enumerate(ports)
             ],
