@@ -35,6 +35,7 @@ def test_cpu_defaults_are_added() -> None:
     assert flag_value(args, "--kv-cache-memory-bytes") == str(64 * 1024 * 1024)
     assert "--scheduling-policy" not in args
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert env["OMP_NUM_THREADS"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_NO_USAGE_STATS"] == "1"
 
 

