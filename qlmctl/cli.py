@@ -136,6 +136,8 @@ def profile(
     )
     print_table(f"profile {result.path}", ["field", "value"], profile_rows(result.perf))
     typer.echo(f"decode-step fit: median relative error {result.fit_error:.1%}")
+    sat = result.measurements.saturation_concurrency
+    typer.echo(f"KV saturation: {f'at {sat} concurrent requests' if sat else 'not reached'}")
 
 
 @profile_app.command("show")

@@ -23,14 +23,16 @@ def test_shipped_defaults_cover_the_documented_pairs_with_provenance() -> None:
     assert sorted(store.pairs) == sorted([*GPU_PAIRS, ("tiny", "cpu")])
     for pair in store.pairs:
         perf = store.get(*pair)
-        assert perf.provenance.startswith("estimate")
+        # tiny@cpu is measured here by `qlmctl profile`; the GPU pairs are estimates.
+        expected = "measured by qlmctl profile" if pair == ("tiny", "cpu") else "estimate"
+        assert perf.provenance.startswith(expected)
         assert store.sources[pair].startswith("default:")
         assert perf.max_num_seqs <= perf.max_num_batched_tokens
     # bigger GPUs and smaller models are faster per decode step
     assert store.get("llama-3.1-8b", "H100").decode_step_s(1, 1000) < store.get(
         "llama-3.1-8b", "A100"
     ).decode_step_s(1, 1000)
-    assert store.get("tiny", "cpu").decode_step_s(1, 100) == pytest.approx(0.005, rel=0.2)
+    assert 0.0005 < store.get("tiny", "cpu").decode_step_s(1, 100) < 0.02  # a few ms on CPU
 
 
 def test_measured_profile_replaces_the_default(tmp_path: Path) -> None:
