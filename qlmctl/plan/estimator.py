@@ -20,6 +20,7 @@ seconds per token (see :mod:`qlmctl.plan.problem`).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -47,10 +48,14 @@ class Scenarios:
 
 
 class LengthModel:
-    """Bayesian output-length model per (model, SLO class); mutable, fed by completions."""
+    """Bayesian output-length model per (model, SLO class); mutable, fed by completions.
+
+    Thread-safe: the serving loop observes completions while a planner thread reads.
+    """
 
     def __init__(self, prior_strength: float = 20.0) -> None:
         self.prior_strength = prior_strength
+        self._lock = threading.Lock()
         self._prior: dict[str, tuple[float, float]] = {}  # model -> (mu0, sigma)
         self._obs: dict[tuple[str, str], tuple[int, float]] = {}  # key -> (n, sum log L)
         self._memo: dict[tuple[str, str], tuple[float, float, float]] = {}  # posterior cache
@@ -60,28 +65,31 @@ class LengthModel:
         samples: dict[str, list[int]] = {}
         for (model, _gpu), pm in sorted(perf.items()):
             samples.setdefault(model, []).extend(pm.output_len_sample)
-        for model, sample in samples.items():
-            if model in self._prior:
-                continue
-            self._memo.clear()
-            logs = np.log(np.maximum(np.array(sample, float), 1.0))
-            if len(logs) >= 2:
-                self._prior[model] = (float(logs.mean()), max(float(logs.std()), 0.05))
-            else:
-                self._prior[model] = (math.log(DEFAULT_MEDIAN_TOKENS), DEFAULT_LOG_SD)
+        with self._lock:
+            for model, sample in samples.items():
+                if model in self._prior:
+                    continue
+                self._memo.clear()
+                logs = np.log(np.maximum(np.array(sample, float), 1.0))
+                if len(logs) >= 2:
+                    self._prior[model] = (float(logs.mean()), max(float(logs.std()), 0.05))
+                else:
+                    self._prior[model] = (math.log(DEFAULT_MEDIAN_TOKENS), DEFAULT_LOG_SD)
 
     def observe(self, model: str, slo_class: str, output_tokens: int) -> None:
         """Record one completed request's output length."""
-        n, s = self._obs.get((model, slo_class), (0, 0.0))
-        self._obs[(model, slo_class)] = (n + 1, s + math.log(max(output_tokens, 1)))
-        self._memo.pop((model, slo_class), None)
+        with self._lock:
+            n, s = self._obs.get((model, slo_class), (0, 0.0))
+            self._obs[(model, slo_class)] = (n + 1, s + math.log(max(output_tokens, 1)))
+            self._memo.pop((model, slo_class), None)
 
     def posterior(self, model: str, slo_class: str) -> tuple[float, float, float]:
         """``(mu_n, tau_n, sigma)``: posterior mean and sd of ``mu``, and the log-sd."""
         key = (model, slo_class)
-        if key not in self._memo:
-            self._memo[key] = self._posterior(model, slo_class)
-        return self._memo[key]
+        with self._lock:
+            if key not in self._memo:
+                self._memo[key] = self._posterior(model, slo_class)
+            return self._memo[key]
 
     def _posterior(self, model: str, slo_class: str) -> tuple[float, float, float]:
         mu0, sigma = self._prior.get(model, (math.log(DEFAULT_MEDIAN_TOKENS), DEFAULT_LOG_SD))

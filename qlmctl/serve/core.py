@@ -317,7 +317,7 @@ class ServeCore:
             waiting=tuple(t.request for t in waiting),
             instances=tuple(self._instance_state(i, now_s) for i in self._insts.values()),
             slo_classes=self._slo,
-            perf=self._perf,
+            perf=dict(self._perf),  # a copy: calibration must not move it under a planner
         )
 
     def _instance_state(self, inst: InstanceRecord, now_s: float) -> InstanceState:
