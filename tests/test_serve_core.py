@@ -303,7 +303,7 @@ def test_cancel_all_ends_everything_and_aborts_in_flight() -> None:
 
 
 def test_illegal_transitions_raise_and_leave_state_unchanged() -> None:
-    tr = Tracked(make_requests(1)[0], SLO_CLASSES["interactive"])
+    tr = Tracked(make_requests(1)[0], SLO_CLASSES["interactive"], expected_output_tokens=50)
     with pytest.raises(IllegalTransition, match="can't start request 'r0' in state WAITING"):
         tr.move("start")
     assert tr.state is ReqState.WAITING

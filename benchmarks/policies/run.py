@@ -69,9 +69,8 @@ def run_point(point: Point) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qlmctl-bench-") as tmp:
         run_dir = Path(tmp) / "run"
-        run_simulated(
-            workload, cluster, perf, policy, CoreConfig(improve=improve), run_dir, point.seed
-        )
+        config = CoreConfig.for_policy(name, improve=improve)
+        run_simulated(workload, cluster, perf, policy, config, run_dir, point.seed)
         m = run_metrics(load_run(run_dir))
     o = m.overall
     row: dict[str, Any] = {

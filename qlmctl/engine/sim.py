@@ -191,6 +191,10 @@ class SimEngine:
         out, self._pending = self._pending, []
         return out
 
+    def num_waiting(self, instance_id: str) -> int:
+        """Requests in the waiting queue of ``instance_id`` (as vLLM's ``/metrics`` says)."""
+        return self._instances[self._by_id[instance_id]].num_waiting
+
     @property
     def num_preemptions(self) -> int:
         """Recompute preemptions so far, over all instances."""

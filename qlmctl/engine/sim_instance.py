@@ -138,6 +138,7 @@ class SimInstance:
     def _clear(self) -> None:
         self._fcfs: deque[SimRequest] = deque()
         self._prio: list[tuple[int, int, SimRequest]] = []
+        self.num_waiting = 0  # requests in the waiting queue (vLLM's num_requests_waiting)
         self._running: dict[str, SimRequest] = {}  # admission order; victims from the end
         self._prefilling: list[SimRequest] = []  # running requests still computing prefill
         self._finish: list[tuple[int, int, SimRequest]] = []  # (finish step, join id, req)
@@ -157,6 +158,7 @@ class SimInstance:
     def enqueue(self, req: SimRequest, front: bool = False) -> None:
         """Put ``req`` in the waiting queue (``front``: a preempted request, FCFS)."""
         req.state = ReqState.WAITING
+        self.num_waiting += 1
         if self.priority_scheduling:
             heapq.heappush(self._prio, (req.priority, req.order, req))
         elif front:
@@ -175,6 +177,7 @@ class SimInstance:
         return self._fcfs[0] if self._fcfs else None
 
     def _pop_waiting(self) -> None:
+        self.num_waiting -= 1
         if self.priority_scheduling:
             heapq.heappop(self._prio)
         else:
@@ -293,7 +296,9 @@ class SimInstance:
     def remove(self, req: SimRequest, now_s: float) -> int:
         """Take ``req`` out (abort) at ``now_s``; returns the tokens it had produced."""
         tokens = req.generated
-        if req.state is ReqState.PREFILL:
+        if req.state is ReqState.WAITING:
+            self.num_waiting -= 1
+        elif req.state is ReqState.PREFILL:
             self._kv_used -= req.computed
             self._prefilling.remove(req)
             del self._running[req.id]

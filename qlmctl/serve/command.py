@@ -89,7 +89,7 @@ def prepare_serve(
         perf=perf,
         policy=chosen,
         engine=engine,
-        config=CoreConfig(vllm_priority=policy == "priority", improve=engine == "vllm"),
+        config=CoreConfig.for_policy(policy, improve=engine == "vllm"),
         run_dir=run_dir,
         seed=seed,
         meta={"workload": str(workload_path), "cluster": str(cluster_path)},

@@ -8,14 +8,22 @@ driver run the second beside the event loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from qlmctl.domain import Request
 from qlmctl.errors import BadInput
 from qlmctl.plan.types import Plan, QueueSnapshot
+
+# Baselines that model what users run today: a router that forwards every request at once
+# to an instance serving its model, where vLLM queues it (FCFS, or by priority).
+ROUTER_POLICIES = frozenset({"fcfs", "priority"})
+# Baselines that only order the queue: they never evict running work.
+ORDER_ONLY_POLICIES = frozenset({"fcfs", "edf", "priority"})
 
 PlanFn = Callable[[QueueSnapshot, np.random.Generator], Plan]
 ImproveFn = Callable[[QueueSnapshot, np.random.Generator], Plan | None]
@@ -27,7 +35,9 @@ class CoreConfig:
 
     max_inflight: int | None = None  # per instance; None: the profile's max_num_seqs
     kv_budget: float = 1.0  # pull while in-flight prompt+output tokens fit this share of KV
-    max_engine_waiting: int | None = None  # pull only while vLLM reports fewer waiting
+    # Pull only while the engine has fewer requests waiting than this, so the backlog (and
+    # its order) stays in qlmctl's queue rather than in vLLM's own FIFO queue.
+    max_engine_waiting: int | None = 2
     max_kv_usage: float = 0.98  # pull only while vLLM's KV usage is below this
     replan_min_interval_s: float = 0.5
     check_interval_s: float = 1.0  # predicted-violation checks while work is queued
@@ -49,6 +59,27 @@ class CoreConfig:
             )
         if not self.kv_budget > 0:
             raise BadInput("core config: kv_budget must be > 0")
+
+    @classmethod
+    def for_policy(cls, policy: str, **overrides: Any) -> CoreConfig:
+        """The knobs that make the core serve the way ``policy`` describes.
+
+        Router baselines (:data:`ROUTER_POLICIES`) push every request to vLLM at once, with
+        no backpressure; order-only baselines never evict; ``priority`` sends the class
+        priorities (vLLM is then started with ``--scheduling-policy priority``). The other
+        policies pull with backpressure and evict. ``overrides`` win.
+        """
+        knobs: dict[str, Any] = {"vllm_priority": policy == "priority"}
+        if policy in ROUTER_POLICIES:
+            knobs |= {
+                "max_inflight": 1 << 30,
+                "kv_budget": math.inf,
+                "max_engine_waiting": None,
+                "max_kv_usage": math.inf,
+            }
+        if policy in ORDER_ONLY_POLICIES:
+            knobs["evict_batch"] = 0
+        return cls(**{**knobs, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +132,14 @@ def split_policy(policy: Any) -> tuple[PlanFn, ImproveFn | None]:
         return plan
 
     return quick, improvement
+
+
+def length_estimator(policy: Any) -> Callable[[Request], int]:
+    """Expected output tokens of a request: the policy's length model, else the cap."""
+    expected = getattr(getattr(policy, "lengths", None), "expected", None)
+    if callable(expected):
+        return lambda request: max(1, round(expected(request)))
+    return lambda request: request.max_output_tokens
 
 
 def length_observer(policy: Any) -> Callable[[str, str, int], None] | None:

@@ -62,6 +62,7 @@ from qlmctl.serve.config import (
     CoreConfig,
     CoreStats,
     ImproveFn,
+    length_estimator,
     length_observer,
     split_policy,
 )
@@ -98,6 +99,7 @@ class ServeCore:
         self.policy_name: str = policy.name
         self._fast, improver = split_policy(policy)
         self._observe = length_observer(policy)  # output lengths seen, for its estimates
+        self._expected_tokens = length_estimator(policy)  # request -> expected output tokens
         self._rng = rng if rng is not None else np.random.default_rng(0)
         # the slow improvement (the MILP) the driver runs on wants_improvement() snapshots
         self.improver: ImproveFn | None = improver if self.config.improve else None
@@ -130,7 +132,7 @@ class ServeCore:
             raise BadInput(f"request {request.id!r} arrived twice")
         if request.slo_class not in self._slo:
             raise BadInput(f"request {request.id!r}: unknown SLO class {request.slo_class!r}")
-        tr = Tracked(request, self._slo[request.slo_class])
+        tr = Tracked(request, self._slo[request.slo_class], self._expected_tokens(request))
         self._reqs[request.id] = tr
         self._waiting[request.id] = tr
         self._replan_due = True
@@ -472,6 +474,8 @@ class ServeCore:
         tr.predicted_start_s = group.plan.predicted_start_s
         tr.predicted_miss_prob = group.plan.miss_probability
         inst.add_inflight(tr)
+        if inst.engine_waiting is not None:
+            inst.engine_waiting += 1  # waits in the engine until its next report says otherwise
         actions.append(Dispatch(tr.id, inst.spec.id, tr.priority))
 
     def _maybe_evict(
@@ -568,10 +572,9 @@ class ServeCore:
         perf = self._perf[(tr.request.model, inst.spec.gpu)]
         batch = max(1, len(inst.inflight))
         req = tr.request
-        ctx = batch * (req.prompt_tokens + req.target_output_tokens // 2)
-        return perf.prefill_time_s(req.prompt_tokens) + req.target_output_tokens * (
-            perf.decode_step_s(batch, ctx)
-        )
+        out = tr.expected_output_tokens
+        ctx = batch * (req.prompt_tokens + out // 2)
+        return perf.prefill_time_s(req.prompt_tokens) + out * (perf.decode_step_s(batch, ctx))
 
     def _observe_speed(self, tr: Tracked, inst: InstanceRecord, ev: Finished) -> None:
         """Feed the decode speed of a finished request to the calibration."""
@@ -580,7 +583,7 @@ class ServeCore:
         req, batch = tr.request, max(1, len(inst.inflight))
         tpot_s = (ev.time_s - tr.first_token_s) / (ev.output_tokens - 1)
         # the same batch and context as _service_s assumes, so the factor corrects it
-        context = batch * (req.prompt_tokens + req.target_output_tokens // 2)
+        context = batch * (req.prompt_tokens + tr.expected_output_tokens // 2)
         self._speed.observe((req.model, inst.spec.gpu), tpot_s, batch, context)
 
     def _remaining_s(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> float:

@@ -93,6 +93,8 @@ def run_simulated(
             events = engine.advance(t)
             for ev in events:
                 core.on_event(ev, t)
+            for inst in cluster.instances:  # what vLLM's /metrics would say
+                core.on_backpressure(inst.id, engine.num_waiting(inst.id), None)
             while pending_failures and pending_failures[0][0] <= t:
                 engine.fail(pending_failures.pop(0)[1], t)
             arrived = k

@@ -72,6 +72,8 @@ class Tracked:
 
     request: Request
     slo: SLOClass
+    # what the core expects it to generate (a scheduler does not know the true length)
+    expected_output_tokens: int
     state: ReqState = ReqState.WAITING
     attempt: int = 0  # index of the current attempt (0 = first dispatch)
     evictions: int = 0
@@ -92,8 +94,8 @@ class Tracked:
 
     @property
     def kv_tokens(self) -> int:
-        """KV tokens the request holds at its end: prompt plus target output."""
-        return self.request.prompt_tokens + self.request.target_output_tokens
+        """KV tokens the request is expected to hold at its end: prompt plus output."""
+        return self.request.prompt_tokens + self.expected_output_tokens
 
     @property
     def deadline_s(self) -> float:
