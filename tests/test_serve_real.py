@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from qlmctl.domain import ClusterSpec, Request, SLOClass
+from qlmctl.plan.estimator import LengthModel
 from qlmctl.plan.policies import make_policy
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import ProfileStore
@@ -66,14 +67,22 @@ def test_mixed_workload_on_two_servers_completes_with_an_eviction(
     work = [
         *reqs(8, "tiny-b", "batch", 0.0, 0.05, 400, "bb"),
         *reqs(4, "tiny-b", "interactive", 1.0, 0.5, 8, "bi"),
-        *reqs(10, "tiny-a", "batch", 0.0, 0.2, 100, "ab"),
-        *reqs(10, "tiny-a", "interactive", 0.5, 0.3, 16, "ai"),
+        # two long batch jobs fill tiny-a's two slots (seconds each) when interactive work
+        # arrives: waiting would miss the 1 s TTFT target, so batch work is evicted
+        *reqs(4, "tiny-a", "batch", 0.0, 0.05, 1200, "ab"),
+        *reqs(6, "tiny-a", "interactive", 0.5, 0.3, 16, "ai"),
     ]
     workload = Workload.from_requests(work, SLO, "mixed")
-    config = CoreConfig(max_inflight=4, vllm_priority=False, evict_cooldown_s=0.5)
+    config = CoreConfig(max_inflight=2, vllm_priority=False, evict_cooldown_s=0.5)
+    # The core plans with estimated lengths, never the true ones: teach the estimator what
+    # earlier runs of these classes produced, so it knows the batch work is long.
+    lengths = LengthModel()
+    for model, slo_class, tokens in [("tiny-b", "batch", 400), ("tiny-a", "batch", 1200)]:
+        for _ in range(50):
+            lengths.observe(model, slo_class, tokens)
     summary = run_real(
-        workload, cluster, tiny_perf("tiny-a", "tiny-b"), make_policy("heuristic"), config,
-        tmp_path / "run", seed=0,
+        workload, cluster, tiny_perf("tiny-a", "tiny-b"), make_policy("heuristic", lengths=lengths),
+        config, tmp_path / "run", seed=0,
     )  # fmt: skip
     df = check_accounted(tmp_path / "run", len(work))
     assert summary.finished == len(work) and not summary.interrupted
