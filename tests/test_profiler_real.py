@@ -33,7 +33,7 @@ from tests.conftest import VllmServer, free_port
 
 TTFT_TOLERANCE = 0.35
 E2E_TOLERANCE = 0.30
-MIX_ROUNDS = 3  # each request's latency is the median over rounds (damps CPU contention)
+MIX_ROUNDS = 5  # each request's latency is the median over rounds (damps CPU contention)
 # Requests sent together: (prompt_tokens, output_tokens) each; none of these shapes is
 # in the quick sweep (prompts 16/128/384/768 alone; 32/192 x 1/4/12 streams of 32).
 FRESH_MIX = [

@@ -69,7 +69,7 @@ def test_mixed_workload_on_two_servers_completes_with_an_eviction(
         *reqs(4, "tiny-b", "interactive", 1.0, 0.5, 8, "bi"),
         # two long batch jobs fill tiny-a's two slots (seconds each) when interactive work
         # arrives: waiting would miss the 1 s TTFT target, so batch work is evicted
-        *reqs(4, "tiny-a", "batch", 0.0, 0.05, 1200, "ab"),
+        *reqs(4, "tiny-a", "batch", 0.0, 0.0, 1200, "ab"),
         *reqs(6, "tiny-a", "interactive", 0.5, 0.3, 16, "ai"),
     ]
     workload = Workload.from_requests(work, SLO, "mixed")
