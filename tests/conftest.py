@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from qlmctl.demo import free_ports
 from qlmctl.domain import LaunchSpec, ModelSpec
 from qlmctl.engine.launcher import VllmLauncher
 from qlmctl.engine.tiny_model import build_tiny_model
@@ -57,10 +57,8 @@ class VllmServer:
 
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago (bind to port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free a moment ago."""
+    return free_ports(1)[0]
 
 
 def _require_vllm() -> None:

@@ -567,24 +567,27 @@ class ServeCore:
             self._perf[(model, gpu)], from_perf, model in inst.sleeping, sleep_current=sleep
         )
 
+    @staticmethod
+    def _decode_load(tr: Tracked, inst: InstanceRecord) -> tuple[int, int]:
+        """(batch, context tokens) ``tr`` decodes with at the instance's current load."""
+        batch = max(1, len(inst.inflight))
+        return batch, batch * (tr.request.prompt_tokens + tr.expected_output_tokens // 2)
+
     def _service_s(self, tr: Tracked, inst: InstanceRecord) -> float:
         """Estimated time from dispatch to finish of ``tr`` at the instance's current load."""
         perf = self._perf[(tr.request.model, inst.spec.gpu)]
-        batch = max(1, len(inst.inflight))
-        req = tr.request
         out = tr.expected_output_tokens
-        ctx = batch * (req.prompt_tokens + out // 2)
-        return perf.prefill_time_s(req.prompt_tokens) + out * (perf.decode_step_s(batch, ctx))
+        step_s = perf.decode_step_s(*self._decode_load(tr, inst))
+        return perf.prefill_time_s(tr.request.prompt_tokens) + out * step_s
 
     def _observe_speed(self, tr: Tracked, inst: InstanceRecord, ev: Finished) -> None:
         """Feed the decode speed of a finished request to the calibration."""
         if self._speed is None or tr.first_token_s is None or ev.output_tokens < 2:
             return
-        req, batch = tr.request, max(1, len(inst.inflight))
         tpot_s = (ev.time_s - tr.first_token_s) / (ev.output_tokens - 1)
-        # the same batch and context as _service_s assumes, so the factor corrects it
-        context = batch * (req.prompt_tokens + tr.expected_output_tokens // 2)
-        self._speed.observe((req.model, inst.spec.gpu), tpot_s, batch, context)
+        # the same load as _service_s assumes, so the factor corrects its estimate
+        batch, context = self._decode_load(tr, inst)
+        self._speed.observe((tr.request.model, inst.spec.gpu), tpot_s, batch, context)
 
     def _remaining_s(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> float:
         start = tr.dispatch_s if tr.dispatch_s is not None else now_s
