@@ -27,6 +27,7 @@ TRUE = make_perf(
     decode_s_per_seq=3e-4,
     decode_s_per_ctx_token=1e-7,
     ttft_overhead_s=0.01,
+    admission_gap_s=0.006,
     max_num_batched_tokens=512,
 )
 
@@ -41,7 +42,8 @@ def measurements_of(perf: PerfModel, noise: float = 0.0) -> Measurements:
     for k, (c, p) in enumerate((c, p) for c in (1, 4, 16) for p in (32, 256)):
         ctx = int(c * (p + 16))
         step = perf.decode_step_s(c, ctx) * (1 + noise * (-1) ** k)
-        decode.append(DecodeSample(c, p, 32, step, ctx))
+        ttfts = tuple(sorted(t for t, _ in predict_batch(perf, [(p, 32)] * c)))
+        decode.append(DecodeSample(c, p, 32, step, ctx, ttfts))
     return Measurements(
         prefill=prefill,
         decode=tuple(decode),
@@ -65,6 +67,7 @@ def test_exact_measurements_give_back_the_model() -> None:
     for c, ctx in ((1, 100), (32, 20_000)):
         assert fitted.decode_step_s(c, ctx) == pytest.approx(TRUE.decode_step_s(c, ctx), rel=1e-6)
     assert fitted.ttft_overhead_s == pytest.approx(0.01, rel=1e-6)
+    assert fitted.admission_gap_s == pytest.approx(0.006, rel=1e-6)  # on the grid
     assert (fitted.cold_start_s, fitted.kv_capacity_tokens, fitted.max_num_seqs) == (
         21.0,
         32768,
@@ -105,6 +108,21 @@ def test_predict_a_lone_request() -> None:
     assert ttft == pytest.approx(TRUE.prefill_time_s(300))
     decode = sum(TRUE.decode_step_s(1, 300 + k) for k in range(1, 10))
     assert e2e == pytest.approx(ttft + decode)
+
+
+def test_without_bursts_the_admission_gap_is_zero() -> None:
+    meas = measurements_of(TRUE)
+    lone = tuple(replace(s, ttfts_s=()) for s in meas.decode)
+    assert fit_perf_model(replace(meas, decode=lone), "tiny", "cpu", "t").admission_gap_s == 0.0
+
+
+def test_predict_a_burst_admits_requests_one_gap_apart() -> None:
+    perf = make_perf(admission_gap_s=0.05, ttft_overhead_s=0.0)
+    first, second = predict_batch(perf, [(10, 2)] * 2)
+    assert first[0] == pytest.approx(perf.prefill_time_s(10))  # alone in its first step
+    assert second[0] > 0.05  # could not start before it reached the engine
+    together = predict_batch(replace(perf, admission_gap_s=0.0), [(10, 2)] * 2)
+    assert together[0] == together[1]
 
 
 def test_predict_queues_beyond_max_num_seqs() -> None:

@@ -130,7 +130,8 @@ def test_swap_and_a_killed_instance_lose_nothing(
     assert list(down.instance_id) == ["i1"]
     hit = df[(df.instance_id == "i1") & (df.outcome == "failed")]
     assert len(hit) > 0  # i1 had work in flight when it died
-    again = df[df.request_id.isin(hit.request_id) & (df.attempt > 0)]
-    assert set(again.outcome) <= {"finished", "failed"} and (again.instance_id != "i1").all()
+    for request_id, attempt in zip(hit.request_id, hit.attempt, strict=True):
+        later = df[(df.request_id == request_id) & (df.attempt > attempt)]
+        assert len(later) > 0 and (later.instance_id != "i1").all()  # retried elsewhere
     assert summary.finished + summary.failed == len(work)
     assert (df[df.outcome == "finished"].model == "tiny-b").sum() == 4

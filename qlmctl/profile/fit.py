@@ -9,11 +9,13 @@ one row of a design matrix: a prefill sample (TTFT of a lone prompt) is the per-
 steady batch) is one decode step, with no overhead. Rows are weighted by
 1/measured, so the fit minimises relative error, and coefficients that come out negative
 are pinned to zero and the rest refitted (a small active-set NNLS). The quadratic prefill
-term is kept only when it clearly improves the fit.
+term is kept only when it clearly improves the fit. Last, ``admission_gap_s`` is the gap
+(on a grid) whose :func:`predict_batch` best matches the TTFTs of the decode bursts.
 
-:func:`predict_batch` runs the fitted model forward for requests that arrive together
-(admission up to ``max_num_seqs``, chunked prefill under the token budget, then decode
-steps), which is how the profiler reports its fit error and how tests check a fresh mix.
+:func:`predict_batch` runs the fitted model forward for requests sent together (arrival
+``admission_gap_s`` apart, admission up to ``max_num_seqs``, chunked prefill under the
+token budget, then decode steps): how the profiler reports its fit error and how tests
+check a fresh mix.
 
 Rules: no I/O, no clock; plain data in, PerfModel out.
 """
@@ -21,7 +23,7 @@ Rules: no I/O, no clock; plain data in, PerfModel out.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,6 +31,8 @@ from qlmctl.errors import EngineError
 from qlmctl.profile.perfmodel import PerfModel
 
 QUADRATIC_GAIN = 0.8  # keep the quadratic prefill term only if it cuts the residual by 20 %
+GAP_GRID = 41  # candidate admission gaps, 0 to GAP_RANGE_OVERHEADS x the TTFT overhead
+GAP_RANGE_OVERHEADS = 4.0
 COEFFICIENTS = (
     "step_base_s",
     "prefill_s_per_token",
@@ -56,6 +60,7 @@ class DecodeSample:
     output_tokens: int  # of each request (ignore_eos)
     step_s: float
     context_tokens: int  # mean KV tokens of the whole batch during the steady window
+    ttfts_s: tuple[float, ...] = ()  # the burst's TTFTs, ascending (median per rank)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +163,29 @@ def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x
 
 
+def fit_admission_gap(perf: PerfModel, bursts: Sequence[DecodeSample]) -> float:
+    """The admission gap on a grid that best predicts the bursts' TTFTs (relative error)."""
+    bursts = [b for b in bursts if len(b.ttfts_s) > 1]
+    if not bursts or perf.ttft_overhead_s <= 0:
+        return 0.0
+
+    def error(gap: float) -> float:
+        trial = replace(perf, admission_gap_s=gap)
+        total = 0.0
+        for b in bursts:
+            shape = [(b.prompt_tokens, b.output_tokens)] * len(b.ttfts_s)
+            predicted = sorted(t for t, _ in predict_batch(trial, shape))
+            total += sum((p / m - 1.0) ** 2 for p, m in zip(predicted, b.ttfts_s, strict=True))
+        return total
+
+    top = GAP_RANGE_OVERHEADS * perf.ttft_overhead_s
+    return min((top * k / (GAP_GRID - 1) for k in range(GAP_GRID)), key=error)
+
+
 def fit_perf_model(meas: Measurements, model: str, gpu: str, provenance: str) -> PerfModel:
     """The PerfModel of ``model`` on ``gpu`` fitted to ``meas``."""
     coef = fit_coefficients(meas)
-    return PerfModel(
+    perf = PerfModel(
         model=model,
         gpu=gpu,
         step_base_s=coef["step_base_s"],
@@ -180,6 +204,7 @@ def fit_perf_model(meas: Measurements, model: str, gpu: str, provenance: str) ->
         provenance=provenance,
         output_len_sample=meas.output_len_sample,
     )
+    return replace(perf, admission_gap_s=fit_admission_gap(perf, meas.decode))
 
 
 def predict_batch(
@@ -189,8 +214,9 @@ def predict_batch(
 
     Requests are admitted in order up to ``max_num_seqs``; each step first decodes the
     running requests that have their first token, then prefills waiting prompt tokens in
-    admission order under the ``max_num_batched_tokens`` budget (vLLM V1's order). Every
-    request's times include ``ttft_overhead_s`` once.
+    admission order under the ``max_num_batched_tokens`` budget (vLLM V1's order). Request
+    ``k`` reaches the engine at ``k * admission_gap_s``; every request's times include
+    ``ttft_overhead_s`` once.
     """
     n = len(requests)
     prefilled = [0] * n  # prompt tokens already computed
@@ -199,12 +225,15 @@ def predict_batch(
     e2e: list[float] = [0.0] * n
     running: list[int] = []
     queue = list(range(n))
-    now = 0.0
+    now, gap = 0.0, perf.admission_gap_s
     # NOTE: each loop iteration is one engine step; it always makes progress because a
     # running request either decodes a token or gets prefill budget.
     while queue or running:
-        while queue and len(running) < perf.max_num_seqs:
+        while queue and len(running) < perf.max_num_seqs and queue[0] * gap <= now:
             running.append(queue.pop(0))
+        if not running:  # the next request is still on its way to the engine
+            now = queue[0] * gap
+            continue
         decoders = [i for i in running if prefilled[i] == requests[i][0]]
         budget, prefill_tokens, new_tokens = perf.max_num_batched_tokens - len(decoders), 0, []
         for i in running:

@@ -15,7 +15,9 @@ Step time (vLLM V1 runs prefill chunks and decodes in one batch per step)::
 
 A lone prompt's time to first token is ``ttft_overhead_s`` (per-request latency outside
 the engine steps: HTTP, admission, delivering the token; 0 in older profiles) plus its
-chunked prefill steps.
+chunked prefill steps. Requests sent at the same moment reach the engine
+``admission_gap_s`` apart (the API server takes them in one at a time; on a small CPU host
+it also competes with the engine for cores; 0 in older profiles).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class PerfModel:
     output_len_sample: tuple[int, ...] = field(default=())
     # Added once to a request's TTFT (see module docstring); optional, so older files load.
     ttft_overhead_s: float = 0.0
+    admission_gap_s: float = 0.0  # likewise optional
     version: int = PERF_MODEL_VERSION
 
     def __post_init__(self) -> None:
@@ -66,6 +69,7 @@ class PerfModel:
             "cold_start_s",
             "stop_s",
             "ttft_overhead_s",
+            "admission_gap_s",
         ):
             value = getattr(self, name)
             if not value >= 0:  # also rejects NaN

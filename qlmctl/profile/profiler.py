@@ -236,6 +236,7 @@ def profile_rows(perf: PerfModel) -> list[tuple[str, Any]]:
         ("decode per sequence (ms)", perf.decode_s_per_seq * ms),
         ("decode per context token (ms)", perf.decode_s_per_ctx_token * ms),
         ("TTFT overhead (ms)", perf.ttft_overhead_s * ms),
+        ("admission gap in a burst (ms)", perf.admission_gap_s * ms),
         ("→ TTFT of a 512-token prompt (ms)", perf.prefill_time_s(512) * ms),
         ("→ decode step, batch 1 (ms)", perf.decode_step_s(1, 512) * ms),
         ("→ decode step, batch 32 (ms)", perf.decode_step_s(32, 32 * 512) * ms),

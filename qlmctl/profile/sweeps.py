@@ -199,7 +199,7 @@ class _Sweeper:
                 if p + n > max_len:
                     advance(f"decode x{c}", 1)
                     continue
-                steps = []
+                steps, ttfts = [], []
                 for _ in range(sweep.decode_repeats):
                     before = await vllm.fetch_metrics(self.client, self.base_url)
                     results = await asyncio.gather(*(self.complete(p, n) for _ in range(c)))
@@ -207,9 +207,11 @@ class _Sweeper:
                     step = _engine_step_s(before, after) or _client_step_s(results)
                     if step is not None:
                         steps.append(step)
+                    ttfts.append(sorted(r.ttft_s for r in results))
                 if steps:
                     step = statistics.median(steps)
-                    samples.append(DecodeSample(c, p, n, step, int(c * (p + n / 2))))
+                    by_rank = tuple(statistics.median(rank) for rank in zip(*ttfts, strict=True))
+                    samples.append(DecodeSample(c, p, n, step, int(c * (p + n / 2)), by_rank))
                 advance(f"decode x{c}", 1)
         return samples
 
