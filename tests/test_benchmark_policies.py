@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.policies import report
+from benchmarks.policies import real, report
 from benchmarks.policies.run import Point, run_point
 from benchmarks.policies.scenarios import SCENARIOS, build_point, capacity_rps, slo_classes
+from qlmctl.demo import run_demo
 from qlmctl.profile.store import ProfileStore
 
 SPAN_S = 10.0
@@ -43,3 +44,13 @@ def test_smallest_point_accounts_for_every_request(tmp_path: Path) -> None:
     path = report.write_parquet(frame, tmp_path / "policies.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(path), frame.reset_index(drop=True))
     assert "## A-mixed, 4 instances" in report.markdown(frame, "cmd")
+
+
+def test_real_leg_table_has_a_row_per_policy(tmp_path: Path) -> None:
+    _, rep = run_demo(tmp_path, ("fcfs", "qlm"), "sim")
+    # the simulated runs stand in for both engines: this checks the table, not vLLM
+    frame = pd.DataFrame([real.metrics_row(e, m) for e in real.ENGINES for m in rep.metrics])
+    assert set(frame["policy"]) == {"fcfs", "qlm"} and (frame["requests"] == 405).all()
+    lines = real.markdown(frame)
+    rows = [line for line in lines if line.startswith(("| fcfs |", "| qlm |"))]
+    assert len(rows) == 2 and all(line.count("|") == 12 for line in rows)

