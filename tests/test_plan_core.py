@@ -198,6 +198,21 @@ def test_batching_beats_fcfs_when_swaps_hurt() -> None:
     assert heur.predicted_attainment > fcfs.predicted_attainment + 0.2
 
 
+def test_groups_already_lost_go_last_under_overload() -> None:
+    # at t=30 the backlog's 20 s deadlines have passed; serving it first (EDF) would make
+    # the request that just arrived late as well
+    lost = make_requests(200, gap_s=0.01, output_tokens=3000, prefix="old-")
+    fresh = make_requests(4, gap_s=0.01, start_s=29.0, prefix="new-")
+    snap = snapshot(lost + fresh, residents=("m1",), now_s=30.0)
+    edf = make_policy("edf").plan(snap, np.random.default_rng(0))
+    heur = make_policy("heuristic").plan(snap, np.random.default_rng(0))
+    assert edf.instances[0].groups[-1].deadline_s == 49.0  # EDF: the fresh group waits
+    assert heur.instances[0].groups[0].deadline_s == 49.0  # triage: it goes first
+    assert heur.solver.chosen == "edf-triage"
+    assert heur.predicted_attainment == pytest.approx(4 / 204)  # the fresh four, surely
+    assert edf.predicted_attainment < 0.6 * 4 / 204
+
+
 def test_deadlines_in_plan_are_absolute() -> None:
     snap = snapshot(make_requests(3, start_s=500.0), now_s=505.0)
     plan = make_policy("edf").plan(snap, np.random.default_rng(0))

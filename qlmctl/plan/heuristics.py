@@ -1,7 +1,8 @@
 """Fast plans: group orders and swap-aware least-finish-time placement.
 
 How it works: an *order* is a sequence of group indices (arrival, deadline, class
-priority, or a model-batched block order). :func:`greedy_place` walks the order and
+priority, or a model-batched block order; triage moves the groups already lost to the
+back). :func:`greedy_place` walks the order and
 puts each group on the eligible instance where it would finish earliest in expectation,
 counting the swap from that instance's last model and the group's release time; each
 instance runs its groups in the order's sequence. All of it is a few numpy operations
@@ -36,6 +37,17 @@ def priority_order(problem: Problem) -> Order:
     """vLLM priority scheduling: class priority (lower first), then arrival."""
     prio = [grp.priority for grp in problem.groups]
     return sorted(range(problem.num_groups), key=lambda g: (prio[g], problem.release_s[g], g))
+
+
+def triage_order(problem: Problem, mean_service: np.ndarray, order: Order) -> Order:
+    """``order`` with the groups that miss their SLO even if started now moved to the back.
+
+    Under overload EDF serves the most urgent groups first, which are the ones already
+    lost, and so makes the rest late too; serving them last keeps the others in time.
+    """
+    delay = np.where(problem.eligible, problem.lag * mean_service, np.inf).min(axis=1)
+    lost = np.maximum(problem.now_s, problem.release_s) + delay > problem.deadline_s
+    return [g for g in order if not lost[g]] + [g for g in order if lost[g]]
 
 
 def block_order(problem: Problem, bucket_s: float | None = None) -> tuple[Order, list[int]]:
