@@ -2,10 +2,10 @@
 
 How it works: an *order* is a sequence of group indices (arrival, deadline, class
 priority, or a model-batched block order; triage moves the groups already lost to the
-back). :func:`greedy_place` walks the order and
-puts each group on the eligible instance where it would finish earliest in expectation,
-counting the swap from that instance's last model and the group's release time; each
-instance runs its groups in the order's sequence. All of it is a few numpy operations
+back). :func:`greedy_place` walks the order and puts each group on the eligible instance
+where it would finish earliest in expectation, counting the swap from that instance's
+last model and the group's release time; each instance runs its groups in the order's
+sequence. All of it is a few numpy operations
 per group over the instances, so hundreds of groups take about a millisecond.
 
 Block order (model batching, the MILP's fixed order): groups fall into blocks
