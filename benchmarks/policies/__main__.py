@@ -104,5 +104,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        print("interrupted; results of this run were not written", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         sys.exit(130)
