@@ -101,7 +101,13 @@ def test_eviction_rescues_tight_interactive_requests(tmp_path: Path) -> None:
         "interactive": SLOClass(name="interactive", ttft_s=3, priority=0),
         "batch": SLOClass(name="batch", ttft_s=600, priority=10),
     }
-    wl = Workload.from_requests(hol_workload().requests, slo, "hol-tight")
+    # interactive requests 4 s apart: each can become its instance's head before it is
+    # lost (with 1 s gaps the plans' triage sends the lost ones back and nothing is evicted)
+    batch = make_requests(80, slo_class="batch", gap_s=0.01, output_tokens=1000, prefix="b")
+    chat = make_requests(
+        30, slo_class="interactive", gap_s=4.0, start_s=2.0, output_tokens=20, prefix="c"
+    )
+    wl = Workload.from_requests([*batch, *chat], slo, "hol-tight")
     cluster, perf = small_cluster()
     out = {}
     for evict_batch in (0, 4):
