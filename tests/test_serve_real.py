@@ -130,8 +130,9 @@ def test_swap_and_a_killed_instance_lose_nothing(
     assert list(down.instance_id) == ["i1"]
     hit = df[(df.instance_id == "i1") & (df.outcome == "failed")]
     assert len(hit) > 0  # i1 had work in flight when it died
-    for request_id, attempt in zip(hit.request_id, hit.attempt, strict=True):
-        later = df[(df.request_id == request_id) & (df.attempt > attempt)]
-        assert len(later) > 0 and (later.instance_id != "i1").all()  # retried elsewhere
+    # a retry may still reach i1 before its death is seen (it fails at once); the last
+    # attempt of each request hit on i1 ran elsewhere
+    last = df.sort_values("attempt").groupby("request_id").tail(1).set_index("request_id")
+    assert (last.loc[hit.request_id.unique(), "instance_id"] != "i1").all()
     assert summary.finished + summary.failed == len(work)
     assert (df[df.outcome == "finished"].model == "tiny-b").sum() == 4
