@@ -24,11 +24,11 @@ from tests.helpers import SLO_CLASSES, make_cluster, make_perf, make_requests
 FINAL = {"finished", "rejected", "cancelled"}
 
 
-def hol_workload() -> Workload:
+def hol_workload(chat_gap_s: float = 1.0) -> Workload:
     """A burst of long batch jobs, then a stream of short interactive requests behind it."""
     batch = make_requests(80, slo_class="batch", gap_s=0.01, output_tokens=1000, prefix="b")
     chat = make_requests(
-        30, slo_class="interactive", gap_s=1.0, start_s=2.0, output_tokens=20, prefix="c"
+        30, slo_class="interactive", gap_s=chat_gap_s, start_s=2.0, output_tokens=20, prefix="c"
     )
     return Workload.from_requests([*batch, *chat], SLO_CLASSES, "hol")
 
@@ -103,11 +103,7 @@ def test_eviction_rescues_tight_interactive_requests(tmp_path: Path) -> None:
     }
     # interactive requests 4 s apart: each can become its instance's head before it is
     # lost (with 1 s gaps the plans' triage sends the lost ones back and nothing is evicted)
-    batch = make_requests(80, slo_class="batch", gap_s=0.01, output_tokens=1000, prefix="b")
-    chat = make_requests(
-        30, slo_class="interactive", gap_s=4.0, start_s=2.0, output_tokens=20, prefix="c"
-    )
-    wl = Workload.from_requests([*batch, *chat], slo, "hol-tight")
+    wl = Workload.from_requests(hol_workload(chat_gap_s=4.0).requests, slo, "hol-tight")
     cluster, perf = small_cluster()
     out = {}
     for evict_batch in (0, 4):
