@@ -207,8 +207,8 @@ def test_groups_already_lost_go_last_under_overload() -> None:
     edf = make_policy("edf").plan(snap, np.random.default_rng(0))
     heur = make_policy("heuristic").plan(snap, np.random.default_rng(0))
     assert edf.instances[0].groups[-1].deadline_s == 49.0  # EDF: the fresh group waits
-    assert heur.instances[0].groups[0].deadline_s == 49.0  # triage: it goes first
-    assert heur.solver.chosen == "edf-triage"
+    assert heur.instances[0].groups[0].deadline_s == 49.0  # shed: it goes first
+    assert heur.solver.chosen == "edf-shed"
     assert heur.predicted_attainment == pytest.approx(4 / 204)  # the fresh four, surely
     assert edf.predicted_attainment < 0.6 * 4 / 204
 

@@ -182,13 +182,13 @@ SCENARIOS: dict[str, Scenario] = {
 def _request_seconds(perf: PerfModel, prompt: np.ndarray, output: np.ndarray) -> np.ndarray:
     """Engine seconds one request costs inside a full batch (fluid estimate)."""
     chunk = np.minimum(prompt, perf.max_num_batched_tokens)
-    batch = min(perf.max_num_seqs, perf.kv_capacity_tokens / float(np.mean(prompt + output)))
+    batch = perf.full_batch(float(np.mean(prompt + output)))
     steps = output + np.ceil(prompt / perf.max_num_batched_tokens)
     return (
         perf.prefill_s_per_token * prompt
         + perf.prefill_s_per_token2 * prompt * chunk / 1000.0
         + output * (perf.decode_s_per_seq + perf.decode_s_per_ctx_token * (prompt + output / 2))
-        + perf.step_base_s * steps / max(batch, 1.0)
+        + perf.step_base_s * steps / batch
     )
 
 

@@ -1,12 +1,12 @@
 """Fast plans: group orders and swap-aware least-finish-time placement.
 
 How it works: an *order* is a sequence of group indices (arrival, deadline, class
-priority, or a model-batched block order; triage moves the groups already lost to the
-back). :func:`greedy_place` walks the order and puts each group on the eligible instance
-where it would finish earliest in expectation, counting the swap from that instance's
-last model and the group's release time; each instance runs its groups in the order's
-sequence. All of it is a few numpy operations
-per group over the instances, so hundreds of groups take about a millisecond.
+priority, or a model-batched block order; :func:`shed_order` moves the groups that would
+make others late to the back). :func:`greedy_place` walks the order and puts each group
+on the eligible instance where it would finish earliest in expectation, counting the
+swap from that instance's last model and the group's release time; each instance runs
+its groups in the order's sequence. All of it is a few numpy operations per group over
+the instances, so hundreds of groups take about a millisecond.
 
 Block order (model batching, the MILP's fixed order): groups fall into blocks
 ``(tier, model)``; the tier is the SLO class (most urgent TTFT first) or a deadline
@@ -39,15 +39,57 @@ def priority_order(problem: Problem) -> Order:
     return sorted(range(problem.num_groups), key=lambda g: (prio[g], problem.release_s[g], g))
 
 
-def triage_order(problem: Problem, mean_service: np.ndarray, order: Order) -> Order:
-    """``order`` with the groups that miss their SLO even if started now moved to the back.
+def shed_order(
+    problem: Problem, mean_service: np.ndarray, mean_free: np.ndarray, order: Order
+) -> Order:
+    """``order`` with the groups that would make others late moved to the back.
 
-    Under overload EDF serves the most urgent groups first, which are the ones already
-    lost, and so makes the rest late too; serving them last keeps the others in time.
+    Under overload, serving every group in ``order`` makes many late; serving the
+    hopeless ones last keeps the others in time. The walk follows Moore and Hodgson's
+    rule (which minimises late jobs on one machine): groups are placed as
+    :func:`greedy_place` would; when one would start too late on its instance, the group
+    queued there (it, or one before it) with the most service seconds per weighted
+    request is shed, until it is on time or shed itself. A group lost even if started
+    first is shed at once.
     """
-    delay = np.where(problem.eligible, problem.lag * mean_service, np.inf).min(axis=1)
-    lost = np.maximum(problem.now_s, problem.release_s) + delay > problem.deadline_s
-    return [g for g in order if not lost[g]] + [g for g in order if lost[g]]
+    n_i = problem.num_instances
+    rows = np.arange(n_i)
+    per_request = mean_service / (problem.weight * problem.size)[:, None]
+    queues: list[list[int]] = [[] for _ in range(n_i)]
+    avail = mean_free.astype(float).copy()
+    loaded = problem.init_model.copy()
+    shed: set[int] = set()
+
+    def replay(i: int) -> tuple[float, bool]:
+        """Instance ``i``'s free time after its queue, and whether its last group is late."""
+        t, model, late = float(mean_free[i]), int(problem.init_model[i]), False
+        for h in queues[i]:
+            t += problem.swap_s[i, model, problem.group_model[h]]
+            model = int(problem.group_model[h])
+            start = max(t, problem.release_s[h])
+            t = start + mean_service[h, i]
+            late = start + problem.lag[h, i] * mean_service[h, i] > problem.deadline_s[h]
+        return t, late
+
+    for g in order:
+        m = problem.group_model[g]
+        start = np.maximum(avail + problem.swap_s[rows, loaded, m], problem.release_s[g])
+        ok = problem.eligible[g]
+        first = np.maximum(mean_free[ok], problem.release_s[g])
+        if np.min(first + problem.lag[g, ok] * mean_service[g, ok]) > problem.deadline_s[g]:
+            shed.add(g)  # lost even if it went first
+            continue
+        i = int(np.argmin(start + mean_service[g]))
+        queues[i].append(g)
+        avail[i], loaded[i] = start[i] + mean_service[g, i], m
+        late = start[i] + problem.lag[g, i] * mean_service[g, i] > problem.deadline_s[g]
+        while late and g not in shed:
+            victim = max(queues[i], key=lambda h: per_request[h, i])
+            queues[i].remove(victim)
+            shed.add(victim)
+            avail[i], late = replay(i)
+            loaded[i] = problem.group_model[queues[i][-1]] if queues[i] else problem.init_model[i]
+    return [g for g in order if g not in shed] + [g for g in order if g in shed]
 
 
 def block_order(problem: Problem, bucket_s: float | None = None) -> tuple[Order, list[int]]:

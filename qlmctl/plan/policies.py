@@ -181,7 +181,7 @@ class OrderPolicy(_Base):
 
 
 def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order, list[int]]]:
-    """EDF-greedy (plain and triaged) and two model-batched greedy candidates, scored."""
+    """EDF-greedy (plain and with shedding) and two model-batched greedy candidates, scored."""
     pb = ctx.problem
     min_ttft = float(np.min(pb.deadline_s - pb.release_s))
     out = {}
@@ -191,9 +191,9 @@ def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order
         "class-blocks": H.block_order(pb),
         "deadline-blocks": H.block_order(pb, bucket_s=min_ttft),
     }
-    triaged = H.triage_order(pb, ctx.mean_service, edf)
-    if triaged != edf:
-        orders["edf-triage"] = (triaged, [0] * len(edf))
+    shed = H.shed_order(pb, ctx.mean_service, ctx.mean_free, edf)
+    if shed != edf:
+        orders["edf-shed"] = (shed, [0] * len(edf))
     for name, (order, blocks) in orders.items():
         queues = H.greedy_place(pb, ctx.mean_service, ctx.mean_free, order)
         out[name] = (queues, simulate(pb, ctx.scen, queues), order, blocks)

@@ -10,7 +10,8 @@ swap time from any model (or none) to any model.
 Fluid service model (one group at a time per instance, the engine at a full batch):
 ``service = prefill_s + output_tokens * decode_s_per_token``. A group meets its SLO when
 its last request can start by the group's deadline: ``start + lag * service <= deadline``
-with ``lag = max(0, 1 - max_num_seqs / size)`` (requests beyond one batch wait for slots).
+with ``lag = max(0, 1 - full_batch / size)`` (requests beyond one batch wait for slots;
+a full batch is ``max_num_seqs`` or what the KV cache holds, :meth:`PerfModel.full_batch`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ from qlmctl.profile.store import swap_time_s
 
 
 def decode_s_per_token(perf: PerfModel, context_tokens: float) -> float:
-    """Decode seconds per output token at a full batch with this mean context."""
-    batch = perf.max_num_seqs
+    """Decode seconds per output token at a full batch with this mean context.
+
+    A full batch is ``max_num_seqs`` sequences, or as many as the KV cache holds at this
+    context (on a small GPU the cache, not ``max_num_seqs``, bounds the batch).
+    """
+    batch = perf.full_batch(context_tokens)
     return (
         perf.step_base_s / batch
         + perf.decode_s_per_seq
@@ -114,9 +119,9 @@ def build_problem(
             if perf is None or not inst.can_serve(grp.model):
                 continue
             eligible[g, i] = True
-            pre[g, i] = perf.prefill_s_per_token * sum_p + perf.prefill_s_per_token2 * sum_p2 / 1000
+            pre[g, i] = perf.prefill_work_s(sum_p, sum_p2)
             spt[g, i] = decode_s_per_token(perf, ctx)
-            lag[g, i] = max(0.0, 1.0 - perf.max_num_seqs / grp.size)
+            lag[g, i] = max(0.0, 1.0 - perf.full_batch(ctx) / grp.size)
         if not eligible[g].any():
             raise BadInput(
                 f"no live instance can serve model {grp.model!r} ({grp.size} waiting requests "

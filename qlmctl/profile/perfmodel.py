@@ -92,6 +92,11 @@ class PerfModel:
         """Whether a warm start (sleep, then wake) is possible on this pair."""
         return self.sleep_s is not None and self.wake_s is not None
 
+    def full_batch(self, kv_tokens_per_seq: float) -> float:
+        """Sequences that run together at most: ``max_num_seqs``, or fewer if their KV
+        (``kv_tokens_per_seq`` each) does not fit the cache."""
+        return max(1.0, min(float(self.max_num_seqs), self.kv_capacity_tokens / kv_tokens_per_seq))
+
     def step_time_s(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
         """Duration of one engine step that prefills and decodes the given amounts."""
         return (
@@ -101,6 +106,11 @@ class PerfModel:
             + self.decode_s_per_seq * decode_seqs
             + self.decode_s_per_ctx_token * context_tokens
         )
+
+    def prefill_work_s(self, tokens: float, tokens_sq: float) -> float:
+        """Prefill seconds of prompts totalling ``tokens`` (squares summing to
+        ``tokens_sq``), on top of the steps' base time."""
+        return self.prefill_s_per_token * tokens + self.prefill_s_per_token2 * tokens_sq / 1000.0
 
     def prefill_time_s(self, prompt_tokens: int) -> float:
         """TTFT of one prompt alone: the request overhead plus its chunked prefill steps."""

@@ -2,10 +2,12 @@
 
 A profile is measured once, under one load; the machine serving now may be slower or
 faster (another tenant on the host, thermal limits, another build of the engine). On
-every finished request the core reports the observed time per output token together with
-the batch and context it ran with; this module keeps, per (model, GPU), an exponentially
-weighted mean of observed / predicted and serves the profiles with every step-time
-coefficient scaled by it. Capacities (sequences, KV tokens) and start-up times stay as
+every finished request the core reports how long its decode took, over how many steps,
+with what batch and context, and how much prefill the instance did in that time (vLLM
+runs other requests' prefill chunks in the same steps: leaving them out would read a busy
+engine as a slow one); this module keeps, per (model, GPU), an exponentially weighted
+mean of observed / predicted and serves the profiles with every step-time coefficient
+scaled by it. Capacities (sequences, KV tokens) and start-up times stay as
 profiled. Planning and eviction decisions then use the speed the cluster really has.
 """
 
@@ -43,12 +45,24 @@ class SpeedCalibration:
         """Observed / profiled step time of ``pair`` (1.0 until something is observed)."""
         return self._factor.get(pair, 1.0)
 
-    def observe(self, pair: Pair, tpot_s: float, batch: int, context_tokens: int) -> None:
-        """A request of ``pair`` decoded at ``tpot_s`` per token in a batch of ``batch``."""
+    def observe(
+        self,
+        pair: Pair,
+        decode_s: float,
+        steps: int,
+        batch: int,
+        context_tokens: int,
+        prefill_tokens: float = 0.0,
+        prefill_tokens_sq: float = 0.0,
+    ) -> None:
+        """A request of ``pair`` decoded ``steps`` tokens in ``decode_s`` seconds, in a batch
+        of ``batch`` holding ``context_tokens``, while the instance prefilled prompts of
+        ``prefill_tokens`` (squares summing to ``prefill_tokens_sq``)."""
         profiled = self._profiled.get(pair)
-        if profiled is None or not tpot_s > 0:
+        if profiled is None or not decode_s > 0 or steps < 1:
             return
-        ratio = tpot_s / profiled.decode_step_s(max(1, batch), context_tokens)
+        predicted = steps * profiled.decode_step_s(max(1, batch), context_tokens)
+        ratio = decode_s / (predicted + profiled.prefill_work_s(prefill_tokens, prefill_tokens_sq))
         low, high = self._bounds
         old = self._factor.get(pair)
         new = ratio if old is None else (1 - self._weight) * old + self._weight * ratio

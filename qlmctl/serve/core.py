@@ -155,6 +155,10 @@ class ServeCore:
             if tr.state is ReqState.DISPATCHED:
                 tr.move("start")
                 tr.first_token_s = event.time_s
+                inst = self._insts[event.instance_id]
+                p = tr.request.prompt_tokens
+                inst.prefilled = (inst.prefilled[0] + p, inst.prefilled[1] + p * p)
+                tr.prefilled_mark = inst.prefilled
         elif isinstance(event, Finished):
             inst = self._insts[event.instance_id]
             self._observe_speed(tr, inst, event)
@@ -584,10 +588,18 @@ class ServeCore:
         """Feed the decode speed of a finished request to the calibration."""
         if self._speed is None or tr.first_token_s is None or ev.output_tokens < 2:
             return
-        tpot_s = (ev.time_s - tr.first_token_s) / (ev.output_tokens - 1)
         # the same load as _service_s assumes, so the factor corrects its estimate
         batch, context = self._decode_load(tr, inst)
-        self._speed.observe((tr.request.model, inst.spec.gpu), tpot_s, batch, context)
+        (tokens, squares), (tokens0, squares0) = inst.prefilled, tr.prefilled_mark
+        self._speed.observe(
+            (tr.request.model, inst.spec.gpu),
+            ev.time_s - tr.first_token_s,
+            ev.output_tokens - 1,
+            batch,
+            context,
+            tokens - tokens0,
+            squares - squares0,
+        )
 
     def _remaining_s(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> float:
         start = tr.dispatch_s if tr.dispatch_s is not None else now_s

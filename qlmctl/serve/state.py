@@ -83,6 +83,7 @@ class Tracked:
     priority: int = 0
     dispatch_s: float | None = None
     first_token_s: float | None = None
+    prefilled_mark: tuple[int, int] = (0, 0)  # its instance's ``prefilled`` at first token
     predicted_start_s: float | None = None
     predicted_miss_prob: float | None = None
     evict_reason: str = ""
@@ -195,6 +196,7 @@ class InstanceRecord:
     engine_waiting: int | None = None  # from vLLM /metrics
     kv_usage: float | None = None
     queued: int = 0  # waiting requests in this instance's virtual queue
+    prefilled: tuple[int, int] = (0, 0)  # prompt tokens (and their squares) prefilled so far
 
     @property
     def id(self) -> str:
