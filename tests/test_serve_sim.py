@@ -102,7 +102,7 @@ def test_eviction_rescues_tight_interactive_requests(tmp_path: Path) -> None:
         "batch": SLOClass(name="batch", ttft_s=600, priority=10),
     }
     # interactive requests 4 s apart: each can become its instance's head before it is
-    # lost (with 1 s gaps the plans' triage sends the lost ones back and nothing is evicted)
+    # lost (with 1 s gaps the plans shed the lost ones to the back and nothing is evicted)
     wl = Workload.from_requests(hol_workload(chat_gap_s=4.0).requests, slo, "hol-tight")
     cluster, perf = small_cluster()
     out = {}

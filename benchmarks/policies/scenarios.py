@@ -21,7 +21,7 @@ from the profiles: per request, prefill and decode seconds inside a full batch; 
 instance, the inverse of the mean over the requests it may serve). The traces are read
 from ``START_S`` on; the window is as long as needed for that span at that load, and
 its times are scaled to fit the span, so overload lasts as long at every load and
-cluster size. Load 1.0 is the estimate of saturation; the sweep runs to twice that.
+cluster size. Load 1.0 is the estimate of saturation; the sweep runs to 2.5 times that.
 """
 
 from __future__ import annotations
