@@ -15,6 +15,7 @@ from qlmctl.plan.estimator import LengthModel, sample_scenarios
 from qlmctl.plan.milp import build_model, scenario_data, solve
 from qlmctl.plan.policies import QlmPolicy, make_policy, prepare
 from qlmctl.plan.simulate import queues_from_assignment, simulate
+from tests.helpers import make_requests
 from tests.test_plan_core import mixed_requests, snapshot
 
 SWAP_COST = 0.01
@@ -34,15 +35,36 @@ def test_milp_matches_brute_force(seed: int) -> None:
     assert 3 <= pb.num_groups <= 7
     scen = sample_scenarios(pb, LengthModel(), rng, 3)
     order, blocks = H.block_order(pb, bucket_s=10.0)
-    best = np.inf
-    for assign in itertools.product(range(pb.num_instances), repeat=pb.num_groups):
-        sc = simulate(pb, scen, queues_from_assignment(pb, assign, order))
-        best = min(best, sc.expected_misses + SWAP_COST * sc.swap_s)
+
+    def cost(assign: tuple[int, ...]) -> float:
+        """Misses and swaps of the groups placed, plus every deferred (-1) group missed."""
+        placed = [g for g in order if assign[g] >= 0]
+        sc = simulate(pb, scen, queues_from_assignment(pb, assign, placed))
+        deferred = sum(pb.weight[g] * pb.size[g] for g in order if assign[g] < 0)
+        return sc.expected_misses + deferred + SWAP_COST * sc.swap_s
+
+    choices = range(-1, pb.num_instances)  # -1: deferred
+    best = min(cost(a) for a in itertools.product(choices, repeat=pb.num_groups))
     res = solve(pb, scen, order, blocks, mip_gap=0.0, time_limit_s=30, swap_cost=SWAP_COST)
     assert res.status == "Optimal" and res.instance_of is not None
     assert res.objective == pytest.approx(best, abs=1e-5)
-    chosen = simulate(pb, scen, queues_from_assignment(pb, res.instance_of, order))
-    assert chosen.expected_misses + SWAP_COST * chosen.swap_s == pytest.approx(best, abs=1e-5)
+    assert cost(tuple(res.instance_of)) == pytest.approx(best, abs=1e-5)
+
+
+def test_milp_defers_lost_groups_that_would_make_the_rest_late() -> None:
+    # at t=30 the backlog's 20 s deadlines have passed; in EDF sequence it runs first and
+    # makes the four fresh requests late too, unless the program defers it
+    lost = make_requests(200, gap_s=0.01, output_tokens=3000, prefix="old-")
+    fresh = make_requests(4, gap_s=0.01, start_s=29.0, prefix="new-")
+    snap = snapshot(lost + fresh, residents=("m1",), now_s=30.0)
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), scenarios=3)
+    pb = ctx.problem
+    order = H.edf_order(pb)
+    res = solve(pb, ctx.scen, order, [0] * len(order), mip_gap=0.0, time_limit_s=30)
+    assert res.status == "Optimal" and res.instance_of is not None
+    is_fresh = [grp.requests[0].id.startswith("new-") for grp in pb.groups]
+    assert all(i == (0 if f else -1) for i, f in zip(res.instance_of, is_fresh, strict=True))
+    assert res.objective == pytest.approx(200)  # the backlog: lost either way
 
 
 def test_model_is_pyomo_with_mutable_params_and_named_stage_costs() -> None:

@@ -15,6 +15,8 @@ bucket; blocks run by (tier, earliest deadline in the block); EDF inside a block
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from qlmctl.plan.problem import Problem
@@ -92,6 +94,20 @@ def shed_order(
     return [g for g in order if g not in shed] + [g for g in order if g in shed]
 
 
+def shed_blocks(
+    problem: Problem,
+    mean_service: np.ndarray,
+    mean_free: np.ndarray,
+    order: Order,
+    block_of: list[int],
+) -> tuple[Order, list[int]]:
+    """A block order after :func:`shed_order`, with its blocks renumbered in sequence."""
+    block = dict(zip(order, block_of, strict=True))
+    shed = shed_order(problem, mean_service, mean_free, order)
+    runs = np.cumsum([k == 0 or block[g] != block[shed[k - 1]] for k, g in enumerate(shed)])
+    return shed, [int(b) - 1 for b in runs]
+
+
 def block_order(problem: Problem, bucket_s: float | None = None) -> tuple[Order, list[int]]:
     """Model-batched order and the block index of each position.
 
@@ -119,7 +135,11 @@ def block_order(problem: Problem, bucket_s: float | None = None) -> tuple[Order,
 
 
 def greedy_place(
-    problem: Problem, mean_service: np.ndarray, mean_free: np.ndarray, order: Order
+    problem: Problem,
+    mean_service: np.ndarray,
+    mean_free: np.ndarray,
+    order: Order,
+    fixed: Mapping[int, int] | None = None,
 ) -> Queues:
     """Place groups in ``order``, each where it finishes earliest in expectation.
 
@@ -128,7 +148,9 @@ def greedy_place(
         mean_service: [G, I] expected service seconds (inf where not eligible).
         mean_free: [I] expected time each instance is free of its running work.
         order: the sequence to place and run groups in.
+        fixed: group -> instance for groups whose instance is already chosen.
     """
+    fixed = fixed or {}
     n_i = problem.num_instances
     avail = mean_free.astype(float).copy()
     loaded = problem.init_model.copy()
@@ -138,7 +160,7 @@ def greedy_place(
         m = problem.group_model[g]
         start = np.maximum(avail + problem.swap_s[rows, loaded, m], problem.release_s[g])
         finish = start + mean_service[g]
-        i = int(np.argmin(finish))
+        i = fixed[g] if g in fixed else int(np.argmin(finish))
         avail[i] = finish[i]
         loaded[i] = m
         queues[i].append(g)

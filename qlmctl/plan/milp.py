@@ -1,15 +1,18 @@
 """The two-stage stochastic program (formulation F2) in Pyomo, solved by HiGHS.
 
 How it works (see /work/shared/research/solver.md, F2): groups run in one fixed
-model-batched sequence (positions ``j``, blocks ``b`` of one model each). The first
-stage chooses only the instance of each group (``a[j,i]``); a loaded-model state machine
+sequence (positions ``j``; blocks ``b`` are its runs of one model). The first
+stage chooses the instance of each group (``a[j,i]``) or defers it (``d[j]``: it runs
+after all the others, takes none of their capacity and counts as missed; under overload,
+which groups to give up is the decision that matters). A loaded-model state machine
 (``l[i,b,m]``, the "no model" state included) counts swaps exactly, with the cost of the
 actual (from, to) pair (``sw[i,b,f]``). The second stage, per scenario ``s``, chains
 finish times ``L[j,i,s]`` along each instance's positions and sets the miss indicator
 ``z[j,s]`` through a big-M row that is tight per row. The objective minimises expected
 weighted missed requests plus ``swap_cost`` per swap second (named Expressions
 ``first_stage_cost`` and ``second_stage_cost[s]``); service times, free times and the
-big-M values are mutable Params. Semantics match :func:`qlmctl.plan.simulate.simulate`.
+big-M values are mutable Params. Semantics match :func:`qlmctl.plan.simulate.simulate`
+on the groups not deferred.
 
 Data first (:func:`scenario_data`, pure Python), model second (:func:`build_model`).
 :func:`solve` translates through Pyomo's LP writer and drives ``highspy`` directly:
@@ -154,6 +157,7 @@ def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
 
     # first stage
     m.a = pe.Var(m.A, domain=pe.Binary)
+    m.d = pe.Var(m.J, domain=pe.Binary)
     m.y = pe.Var(m.IB, bounds=(0, 1))
     m.l = pe.Var(m.IBM, domain=pe.Binary)
     m.sw = pe.Var(m.IBF, bounds=(0, 1))
@@ -170,7 +174,10 @@ def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
         q = pb[(i, b)]
         return m.l[i, q, k] if q is not None else float(init[i] == k)
 
-    m.assign = pe.Constraint(m.J, rule=lambda m, j: sum(m.a[j, i] for i in on_inst[j]) == 1)
+    m.assign = pe.Constraint(
+        m.J, rule=lambda m, j: sum(m.a[j, i] for i in on_inst[j]) + m.d[j] == 1
+    )
+    m.deferred = pe.Constraint(m.JS, rule=lambda m, j, s: m.z[j, s] >= m.d[j])
     m.use = pe.Constraint(m.A, rule=lambda m, j, i: m.a[j, i] <= m.y[i, data["block_of"][j]])
     m.state_on = pe.Constraint(m.IB, rule=lambda m, i, b: m.l[i, b, bm[b]] >= m.y[i, b])
     m.state_keep = pe.Constraint(
@@ -231,7 +238,7 @@ def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
 class MilpResult:
     """What one solve produced."""
 
-    instance_of: list[int] | None  # group index -> instance index; None: no incumbent
+    instance_of: list[int] | None  # group -> instance index, -1 deferred; None: no incumbent
     objective: float | None  # expected weighted misses + swap cost
     status: str
     mip_gap: float | None
@@ -294,8 +301,6 @@ def solve(
             k = col_of.get(id(var))
             if k is not None and values[k] > 0.5:
                 instance_of[data["group_of"][j]] = i
-        if min(instance_of) < 0:
-            instance_of = None
         objective = float(info_h.objective_function_value)
     gap = float(info_h.mip_gap) if has_solution and np.isfinite(info_h.mip_gap) else None
     return MilpResult(
@@ -331,6 +336,8 @@ def _warm_start(
 
     for (j, i), var in model.a.items():
         put(var, float(inst_of[j] == i))
+    for var in model.d.values():
+        put(var, 0.0)
     used = {(inst_of[j], data["block_of"][j]) for j in data["J"]}
     state = dict(data["init"])
     for i, b in data["ib"]:

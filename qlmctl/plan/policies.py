@@ -12,11 +12,13 @@ per-group predicted start/finish and miss probability.
 - ``heuristic``: EDF plus model batching: the best of EDF-greedy and two block orders
   (blocks per class x model, per deadline bucket x model), all swap-aware greedy.
 - ``qlm``: the heuristic's candidates plus the F2 stochastic program (solved on its own
-  in-sample scenarios, warm-started from the best heuristic); the best candidate on the
-  held-out scoring scenarios wins, so it never scores below the heuristic. For the
-  serving core it splits into :meth:`QlmPolicy.quick` (the heuristic answer now) and
-  :meth:`QlmPolicy.improve` (the MILP, safe to run in a worker thread: one Pyomo model
-  and one HiGHS object per call, no shared state but the read-only snapshot).
+  in-sample scenarios over the best candidate's order after shedding, warm-started from
+  the best candidate); the best on the held-out scoring scenarios wins, so it never
+  scores below the heuristic. For the serving core it splits into
+  :meth:`QlmPolicy.quick` (the heuristic answer now, or the MILP's last placements while
+  they still score best) and :meth:`QlmPolicy.improve` (the MILP, safe to run in a
+  worker thread: one Pyomo model and one HiGHS object per call; the only state it shares
+  is the last winning plan, swapped in as one reference).
 
 Every policy takes ``clairvoyant=True``: it is then told each request's true output
 length (:func:`~qlmctl.plan.estimator.known_scenario` replaces the sampled scenarios, and
@@ -27,6 +29,7 @@ better length estimates could buy; it needs lengths a real deployment does not k
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -200,6 +203,46 @@ def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order
     return out
 
 
+def _milp_sequence(ctx: Context, cands: dict[str, Any]) -> tuple[H.Order, list[int]]:
+    """The MILP's fixed sequence: the best candidate's order, after shedding."""
+    pb = ctx.problem
+    order = cands[_best(cands)][2]
+    models = [int(pb.group_model[g]) for g in order]
+    return H.shed_blocks(pb, ctx.mean_service, ctx.mean_free, order, models)
+
+
+def _kept_queues(ctx: Context, plan: Plan, sequence: H.Order) -> Queues | None:
+    """``plan``'s instances for the groups it placed, in ``sequence``; groups new since
+    then placed greedily among them. None if it placed none of today's groups."""
+    pb = ctx.problem
+    index = {iid: i for i, iid in enumerate(pb.instance_ids)}
+    where = {
+        r: index[ip.instance_id]
+        for ip in plan.instances
+        if ip.instance_id in index
+        for pg in ip.groups
+        for r in pg.request_ids
+    }
+    fixed = {}
+    for g, grp in enumerate(pb.groups):
+        votes = Counter(where[r.id] for r in grp.requests if r.id in where)
+        if votes:
+            i = votes.most_common(1)[0][0]
+            if pb.eligible[g, i]:
+                fixed[g] = i
+    if not fixed:
+        return None
+    return H.greedy_place(pb, ctx.mean_service, ctx.mean_free, sequence, fixed)
+
+
+def _with_deferred_last(ctx: Context, instance_of: list[int], sequence: H.Order) -> Queues:
+    """The MILP's queues: groups on their instances in ``sequence``, then the deferred
+    ones (instance -1), each placed where it finishes earliest."""
+    placed = {g: i for g, i in enumerate(instance_of) if i >= 0}
+    order = [g for g in sequence if g in placed] + [g for g in sequence if g not in placed]
+    return H.greedy_place(ctx.problem, ctx.mean_service, ctx.mean_free, order, placed)
+
+
 def _best(cands: dict[str, Any]) -> str:
     """Candidate with the highest score; ties go to the first listed."""
     return max(cands, key=lambda k: cands[k][1].attainment)
@@ -247,17 +290,29 @@ class QlmPolicy(_Base):
         self.milp_scenarios = milp_scenarios
         self.swap_cost = swap_cost
         self.warm_start = warm_start
+        # the last plan the MILP won with: quick() keeps its placements while they score best
+        self._kept: Plan | None = None
 
     def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
-        """The heuristic answer, labelled ``qlm``: call it on the hot path."""
+        """The heuristic answer, or the MILP's last placements kept if they score better
+        (new arrivals placed greedily among them), labelled ``qlm``: for the hot path."""
         ctx = self.prepare(snapshot, rng)
         cands = heuristic_candidates(ctx)
+        kept = self._kept
+        if kept is not None:
+            sequence, blocks = _milp_sequence(ctx, cands)
+            queues = _kept_queues(ctx, kept, sequence)
+            if queues is not None:
+                score = simulate(ctx.problem, ctx.scen, queues)
+                cands["milp-kept"] = (queues, score, sequence, blocks)
         best = _best(cands)
+        if best != "milp-kept":
+            self._kept = None
         stats = SolverStats(
             status="heuristic",
             chosen=best,
             scores={k: v[1].attainment for k, v in cands.items()},
-            note="heuristic answer; the MILP improver has not run",
+            note="fast answer; the MILP improver runs beside it",
         )
         return to_plan(ctx, self.name, cands[best][0], cands[best][1], stats)
 
@@ -266,7 +321,10 @@ class QlmPolicy(_Base):
     ) -> Plan | None:
         """Run the MILP within about ``budget_s``; the plan only if it beats the heuristic."""
         plan = self._solve(snapshot, rng, budget_s)
-        return plan if plan.solver.chosen == "milp" else None
+        if plan.solver.chosen != "milp":
+            return None
+        self._kept = plan
+        return plan
 
     def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
         """Heuristic candidates plus the MILP, best on the scoring scenarios."""
@@ -278,8 +336,7 @@ class QlmPolicy(_Base):
         pb = ctx.problem
         cands = heuristic_candidates(ctx)
         best = _best(cands)
-        seq_name = max(("class-blocks", "deadline-blocks"), key=lambda k: cands[k][1].attainment)
-        order, blocks = cands[seq_name][2], cands[seq_name][3]
+        order, blocks = _milp_sequence(ctx, cands)
         if self.clairvoyant:
             in_sample = ctx.scen
         elif self.milp_scenarios == 1:
@@ -307,7 +364,7 @@ class QlmPolicy(_Base):
         if res.instance_of is None:
             note = f"MILP found no plan ({res.status}); fell back to the heuristic"
         else:
-            q = queues_from_assignment(pb, res.instance_of, order)
+            q = _with_deferred_last(ctx, res.instance_of, order)
             sc = simulate(pb, ctx.scen, q)
             scores["milp"] = sc.attainment
             if sc.attainment > chosen_s.attainment:
