@@ -9,8 +9,9 @@ per-group predicted start/finish and miss probability.
 - ``edf``: absolute-deadline order, same placement.
 - ``priority``: what vLLM's priority scheduling does (class priority, then arrival);
   groups carry their class's priority for the engine.
-- ``heuristic``: EDF plus model batching: the best of EDF-greedy and two block orders
-  (blocks per class x model, per deadline bucket x model), all swap-aware greedy.
+- ``heuristic``: EDF plus model batching and shedding: the best of EDF-greedy, EDF with
+  the groups that would make others late shed to the back, and two block orders (blocks
+  per class x model, per deadline bucket x model), all swap-aware greedy.
 - ``qlm``: the heuristic's candidates plus the F2 stochastic program (solved on its own
   in-sample scenarios over the best candidate's order after shedding, warm-started from
   the best candidate); the best on the held-out scoring scenarios wins, so it never
