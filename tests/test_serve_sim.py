@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,18 @@ def test_eviction_rescues_tight_interactive_requests(tmp_path: Path) -> None:
     evicted = reqs[reqs.outcome == "evicted"]
     assert (evicted.slo_class == "batch").all()
     assert set(final_outcomes(reqs)) == {1} and out[4].finished == 110
+
+
+def test_calibration_reads_an_exact_profile_as_exact(tmp_path: Path) -> None:
+    # long prompts keep arriving while others decode, so decode steps carry prefill
+    # chunks; the simulator runs the profile exactly, so the calibrated speed is 1
+    reqs = make_requests(60, gap_s=0.05, prompt_tokens=3000, output_tokens=50)
+    wl = Workload.from_requests(reqs, SLO_CLASSES, "prefill-heavy")
+    cluster, perf = small_cluster()
+    run_dir = tmp_path / "run"
+    run_simulated(wl, cluster, perf, make_policy("heuristic"), CoreConfig(), run_dir, seed=0)
+    factor = json.loads((run_dir / "run.json").read_text())["speed_factors"]["m1@G"]
+    assert factor == pytest.approx(1.0, abs=0.1)
 
 
 def test_serve_command_runs_the_simulator_and_reports(tmp_path: Path) -> None:

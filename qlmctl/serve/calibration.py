@@ -45,6 +45,10 @@ class SpeedCalibration:
         """Observed / profiled step time of ``pair`` (1.0 until something is observed)."""
         return self._factor.get(pair, 1.0)
 
+    def factors(self) -> dict[str, float]:
+        """Every factor observed so far, keyed ``model@gpu`` (for run.json)."""
+        return {f"{model}@{gpu}": f for (model, gpu), f in sorted(self._factor.items())}
+
     def observe(
         self,
         pair: Pair,

@@ -277,6 +277,10 @@ class ServeCore:
     def resident_model(self, instance_id: str) -> str | None:
         return self._insts[instance_id].model
 
+    def speed_factors(self) -> dict[str, float]:
+        """Observed / profiled step time per ``model@gpu`` (empty without calibration)."""
+        return self._speed.factors() if self._speed is not None else {}
+
     def stats(self) -> CoreStats:
         """Counts so far (O(instances + classes))."""
         f = self._final

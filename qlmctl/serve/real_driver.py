@@ -248,7 +248,7 @@ class _RealDriver:
             )
             await self._next_items(max(0.0, next_t - self.clock.now()))
         duration = self.clock.now()
-        log.close(duration_s=duration, interrupted=interrupted)
+        log.close(duration_s=duration, interrupted=interrupted, speed_factors=core.speed_factors())
         summary = RunSummary.from_stats(core.stats(), run_dir, self.policy.name, "vllm", duration)
         return summary.with_interrupted(interrupted)
 

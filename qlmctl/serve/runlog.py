@@ -3,6 +3,8 @@
 A run is a directory ``RUN/`` holding
 
 * ``run.json``: schema version, run id, policy, engine, workload fingerprint, config;
+  at the end the duration and the speed the profiles were calibrated to
+  (``speed_factors``: observed / profiled step time per ``model@gpu``);
 * ``requests.parquet``: one row per request *attempt* (an evicted request that is
   re-queued and finishes elsewhere has two rows: ``evicted`` then ``finished``);
 * ``operations.parquet``: swaps, wakes, sleeps, evictions, re-plans (solver stats in

@@ -118,7 +118,7 @@ def run_simulated(
         stats = core.stats()
         if on_progress is not None:
             on_progress(stats, clock.now())
-        log.close(duration_s=clock.now())
+        log.close(duration_s=clock.now(), speed_factors=core.speed_factors())
     return RunSummary.from_stats(stats, Path(run_dir), policy.name, "sim", clock.now())
 
 
