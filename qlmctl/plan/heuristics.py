@@ -8,7 +8,7 @@ swap from that instance's last model and the group's release time; each instance
 its groups in the order's sequence. All of it is a few numpy operations per group over
 the instances, so hundreds of groups take about a millisecond.
 
-Block order (model batching, the MILP's fixed order): groups fall into blocks
+Block order (model batching): groups fall into blocks
 ``(tier, model)``; the tier is the SLO class (most urgent TTFT first) or a deadline
 bucket; blocks run by (tier, earliest deadline in the block); EDF inside a block.
 """
