@@ -109,7 +109,7 @@ def clairvoyant(snap: QueueSnapshot, seed: int) -> float:
     """Best heuristic plan made knowing the true lengths, scored on the truth."""
     ctx = prepare(snap, LengthModel(), np.random.default_rng(seed), 1, GROUP_SIZE)
     truth = known_scenario(ctx.problem)
-    ctx = type(ctx)(ctx.problem, truth, truth.service_s[:, :, 0], truth.free_s[:, 0])
+    ctx = type(ctx)(ctx.problem, truth, truth)
     return max(s.attainment for _q, s, _o, _b in heuristic_candidates(ctx).values())
 
 

@@ -14,7 +14,7 @@ from qlmctl.plan import heuristics as H
 from qlmctl.plan.estimator import LengthModel, sample_scenarios
 from qlmctl.plan.milp import build_model, scenario_data, solve
 from qlmctl.plan.policies import QlmPolicy, make_policy, prepare
-from qlmctl.plan.simulate import queues_from_assignment, simulate
+from qlmctl.plan.simulate import queues_from_assignment, simulate_fluid
 from tests.helpers import make_requests
 from tests.test_plan_core import mixed_requests, snapshot
 
@@ -39,7 +39,7 @@ def test_milp_matches_brute_force(seed: int) -> None:
     def cost(assign: tuple[int, ...]) -> float:
         """Misses and swaps of the groups placed, plus every deferred (-1) group missed."""
         placed = [g for g in order if assign[g] >= 0]
-        sc = simulate(pb, scen, queues_from_assignment(pb, assign, placed))
+        sc = simulate_fluid(pb, scen, queues_from_assignment(pb, assign, placed))
         deferred = sum(pb.weight[g] * pb.size[g] for g in order if assign[g] < 0)
         return sc.expected_misses + deferred + SWAP_COST * sc.swap_s
 

@@ -31,13 +31,18 @@ class TinyPolicy:
 
     ``by_priority`` orders by class priority first (urgent work ahead of batch work).
     ``route`` maps a model to an instance; default: the first instance serving it.
+    ``wait_s``: every group is predicted to start that long after the plan (a miss if
+    that passes its deadline), which is what the core's eviction acts on.
     """
 
     name = "tiny"
 
-    def __init__(self, by_priority: bool = False, route: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, by_priority: bool = False, route: dict[str, str] | None = None, wait_s: float = 0.0
+    ) -> None:
         self.by_priority = by_priority
         self.route = route or {}
+        self.wait_s = wait_s
         self.calls = 0
 
     def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
@@ -61,7 +66,7 @@ class TinyPolicy:
                     g.deadline_s,
                     g.predicted_start_s,
                     g.predicted_finish_s,
-                    0.0,
+                    g.miss_probability,
                     g.priority,
                 )
             else:
@@ -72,9 +77,9 @@ class TinyPolicy:
                         r.slo_class,
                         (r.id,),
                         snapshot.deadline_s(r),
-                        snapshot.now_s,
-                        snapshot.now_s,
-                        0.0,
+                        snapshot.now_s + self.wait_s,
+                        snapshot.now_s + self.wait_s,
+                        float(snapshot.now_s + self.wait_s > snapshot.deadline_s(r)),
                         snapshot.slo_classes[r.slo_class].priority,
                     )
                 )
@@ -153,7 +158,8 @@ def test_replans_are_rate_limited() -> None:
 
 def _blocked_by_batch(**overrides: Any) -> tuple[ServeCore, list[Action]]:
     """One instance full of long batch work; an urgent interactive request arrives."""
-    core = make_core(policy=TinyPolicy(by_priority=True), max_inflight=2, **overrides)
+    policy = TinyPolicy(by_priority=True, wait_s=100.0)
+    core = make_core(policy=policy, max_inflight=2, **overrides)
     batch = make_requests(3, slo_class="batch", gap_s=0.0, output_tokens=5000, prefix="b")
     arrive(core, batch)
     urgent = make_requests(1, slo_class="interactive", start_s=1.0, output_tokens=10, prefix="u")
@@ -191,7 +197,7 @@ def test_eviction_rounds_respect_the_cooldown() -> None:
 @pytest.mark.parametrize("max_evictions", [1, 2])
 def test_a_request_is_evicted_at_most_max_evictions_times(max_evictions: int) -> None:
     core = make_core(
-        policy=TinyPolicy(by_priority=True),
+        policy=TinyPolicy(by_priority=True, wait_s=100.0),
         max_inflight=1,
         max_evictions=max_evictions,
         evict_cooldown_s=0.0,

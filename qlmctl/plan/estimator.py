@@ -13,8 +13,9 @@ shocks across groups, as real workloads do), then the group's output tokens: an 
 sum of per-request draws for small groups, a CLT normal for groups of ``clt_min``
 requests or more; both are capped by the requests' ``max_output_tokens``. Running
 requests draw what they have left from the length distribution truncated at what they
-already generated; it delays their instance. Service time = prefill + tokens * decode
-seconds per token (see :mod:`qlmctl.plan.problem`).
+already generated; they hold their instance's first slots. A group's engine work =
+prefill + tokens * decode seconds per token, and each of its requests holds a batch slot
+for B times its share (see :mod:`qlmctl.plan.problem` and :mod:`qlmctl.plan.slots`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 from qlmctl.domain import Request
 from qlmctl.plan.problem import Problem
+from qlmctl.plan.slots import EngineState
 from qlmctl.profile.perfmodel import PerfModel
 
 DEFAULT_MEDIAN_TOKENS = 200.0
@@ -38,13 +40,24 @@ DEFAULT_LOG_SD = 1.0
 class Scenarios:
     """Sampled inputs of the second stage: S equally likely scenarios."""
 
-    service_s: np.ndarray  # [G, I, S] seconds (inf where not eligible)
-    free_s: np.ndarray  # [I, S] when each instance has finished its running requests
+    service_s: np.ndarray  # [G, I, S] engine seconds of the whole group (inf: not eligible)
+    occupancy_s: np.ndarray  # [G, I, S] seconds each of the group's requests holds a slot
+    engines: tuple[EngineState, ...]  # per instance: when its slots and pipeline free
+    free_s: np.ndarray  # [I, S] the fluid view: when the running work would have drained
 
     @property
     def count(self) -> int:
         """S."""
         return int(self.free_s.shape[1])
+
+    def mean(self) -> Scenarios:
+        """The one scenario of the means (what greedy placement plans with)."""
+        return Scenarios(
+            self.service_s.mean(axis=2, keepdims=True),
+            self.occupancy_s.mean(axis=2, keepdims=True),
+            tuple(e.mean() for e in self.engines),
+            self.free_s.mean(axis=1, keepdims=True),
+        )
 
 
 class LengthModel:
@@ -160,13 +173,24 @@ def known_scenario(problem: Problem) -> Scenarios:
 def scenarios_from_tokens(
     problem: Problem, tokens: np.ndarray, running_left: np.ndarray
 ) -> Scenarios:
-    """Service and free times from group output tokens [G, S] and running leftovers [R, S]."""
+    """Service, occupancy and slots from group output tokens [G, S] and running
+    leftovers [R, S]."""
     service = problem.prefill_s[:, :, None] + problem.decode_spt[:, :, None] * tokens[:, None, :]
-    free = np.repeat(problem.ready_s[:, None], tokens.shape[1], axis=1)
-    if len(problem.running):
-        work = problem.running_spt[:, None] * running_left
-        np.add.at(free, problem.running_instance, work)
-    return Scenarios(service_s=service, free_s=free)
+    slots_of_group = problem.batch[problem.group_model]  # [G, I]
+    share = np.where(problem.eligible, slots_of_group / problem.size[:, None], np.inf)
+    occupancy = service * share[:, :, None]
+    engines = []
+    for i in range(problem.num_instances):
+        model = problem.init_model[i]
+        b = int(problem.batch[model, i]) if model < len(problem.models) else 1
+        engine = EngineState.idle(float(problem.ready_s[i]), b, tokens.shape[1])
+        mine = np.flatnonzero(problem.running_instance == i)
+        if mine.size:  # in dispatch order: the first hold slots, the rest queue in vLLM
+            work = problem.running_slot_spt[mine, None] * running_left[mine]
+            engine.serve(work.T, problem.running_prefill_s[mine])
+        engines.append(engine)
+    free = np.stack([e.slots.mean(axis=1) for e in engines])
+    return Scenarios(service, occupancy, tuple(engines), free)
 
 
 def _running_left(

@@ -3,10 +3,11 @@
 How it works: an *order* is a sequence of group indices (arrival, deadline, class
 priority, or a model-batched block order; :func:`shed_order` moves the groups that would
 make others late to the back). :func:`greedy_place` walks the order and puts each group
-on the eligible instance where it would finish earliest in expectation, counting the
-swap from that instance's last model and the group's release time; each instance runs
-its groups in the order's sequence. All of it is a few numpy operations per group over
-the instances, so hundreds of groups take about a millisecond.
+on the eligible instance where its last request would finish earliest in the mean
+scenario (the slot model of :mod:`qlmctl.plan.slots`), counting the swap from that
+instance's last model and the group's release time; each instance runs its groups in the
+order's sequence. A candidate costs a few scalar operations per (group, instance) and
+one slot update per group: hundreds of groups take a few milliseconds.
 
 Block order (model batching): groups fall into blocks
 ``(tier, model)``; the tier is the SLO class (most urgent TTFT first) or a deadline
@@ -19,8 +20,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from qlmctl.plan.estimator import Scenarios
 from qlmctl.plan.problem import Problem
-from qlmctl.plan.simulate import Queues
+from qlmctl.plan.simulate import Queues, first_tokens
 
 Order = list[int]
 
@@ -41,69 +43,106 @@ def priority_order(problem: Problem) -> Order:
     return sorted(range(problem.num_groups), key=lambda g: (prio[g], problem.release_s[g], g))
 
 
-def shed_order(
-    problem: Problem, mean_service: np.ndarray, mean_free: np.ndarray, order: Order
-) -> Order:
+class _Placement:
+    """Each instance's queue and its engine in the mean scenario, as groups are added."""
+
+    def __init__(self, problem: Problem, mean: Scenarios) -> None:
+        self.problem = problem
+        self.mean = mean
+        self.queues: list[list[int]] = [[] for _ in range(problem.num_instances)]
+        self.engines = [e.copy() for e in mean.engines]
+        self.loaded = problem.init_model.copy()
+        self.first_token_s: dict[int, np.ndarray] = {}  # group -> [n] first-token times
+        # [G, I] pipeline seconds of each group's prompts
+        self.prefill_s = np.add.reduceat(problem.req_prefill_s, problem.req_offsets[:-1])
+
+    def finish_s(self, g: int, i: int) -> float:
+        """When ``g``'s last request would finish if queued next on ``i`` (inf: ineligible)."""
+        pb = self.problem
+        if not pb.eligible[g, i]:
+            return np.inf
+        occupancy, n = float(self.mean.occupancy_s[g, i, 0]), int(pb.size[g])
+        m, engine = pb.group_model[g], self.engines[i]
+        free, pipeline = engine.slots[0], float(engine.pipeline_s[0])
+        if m != self.loaded[i]:
+            ready = max(float(free[-1]), pipeline) + float(pb.swap_s[i, self.loaded[i], m])
+            b = pb.group_batch(g, i)
+            last = max(ready, pb.release_s[g]) + -(-n // b) * occupancy
+        else:
+            b = len(free)
+            last = max(float(free[(n - 1) % b]), pb.release_s[g]) + ((n - 1) // b + 1) * occupancy
+            if n >= b:
+                last = max(last, max(float(free[-1]), pb.release_s[g]) + (n // b) * occupancy)
+            ready = pipeline
+        return max(last, max(ready, pb.release_s[g]) + self.prefill_s[g, i] + occupancy)
+
+    def add(self, g: int, i: int) -> None:
+        """Queue ``g`` on ``i`` and predict its requests' first tokens."""
+        pb = self.problem
+        m = pb.group_model[g]
+        if m != self.loaded[i]:
+            self.engines[i].drain(float(pb.swap_s[i, self.loaded[i], m]), pb.group_batch(g, i))
+            self.loaded[i] = m
+        occupancy = np.full((1, int(pb.size[g])), self.mean.occupancy_s[g, i, 0])
+        self.first_token_s[g] = first_tokens(pb, self.engines[i], g, i, occupancy)[1][0]
+        self.queues[i].append(g)
+
+    def late(self, g: int) -> bool:
+        """Whether a request of ``g`` (queued) gets its first token after its deadline."""
+        pb = self.problem
+        rows = slice(pb.req_offsets[g], pb.req_offsets[g + 1])
+        return bool((self.first_token_s[g] > pb.req_deadline_s[rows]).any())
+
+    def remove(self, g: int, i: int) -> None:
+        """Take ``g`` off ``i`` and replay the rest of its queue from the start."""
+        rest = [h for h in self.queues[i] if h != g]
+        self.queues[i] = []
+        self.engines[i] = self.mean.engines[i].copy()
+        self.loaded[i] = self.problem.init_model[i]
+        for h in rest:
+            self.add(h, i)
+
+    def best(self, g: int) -> int:
+        """The eligible instance where ``g`` would finish first."""
+        return int(np.argmin([self.finish_s(g, i) for i in range(self.problem.num_instances)]))
+
+
+def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
     """``order`` with the groups that would make others late moved to the back.
 
     Under overload, serving every group in ``order`` makes many late; serving the
     hopeless ones last keeps the others in time. The walk follows Moore and Hodgson's
     rule (which minimises late jobs on one machine): groups are placed as
-    :func:`greedy_place` would; when one would start too late on its instance, the group
-    queued there (it, or one before it) with the most service seconds per weighted
-    request is shed, until it is on time or shed itself. A group lost even if started
-    first is shed at once.
+    :func:`greedy_place` would; when one would be late on its instance, the group queued
+    there (it, or one before it) with the most slot seconds per weighted request is
+    shed, until it is on time, shed itself, or alone in the queue (then only running
+    work delays it, and the core may evict that). A group whose first request is lost
+    even on an instance emptied for it is shed at once.
     """
-    n_i = problem.num_instances
-    rows = np.arange(n_i)
-    per_request = mean_service / (problem.weight * problem.size)[:, None]
-    queues: list[list[int]] = [[] for _ in range(n_i)]
-    avail = mean_free.astype(float).copy()
-    loaded = problem.init_model.copy()
+    place = _Placement(problem, mean)
+    cost = mean.occupancy_s[:, :, 0] / problem.weight[:, None]
     shed: set[int] = set()
-
-    def replay(i: int) -> tuple[float, bool]:
-        """Instance ``i``'s free time after its queue, and whether its last group is late."""
-        t, model, late = float(mean_free[i]), int(problem.init_model[i]), False
-        for h in queues[i]:
-            t += problem.swap_s[i, model, problem.group_model[h]]
-            model = int(problem.group_model[h])
-            start = max(t, problem.release_s[h])
-            t = start + mean_service[h, i]
-            late = start + problem.lag[h, i] * mean_service[h, i] > problem.deadline_s[h]
-        return t, late
-
     for g in order:
-        m = problem.group_model[g]
-        start = np.maximum(avail + problem.swap_s[rows, loaded, m], problem.release_s[g])
-        ok = problem.eligible[g]
-        first = np.maximum(mean_free[ok], problem.release_s[g])
-        if np.min(first + problem.lag[g, ok] * mean_service[g, ok]) > problem.deadline_s[g]:
+        first = problem.req_offsets[g]
+        soonest = np.maximum(problem.ready_s, problem.release_s[g]) + problem.req_ttft_s[first]
+        if np.min(soonest) > problem.req_deadline_s[first]:
             shed.add(g)  # lost even if it went first
             continue
-        i = int(np.argmin(start + mean_service[g]))
-        queues[i].append(g)
-        avail[i], loaded[i] = start[i] + mean_service[g, i], m
-        late = start[i] + problem.lag[g, i] * mean_service[g, i] > problem.deadline_s[g]
-        while late and g not in shed:
-            victim = max(queues[i], key=lambda h: per_request[h, i])
-            queues[i].remove(victim)
+        i = place.best(g)
+        place.add(g, i)
+        while g not in shed and len(place.queues[i]) > 1 and place.late(g):
+            victim = max(place.queues[i], key=lambda h: cost[h, i])
             shed.add(victim)
-            avail[i], late = replay(i)
-            loaded[i] = problem.group_model[queues[i][-1]] if queues[i] else problem.init_model[i]
+            place.remove(victim, i)
     return [g for g in order if g not in shed] + [g for g in order if g in shed]
 
 
 def shed_blocks(
-    problem: Problem,
-    mean_service: np.ndarray,
-    mean_free: np.ndarray,
-    order: Order,
-    block_of: list[int],
+    problem: Problem, mean: Scenarios, order: Order, block_of: list[int]
 ) -> tuple[Order, list[int]]:
     """A block order after :func:`shed_order`, with its blocks renumbered in sequence."""
     block = dict(zip(order, block_of, strict=True))
-    shed = shed_order(problem, mean_service, mean_free, order)
+    shed = shed_order(problem, mean, order)
     runs = np.cumsum([k == 0 or block[g] != block[shed[k - 1]] for k, g in enumerate(shed)])
     return shed, [int(b) - 1 for b in runs]
 
@@ -135,33 +174,19 @@ def block_order(problem: Problem, bucket_s: float | None = None) -> tuple[Order,
 
 
 def greedy_place(
-    problem: Problem,
-    mean_service: np.ndarray,
-    mean_free: np.ndarray,
-    order: Order,
-    fixed: Mapping[int, int] | None = None,
+    problem: Problem, mean: Scenarios, order: Order, fixed: Mapping[int, int] | None = None
 ) -> Queues:
-    """Place groups in ``order``, each where it finishes earliest in expectation.
+    """Place groups in ``order``, each where its last request finishes earliest in
+    the mean scenario (``mean``, one scenario).
 
     Args:
         problem: the planning problem.
-        mean_service: [G, I] expected service seconds (inf where not eligible).
-        mean_free: [I] expected time each instance is free of its running work.
+        mean: the mean scenario (:meth:`Scenarios.mean`).
         order: the sequence to place and run groups in.
         fixed: group -> instance for groups whose instance is already chosen.
     """
     fixed = fixed or {}
-    n_i = problem.num_instances
-    avail = mean_free.astype(float).copy()
-    loaded = problem.init_model.copy()
-    rows = np.arange(n_i)
-    queues: list[list[int]] = [[] for _ in range(n_i)]
+    place = _Placement(problem, mean)
     for g in order:
-        m = problem.group_model[g]
-        start = np.maximum(avail + problem.swap_s[rows, loaded, m], problem.release_s[g])
-        finish = start + mean_service[g]
-        i = fixed[g] if g in fixed else int(np.argmin(finish))
-        avail[i] = finish[i]
-        loaded[i] = m
-        queues[i].append(g)
-    return tuple(tuple(q) for q in queues)
+        place.add(g, fixed[g] if g in fixed else place.best(g))
+    return tuple(tuple(q) for q in place.queues)

@@ -50,7 +50,13 @@ from qlmctl.plan.estimator import (
 from qlmctl.plan.groups import DEFAULT_MAX_GROUP_SIZE, build_groups
 from qlmctl.plan.milp import DEFAULT_SWAP_COST, solve
 from qlmctl.plan.problem import Problem, build_problem
-from qlmctl.plan.simulate import Queues, Score, queues_from_assignment, simulate
+from qlmctl.plan.simulate import (
+    Queues,
+    Score,
+    queues_from_assignment,
+    simulate,
+    simulate_fluid,
+)
 from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, Policy, QueueSnapshot, SolverStats
 
 
@@ -60,8 +66,7 @@ class Context:
 
     problem: Problem
     scen: Scenarios  # held-out scoring scenarios
-    mean_service: np.ndarray  # [G, I]
-    mean_free: np.ndarray  # [I]
+    mean: Scenarios  # their mean: what greedy placement plans with
 
 
 def prepare(
@@ -85,7 +90,7 @@ def prepare(
         scen = known_scenario(problem)
     else:
         scen = sample_scenarios(problem, lengths, rng, max(1, scenarios))
-    return Context(problem, scen, scen.service_s.mean(axis=2), scen.free_s.mean(axis=1))
+    return Context(problem, scen, scen.mean())
 
 
 def _true_length(request: Request) -> float:
@@ -107,6 +112,7 @@ def to_plan(
         planned = []
         for g in queue:
             grp = pb.groups[g]
+            rows = slice(pb.req_offsets[g], pb.req_offsets[g + 1])
             planned.append(
                 PlannedGroup(
                     group_id=grp.group_id,
@@ -118,6 +124,8 @@ def to_plan(
                     predicted_finish_s=float(score.finish_s[g]),
                     miss_probability=float(score.miss_prob[g]),
                     priority=grp.priority if with_priority else 0,
+                    request_start_s=tuple(score.request_start_s[rows].tolist()),
+                    request_miss_probability=tuple(score.request_miss_prob[rows].tolist()),
                 )
             )
         instances.append(InstancePlan(pb.instance_ids[i], tuple(planned)))
@@ -171,9 +179,7 @@ class OrderPolicy(_Base):
         """Place groups in this policy's order."""
         t0 = time.perf_counter()
         ctx = self.prepare(snapshot, rng)
-        queues = H.greedy_place(
-            ctx.problem, ctx.mean_service, ctx.mean_free, self._order(ctx.problem)
-        )
+        queues = H.greedy_place(ctx.problem, ctx.mean, self._order(ctx.problem))
         score = simulate(ctx.problem, ctx.scen, queues)
         stats = SolverStats(
             build_s=time.perf_counter() - t0,
@@ -195,11 +201,11 @@ def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order
         "class-blocks": H.block_order(pb),
         "deadline-blocks": H.block_order(pb, bucket_s=min_ttft),
     }
-    shed = H.shed_order(pb, ctx.mean_service, ctx.mean_free, edf)
+    shed = H.shed_order(pb, ctx.mean, edf)
     if shed != edf:
         orders["edf-shed"] = (shed, [0] * len(edf))
     for name, (order, blocks) in orders.items():
-        queues = H.greedy_place(pb, ctx.mean_service, ctx.mean_free, order)
+        queues = H.greedy_place(pb, ctx.mean, order)
         out[name] = (queues, simulate(pb, ctx.scen, queues), order, blocks)
     return out
 
@@ -209,7 +215,7 @@ def _milp_sequence(ctx: Context, cands: dict[str, Any]) -> tuple[H.Order, list[i
     pb = ctx.problem
     order = cands[_best(cands)][2]
     models = [int(pb.group_model[g]) for g in order]
-    return H.shed_blocks(pb, ctx.mean_service, ctx.mean_free, order, models)
+    return H.shed_blocks(pb, ctx.mean, order, models)
 
 
 def _kept_queues(ctx: Context, plan: Plan, sequence: H.Order) -> Queues | None:
@@ -233,7 +239,7 @@ def _kept_queues(ctx: Context, plan: Plan, sequence: H.Order) -> Queues | None:
                 fixed[g] = i
     if not fixed:
         return None
-    return H.greedy_place(pb, ctx.mean_service, ctx.mean_free, sequence, fixed)
+    return H.greedy_place(pb, ctx.mean, sequence, fixed)
 
 
 def _with_deferred_last(ctx: Context, instance_of: list[int], sequence: H.Order) -> Queues:
@@ -241,7 +247,7 @@ def _with_deferred_last(ctx: Context, instance_of: list[int], sequence: H.Order)
     ones (instance -1), each placed where it finishes earliest."""
     placed = {g: i for g, i in enumerate(instance_of) if i >= 0}
     order = [g for g in sequence if g in placed] + [g for g in sequence if g not in placed]
-    return H.greedy_place(ctx.problem, ctx.mean_service, ctx.mean_free, order, placed)
+    return H.greedy_place(ctx.problem, ctx.mean, order, placed)
 
 
 def _best(cands: dict[str, Any]) -> str:
@@ -349,7 +355,7 @@ class QlmPolicy(_Base):
             for g in queue:
                 instance_of[g] = i
         warm = queues_from_assignment(pb, instance_of, order) if self.warm_start else None
-        warm_miss = simulate(pb, in_sample, warm).miss if warm is not None else None
+        warm_miss = simulate_fluid(pb, in_sample, warm).miss if warm is not None else None
         scores = {k: v[1].attainment for k, v in cands.items()}
         note = ""
         try:

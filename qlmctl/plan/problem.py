@@ -2,16 +2,21 @@
 
 How it works: :func:`build_problem` turns a snapshot and its groups into numpy arrays
 that every policy, the scorer and the MILP share: per group its model, size, weight,
-absolute deadline and release time; per (group, instance) eligibility and the fluid cost
-coefficients of the profile (prefill seconds of the group's prompts, decode seconds per
-output token at a full batch); per instance the resident model, when it is free, and the
-swap time from any model (or none) to any model.
+absolute deadline and release time; per request (flattened, ``req_offsets`` cut it into
+groups) its deadline and the time from taking a batch slot to its first token on each
+instance; per (group, instance) eligibility and the cost coefficients of the profile
+(prefill seconds of the group's prompts, decode seconds per output token at a full
+batch); per (model, instance) the batch size B; per instance the resident model, when it
+is free, and the swap time from any model (or none) to any model.
 
-Fluid service model (one group at a time per instance, the engine at a full batch):
-``service = prefill_s + output_tokens * decode_s_per_token``. A group meets its SLO when
-its last request can start by the group's deadline: ``start + lag * service <= deadline``
-with ``lag = max(0, 1 - full_batch / size)`` (requests beyond one batch wait for slots;
-a full batch is ``max_num_seqs`` or what the KV cache holds, :meth:`PerfModel.full_batch`).
+Service model (see :mod:`qlmctl.plan.slots`): a full batch is ``max_num_seqs`` or as many
+sequences as the KV cache holds when each reserves its prompt plus its expected output
+(what the core's backpressure admits), :meth:`PerfModel.full_batch` over the snapshot's
+requests of that model. A group's engine work is ``prefill_s + output_tokens *
+decode_spt`` (``decode_spt``: one decode step of a full batch divided by B); each of its
+requests holds a slot for B times its share of that work. A request's first token comes
+``req_ttft_s`` after it takes a slot: the API server's overhead plus its chunked prefill,
+each chunk riding in a step with a full batch of decodes.
 """
 
 from __future__ import annotations
@@ -25,21 +30,44 @@ from qlmctl.domain import Request
 from qlmctl.errors import BadInput
 from qlmctl.plan.groups import RequestGroup
 from qlmctl.plan.types import QueueSnapshot, RunningRequest
-from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.profile.perfmodel import Num, PerfModel
 from qlmctl.profile.store import swap_time_s
 
 
-def decode_s_per_token(perf: PerfModel, context_tokens: float) -> float:
-    """Decode seconds per output token at a full batch with this mean context.
-
-    A full batch is ``max_num_seqs`` sequences, or as many as the KV cache holds at this
-    context (on a small GPU the cache, not ``max_num_seqs``, bounds the batch).
-    """
-    batch = perf.full_batch(context_tokens)
+def decode_s_per_token(perf: PerfModel, context_tokens: Num, batch: float) -> Num:
+    """Decode seconds per output token when ``batch`` sequences of this mean context
+    share each step (the step's time divided by the batch)."""
     return (
         perf.step_base_s / batch
         + perf.decode_s_per_seq
-        + perf.decode_s_per_ctx_token * (context_tokens)
+        + perf.decode_s_per_ctx_token * context_tokens
+    )
+
+
+def prefill_s_per_token(perf: PerfModel, batch: float, context_tokens: float) -> float:
+    """Seconds the prefill pipeline spends per prompt token beside a full batch: a step
+    carries ``max_num_batched_tokens`` less the batch's decodes of prompt tokens."""
+    room = max(perf.max_num_batched_tokens - batch, 1.0)
+    step = perf.step_time_s(int(room), int(batch), int(batch * context_tokens))
+    return step / room
+
+
+def first_token_s(
+    perf: PerfModel, prompts: np.ndarray, batch: float, context_tokens: float
+) -> np.ndarray:
+    """Seconds from taking a slot to the first token, per prompt: the request overhead
+    plus one step per prefill chunk, each beside ``batch - 1`` decodes of this context."""
+    chunk = perf.max_num_batched_tokens
+    chunks = np.maximum(np.ceil(prompts / chunk), 1.0)
+    last = prompts - (chunks - 1) * chunk
+    squares = (chunks - 1) * chunk**2 + last**2
+    before = chunk * (chunks - 1) * chunks / 2  # context of the earlier chunks, summed
+    decodes = (batch - 1) * (perf.decode_s_per_seq + perf.decode_s_per_ctx_token * context_tokens)
+    return (
+        perf.ttft_overhead_s
+        + chunks * (perf.step_base_s + decodes)
+        + perf.prefill_work_s(prompts, squares)
+        + perf.decode_s_per_ctx_token * before
     )
 
 
@@ -59,15 +87,27 @@ class Problem:
     deadline_s: np.ndarray  # [G] absolute
     release_s: np.ndarray  # [G] first arrival
     eligible: np.ndarray  # [G, I] bool
-    lag: np.ndarray  # [G, I] fraction of service before the group's last request starts
+    lag: np.ndarray  # [G, I] the MILP's fluid check: share of service before the last start
     prefill_s: np.ndarray  # [G, I] seconds (inf where not eligible)
     decode_spt: np.ndarray  # [G, I] seconds per output token (inf where not eligible)
+    batch: np.ndarray  # [M, I] slots (full batch) of each model on each instance; 0: none
+    req_offsets: np.ndarray  # [G+1] group g's requests are rows offsets[g]:offsets[g+1]
+    req_deadline_s: np.ndarray  # [N] absolute TTFT deadline of each request
+    req_ttft_s: np.ndarray  # [N, I] dispatch -> first token alone (inf: not eligible)
+    req_prefill_s: np.ndarray  # [N, I] its prompt's time in the prefill pipeline
+    overhead_s: np.ndarray  # [M, I] the API server's per-request TTFT overhead
     init_model: np.ndarray  # [I] model index, M for none
     ready_s: np.ndarray  # [I] when the instance can start new work
     swap_s: np.ndarray  # [I, M+1, M] seconds to switch from (model or none) to model
     running: tuple[RunningRequest, ...] = ()  # in flight, they delay their instance
     running_instance: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # [R]
     running_spt: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] s per token
+    running_slot_spt: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] per slot
+    running_prefill_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] left
+
+    def group_batch(self, g: int, i: int) -> int:
+        """Slots group ``g``'s model has on instance ``i``."""
+        return int(self.batch[self.group_model[g], i])
 
     @property
     def num_groups(self) -> int:
@@ -106,28 +146,47 @@ def build_problem(
     classes = tuple(sorted({g.slo_class for g in groups}))
     n_g, n_i, n_m = len(groups), len(insts), len(models)
 
+    reqs = [r for g in groups for r in g.requests]
+    offsets = np.cumsum([0, *(g.size for g in groups)])
+    prompts = np.array([r.prompt_tokens for r in reqs], float)
+    outputs = np.array([expected_output(r) for r in reqs], float)
+    req_model = np.repeat([midx[g.model] for g in groups], [g.size for g in groups])
+    batch = _batches(snapshot, models, req_model, prompts + outputs, expected_output)
+    size = np.diff(offsets)
+    ctx = np.add.reduceat(prompts + outputs / 2, offsets[:-1]) / size  # [G] mean context
+    sum_p = np.add.reduceat(prompts, offsets[:-1])
+    sum_p2 = np.add.reduceat(prompts**2, offsets[:-1])
+
     eligible = np.zeros((n_g, n_i), bool)
     pre = np.full((n_g, n_i), np.inf)
     spt = np.full((n_g, n_i), np.inf)
     lag = np.zeros((n_g, n_i))
-    for g, grp in enumerate(groups):
-        prompts = np.array([r.prompt_tokens for r in grp.requests], float)
-        sum_p, sum_p2 = float(prompts.sum()), float(np.dot(prompts, prompts))
-        ctx = (sum_p + sum(expected_output(r) for r in grp.requests) / 2) / grp.size
-        for i, inst in enumerate(insts):
-            perf = snapshot.perf.get((grp.model, inst.gpu))
-            if perf is None or not inst.can_serve(grp.model):
+    ttft = np.full((len(reqs), n_i), np.inf)
+    pipeline = np.full((len(reqs), n_i), np.inf)
+    overhead = np.zeros((n_m, n_i))
+    for i, inst in enumerate(insts):
+        for k, model in enumerate(models):
+            perf = snapshot.perf.get((model, inst.gpu))
+            mine = np.flatnonzero([g.model == model for g in groups])
+            if perf is None or not inst.can_serve(model) or not mine.size:
                 continue
-            eligible[g, i] = True
-            pre[g, i] = perf.prefill_work_s(sum_p, sum_p2)
-            spt[g, i] = decode_s_per_token(perf, ctx)
-            lag[g, i] = max(0.0, 1.0 - perf.full_batch(ctx) / grp.size)
-        if not eligible[g].any():
-            raise BadInput(
-                f"no live instance can serve model {grp.model!r} ({grp.size} waiting requests "
-                f"of class {grp.slo_class!r}); check the cluster's models and the profiles "
-                f"for pairs ({grp.model}, <gpu>)"
-            )
+            b = float(batch[k, i])
+            eligible[mine, i] = True
+            pre[mine, i] = perf.prefill_work_s(sum_p[mine], sum_p2[mine])
+            spt[mine, i] = decode_s_per_token(perf, ctx[mine], b)
+            lag[mine, i] = np.maximum(0.0, 1.0 - b / size[mine])
+            rows = req_model == k
+            mean_ctx = float(np.mean(prompts[rows] + outputs[rows] / 2))
+            ttft[rows, i] = first_token_s(perf, prompts[rows], b, mean_ctx)
+            pipeline[rows, i] = prompts[rows] * prefill_s_per_token(perf, b, mean_ctx)
+            overhead[k, i] = perf.ttft_overhead_s
+    for g in np.flatnonzero(~eligible.any(axis=1)):
+        grp = groups[g]
+        raise BadInput(
+            f"no live instance can serve model {grp.model!r} ({grp.size} waiting requests "
+            f"of class {grp.slo_class!r}); check the cluster's models and the profiles "
+            f"for pairs ({grp.model}, <gpu>)"
+        )
 
     swap = np.full((n_i, n_m + 1, n_m), np.inf)
     for i, inst in enumerate(insts):
@@ -141,16 +200,21 @@ def build_problem(
                 perf_from = snapshot.perf.get((frm, inst.gpu))
                 swap[i, f, t] = 0.0 if f == t else swap_time_s(perf_to, perf_from, asleep)
 
-    running, run_inst, run_spt = [], [], []
+    running, run_inst, run_spt, run_slot, run_prefill = [], [], [], [], []
     for i, inst in enumerate(insts):
         for rr in inst.running:
             perf = snapshot.perf.get((rr.request.model, inst.gpu))
-            if perf is None:
+            if perf is None or rr.request.model not in midx:
                 continue  # a model without profile here: nothing to predict, no delay
-            ctx = rr.request.prompt_tokens + expected_output(rr.request) / 2
+            b = float(batch[midx[rr.request.model], i])
+            context = rr.request.prompt_tokens + expected_output(rr.request) / 2
             running.append(rr)
             run_inst.append(i)
-            run_spt.append(decode_s_per_token(perf, ctx))
+            run_spt.append(decode_s_per_token(perf, context, b))
+            run_slot.append(b * run_spt[-1])
+            started = rr.first_token_s is not None
+            rate = prefill_s_per_token(perf, b, context)
+            run_prefill.append(0.0 if started else rr.request.prompt_tokens * rate)
 
     return Problem(
         now_s=snapshot.now_s,
@@ -160,7 +224,7 @@ def build_problem(
         class_names=classes,
         group_model=np.array([midx[g.model] for g in groups], int),
         group_class=np.array([classes.index(g.slo_class) for g in groups], int),
-        size=np.array([g.size for g in groups], float),
+        size=size.astype(float),
         weight=np.array([g.weight for g in groups], float),
         deadline_s=np.array([g.deadline_s for g in groups], float),
         release_s=np.array([g.release_s for g in groups], float),
@@ -168,10 +232,47 @@ def build_problem(
         lag=lag,
         prefill_s=pre,
         decode_spt=spt,
+        batch=batch,
+        req_offsets=offsets,
+        req_deadline_s=np.array([snapshot.deadline_s(r) for r in reqs]),
+        req_ttft_s=ttft,
+        req_prefill_s=pipeline,
+        overhead_s=overhead,
         init_model=np.array([midx[i.model] if i.model else n_m for i in insts], int),
         ready_s=np.array([max(snapshot.now_s, i.ready_at_s) for i in insts], float),
         swap_s=swap,
         running=tuple(running),
         running_instance=np.array(run_inst, int),
         running_spt=np.array(run_spt, float),
+        running_slot_spt=np.array(run_slot, float),
+        running_prefill_s=np.array(run_prefill, float),
     )
+
+
+def _batches(
+    snapshot: QueueSnapshot,
+    models: Sequence[str],
+    req_model: np.ndarray,
+    req_kv: np.ndarray,
+    expected_output: Callable[[Request], float],
+) -> np.ndarray:
+    """[M, I] full batch of each model on each instance, at the mean KV reservation
+    (prompt + expected output) of the snapshot's requests of that model, waiting
+    (``req_model``, ``req_kv``) or running."""
+    index = {m: k for k, m in enumerate(models)}
+    kv_sum = np.bincount(req_model, weights=req_kv, minlength=len(models))
+    count = np.bincount(req_model, minlength=len(models)).astype(float)
+    for inst in snapshot.instances:
+        for rr in inst.running:
+            k = index.get(rr.request.model)
+            if k is not None:
+                kv_sum[k] += rr.request.prompt_tokens + expected_output(rr.request)
+                count[k] += 1
+    out = np.zeros((len(models), len(snapshot.instances)), int)
+    for k, m in enumerate(models):
+        per_seq = kv_sum[k] / count[k] if count[k] else 1.0
+        for i, inst in enumerate(snapshot.instances):
+            perf = snapshot.perf.get((m, inst.gpu))
+            if perf is not None:
+                out[k, i] = int(perf.full_batch(per_seq))
+    return out

@@ -1,26 +1,30 @@
-"""Scoring: simulate a candidate plan on S scenarios with the fluid model.
+"""Scoring: simulate a candidate plan on S scenarios with the slot model.
 
 How it works: a candidate is one ordered queue of group indices per instance. Each
-instance starts when its running work is done (per scenario); for each group in order it
-pays the swap time if the group's model is not the loaded one (exact pair cost from the
-problem's swap matrix), waits for the group's release time, then serves it. The group
-meets its SLO in a scenario when ``start + lag * service <= deadline``. Everything is
-vectorised over scenarios; the loop is over groups only.
+instance starts from its slots as the running requests leave them (per scenario, see
+:mod:`qlmctl.plan.slots`); for each group in order it drains and pays the swap time if
+the group's model is not the loaded one (exact pair cost from the problem's swap
+matrix), then its requests take the earliest free slots, not before the group's release
+time. A request meets its SLO in a scenario when its first token (slot taken + its
+``req_ttft_s``) comes by its own deadline. Everything is vectorised over scenarios; the
+loop is over groups only.
 
-The same semantics are what the MILP optimises, so its objective equals this score on its
-own scenarios (the brute-force tests check that).
+The MILP optimises a fluid relaxation of this (one group at a time at full-batch
+throughput, :func:`simulate_fluid`); its plans are scored here like every other
+candidate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from qlmctl.errors import BadInput
 from qlmctl.plan.estimator import Scenarios
 from qlmctl.plan.problem import Problem
+from qlmctl.plan.slots import EngineState
 
 Queues = tuple[tuple[int, ...], ...]  # per instance: group indices in execution order
 
@@ -31,12 +35,14 @@ class Score:
 
     attainment: float  # expected weighted fraction of waiting requests meeting SLO
     by_class: dict[str, float]  # class -> expected fraction meeting SLO
-    miss_prob: np.ndarray  # [G]
-    start_s: np.ndarray  # [G] mean predicted start
-    finish_s: np.ndarray  # [G] mean predicted finish
+    miss_prob: np.ndarray  # [G] expected fraction of the group's requests missing
+    start_s: np.ndarray  # [G] mean predicted start of the group's first request
+    finish_s: np.ndarray  # [G] mean predicted finish of its last request
     swap_s: float  # total swap seconds the plan implies
     expected_misses: float  # expected weighted requests missing SLO
-    miss: np.ndarray  # [G, S] bool: group misses its SLO in scenario s
+    miss: np.ndarray  # [G, S] fraction of the group's requests missing in scenario s
+    request_start_s: np.ndarray  # [N] mean predicted start (slot taken) per request
+    request_miss_prob: np.ndarray  # [N] probability each request misses
 
 
 def check_queues(problem: Problem, queues: Queues) -> None:
@@ -55,11 +61,58 @@ def check_queues(problem: Problem, queues: Queues) -> None:
 
 
 def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
-    """Score ``queues`` on ``scen``."""
+    """Score ``queues`` on ``scen`` with the slot model."""
+    n_g, n_s = problem.num_groups, scen.count
+    start = np.zeros((n_g, n_s))
+    finish = np.zeros((n_g, n_s))
+    miss = np.zeros((n_g, n_s))
+    n_r = int(problem.req_offsets[-1])
+    req_start = np.zeros(n_r)
+    req_miss = np.zeros(n_r)
+    swap_total = 0.0
+    for i, queue in enumerate(queues):
+        engine = scen.engines[i].copy()
+        loaded = int(problem.init_model[i])
+        for g in queue:
+            m = int(problem.group_model[g])
+            if m != loaded:
+                swap = float(problem.swap_s[i, loaded, m])
+                engine.drain(swap, problem.group_batch(g, i))
+                swap_total += swap
+                loaded = m
+            rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
+            n = int(problem.size[g])
+            occupancy = np.broadcast_to(scen.occupancy_s[g, i][:, None], (n_s, n))
+            starts, tokens = first_tokens(problem, engine, g, i, occupancy)
+            late = tokens > problem.req_deadline_s[rows]
+            start[g], finish[g] = starts[:, 0], (starts + occupancy).max(axis=1)
+            miss[g] = late.mean(axis=1)
+            req_start[rows], req_miss[rows] = starts.mean(axis=0), late.mean(axis=0)
+    score = _summarise(problem, start, finish, miss, swap_total)
+    return replace(score, request_start_s=req_start, request_miss_prob=req_miss)
+
+
+def first_tokens(
+    problem: Problem, engine: EngineState, g: int, i: int, occupancy: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Serve group ``g`` on instance ``i``'s ``engine`` (updated); its requests'
+    ([S, n] dispatch times, [S, n] first-token times)."""
+    rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
+    starts, prefilled = engine.serve(
+        occupancy, problem.req_prefill_s[rows, i], problem.release_s[g]
+    )
+    overhead = problem.overhead_s[problem.group_model[g], i]
+    return starts, np.maximum(prefilled + overhead, starts + problem.req_ttft_s[rows, i])
+
+
+def simulate_fluid(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
+    """Score ``queues`` with the MILP's fluid semantics: each instance serves one group
+    at a time at full-batch throughput from its fluid free time; a group misses when
+    ``start + lag * service`` passes its deadline. The MILP's objective equals this."""
     n_g = problem.num_groups
     start = np.zeros((n_g, scen.count))
     finish = np.zeros((n_g, scen.count))
-    miss = np.zeros((n_g, scen.count), bool)
+    miss = np.zeros((n_g, scen.count))
     swap_total = 0.0
     for i, queue in enumerate(queues):
         t = scen.free_s[i]
@@ -90,6 +143,7 @@ def _summarise(
     for c, name in enumerate(problem.class_names):
         sel = problem.group_class == c
         by_class[name] = float(met[sel].sum() / problem.size[sel].sum())
+    per_request = np.repeat(miss_prob, problem.size.astype(int))
     return Score(
         attainment=1.0 - misses / problem.total_weight(),
         by_class=by_class,
@@ -99,6 +153,8 @@ def _summarise(
         swap_s=swap_s,
         expected_misses=misses,
         miss=miss,
+        request_start_s=np.repeat(start.mean(axis=1), problem.size.astype(int)),
+        request_miss_prob=per_request,
     )
 
 

@@ -83,8 +83,11 @@ class PlannedGroup:
     deadline_s: float  # earliest absolute deadline in the group
     predicted_start_s: float
     predicted_finish_s: float
-    miss_probability: float
+    miss_probability: float  # expected fraction of its requests missing their SLO
     priority: int = 0  # vLLM request priority for this group's requests
+    # per request, aligned with request_ids: when it takes a batch slot, and P(miss)
+    request_start_s: tuple[float, ...] = ()
+    request_miss_probability: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +151,7 @@ class Plan:
             InstancePlan(
                 ip["instance_id"],
                 tuple(
-                    PlannedGroup(**{**g, "request_ids": tuple(g["request_ids"])})
+                    PlannedGroup(**{**g, **{k: tuple(g.get(k, ())) for k in _PER_REQUEST}})
                     for g in ip["groups"]
                 ),
             )
@@ -166,6 +169,9 @@ class Plan:
     def save(self, path: Path) -> None:
         """Write atomically as JSON."""
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+
+_PER_REQUEST = ("request_ids", "request_start_s", "request_miss_probability")
 
 
 class Policy(Protocol):

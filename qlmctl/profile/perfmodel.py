@@ -25,12 +25,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 from qlmctl.errors import BadInput
 from qlmctl.fileio import atomic_write_text
 
 PERF_MODEL_VERSION = 1
+Num = TypeVar("Num", float, np.ndarray)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +110,9 @@ class PerfModel:
             + self.decode_s_per_ctx_token * context_tokens
         )
 
-    def prefill_work_s(self, tokens: float, tokens_sq: float) -> float:
+    def prefill_work_s(self, tokens: Num, tokens_sq: Num) -> Num:
         """Prefill seconds of prompts totalling ``tokens`` (squares summing to
-        ``tokens_sq``), on top of the steps' base time."""
+        ``tokens_sq``), on top of the steps' base time; numbers or numpy arrays."""
         return self.prefill_s_per_token * tokens + self.prefill_s_per_token2 * tokens_sq / 1000.0
 
     def prefill_time_s(self, prompt_tokens: int) -> float:

@@ -54,7 +54,7 @@ from qlmctl.engine.events import (
     LoadModel,
 )
 from qlmctl.errors import BadInput
-from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, RunningRequest
+from qlmctl.plan.types import InstanceState, Plan, PlannedGroup, QueueSnapshot, RunningRequest
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import swap_time_s
 from qlmctl.serve.calibration import SpeedCalibration
@@ -345,11 +345,23 @@ class ServeCore:
                     t.request,
                     t.dispatch_s or now_s,
                     t.first_token_s,
-                    int(t.first_token_s is not None),
+                    self._generated(t, inst, now_s),
                 )
                 for t in running
             ),
         )
+
+    def _generated(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> int:
+        """Output tokens ``tr`` has produced by ``now_s``: one at its first token, then one
+        per decode step at the instance's current load (capped below its limit)."""
+        if tr.first_token_s is None:
+            return 0
+        perf = self._perf.get((tr.request.model, inst.spec.gpu))
+        if perf is None:
+            return 1
+        step_s = perf.decode_step_s(*self._decode_load(tr, inst))
+        steps = int((now_s - tr.first_token_s) / step_s) if step_s > 0 else 0
+        return min(1 + steps, tr.request.max_output_tokens - 1)
 
     def _adopt(self, plan: Plan | None, *, keep_leftovers: bool) -> None:
         """Rebuild the virtual queues from ``plan`` (None: empty queues)."""
@@ -359,6 +371,7 @@ class ServeCore:
         for ip in plan.instances if plan is not None else ():
             vq = self._vq[ip.instance_id]
             for pg in ip.groups:
+                self._take_forecasts(pg)
                 ids = deque(r for r in pg.request_ids if r in self._waiting and r not in placed)
                 if ids:
                     placed.update(ids)
@@ -390,6 +403,15 @@ class ServeCore:
         if unplanned and not keep_leftovers and plan is not None:
             missing = next(r for r in self._waiting if r not in placed)
             raise RuntimeError(f"policy {plan.policy!r} left waiting request {missing!r} unplanned")
+
+    def _take_forecasts(self, group: PlannedGroup) -> None:
+        """Keep the first forecast (start, miss probability) made for each request of
+        ``group`` in this attempt: what the run log sets against what happened."""
+        starts, misses = group.request_start_s, group.request_miss_probability
+        for rid, start_s, miss in zip(group.request_ids, starts, misses, strict=False):
+            tr = self._waiting.get(rid)
+            if tr is not None and tr.predicted_start_s is None:
+                tr.predicted_start_s, tr.predicted_miss_prob = start_s, miss
 
     def _fail_unservable(self, now_s: float) -> None:
         """Fail waiting requests that no live instance may ever serve."""
@@ -479,8 +501,9 @@ class ServeCore:
         tr.instance_id = inst.spec.id
         tr.dispatch_s = now_s
         tr.priority = group.plan.priority if self.config.vllm_priority else 0
-        tr.predicted_start_s = group.plan.predicted_start_s
-        tr.predicted_miss_prob = group.plan.miss_probability
+        if tr.predicted_start_s is None:  # a plan without per-request forecasts
+            tr.predicted_start_s = group.plan.predicted_start_s
+            tr.predicted_miss_prob = group.plan.miss_probability
         inst.add_inflight(tr)
         if inst.engine_waiting is not None:
             inst.engine_waiting += 1  # waits in the engine until its next report says otherwise
@@ -507,16 +530,10 @@ class ServeCore:
             self._hint_s = min(self._hint_s, inst.last_evict_s + cfg.evict_cooldown_s)
             return
         perf = self._perf[(group.plan.model, inst.spec.gpu)]
-        start_s = perf.prefill_time_s(head.request.prompt_tokens)
-        if now_s + start_s > head.deadline_s:
+        if now_s + perf.prefill_time_s(head.request.prompt_tokens) > head.deadline_s:
             return  # too late to save; evicting would only waste work
-        remaining = [self._remaining_s(t, inst, now_s) for t in inst.inflight.values()]
-        if for_swap:
-            wait = max(remaining) + self._load_time(inst, group.plan.model)
-        else:
-            wait = min(remaining)
-        if now_s + wait + start_s <= head.deadline_s:
-            return  # the head makes it by waiting
+        if not _late_by_plan(group.plan, head.id, now_s):
+            return  # the plan has the head on time by waiting (for a swap: by draining)
         victims = [
             t
             for t in reversed(inst.inflight.values())
@@ -604,10 +621,6 @@ class ServeCore:
             tokens - tokens0,
             squares - squares0,
         )
-
-    def _remaining_s(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> float:
-        start = tr.dispatch_s if tr.dispatch_s is not None else now_s
-        return max(0.0, start + self._service_s(tr, inst) - now_s)
 
     # ---- ends of attempts -------------------------------------------------------------
 
@@ -741,3 +754,12 @@ class ServeCore:
                 "detail": json.dumps(detail, sort_keys=True, default=str) if detail else None,
             }
         )
+
+
+def _late_by_plan(group: PlannedGroup, request_id: str, now_s: float) -> bool:
+    """Whether waiting for a slot makes ``request_id`` of ``group`` late: the plan said it
+    more likely misses than not, or the start the plan predicted for it has passed."""
+    if not group.request_miss_probability:
+        return group.miss_probability >= 0.5 or now_s > group.predicted_start_s
+    k = group.request_ids.index(request_id)
+    return group.request_miss_probability[k] >= 0.5 or now_s > group.request_start_s[k]

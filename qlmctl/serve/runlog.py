@@ -65,7 +65,7 @@ REQUESTS_SCHEMA = pa.schema(
         ("slo_met", pa.bool_()),  # TTFT (and e2e if set) within target; false unless finished
         ("outcome", pa.string()),  # one of FINISHED, EVICTED, FAILED, REJECTED, CANCELLED
         ("reason", pa.string()),  # why it was evicted, failed, rejected or cancelled
-        ("predicted_start_s", pa.float64()),  # the plan's prediction when dispatched
+        ("predicted_start_s", pa.float64()),  # first forecast of dispatch in this attempt
         ("predicted_miss_prob", pa.float64()),
     ]
 )
