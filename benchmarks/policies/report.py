@@ -23,20 +23,23 @@ import pandas as pd
 
 from qlmctl.fileio import atomic_path
 
+FORECAST_KEYS = ("start_mae_s", "start_bias_s", "wait_s", "miss_pred", "miss_obs", "brier")
 COLUMNS = (
     "scenario", "instances", "load", "offered_load", "time_scale", "policy", "requests",
     "ended", "finished", "met", "failed", "rejected", "cancelled", "attainment",
     "weighted_attainment", "goodput_rps", "throughput_rps", "throughput_tps", "output_tps",
     "ttft_p50_s", "swaps", "evictions", "replans", "solver_s", "duration_s", "wall_s",
     "att_interactive", "n_interactive", "att_batch-1", "n_batch-1", "att_batch-2", "n_batch-2",
+    "milp_offered", "milp_adopted",
+    *(f"{k}_{c}" for c in ("interactive", "batch-1", "batch-2") for k in FORECAST_KEYS),
 )  # fmt: skip
 POLICY_ORDER = ("fcfs", "edf", "priority", "heuristic", "qlm", "clairvoyant")
 
 
 def to_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The results table, columns in :data:`COLUMNS` order."""
-    frame = pd.DataFrame(list(rows))
-    return frame.loc[:, list(COLUMNS)].sort_values(["scenario", "instances", "load"], kind="stable")
+    frame = pd.DataFrame(list(rows)).reindex(columns=list(COLUMNS))
+    return frame.sort_values(["scenario", "instances", "load"], kind="stable")
 
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
@@ -88,6 +91,26 @@ def _policy_rows(point: pd.DataFrame) -> list[str]:
     return lines
 
 
+def _forecast_rows(qlm: pd.Series) -> list[str]:
+    """``qlm``'s first forecast per request against what happened, and its MILP's plans."""
+    lines = [
+        f"qlm's MILP plans adopted: {int(qlm['milp_adopted'])} of {int(qlm['milp_offered'])}. "
+        "Forecasts (the first per request): dispatch error (median |error|, median "
+        "signed, > 0 later than forecast) against the median wait; miss probability.",
+        "",
+        "| class | start error s | bias s | wait s | predicted miss % | observed miss % | Brier |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for c in ("interactive", "batch-1", "batch-2"):
+        if qlm[f"n_{c}"]:
+            lines.append(
+                f"| {c} | {qlm[f'start_mae_s_{c}']:.2f} | {qlm[f'start_bias_s_{c}']:.2f} "
+                f"| {qlm[f'wait_s_{c}']:.2f} | {_pct(qlm[f'miss_pred_{c}'])} "
+                f"| {_pct(qlm[f'miss_obs_{c}'])} | {qlm[f'brier_{c}']:.3f} |"
+            )
+    return lines
+
+
 def _sweep_rows(cell: pd.DataFrame) -> list[str]:
     pols = [p for p in POLICY_ORDER if p in set(cell["policy"])]
     lines = ["| load | " + " | ".join(pols) + " |", "|--:|" + "--:|" * len(pols)]
@@ -104,7 +127,8 @@ def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None) -> 
         "",
         f"Regenerate: `{command}`" + (f" (wall time {wall_s / 60:.1f} min)." if wall_s else "."),
         "Attainment = requests finishing with TTFT inside their class SLO / all requests.",
-        "Load = offered request rate / the cluster's estimated capacity (fluid estimate).",
+        "Load = offered request rate / the cluster's estimated capacity (the largest rate of",
+        "the request mix the instances can share, each serving only its models: an LP).",
         "",
     ]
     for (scenario, size), cell in frame.groupby(["scenario", "instances"], sort=True):
@@ -119,9 +143,39 @@ def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None) -> 
             out += [f"Reference load {ref:g} (lowest load where fcfs attains <= 50 %):", ""]
             out += [*_policy_rows(point), ""]
             out += ["Targets: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in met.items())]
-            out += [""]
+            out += ["", *_forecast_rows(point[point["policy"] == "qlm"].iloc[0]), ""]
         out += ["Overall attainment % by load:", "", *_sweep_rows(cell), ""]
     return "\n".join(out)
+
+
+def estimator_summary(frame: pd.DataFrame) -> dict[str, Any]:
+    """Per cell at its reference load: ``qlm``'s forecasts against what happened, per
+    class (the estimator issue's keys), and whether more information ever hurt
+    (``clairvoyant`` against ``qlm``, at the reference load and over the sweep)."""
+    out: dict[str, Any] = {}
+    for (scenario, size), cell in frame.groupby(["scenario", "instances"], sort=True):
+        ref = reference_load(cell)
+        att = cell.pivot_table(index="load", columns="policy", values="attainment")
+        gap = 100 * (att["clairvoyant"] - att["qlm"])
+        entry: dict[str, Any] = {
+            "reference_load": ref,
+            "clairvoyant_minus_qlm_pts_min": float(gap.min()),
+            "clairvoyant_minus_qlm_pts_by_load": {f"{k:g}": float(v) for k, v in gap.items()},
+        }
+        if ref is not None:
+            qlm = cell[(cell["load"] == ref) & (cell["policy"] == "qlm")].iloc[0]
+            entry["clairvoyant_minus_qlm_pts"] = float(gap[ref])
+            entry["by_class"] = {
+                c: {k: _finite(qlm[f"{k}_{c}"]) for k in FORECAST_KEYS}
+                for c in ("interactive", "batch-1", "batch-2")
+                if qlm[f"n_{c}"]
+            }
+        out[f"{scenario} ({int(str(size))})"] = entry
+    return out
+
+
+def _finite(x: Any) -> float | None:
+    return None if x is None or pd.isna(x) else float(x)
 
 
 def plot_attainment(frame: pd.DataFrame, out_dir: Path) -> list[Path]:

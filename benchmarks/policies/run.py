@@ -15,6 +15,7 @@ bound on what better length estimates could buy.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from benchmarks.policies.scenarios import SCENARIOS, build_point, slo_classes
 from qlmctl.plan.policies import make_policy
@@ -71,7 +74,10 @@ def run_point(point: Point) -> dict[str, Any]:
         run_dir = Path(tmp) / "run"
         config = CoreConfig.for_policy(name, improve=improve)
         run_simulated(workload, cluster, perf, policy, config, run_dir, point.seed)
-        m = run_metrics(load_run(run_dir))
+        log = load_run(run_dir)
+        m = run_metrics(log)
+        forecasts = forecast_errors(log.requests)
+        milp = milp_counts(log.operations)
     o = m.overall
     row: dict[str, Any] = {
         "scenario": point.scenario,
@@ -100,12 +106,54 @@ def run_point(point: Point) -> dict[str, Any]:
         "solver_s": m.operations.solver_time_s,
         "duration_s": m.duration_s,
         "wall_s": time.perf_counter() - t0,
+        **milp,
     }
     for c in CLASSES:
         g = m.by_class.get(c)
         row[f"att_{c}"] = g.attainment if g is not None and g.requests else None
         row[f"n_{c}"] = g.requests if g is not None else 0
+        for key, value in forecasts.get(c, {}).items():
+            row[f"{key}_{c}"] = value
     return row
+
+
+def forecast_errors(requests: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per class, the first forecast of each request against what happened.
+
+    ``start_mae_s`` / ``start_bias_s``: median absolute / signed error of the predicted
+    dispatch (dispatch - forecast: > 0 is later than forecast) over first attempts,
+    ``wait_s`` their median wait; ``miss_pred`` the mean forecast miss probability,
+    ``miss_obs`` the share that missed, ``brier`` the forecasts' Brier score.
+    """
+    first = requests.sort_values(["request_id", "attempt"]).groupby("request_id").first()
+    final = requests.sort_values(["request_id", "attempt"]).groupby("request_id").last()
+    out: dict[str, dict[str, float]] = {}
+    for c, rows in first.groupby("slo_class"):
+        started = rows.dropna(subset=["predicted_start_s", "dispatch_s"])
+        err = started["dispatch_s"] - started["predicted_start_s"]
+        forecast = rows["predicted_miss_prob"].dropna()
+        missed = (~final.loc[forecast.index, "slo_met"].astype(bool)).astype(float)
+        out[str(c)] = {
+            "start_mae_s": float(err.abs().median()) if len(err) else float("nan"),
+            "start_bias_s": float(err.median()) if len(err) else float("nan"),
+            "wait_s": float((started["dispatch_s"] - started["arrival_s"]).median())
+            if len(err)
+            else float("nan"),
+            "miss_pred": float(forecast.mean()) if len(forecast) else float("nan"),
+            "miss_obs": float(missed.mean()) if len(forecast) else float("nan"),
+            "brier": float(((forecast - missed) ** 2).mean()) if len(forecast) else float("nan"),
+        }
+    return out
+
+
+def milp_counts(operations: pd.DataFrame) -> dict[str, int]:
+    """How often the MILP improver's plan was offered and adopted (``replan`` rows)."""
+    improver = [
+        d for d in operations.loc[operations["kind"] == "replan", "detail"].dropna().map(json.loads)
+        if d.get("source") == "improver"
+    ]  # fmt: skip
+    adopted = sum(1 for d in improver if d.get("adopted", True) and "error" not in d)
+    return {"milp_offered": len(improver), "milp_adopted": adopted}
 
 
 def sweep(

@@ -14,11 +14,15 @@ and A10 GPUs with the shipped default profiles. The shapes follow the paper (arX
   which model an instance holds, and swaps, matter.
 * ``C-longprompt``: one model; interactive code-trace traffic beside arXiv-length jobs
   (prompts of about 2,600 tokens) with the batch-1 SLO.
+* ``D-longdoc``: like C, but the jobs are long documents: prompts uniform in 8k-32k
+  tokens, outputs log-normal (median 300, max 2,048), batch-1. No public trace here has
+  prompts this long, so the lengths are synthetic (chosen before any result was seen).
 
 Load: every point offers ``SPAN_S`` seconds of arrivals (virtual time) at a target
-multiple of the cluster's *estimated* capacity (:func:`capacity_rps`, a fluid estimate
-from the profiles: per request, prefill and decode seconds inside a full batch; per
-instance, the inverse of the mean over the requests it may serve). The traces are read
+multiple of the cluster's *estimated* capacity (:func:`capacity_rps`: per request,
+prefill and decode seconds inside a full batch; then the largest rate of this request
+mix that the instances can share, each serving only the models it may serve: a small
+LP solved by HiGHS). The traces are read
 from ``START_S`` on; the window is as long as needed for that span at that load, and
 its times are scaled to fit the span, so overload lasts as long at every load and
 cluster size. Load 1.0 is the estimate of saturation; the sweep runs to 2.5 times that.
@@ -26,11 +30,13 @@ cluster size. Load 1.0 is the estimate of saturation; the sweep runs to 2.5 time
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import highspy
 import numpy as np
 
 from qlmctl.domain import ClusterSpec, SLOClass
@@ -142,6 +148,19 @@ def _arxiv_jobs(name: str, model: Any, slo_class: str) -> dict[str, Any]:
     }
 
 
+def _long_docs(name: str, model: str, slo_class: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "arrivals": {"process": "poisson", "rate_per_s": ARXIV_RATE_PER_S, "duration_s": 3600},
+        "lengths": {
+            "prompt_tokens": {"dist": "uniform", "low": 8192, "high": 32768},
+            "output_tokens": {"dist": "lognormal", "median": 300, "sigma": 0.8, "max": 2048},
+        },
+        "model": model,
+        "slo_class": slo_class,
+    }
+
+
 _BY_HASH = {"by": "hash", "weights": {SMALL: 0.4, SMALL2: 0.4, BIG: 0.2}}
 
 SCENARIOS: dict[str, Scenario] = {
@@ -175,6 +194,14 @@ SCENARIOS: dict[str, Scenario] = {
             (_trace("code", CODE, SMALL, "interactive"), _arxiv_jobs("arxiv", SMALL, "batch-1")),
             (SMALL,),
         ),
+        Scenario(
+            "D-longdoc",
+            "one model; code trace interactive (20 s), documents of 8k-32k prompt tokens "
+            "batch-1 (60 s)",
+            (SMALL,),
+            (_trace("code", CODE, SMALL, "interactive"), _long_docs("docs", SMALL, "batch-1")),
+            (SMALL,),
+        ),
     )
 }
 
@@ -195,20 +222,43 @@ def _request_seconds(perf: PerfModel, prompt: np.ndarray, output: np.ndarray) ->
 def capacity_rps(
     workload: Workload, cluster: ClusterSpec, perf: Mapping[tuple[str, str], PerfModel]
 ) -> float:
-    """Estimated requests per second the cluster sustains on this request mix."""
+    """Estimated requests per second the cluster sustains on this request mix.
+
+    The LP: maximise ``rate`` over ``x[m, i]`` (model ``m``'s requests per second on
+    instance ``i``, 0 where ``i`` may not serve ``m``) with ``sum_i x[m, i] = rate *
+    share[m]`` and, per instance, ``sum_m x[m, i] * seconds[m, i] <= 1``.
+    """
     reqs = workload.requests
     prompt = np.array([r.prompt_tokens for r in reqs], float)
     output = np.array([r.target_output_tokens for r in reqs], float)
     model = np.array([r.model for r in reqs])
-    total = 0.0
-    for inst in cluster.instances:
-        cost = np.full(len(reqs), np.nan)
-        for m in workload.models:
+    models = sorted(set(model))
+    insts = cluster.instances
+    h = highspy._core._Highs()  # the plain binding: no banner
+    h.setOptionValue("output_flag", False)
+    n_x = len(models) * len(insts)
+    rate = n_x  # column index of the rate
+    upper = np.array(
+        [highspy.kHighsInf if i.can_serve(m) else 0.0 for m in models for i in insts] + [np.inf]
+    )
+    h.addVars(n_x + 1, np.zeros(n_x + 1), np.minimum(upper, highspy.kHighsInf))
+    h.changeColsCost(1, np.array([rate], np.int32), np.array([-1.0]))
+    for k, m in enumerate(models):
+        cols = np.array([*range(k * len(insts), (k + 1) * len(insts)), rate], np.int32)
+        share = float(np.mean(model == m))
+        h.addRow(0.0, 0.0, len(cols), cols, np.array([1.0] * len(insts) + [-share]))
+    for j, inst in enumerate(insts):
+        cols, secs = [], []
+        for k, m in enumerate(models):
             if inst.can_serve(m):
                 sel = model == m
-                cost[sel] = _request_seconds(perf[(m, inst.gpu)], prompt[sel], output[sel])
-        total += 1.0 / float(np.nanmean(cost))
-    return total
+                cols.append(k * len(insts) + j)
+                secs.append(
+                    float(np.mean(_request_seconds(perf[(m, inst.gpu)], prompt[sel], output[sel])))
+                )
+        h.addRow(-highspy.kHighsInf, 1.0, len(cols), np.array(cols, np.int32), np.array(secs))
+    h.run()
+    return float(h.getSolution().col_value[rate])
 
 
 def build_point(
@@ -221,21 +271,21 @@ def build_point(
 ) -> tuple[Workload, float, float]:
     """The workload offering about ``load`` x estimated capacity over ``span_s``.
 
-    The window length is found by a few fixed-point steps (window length = span x load /
-    natural load of the window); its times are then scaled to fill the span exactly.
+    The window length is found by damped fixed-point steps (window length = span x load
+    / natural load of the window), keeping the one closest to ``load``; its times are then
+    scaled to fill the span exactly.
 
     Returns:
         The workload, its time scale, and the load it actually offers.
     """
     where = REPO / "benchmarks" / "policies" / f"{scenario.name}.yaml"  # a label only
-    length = _REF_WINDOW_S
-    for _ in range(3):
-        window = (START_S, START_S + length)
-        base = build_workload(scenario.spec(window, 1.0, slos), where)
-        cap = capacity_rps(base, cluster, perf)
-        length = span_s * load * cap * length / len(base.requests)
+    length, best = _REF_WINDOW_S, (math.inf, _REF_WINDOW_S, 0.0)
+    for _ in range(8):
+        base = build_workload(scenario.spec((START_S, START_S + length), 1.0, slos), where)
+        offered = len(base.requests) / span_s / capacity_rps(base, cluster, perf)
+        best = min(best, (abs(offered - load), length, offered))
+        length = math.sqrt(length * length * load / offered)  # damped: the mix moves too
+    _, length, offered = best
     window = (START_S, START_S + length)
-    base = build_workload(scenario.spec(window, 1.0, slos), where)
     scale = span_s / length
-    offered = len(base.requests) / span_s / capacity_rps(base, cluster, perf)
     return build_workload(scenario.spec(window, scale, slos), where), scale, offered
