@@ -41,7 +41,7 @@ class Scenarios:
     """Sampled inputs of the second stage: S equally likely scenarios."""
 
     service_s: np.ndarray  # [G, I, S] engine seconds of the whole group (inf: not eligible)
-    occupancy_s: np.ndarray  # [G, I, S] seconds each of the group's requests holds a slot
+    decode_s: np.ndarray  # [G, I, S] decode seconds of each of the group's requests
     engines: tuple[EngineState, ...]  # per instance: when its slots and pipeline free
     free_s: np.ndarray  # [I, S] the fluid view: when the running work would have drained
 
@@ -54,7 +54,7 @@ class Scenarios:
         """The one scenario of the means (what greedy placement plans with)."""
         return Scenarios(
             self.service_s.mean(axis=2, keepdims=True),
-            self.occupancy_s.mean(axis=2, keepdims=True),
+            self.decode_s.mean(axis=2, keepdims=True),
             tuple(e.mean() for e in self.engines),
             self.free_s.mean(axis=1, keepdims=True),
         )
@@ -173,12 +173,10 @@ def known_scenario(problem: Problem) -> Scenarios:
 def scenarios_from_tokens(
     problem: Problem, tokens: np.ndarray, running_left: np.ndarray
 ) -> Scenarios:
-    """Service, occupancy and slots from group output tokens [G, S] and running
+    """Service, decode times and engines from group output tokens [G, S] and running
     leftovers [R, S]."""
     service = problem.prefill_s[:, :, None] + problem.decode_spt[:, :, None] * tokens[:, None, :]
-    slots_of_group = problem.batch[problem.group_model]  # [G, I]
-    share = np.where(problem.eligible, slots_of_group / problem.size[:, None], np.inf)
-    occupancy = service * share[:, :, None]
+    decode = problem.step_s[:, :, None] * (tokens / problem.size[:, None])[:, None, :]
     engines = []
     for i in range(problem.num_instances):
         model = problem.init_model[i]
@@ -186,11 +184,11 @@ def scenarios_from_tokens(
         engine = EngineState.idle(float(problem.ready_s[i]), b, tokens.shape[1])
         mine = np.flatnonzero(problem.running_instance == i)
         if mine.size:  # in dispatch order: the first hold slots, the rest queue in vLLM
-            work = problem.running_slot_spt[mine, None] * running_left[mine]
-            engine.serve(work.T, problem.running_prefill_s[mine])
+            left_s = problem.running_step_s[mine, None] * running_left[mine]
+            engine.serve(left_s.T, problem.running_prefill_s[mine])
         engines.append(engine)
     free = np.stack([e.slots.mean(axis=1) for e in engines])
-    return Scenarios(service, occupancy, tuple(engines), free)
+    return Scenarios(service, decode, tuple(engines), free)
 
 
 def _running_left(

@@ -61,7 +61,9 @@ class _Placement:
         pb = self.problem
         if not pb.eligible[g, i]:
             return np.inf
-        occupancy, n = float(self.mean.occupancy_s[g, i, 0]), int(pb.size[g])
+        n = int(pb.size[g])
+        decode = float(self.mean.decode_s[g, i, 0])
+        occupancy = decode + self.prefill_s[g, i] / n  # a slot, if the pipeline keeps up
         m, engine = pb.group_model[g], self.engines[i]
         free, pipeline = engine.slots[0], float(engine.pipeline_s[0])
         if m != self.loaded[i]:
@@ -74,7 +76,7 @@ class _Placement:
             if n >= b:
                 last = max(last, max(float(free[-1]), pb.release_s[g]) + (n // b) * occupancy)
             ready = pipeline
-        return max(last, max(ready, pb.release_s[g]) + self.prefill_s[g, i] + occupancy)
+        return max(last, max(ready, pb.release_s[g]) + self.prefill_s[g, i] + decode)
 
     def add(self, g: int, i: int) -> None:
         """Queue ``g`` on ``i`` and predict its requests' first tokens."""
@@ -83,8 +85,8 @@ class _Placement:
         if m != self.loaded[i]:
             self.engines[i].drain(float(pb.swap_s[i, self.loaded[i], m]), pb.group_batch(g, i))
             self.loaded[i] = m
-        occupancy = np.full((1, int(pb.size[g])), self.mean.occupancy_s[g, i, 0])
-        self.first_token_s[g] = first_tokens(pb, self.engines[i], g, i, occupancy)[1][0]
+        decode = np.full((1, int(pb.size[g])), self.mean.decode_s[g, i, 0])
+        self.first_token_s[g] = first_tokens(pb, self.engines[i], g, i, decode)[2][0]
         self.queues[i].append(g)
 
     def late(self, g: int) -> bool:
@@ -120,7 +122,8 @@ def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
     even on an instance emptied for it is shed at once.
     """
     place = _Placement(problem, mean)
-    cost = mean.occupancy_s[:, :, 0] / problem.weight[:, None]
+    hold = mean.decode_s[:, :, 0] + problem.req_prefill_s[problem.req_offsets[:-1]]
+    cost = hold / problem.weight[:, None]
     shed: set[int] = set()
     for g in order:
         first = problem.req_offsets[g]

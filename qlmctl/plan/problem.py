@@ -44,12 +44,23 @@ def decode_s_per_token(perf: PerfModel, context_tokens: Num, batch: float) -> Nu
     )
 
 
-def prefill_s_per_token(perf: PerfModel, batch: float, context_tokens: float) -> float:
-    """Seconds the prefill pipeline spends per prompt token beside a full batch: a step
-    carries ``max_num_batched_tokens`` less the batch's decodes of prompt tokens."""
-    room = max(perf.max_num_batched_tokens - batch, 1.0)
-    step = perf.step_time_s(int(room), int(batch), int(batch * context_tokens))
-    return step / room
+def busy_step_s(
+    perf: PerfModel, batch: float, prompt: np.ndarray, output: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(step time, prefill pipeline seconds per prompt token) of an engine busy with a
+    steady stream of requests of these mean ``prompt`` and ``output`` lengths.
+
+    A step carries D decodes and prefill chunks within its token budget C: each request
+    decodes for ``output`` steps while its prompt took ``prompt / (C - D)`` steps, so
+    D = min(B, C * output / (prompt + output)); the prefill between two decode steps is
+    what the stream brings, ``D * prompt / output``, at most the room left.
+    """
+    budget = perf.max_num_batched_tokens
+    decodes = np.minimum(batch, budget * output / (prompt + output))
+    room = np.maximum(budget - decodes, 1.0)
+    context = decodes * (prompt + output / 2)
+    step = perf.step_time_s(np.minimum(room, decodes * prompt / output), decodes, context)
+    return step, perf.step_time_s(room, decodes, context) / room
 
 
 def first_token_s(
@@ -91,6 +102,7 @@ class Problem:
     prefill_s: np.ndarray  # [G, I] seconds (inf where not eligible)
     decode_spt: np.ndarray  # [G, I] seconds per output token (inf where not eligible)
     batch: np.ndarray  # [M, I] slots (full batch) of each model on each instance; 0: none
+    step_s: np.ndarray  # [G, I] busy step time: decode seconds per output token (inf: n/a)
     req_offsets: np.ndarray  # [G+1] group g's requests are rows offsets[g]:offsets[g+1]
     req_deadline_s: np.ndarray  # [N] absolute TTFT deadline of each request
     req_ttft_s: np.ndarray  # [N, I] dispatch -> first token alone (inf: not eligible)
@@ -102,7 +114,7 @@ class Problem:
     running: tuple[RunningRequest, ...] = ()  # in flight, they delay their instance
     running_instance: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # [R]
     running_spt: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] s per token
-    running_slot_spt: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] per slot
+    running_step_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] full step
     running_prefill_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] left
 
     def group_batch(self, g: int, i: int) -> int:
@@ -151,7 +163,9 @@ def build_problem(
     prompts = np.array([r.prompt_tokens for r in reqs], float)
     outputs = np.array([expected_output(r) for r in reqs], float)
     req_model = np.repeat([midx[g.model] for g in groups], [g.size for g in groups])
-    batch = _batches(snapshot, models, req_model, prompts + outputs, expected_output)
+    batch, step, rate = _engine_params(
+        snapshot, models, req_model, prompts, outputs, expected_output
+    )
     size = np.diff(offsets)
     ctx = np.add.reduceat(prompts + outputs / 2, offsets[:-1]) / size  # [G] mean context
     sum_p = np.add.reduceat(prompts, offsets[:-1])
@@ -163,6 +177,10 @@ def build_problem(
     lag = np.zeros((n_g, n_i))
     ttft = np.full((len(reqs), n_i), np.inf)
     pipeline = np.full((len(reqs), n_i), np.inf)
+    group_step = np.full((n_g, n_i), np.inf)
+    group_of = np.repeat(np.arange(n_g), size)
+    mean_prompt = sum_p / size
+    mean_output = np.add.reduceat(outputs, offsets[:-1]) / size
     overhead = np.zeros((n_m, n_i))
     for i, inst in enumerate(insts):
         for k, model in enumerate(models):
@@ -178,7 +196,11 @@ def build_problem(
             rows = req_model == k
             mean_ctx = float(np.mean(prompts[rows] + outputs[rows] / 2))
             ttft[rows, i] = first_token_s(perf, prompts[rows], b, mean_ctx)
-            pipeline[rows, i] = prompts[rows] * prefill_s_per_token(perf, b, mean_ctx)
+            busy_step, busy_rate = busy_step_s(perf, b, mean_prompt[mine], mean_output[mine])
+            group_step[mine, i] = busy_step
+            rate_of = np.zeros(n_g)
+            rate_of[mine] = busy_rate
+            pipeline[rows, i] = prompts[rows] * rate_of[group_of[rows]]
             overhead[k, i] = perf.ttft_overhead_s
     for g in np.flatnonzero(~eligible.any(axis=1)):
         grp = groups[g]
@@ -200,7 +222,7 @@ def build_problem(
                 perf_from = snapshot.perf.get((frm, inst.gpu))
                 swap[i, f, t] = 0.0 if f == t else swap_time_s(perf_to, perf_from, asleep)
 
-    running, run_inst, run_spt, run_slot, run_prefill = [], [], [], [], []
+    running, run_inst, run_spt, run_step, run_prefill = [], [], [], [], []
     for i, inst in enumerate(insts):
         for rr in inst.running:
             perf = snapshot.perf.get((rr.request.model, inst.gpu))
@@ -211,10 +233,10 @@ def build_problem(
             running.append(rr)
             run_inst.append(i)
             run_spt.append(decode_s_per_token(perf, context, b))
-            run_slot.append(b * run_spt[-1])
+            run_step.append(step[midx[rr.request.model], i])
             started = rr.first_token_s is not None
-            rate = prefill_s_per_token(perf, b, context)
-            run_prefill.append(0.0 if started else rr.request.prompt_tokens * rate)
+            prompt_s = rr.request.prompt_tokens * rate[midx[rr.request.model], i]
+            run_prefill.append(0.0 if started else prompt_s)
 
     return Problem(
         now_s=snapshot.now_s,
@@ -233,6 +255,7 @@ def build_problem(
         prefill_s=pre,
         decode_spt=spt,
         batch=batch,
+        step_s=group_step,
         req_offsets=offsets,
         req_deadline_s=np.array([snapshot.deadline_s(r) for r in reqs]),
         req_ttft_s=ttft,
@@ -244,35 +267,46 @@ def build_problem(
         running=tuple(running),
         running_instance=np.array(run_inst, int),
         running_spt=np.array(run_spt, float),
-        running_slot_spt=np.array(run_slot, float),
+        running_step_s=np.array(run_step, float),
         running_prefill_s=np.array(run_prefill, float),
     )
 
 
-def _batches(
+def _engine_params(
     snapshot: QueueSnapshot,
     models: Sequence[str],
     req_model: np.ndarray,
-    req_kv: np.ndarray,
+    prompts: np.ndarray,
+    outputs: np.ndarray,
     expected_output: Callable[[Request], float],
-) -> np.ndarray:
-    """[M, I] full batch of each model on each instance, at the mean KV reservation
-    (prompt + expected output) of the snapshot's requests of that model, waiting
-    (``req_model``, ``req_kv``) or running."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per model and instance ([M, I] each): the full batch B (as many sequences as fit
+    when each reserves its prompt plus its output), and :func:`busy_step_s`; from the
+    mean prompt and expected output of the snapshot's requests of that model, waiting
+    (``req_model``, ``prompts``, ``outputs``) or running."""
     index = {m: k for k, m in enumerate(models)}
-    kv_sum = np.bincount(req_model, weights=req_kv, minlength=len(models))
-    count = np.bincount(req_model, minlength=len(models)).astype(float)
+    n_m = len(models)
+    prompt_sum = np.bincount(req_model, weights=prompts, minlength=n_m)
+    output_sum = np.bincount(req_model, weights=outputs, minlength=n_m)
+    count = np.bincount(req_model, minlength=n_m).astype(float)
     for inst in snapshot.instances:
         for rr in inst.running:
             k = index.get(rr.request.model)
             if k is not None:
-                kv_sum[k] += rr.request.prompt_tokens + expected_output(rr.request)
+                prompt_sum[k] += rr.request.prompt_tokens
+                output_sum[k] += expected_output(rr.request)
                 count[k] += 1
-    out = np.zeros((len(models), len(snapshot.instances)), int)
+    batch = np.zeros((n_m, len(snapshot.instances)), int)
+    step = np.full((n_m, len(snapshot.instances)), np.inf)
+    rate = np.full((n_m, len(snapshot.instances)), np.inf)
     for k, m in enumerate(models):
-        per_seq = kv_sum[k] / count[k] if count[k] else 1.0
+        seen = max(count[k], 1.0)
+        prompt = np.array([max(prompt_sum[k] / seen, 1.0)])
+        output = np.array([max(output_sum[k] / seen, 1.0)])
         for i, inst in enumerate(snapshot.instances):
             perf = snapshot.perf.get((m, inst.gpu))
             if perf is not None:
-                out[k, i] = int(perf.full_batch(per_seq))
-    return out
+                batch[k, i] = int(perf.full_batch(float(prompt[0] + output[0])))
+                busy = busy_step_s(perf, batch[k, i], prompt, output)
+                step[k, i], rate[k, i] = busy[0][0], busy[1][0]
+    return batch, step, rate

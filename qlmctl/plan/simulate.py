@@ -82,10 +82,10 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
                 loaded = m
             rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
             n = int(problem.size[g])
-            occupancy = np.broadcast_to(scen.occupancy_s[g, i][:, None], (n_s, n))
-            starts, tokens = first_tokens(problem, engine, g, i, occupancy)
+            decode = np.broadcast_to(scen.decode_s[g, i][:, None], (n_s, n))
+            starts, prefilled, tokens = first_tokens(problem, engine, g, i, decode)
             late = tokens > problem.req_deadline_s[rows]
-            start[g], finish[g] = starts[:, 0], (starts + occupancy).max(axis=1)
+            start[g], finish[g] = starts[:, 0], (prefilled + decode).max(axis=1)
             miss[g] = late.mean(axis=1)
             req_start[rows], req_miss[rows] = starts.mean(axis=0), late.mean(axis=0)
     score = _summarise(problem, start, finish, miss, swap_total)
@@ -93,16 +93,15 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
 
 
 def first_tokens(
-    problem: Problem, engine: EngineState, g: int, i: int, occupancy: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+    problem: Problem, engine: EngineState, g: int, i: int, decode: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Serve group ``g`` on instance ``i``'s ``engine`` (updated); its requests'
-    ([S, n] dispatch times, [S, n] first-token times)."""
+    ([S, n] dispatch times, [S, n] prefill ends, [S, n] first-token times)."""
     rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
-    starts, prefilled = engine.serve(
-        occupancy, problem.req_prefill_s[rows, i], problem.release_s[g]
-    )
+    starts, prefilled = engine.serve(decode, problem.req_prefill_s[rows, i], problem.release_s[g])
     overhead = problem.overhead_s[problem.group_model[g], i]
-    return starts, np.maximum(prefilled + overhead, starts + problem.req_ttft_s[rows, i])
+    tokens = np.maximum(prefilled + overhead, starts + problem.req_ttft_s[rows, i])
+    return starts, prefilled, tokens
 
 
 def simulate_fluid(problem: Problem, scen: Scenarios, queues: Queues) -> Score:

@@ -16,14 +16,14 @@ The model: an instance is B slots, each free from some time on, and a prefill pi
 free from some time on. Requests, in queue order, take the earliest free slot; a request
 enters (is dispatched) when its slot is free and the pipeline has finished the prompts
 before it, and occupies the pipeline for its ``prefill`` seconds (its prompt's share of
-full steps). It holds its slot for its *occupancy*: B times its share of the engine's
-work at a full batch (prefill, and decode steps whose time is shared by the B
-sequences), so B busy slots serve exactly the fluid throughput. A model change drains
-every slot and the pipeline, then pays the swap.
+full steps). It holds its slot until its prompt is in, then for its decode: its output
+tokens times the step time of a full batch (B decodes beside the prefill chunks a
+steady stream of such requests brings). A model change drains every slot and the
+pipeline, then pays the swap.
 
 Layout: ``slots`` is ``[S, B]`` (S scenarios), each row sorted ascending. A group's ``n``
 requests go round-robin over the slots in that order (request ``j`` in round ``j // B``
-of slot ``j % B``): exact list scheduling when a request's occupancy is at least the
+of slot ``j % B``): exact list scheduling when a request holds its slot at least the
 spread of the slots it takes, close otherwise.
 
 NOTE: every method works on all scenarios at once; callers loop over groups only.
@@ -58,12 +58,12 @@ class EngineState:
         )
 
     def serve(
-        self, occupancy: np.ndarray, prefill: np.ndarray, not_before: float = -np.inf
+        self, decode: np.ndarray, prefill: np.ndarray, not_before: float = -np.inf
     ) -> tuple[np.ndarray, np.ndarray]:
         """Run requests in order; update the state.
 
         Args:
-            occupancy: [S, n] seconds each request holds its slot.
+            decode: [S, n] seconds each request decodes once its prompt is in.
             prefill: [S, n] or [n] pipeline seconds of each request's prompt.
             not_before: no request starts earlier (the group's release time).
 
@@ -71,34 +71,27 @@ class EngineState:
             ([S, n] dispatch times, [S, n] times their prefill ends).
         """
         n_s, b = self.slots.shape
-        n = occupancy.shape[1]
+        n = decode.shape[1]
+        prefill = np.broadcast_to(prefill, (n_s, n))
         rounds = -(-n // b)
-        per = np.zeros((n_s, rounds * b))
-        per[:, :n] = occupancy
-        per = per.reshape(n_s, rounds, b)
+        hold = np.zeros((n_s, rounds * b))
+        hold[:, :n] = prefill + decode  # what a slot costs if the pipeline keeps up
+        hold = hold.reshape(n_s, rounds, b)
         base = np.maximum(self.slots, not_before)
-        done = np.cumsum(per, axis=1)  # [S, rounds, B] end offsets
-        ready = (base[:, None, :] + done - per).reshape(n_s, rounds * b)[:, :n]
+        done = np.cumsum(hold, axis=1)  # [S, rounds, B]
+        ready = (base[:, None, :] + done - hold).reshape(n_s, rounds * b)[:, :n]
         # NOTE: pipeline recursion end_j = max(end_{j-1}, ready_j) + prefill_j, unrolled:
         # end_j = P_j + max(pipeline, max_{k<=j} (ready_k - P_{k-1})), P = cumsum(prefill)
-        total = np.cumsum(np.broadcast_to(prefill, (n_s, n)), axis=1)
-        before = total - prefill
+        total = np.cumsum(prefill, axis=1)
         end = total + np.maximum(
-            self.pipeline_s[:, None], np.maximum.accumulate(ready - before, axis=1)
+            self.pipeline_s[:, None], np.maximum.accumulate(ready - (total - prefill), axis=1)
         )
-        starts = end - prefill
-        delay = np.zeros((n_s, rounds * b))
-        delay[:, :n] = starts - ready
-        last = (np.arange(rounds * b) >= (rounds - 1) * b) & (np.arange(rounds * b) < n)
-        last_delay = np.where(last, delay, 0.0).reshape(n_s, rounds, b).max(axis=1)
-        if n < b:  # slots beyond the group keep their times
-            last_delay[:, n:] = 0.0
-            self.slots[:, :n] = base[:, :n] + done[:, -1, :n] + last_delay[:, :n]
-        else:
-            self.slots[:] = base + done[:, -1, :] + last_delay
+        used = np.arange(min(n, b))
+        last = used + b * ((n - 1 - used) // b)  # each used slot's last request
+        self.slots[:, used] = end[:, last] + decode[:, last]
         self.slots.sort(axis=1)
         self.pipeline_s[:] = end[:, -1]
-        return starts, end
+        return end - prefill, end
 
     def drain(self, swap_s: float, batch: int) -> None:
         """A model change: every slot and the pipeline wait until all is done, then for

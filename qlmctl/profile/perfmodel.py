@@ -100,8 +100,9 @@ class PerfModel:
         (``kv_tokens_per_seq`` each) does not fit the cache."""
         return max(1.0, min(float(self.max_num_seqs), self.kv_capacity_tokens / kv_tokens_per_seq))
 
-    def step_time_s(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
-        """Duration of one engine step that prefills and decodes the given amounts."""
+    def step_time_s(self, prefill_tokens: Num, decode_seqs: Num, context_tokens: Num) -> Num:
+        """Duration of one engine step that prefills and decodes the given amounts
+        (numbers, or numpy arrays of one shape)."""
         return (
             self.step_base_s
             + self.prefill_s_per_token * prefill_tokens
