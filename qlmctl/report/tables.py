@@ -20,7 +20,7 @@ from qlmctl.report.runs import Report
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    return "-" if x is None else f"{100 * x:,.1f}%"
 
 
 def _ms(x: float | None) -> float | None:
