@@ -67,39 +67,39 @@ class Dataset:
         return f"{base_url.rstrip('/')}/{self.repo}/{self.commit}/{self.path}"
 
 
-_AZURE_CITATION = (
-    "P. Patel, E. Choukse, C. Zhang, A. Shah, Í. Goiri, S. Maleki, R. Bianchini, "
-    '"Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024'
-)
-_AZURE = "Azure/AzurePublicDataset", "790921015d50dd6aae7f7e47f39ba0e235ad6b08"
-_AZURE_LICENSE = "CC-BY-4.0 (credit Microsoft Azure Public Dataset, indicate changes)"
+def _azure(kind: str, description: str, sha256: str, size_bytes: int) -> Dataset:
+    """One of the two Azure LLM inference traces 2023 (same repository, commit, terms)."""
+    return Dataset(
+        name=f"azure-2023-{kind}",
+        description=f"Azure LLM inference trace 2023, {description}",
+        format="azure",
+        repo="Azure/AzurePublicDataset",
+        commit="790921015d50dd6aae7f7e47f39ba0e235ad6b08",
+        path=f"data/AzureLLMInferenceTrace_{kind}.csv",
+        sha256=sha256,
+        size_bytes=size_bytes,
+        license="CC-BY-4.0 (credit Microsoft Azure Public Dataset, indicate changes)",
+        citation=(
+            "P. Patel, E. Choukse, C. Zhang, A. Shah, Í. Goiri, S. Maleki, R. Bianchini, "
+            '"Splitwise: Efficient generative LLM inference using phase splitting", ISCA 2024'
+        ),
+    )
+
 
 DATASETS: dict[str, Dataset] = {
     d.name: d
     for d in (
-        Dataset(
-            name="azure-2023-code",
-            description="Azure LLM inference trace 2023, code completion: 8,819 requests, 1 h",
-            format="azure",
-            repo=_AZURE[0],
-            commit=_AZURE[1],
-            path="data/AzureLLMInferenceTrace_code.csv",
-            sha256="54e9a6d2a4bd06ba1e060304b900abbc74cbea53de96506e60fe5bb4f2277fb6",
-            size_bytes=320_117,
-            license=_AZURE_LICENSE,
-            citation=_AZURE_CITATION,
+        _azure(
+            "code",
+            "code completion: 8,819 requests, 1 h",
+            "54e9a6d2a4bd06ba1e060304b900abbc74cbea53de96506e60fe5bb4f2277fb6",
+            320_117,
         ),
-        Dataset(
-            name="azure-2023-conv",
-            description="Azure LLM inference trace 2023, conversation: 19,366 requests, 1 h",
-            format="azure",
-            repo=_AZURE[0],
-            commit=_AZURE[1],
-            path="data/AzureLLMInferenceTrace_conv.csv",
-            sha256="2f1e5b666d4e3055fdbba98598ce2ec307767b9064e03e2fa46676dbcc7d0bf8",
-            size_bytes=719_188,
-            license=_AZURE_LICENSE,
-            citation=_AZURE_CITATION,
+        _azure(
+            "conv",
+            "conversation: 19,366 requests, 1 h",
+            "2f1e5b666d4e3055fdbba98598ce2ec307767b9064e03e2fa46676dbcc7d0bf8",
+            719_188,
         ),
         Dataset(
             name="sharegpt-lengths",
@@ -265,8 +265,8 @@ def fetch_many(
         yield fetch(ds, root, mirror)
 
 
-def dataset_rows(root: Path | None = None) -> list[dict[str, str | bool]]:
-    """One JSON-ready row per dataset: name, format, installed, license, source, citation."""
+def dataset_rows(root: Path | None = None) -> list[dict[str, str | bool | int]]:
+    """One JSON-ready row per dataset: name, format, installed, terms, pinned source."""
     root = root or data_dir()
     return [
         {
@@ -276,6 +276,7 @@ def dataset_rows(root: Path | None = None) -> list[dict[str, str | bool]]:
             "license": ds.license,
             "description": ds.description,
             "source": ds.url(),
+            "size_bytes": ds.size_bytes,
             "sha256": ds.sha256,
             "citation": ds.citation,
         }
