@@ -386,7 +386,7 @@ def workload_build(
     workload = load_workload(spec)
     write_workload(workload, out)
     count, short = len(workload.requests), workload.fingerprint[:12]
-    err_console.print(f"wrote {count} requests to {out} (fingerprint {short})")
+    err_console.print(f"wrote {count:,} requests to {out} (fingerprint {short})")
 
 
 @workload_app.command("show")
