@@ -7,6 +7,7 @@ fewest outstanding requests). Prints wall time, simulated span, speed-up over re
 requests finished, and mean / p90 TTFT. Target: under 5 s (above 700x real time).
 
 Usage: .venv/bin/python benchmarks/sim_speed.py [TRACE_CSV] [--instances N] [--profile]
+(default trace: the azure-2023-conv dataset, installed by ``qlmctl workload fetch``)
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from qlmctl.domain import ClusterSpec, Request
 from qlmctl.engine.events import EngineEvent, Finished, FirstToken
 from qlmctl.engine.sim import SimEngine
 from qlmctl.profile.store import ProfileStore
+from qlmctl.workload.datasets import installed_path
 
-TRACE = Path("/work/shared/traces/AzureLLMInferenceTrace_conv.csv")
 MODEL, GPU = "llama-3.1-8b", "A100"
 
 
@@ -104,10 +105,11 @@ def replay(requests: list[Request], cluster: ClusterSpec) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trace", nargs="?", type=Path, default=TRACE)
+    parser.add_argument("trace", nargs="?", type=Path)
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--profile", action="store_true", help="print the cProfile top 15")
     args = parser.parse_args()
+    args.trace = args.trace or installed_path("azure-2023-conv")
     load_start = time.perf_counter()
     requests = read_trace(args.trace)
     cluster = make_cluster(args.instances)

@@ -16,6 +16,9 @@ from rich.console import Console
 
 from qlmctl import __version__
 from qlmctl.errors import QlmError
+from qlmctl.plan.policies import POLICIES
+from qlmctl.workload.datasets import DATASETS
+from qlmctl.workload.traces import READERS
 
 err_console = Console(stderr=True)
 
@@ -53,8 +56,9 @@ ProfilesOpt = Annotated[
 ]
 PolicyOpt = Annotated[
     str,
-    typer.Option("--policy", "-p", help="Scheduling policy: fcfs, edf, priority, heuristic, qlm."),
+    typer.Option("--policy", "-p", help=f"Scheduling policy: {', '.join(POLICIES)}."),
 ]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def _version(value: bool) -> None:
@@ -143,7 +147,7 @@ def profile(
 @profile_app.command("show")
 def profile_show(
     path: Annotated[Path, typer.Argument(help="A profile (JSON) or a directory of them.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Print a stored profile (or every profile in a directory) as a table."""
     from qlmctl.profile.profiler import load_profiles, profile_rows
@@ -339,7 +343,7 @@ app.add_typer(cluster_app, name="cluster")
 @cluster_app.command("show")
 def cluster_show(
     path: Annotated[Path, typer.Argument(help="Cluster spec (YAML).")],
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Validate a cluster spec and print its instances."""
     from qlmctl.render import print_json, print_table
@@ -382,30 +386,105 @@ def workload_build(
     workload = load_workload(spec)
     write_workload(workload, out)
     count, short = len(workload.requests), workload.fingerprint[:12]
-    err_console.print(f"wrote {count} requests to {out} (fingerprint {short})")
+    err_console.print(f"wrote {count:,} requests to {out} (fingerprint {short})")
 
 
 @workload_app.command("show")
 def workload_show(
-    path: WorkloadArg,
-    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    path: Annotated[
+        Path,
+        typer.Argument(
+            help="Workload spec (YAML), materialised workload (Parquet) or a raw trace file."
+        ),
+    ],
+    trace_format: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help=f"Read PATH as a trace of this format: {', '.join(READERS)} (default: sniffed).",
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
     bins: Annotated[int, typer.Option(min=1, help="Time bins of the arrival-rate sparkline.")] = 24,
 ) -> None:
-    """Print a workload's rate, burstiness and length percentiles per class and model."""
-    from qlmctl.render import print_json, print_table
+    """Print a workload's rate, burstiness and length percentiles per class and model.
+
+    A raw trace (`.csv`, `.jsonl`, `.json`, or any file with `--format`) is shown as is:
+    its requests have no model or class yet (`unassigned`).
+    """
+    from qlmctl.render import format_number, print_json, print_table
     from qlmctl.workload import load_workload, summarise
     from qlmctl.workload.summary import STATS_COLUMNS, rate_rows, stats_rows
 
-    summary = summarise(load_workload(path), bins=bins)
+    summary = summarise(load_workload(path, trace_format), bins=bins)
     if json_out:
         print_json(summary.to_dict())
         return
     print_table(summary.title, STATS_COLUMNS, stats_rows(summary))
+    if summary.duration_s == 0:
+        return  # a length sample: no arrival rate to show
     print_table(
-        f"arrival rate, bins of {summary.bin_s:.3g} s",
+        f"arrival rate, bins of {format_number(summary.bin_s)} s",
         ["class", "model", "peak/s", "rate over time"],
         rate_rows(summary),
     )
+
+
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        envvar="QLMCTL_DATA",
+        help="Dataset cache (default: ~/.cache/qlmctl/datasets, or under $XDG_CACHE_HOME).",
+    ),
+]
+
+
+@workload_app.command("fetch")
+def workload_fetch(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help=f"Datasets to install: {', '.join(DATASETS)}.", show_default=False),
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Install every dataset.")] = False,
+    mirror: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Copy from this local mirror directory (original file names) instead of "
+            "downloading; the hash is checked all the same.",
+        ),
+    ] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Install public traces by name into the dataset cache, verified by SHA-256.
+
+    Each dataset is one file pinned to a commit of its public repository (see `qlmctl
+    workload datasets`). Workload specs then name it: `trace: {dataset: azure-2023-conv}`.
+    """
+    from qlmctl.workload.datasets import fetch_many
+
+    for done in fetch_many(names or [], all_, data_dir, mirror):
+        err_console.print(
+            f"{done.name}: {done.outcome}: {done.path}", highlight=False, soft_wrap=True
+        )
+
+
+@workload_app.command("datasets")
+def workload_datasets(data_dir: DataDirOpt = None, json_out: JsonOpt = False) -> None:
+    """List the public datasets: format, license, pinned source, whether installed."""
+    from qlmctl.render import print_json, print_table
+    from qlmctl.workload.datasets import dataset_rows
+
+    rows = dataset_rows(data_dir)
+    if json_out:
+        print_json(rows)
+        return
+    table = [
+        [r["name"], r["format"], "yes" if r["installed"] else "no", r["description"], r["license"]]
+        for r in rows
+    ]
+    print_table("datasets", ["name", "format", "installed", "description", "license"], table)
 
 
 def main() -> None:

@@ -27,3 +27,9 @@ class EngineError(QlmError):
     """A serving engine failed at run time (unreachable, died, refused): exit code 1."""
 
     exit_code = 1
+
+
+class FetchError(QlmError):
+    """Downloading a dataset failed at run time (network, HTTP status): exit code 1."""
+
+    exit_code = 1

@@ -14,6 +14,10 @@ Both are stopped at the end of the session (SIGTERM, then SIGKILL), and die with
 test process if it is killed. Nothing is skipped silently: when vLLM is not installed
 the ``vllm`` tests fail, unless ``QLMCTL_SKIP_VLLM=1`` is set (then they are skipped
 with that reason).
+
+Datasets: every session gets its own dataset cache (``QLMCTL_DATA``, a tmp directory)
+holding the public traces from the mirror beside the repository, or small look-alikes
+where there is none (``tests/trace_data.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from qlmctl.demo import free_ports
 from qlmctl.domain import LaunchSpec, ModelSpec
 from qlmctl.engine.launcher import VllmLauncher
 from qlmctl.engine.tiny_model import build_tiny_model
+from tests.trace_data import install_datasets
 
 READY_TIMEOUT_S = 240.0
 
@@ -124,3 +129,13 @@ def vllm_fcfs(vllm_servers: dict[str, VllmServer]) -> VllmServer:
 def vllm_priority(vllm_servers: dict[str, VllmServer]) -> VllmServer:
     """Real vLLM serving ``tiny-b``: priority scheduling, 4 seqs, 768 KV tokens, len 512."""
     return vllm_servers["tiny-b"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dataset_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A session dataset cache (``QLMCTL_DATA``) with every dataset installed."""
+    root = tmp_path_factory.mktemp("datasets")
+    install_datasets(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("QLMCTL_DATA", str(root))
+        yield root

@@ -50,3 +50,23 @@ def test_cluster_show_json() -> None:
     )
     assert result.exit_code == 0
     assert len(json.loads(result.output)["instances"]) == 4
+
+
+@pytest.mark.parametrize(
+    ("command", "registry"),
+    [
+        (["plan"], "qlmctl.plan.policies:POLICIES"),
+        (["serve"], "qlmctl.plan.policies:POLICIES"),
+        (["workload", "fetch"], "qlmctl.workload.datasets:DATASETS"),
+        (["workload", "show"], "qlmctl.workload.traces:READERS"),
+    ],
+)
+def test_help_lists_every_registered_name(command: list[str], registry: str) -> None:
+    import importlib
+
+    module, name = registry.split(":")
+    names = list(getattr(importlib.import_module(module), name))
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())  # undo rich's wrapping
+    assert ", ".join(names) in text

@@ -12,11 +12,10 @@ import yaml
 
 from qlmctl.errors import BadInput
 from qlmctl.workload import load_workload
+from qlmctl.workload.datasets import installed_path
+from tests.trace_data import azure_rows
 
 REPO = Path(__file__).resolve().parents[1]
-TRACES = REPO.parent / "shared" / "traces"
-CONV = TRACES / "AzureLLMInferenceTrace_conv.csv"
-CODE = TRACES / "AzureLLMInferenceTrace_code.csv"
 
 
 def write_spec(tmp_path: Path, spec: dict[str, Any], name: str = "w.yaml") -> Path:
@@ -181,10 +180,11 @@ def test_default_slo_classes_are_qlm_paper_values(tmp_path: Path) -> None:
 
 def test_azure_conv_rate_and_lengths() -> None:
     w = load_workload(REPO / "workloads" / "azure-conv.yaml")
-    assert len(w.requests) == 19366
-    assert 5.3 < len(w.requests) / w.duration_s < 5.7
+    rows = azure_rows(installed_path("azure-2023-conv"))
+    assert len(w.requests) == len(rows)
+    assert w.duration_s == pytest.approx((rows[-1][0] - rows[0][0]).total_seconds(), abs=1e-5)
     assert w.requests[0].arrival_s == 0.0
-    assert w.requests[0].prompt_tokens == 374 and w.requests[0].output_tokens == 44
+    assert (w.requests[0].prompt_tokens, w.requests[0].output_tokens) == rows[0][1:]
     assert all(r.prompt is None for r in w.requests[:100])
 
 
@@ -192,15 +192,17 @@ def test_azure_traces_share_one_clock(tmp_path: Path) -> None:
     spec = {
         "models": ["m1"],
         "sources": [
-            {"name": n, "trace": {"format": "azure", "path": str(p)}, "model": "m1", "slo_class": c}
-            for n, p, c in (("code", CODE, "interactive"), ("conv", CONV, "batch-1"))
+            {"name": n, "trace": {"dataset": f"azure-2023-{n}"}, "model": "m1", "slo_class": c}
+            for n, c in (("code", "interactive"), ("conv", "batch-1"))
         ],
     }
     w = load_workload(write_spec(tmp_path, spec))
     first_code = min(r.arrival_s for r in w.requests if r.id.startswith("code-"))
-    # code's first row is 18:17:03.97996, conv's 18:15:46.68059
-    assert first_code == pytest.approx(77.29937, abs=1e-4)
-    assert len(w.requests) == 19366 + 8819
+    code, conv = (azure_rows(installed_path(f"azure-2023-{n}")) for n in ("code", "conv"))
+    # conv starts first (the real files: 18:15:46.68059 and 18:17:03.97996)
+    assert first_code == pytest.approx((code[0][0] - conv[0][0]).total_seconds(), abs=1e-5)
+    assert first_code > 0
+    assert len(w.requests) == len(code) + len(conv)
 
 
 def test_azure_window_scaled_to_target_rate(tmp_path: Path) -> None:
@@ -211,7 +213,7 @@ def test_azure_window_scaled_to_target_rate(tmp_path: Path) -> None:
         "sources": [
             {
                 "name": "conv",
-                "trace": {"format": "azure", "path": str(CONV)},
+                "trace": {"format": "azure", "path": str(installed_path("azure-2023-conv"))},
                 "model": "m1",
                 "slo_class": "batch-1",
             }

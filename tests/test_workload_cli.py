@@ -12,6 +12,9 @@ from typer.testing import CliRunner
 
 from qlmctl.cli import app
 from qlmctl.workload import load_workload
+from qlmctl.workload.datasets import installed_path
+from tests.helpers import run_cli
+from tests.trace_data import azure_rows
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +50,10 @@ def test_show_azure_conv_prints_its_rate() -> None:
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
-    assert data["count"] == 19366
-    assert 5.4 < data["groups"][-1]["rate_per_s"] < 5.6
+    rows = azure_rows(installed_path("azure-2023-conv"))
+    assert data["count"] == len(rows)
+    rate = len(rows) / (rows[-1][0] - rows[0][0]).total_seconds()
+    assert data["groups"][-1]["rate_per_s"] == pytest.approx(rate)
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
@@ -101,3 +106,50 @@ def test_demo_fits_the_tiny_models() -> None:
         50 <= r.prompt_tokens <= 200 and 16 <= r.target_output_tokens <= 400 for r in w.requests
     )
     assert w.duration_s <= 60
+
+
+def test_show_a_raw_azure_trace() -> None:
+    path = installed_path("azure-2023-code")
+    result = runner.invoke(app, ["workload", "show", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    rows = azure_rows(path)
+    assert data["count"] == len(rows)
+    assert data["duration_s"] == pytest.approx((rows[-1][0] - rows[0][0]).total_seconds())
+    assert [(g["slo_class"], g["model"]) for g in data["groups"]] == [
+        ("unassigned", "unassigned"),
+        ("all", "all"),
+    ]
+
+
+def test_show_a_length_sample_has_no_rates() -> None:
+    result = runner.invoke(app, ["workload", "show", str(installed_path("arxiv-lengths"))])
+    assert result.exit_code == 0, result.output
+    assert "no arrival times" in result.output and "arrival rate" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "count"),
+    [
+        ("m.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 2}\n' * 3, 3),
+        ("c.jsonl", '{"prompt": "hello there"}\n{"prompt": "a b c", "output_tokens": 4}\n', 2),
+        ("s.json", '[{"conversations": [{"value": "hi"}, {"value": "hello"}]}]', 1),
+        ("l.txt", "num_prefill_tokens,num_decode_tokens\n3,4\n", 1),  # given --format
+    ],
+)
+def test_show_sniffs_the_trace_format(tmp_path: Path, name: str, text: str, count: int) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    extra = ["--format", "csv"] if name.endswith(".txt") else []
+    result = runner.invoke(app, ["workload", "show", str(path), "--json", *extra])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["count"] == count
+
+
+def test_show_an_unknown_trace_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "odd.csv"
+    path.write_text("when,tokens\n1,2\n")
+    proc = run_cli("workload", "show", str(path))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "odd.csv: cannot tell the trace format" in lines[0] and "--format" in lines[0]

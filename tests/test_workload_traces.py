@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from qlmctl.errors import BadInput
+from qlmctl.workload.datasets import installed_path
 from qlmctl.workload.traces import UNKNOWN, read_trace
+from tests.trace_data import azure_rows
 
 AZURE_HEADER = "TIMESTAMP,ContextTokens,GeneratedTokens\n"
 
@@ -135,12 +137,7 @@ def test_custom_and_sharegpt_carry_text(tmp_path: Path) -> None:
 
 
 def test_real_conv_trace_is_sorted_and_complete() -> None:
-    path = (
-        Path(__file__).resolve().parents[2]
-        / "shared"
-        / "traces"
-        / "AzureLLMInferenceTrace_conv.csv"
-    )
+    path = installed_path("azure-2023-conv")
     data = read_trace("azure", path)
-    assert len(data) == 19366
+    assert len(data) == len(azure_rows(path))
     assert data.arrival_s is not None and np.all(np.diff(data.arrival_s) >= 0)

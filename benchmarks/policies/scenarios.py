@@ -1,8 +1,8 @@
-"""Benchmark scenarios: the QLM paper's three workload shapes on the shared real traces.
+"""Benchmark scenarios: the QLM paper's three workload shapes on the public real traces.
 
-How it works: a :class:`Scenario` is a workload spec (built in code, read from the traces
-in place under ``../shared/traces``) plus a cluster of simulated instances mixing A100
-and A10 GPUs with the shipped default profiles. The shapes follow the paper (arXiv
+How it works: a :class:`Scenario` is a workload spec (built in code, naming the public
+datasets ``qlmctl workload fetch --all`` installs) plus a cluster of simulated instances
+mixing A100 and A10 GPUs with the shipped default profiles. The shapes follow the paper (arXiv
 2407.00047, W_A, W_B, W_C); they were chosen before any result was seen:
 
 * ``A-mixed``: one model; the Azure code trace is the interactive class (TTFT 20 s), the
@@ -44,10 +44,9 @@ from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.workload import Workload, WorkloadSpec, build_workload
 
 REPO = Path(__file__).resolve().parents[2]
-TRACES = REPO.parent / "shared" / "traces"
-CODE = "AzureLLMInferenceTrace_code.csv"
-CONV = "AzureLLMInferenceTrace_conv.csv"
-ARXIV = "arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv"
+CODE = "azure-2023-code"  # datasets (qlmctl/workload/datasets.py)
+CONV = "azure-2023-conv"
+ARXIV = "arxiv-lengths"
 START_S = 300.0  # seconds into the Azure clock (both traces active)
 SPAN_S = 120.0  # virtual seconds of arrivals at every load
 QUICK_SPAN_S = 45.0
@@ -79,7 +78,7 @@ class Scenario:
     name: str
     description: str
     models: tuple[str, ...]
-    sources: tuple[dict[str, Any], ...]  # workload-spec sources (trace paths absolute)
+    sources: tuple[dict[str, Any], ...]  # workload-spec sources (traces by dataset name)
     a10_models: tuple[str, ...]  # models an A10 instance may serve
     resident: tuple[str, ...] = field(default=())  # round-robin initial models
 
@@ -128,11 +127,10 @@ class Scenario:
         )
 
 
-def _trace(name: str, file: str, model: Any, slo_class: Any) -> dict[str, Any]:
-    path = str(TRACES / file)
+def _trace(name: str, dataset: str, model: Any, slo_class: Any) -> dict[str, Any]:
     return {
         "name": name,
-        "trace": {"format": "azure", "path": path},
+        "trace": {"dataset": dataset},
         "model": model,
         "slo_class": slo_class,
     }
@@ -142,7 +140,7 @@ def _arxiv_jobs(name: str, model: Any, slo_class: str) -> dict[str, Any]:
     return {
         "name": name,
         "arrivals": {"process": "poisson", "rate_per_s": ARXIV_RATE_PER_S, "duration_s": 3600},
-        "lengths": {"format": "csv", "path": str(TRACES / ARXIV)},
+        "lengths": {"dataset": ARXIV},
         "model": model,
         "slo_class": slo_class,
     }

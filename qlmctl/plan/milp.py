@@ -1,6 +1,6 @@
 """The two-stage stochastic program (formulation F2) in Pyomo, solved by HiGHS.
 
-How it works (see /work/shared/research/solver.md, F2): groups run in one fixed
+How it works (the team notes, research/solver.md, F2): groups run in one fixed
 sequence (positions ``j``; blocks ``b`` are its runs of one model). The first
 stage chooses the instance of each group (``a[j,i]``) or defers it (``d[j]``: it runs
 after all the others, takes none of their capacity and counts as missed; under overload,

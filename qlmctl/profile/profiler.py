@@ -227,14 +227,14 @@ def load_profiles(path: Path) -> dict[str, PerfModel]:
 
 def profile_rows(perf: PerfModel) -> list[tuple[str, Any]]:
     """``(field, value)`` rows of a profile for a table, with a few derived latencies."""
-    ms = 1000.0
+    ms, us = 1000.0, 1e6  # per-step times in ms, per-token times in µs
     rows: list[tuple[str, Any]] = [
         ("model @ gpu", f"{perf.model} @ {perf.gpu}"),
         ("step base (ms)", perf.step_base_s * ms),
-        ("prefill per token (ms)", perf.prefill_s_per_token * ms),
-        ("prefill per token² /1000 (ms)", perf.prefill_s_per_token2 * ms),
-        ("decode per sequence (ms)", perf.decode_s_per_seq * ms),
-        ("decode per context token (ms)", perf.decode_s_per_ctx_token * ms),
+        ("prefill per token (µs)", perf.prefill_s_per_token * us),
+        ("prefill per token² /1000 (µs)", perf.prefill_s_per_token2 * us),
+        ("decode per sequence (µs)", perf.decode_s_per_seq * us),
+        ("decode per context token (µs)", perf.decode_s_per_ctx_token * us),
         ("TTFT overhead (ms)", perf.ttft_overhead_s * ms),
         ("admission gap in a burst (ms)", perf.admission_gap_s * ms),
         ("→ TTFT of a 512-token prompt (ms)", perf.prefill_time_s(512) * ms),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from qlmctl.fileio import atomic_write_text
+from qlmctl.render import format_number
 from qlmctl.report.compare import Comparison
 from qlmctl.report.export import report_csv
 from qlmctl.report.runs import Report
@@ -34,7 +35,7 @@ img { max-width: 100%; display: block; margin: 1em 0; }
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, na_rep="-", float_format=lambda x: f"{x:.4g}")
+    return frame.to_html(index=False, na_rep="-", float_format=format_number)
 
 
 def _comparison_table(c: Comparison) -> str:

@@ -2,7 +2,8 @@
 operations, predicted against observed; for several runs the side-by-side comparison.
 
 Names from run logs (classes, models, run ids) are escaped: rich would read ``[x]`` as
-markup.
+markup. Numbers stay numbers until ``print_table`` formats them (``render.format_number``):
+latencies in seconds, TPOT (a per-token time) in milliseconds, units in the titles.
 """
 
 from __future__ import annotations
@@ -12,22 +13,22 @@ from typing import Any
 
 from rich.markup import escape
 
-from qlmctl.render import print_table
+from qlmctl.render import format_number, print_table
 from qlmctl.report.compare import Comparison
 from qlmctl.report.metrics import GroupMetrics, RunMetrics
 from qlmctl.report.runs import Report
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+    return "-" if x is None else f"{100 * x:,.1f}%"
 
 
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{1000 * x:.4g}"
+def _ms(x: float | None) -> float | None:
+    return None if x is None else 1000 * x
 
 
 def _s(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3g}"
+    return "-" if x is None else format_number(x)
 
 
 def _slo_rows(groups: dict[str, GroupMetrics]) -> list[list[Any]]:
@@ -50,10 +51,10 @@ def _latency_rows(groups: dict[str, GroupMetrics]) -> list[list[Any]]:
     return [
         [
             escape(name),
-            *(_ms(getattr(g.ttft, p)) for p in ("p50_s", "p90_s", "p99_s")),
+            *(getattr(g.ttft, p) for p in ("p50_s", "p90_s", "p99_s")),
             _ms(g.tpot.mean_s),
-            *(_ms(getattr(g.e2e, p)) for p in ("p50_s", "p99_s")),
-            *(_ms(getattr(g.queue, p)) for p in ("mean_s", "p99_s")),
+            *(getattr(g.e2e, p) for p in ("p50_s", "p99_s")),
+            *(getattr(g.queue, p) for p in ("mean_s", "p99_s")),
         ]
         for name, g in groups.items()
     ]
@@ -62,7 +63,7 @@ def _latency_rows(groups: dict[str, GroupMetrics]) -> list[list[Any]]:
 def print_run(m: RunMetrics) -> None:
     """Tables of one run: SLO, latency, instances, operations, predictions."""
     state = "" if m.complete else " (INCOMPLETE: recovered after a crash)"
-    title = escape(f"{m.run_id} · {m.policy} · {m.engine} · {m.duration_s:.4g} s{state}")
+    title = escape(f"{m.run_id} · {m.policy} · {m.engine} · {_s(m.duration_s)} s{state}")
     groups = {"all": m.overall, **m.by_class}
     groups |= {f"model:{k}": g for k, g in m.by_model.items()}
     print_table(
@@ -71,8 +72,8 @@ def print_run(m: RunMetrics) -> None:
         _slo_rows(groups),
     )
     print_table(
-        f"{title} · latency ms (TTFT, E2E from arrival)",
-        ["requests", "TTFT p50", "p90", "p99", "TPOT mean", "E2E p50", "p99", "queue mean", "p99"],
+        f"{title} · latency s (TTFT, E2E from arrival; TPOT ms)",
+        ["requests", "TTFT p50", "p90", "p99", "TPOT ms", "E2E p50", "p99", "queue mean", "p99"],
         _latency_rows(groups),
     )
     inst = [

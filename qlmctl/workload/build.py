@@ -1,4 +1,4 @@
-"""Turn a workload spec into a :class:`Workload`, and load either a spec or a Parquet file.
+"""Turn a workload spec into a :class:`Workload`; load a spec, a Parquet file or a raw trace.
 
 Pipeline (columnar, numpy; Request objects are built once at the end):
 
@@ -13,6 +13,9 @@ Pipeline (columnar, numpy; Request objects are built once at the end):
 5. model and class assignment per source (fractions are exact over the kept rows);
 6. time scaling: ``time_scale`` multiplies times; ``target_rate_per_s`` rescales so that
    count / duration equals it (duration: the window's length, else the last arrival).
+
+A raw trace file (``workload show trace.csv``) becomes one request per record, all of
+model and class ``unassigned``, at its own arrival times (lengths-only files: all at 0).
 """
 
 from __future__ import annotations
@@ -23,17 +26,21 @@ from pathlib import Path
 
 import numpy as np
 
-from qlmctl.domain import Request
+from qlmctl.domain import Request, SLOClass
 from qlmctl.errors import BadInput
 from qlmctl.specs import load_spec
 from qlmctl.workload.arrivals import synthesize
 from qlmctl.workload.assign import assign
+from qlmctl.workload.datasets import installed_path
 from qlmctl.workload.lengths import draw, resample
 from qlmctl.workload.model import Workload
 from qlmctl.workload.parquet import read_workload
 from qlmctl.workload.prompts import generate_prompt
-from qlmctl.workload.spec import FileLengths, Limits, Source, WorkloadSpec
-from qlmctl.workload.traces import UNKNOWN, TraceData, read_trace
+from qlmctl.workload.spec import FileLengths, FileRef, Limits, Source, WorkloadSpec
+from qlmctl.workload.traces import UNKNOWN, TraceData, read_trace, sniff_format
+
+TRACE_SUFFIXES = (".csv", ".jsonl", ".json")
+UNASSIGNED = "unassigned"  # model and class of a raw trace's requests
 
 
 @dataclass(frozen=True)
@@ -59,14 +66,48 @@ class _Rows:
         )
 
 
-def load_workload(path: Path) -> Workload:
-    """Read a workload spec (``.yaml``/``.yml``) or a materialised workload (``.parquet``)."""
+def load_workload(path: Path, trace_format: str | None = None) -> Workload:
+    """Read a workload spec (``.yaml``/``.yml``), a materialised workload (``.parquet``)
+    or, with ``trace_format`` or a trace suffix, a raw trace file (format sniffed)."""
     path = Path(path)
+    if trace_format is not None or path.suffix in TRACE_SUFFIXES:
+        return trace_workload(path, trace_format)
     if path.suffix in (".parquet", ".pq"):
         return read_workload(path)
     if path.suffix in (".yaml", ".yml"):
         return build_workload(load_spec(WorkloadSpec, path), path)
-    raise BadInput(f"{path}: expected a workload spec (.yaml) or a materialised one (.parquet)")
+    raise BadInput(
+        f"{path}: expected a workload spec (.yaml), a materialised one (.parquet) or a trace "
+        f"({', '.join(TRACE_SUFFIXES)}; else give --format)"
+    )
+
+
+def trace_workload(path: Path, fmt: str | None = None) -> Workload:
+    """A raw trace file as a workload: one ``unassigned`` request per record."""
+    data = read_trace(fmt or sniff_format(path), path)
+    cap = Limits().max_output_tokens  # the replay target where the file has no output length
+    arrival = np.zeros(len(data)) if data.arrival_s is None else data.arrival_s - data.arrival_s[0]
+    requests = [
+        Request(
+            id=f"{path.stem}-{k}",
+            arrival_s=t,
+            model=UNASSIGNED,
+            slo_class=UNASSIGNED,
+            prompt_tokens=p,
+            max_output_tokens=o if o != UNKNOWN else cap,
+            output_tokens=o if o != UNKNOWN else None,
+        )
+        for k, (t, p, o) in enumerate(
+            zip(
+                arrival.tolist(),
+                data.prompt_tokens.tolist(),
+                data.output_tokens.tolist(),
+                strict=True,
+            )
+        )
+    ]
+    label = SLOClass(name=UNASSIGNED, ttft_s=3600.0)  # a label only: a trace has no SLO
+    return Workload.from_requests(requests, {UNASSIGNED: label}, str(path))
 
 
 def build_workload(spec: WorkloadSpec, spec_path: Path) -> Workload:
@@ -97,7 +138,7 @@ def build_workload(spec: WorkloadSpec, spec_path: Path) -> Workload:
 
 def _source_rows(src: Source, base: Path, tok: Path | None, rng: np.random.Generator) -> _Rows:
     if src.trace is not None:
-        data = read_trace(src.trace.format, base / src.trace.path, tok)
+        data = read_trace(src.trace.file_format, locate(src.trace, base), tok)
         assert data.arrival_s is not None
         arrival, absolute = data.arrival_s, data.absolute
     else:
@@ -105,7 +146,8 @@ def _source_rows(src: Source, base: Path, tok: Path | None, rng: np.random.Gener
         arrival, absolute = synthesize(src.arrivals, rng), False
         n = len(arrival)
         if isinstance(src.lengths, FileLengths):
-            data = resample(read_trace(src.lengths.format, base / src.lengths.path, tok), n, rng)
+            lengths = read_trace(src.lengths.file_format, locate(src.lengths, base), tok)
+            data = resample(lengths, n, rng)
         else:
             prompt = draw(src.lengths.prompt_tokens, n, rng)
             data = TraceData(prompt, draw(src.lengths.output_tokens, n, rng))
@@ -121,6 +163,13 @@ def _source_rows(src: Source, base: Path, tok: Path | None, rng: np.random.Gener
     if src.sample_fraction < 1.0:
         rows = rows.take(rng.random(len(rows.row)) < src.sample_fraction)
     return rows
+
+
+def locate(ref: FileRef, base: Path) -> Path:
+    """The file a spec names: an installed dataset, or a path relative to ``base``."""
+    if ref.dataset is not None:
+        return installed_path(ref.dataset)
+    return base / str(ref.path)
 
 
 def _one_clock(spec: WorkloadSpec, rows: list[_Rows]) -> list[_Rows]:

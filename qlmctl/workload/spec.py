@@ -5,15 +5,22 @@ start). A source is either a timestamped ``trace`` (Azure CSV, Mooncake JSONL) o
 synthetic ``arrivals`` process plus ``lengths`` (a length CSV, a ShareGPT or ``vllm
 bench`` custom dataset, or parametric distributions). Each source maps its requests to
 a model and an SLO class: one name, or ``{by: fraction | hash, weights: {name: w}}``.
-Paths are relative to the spec file. Example::
+A file is either a public ``dataset`` by name (fetched into the cache by ``qlmctl
+workload fetch``, see ``datasets.py``; it brings its format) or a ``path`` with its
+``format``; paths are relative to the spec file. Example::
 
     seed: 0
     models: [llama-3.1-8b]
     sources:
       - name: conv
-        trace: {format: azure, path: ../../shared/traces/AzureLLMInferenceTrace_conv.csv}
+        trace: {dataset: azure-2023-conv}
         model: llama-3.1-8b
         slo_class: batch-1
+      - name: jobs
+        arrivals: {process: poisson, rate_per_s: 0.5, duration_s: 600}
+        lengths: {format: csv, path: my-lengths.csv}
+        model: llama-3.1-8b
+        slo_class: batch-2
 
 Cross-references (names used by sources must be declared) are checked here, so a
 loaded spec is consistent.
@@ -21,11 +28,12 @@ loaded spec is consistent.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from qlmctl.domain import Frozen, Name, SLOClass
+from qlmctl.workload.datasets import DATASETS
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -118,24 +126,52 @@ class ParametricLengths(Frozen):
     output_tokens: Dist
 
 
-class FileLengths(Frozen):
-    """Lengths (and, for datasets, prompt text) sampled with replacement from a file.
+class FileRef(Frozen):
+    """A file: a registered ``dataset`` (its format is known) or a ``path`` and ``format``."""
 
-    ``csv``: ``num_prefill_tokens,num_decode_tokens`` (the shared ShareGPT/arXiv stats);
+    FORMATS: ClassVar[tuple[str, ...]]  # the readers this kind of file may use
+    format: str | None = None
+    path: str | None = None
+    dataset: str | None = None
+
+    @model_validator(mode="after")
+    def _one_file(self) -> FileRef:
+        choices = " or ".join(repr(f) for f in self.FORMATS)
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError(f"give exactly one of 'dataset' or 'path' (with 'format': {choices})")
+        if self.dataset is None:
+            if self.format not in self.FORMATS:
+                raise ValueError(f"a 'path' needs 'format': {choices}, got {self.format!r}")
+            return self
+        ds = DATASETS.get(self.dataset)
+        if ds is None:
+            raise ValueError(f"unknown dataset {self.dataset!r}; known: {', '.join(DATASETS)}")
+        if ds.format not in self.FORMATS or self.format not in (None, ds.format):
+            raise ValueError(f"dataset {self.dataset!r} is a {ds.format!r} file, not {choices}")
+        return self
+
+    @property
+    def file_format(self) -> str:
+        """The reader to use: the given format or the dataset's."""
+        return self.format or DATASETS[str(self.dataset)].format
+
+
+class FileLengths(FileRef):
+    """Lengths (and, for text datasets, prompt text) sampled with replacement from a file.
+
+    ``csv``: ``num_prefill_tokens,num_decode_tokens`` (the ShareGPT/arXiv length datasets);
     ``sharegpt``: ShareGPT JSON (first human turn, first reply); ``custom``: ``vllm bench``
     custom JSONL (``prompt``, optional ``output_tokens``).
     """
 
-    format: Literal["csv", "sharegpt", "custom"]
-    path: str
+    FORMATS = ("csv", "sharegpt", "custom")
 
 
-class Trace(Frozen):
+class Trace(FileRef):
     """A timestamped trace. ``azure``: absolute timestamps (merged on one wall clock with
     other ``azure`` sources); ``mooncake``: ``timestamp`` in ms from the trace start."""
 
-    format: Literal["azure", "mooncake"]
-    path: str
+    FORMATS = ("azure", "mooncake")
 
 
 # ---- assignment ---------------------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from qlmctl.render import format_number
 from qlmctl.workload.model import Workload
 
 ALL = "all"
@@ -53,11 +54,12 @@ class WorkloadSummary:
     @property
     def title(self) -> str:
         """One line: source, size, duration, mean rate, fingerprint."""
-        rate = self.count / self.duration_s if self.duration_s > 0 else 0.0
-        return (
-            f"{self.source}: {self.count} requests over {self.duration_s:.1f} s "
-            f"({rate:.3g} req/s), fingerprint {self.fingerprint[:12]}"
-        )
+        if self.duration_s > 0:
+            rate = format_number(self.count / self.duration_s)
+            span = f"over {format_number(self.duration_s)} s ({rate} req/s)"
+        else:
+            span = "all at t=0 (no arrival times)"
+        return f"{self.source}: {self.count:,} requests {span}, fingerprint {self.fingerprint[:12]}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -137,11 +139,16 @@ def stats_rows(summary: WorkloadSummary) -> list[list[Any]]:
             g.count,
             g.rate_per_s,
             g.cv_interarrival,
-            f"{g.prompt_tokens_p50:.0f}/{g.prompt_tokens_p90:.0f}/{g.prompt_tokens_p99:.0f}",
-            f"{g.output_tokens_p50:.0f}/{g.output_tokens_p90:.0f}/{g.output_tokens_p99:.0f}",
+            _triple(g.prompt_tokens_p50, g.prompt_tokens_p90, g.prompt_tokens_p99),
+            _triple(g.output_tokens_p50, g.output_tokens_p90, g.output_tokens_p99),
         ]
         for g in summary.groups
     ]
+
+
+def _triple(*tokens: float) -> str:
+    """Percentiles of token counts as whole numbers: ``1,020/2,734/4,142``."""
+    return "/".join(f"{t:,.0f}" for t in tokens)
 
 
 def rate_rows(summary: WorkloadSummary) -> list[list[Any]]:

@@ -11,6 +11,9 @@ Formats (a registry: format name -> reader):
   next turn the reference output), no arrivals.
 * ``custom``: ``vllm bench`` custom JSONL (``prompt``, optional ``output_tokens``).
 
+:func:`sniff_format` tells the format of a file from its header (CSV), first record
+(JSONL) or suffix (``.json``: ShareGPT).
+
 Rules: every problem is one :class:`BadInput` naming the file and the line (1-based,
 the CSV header is line 1) or field. Token lengths must be positive; an unknown output
 length is stored as 0 (``UNKNOWN``). Texts are sized with :func:`count_tokens`.
@@ -61,11 +64,36 @@ def read_trace(fmt: str, path: Path, tokenizer_dir: Path | None = None) -> Trace
     return data
 
 
+def sniff_format(path: Path) -> str:
+    """The format of ``path`` from its first line; :class:`BadInput` if it is not clear."""
+    if path.suffix == ".json":
+        return "sharegpt"
+    try:
+        with path.open(encoding="utf-8") as f:
+            first = next((line.strip() for line in f if line.strip()), "")
+    except FileNotFoundError:
+        raise BadInput(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path}: cannot read ({exc})") from None
+    try:
+        record = json.loads(first) if first.startswith("{") else None
+    except json.JSONDecodeError:
+        record = None
+    keys = set(record) if isinstance(record, dict) else {c.strip() for c in first.split(",")}
+    for fmt, needed in SIGNATURES.items():
+        if needed <= keys:
+            return fmt
+    raise BadInput(
+        f"{path}: cannot tell the trace format from its first line {first[:80]!r}; "
+        f"give --format ({', '.join(READERS)})"
+    )
+
+
 def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise BadInput(f"{path}: cannot read CSV ({exc})") from None
+        raise BadInput(f"{path}: cannot read CSV ({str(exc).strip()})") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise BadInput(f"{path}: missing column {missing[0]!r} (has: {list(frame.columns)})")
@@ -220,6 +248,14 @@ def _check_sorted(path: Path, arrival: np.ndarray) -> None:
         line = _csv_line(int(np.argmax(back)) + 1)
         raise BadInput(f"{path}: line {line}: TIMESTAMP goes back in time")
 
+
+# format -> the header columns (CSV) or record keys (JSONL) that identify it
+SIGNATURES: dict[str, set[str]] = {
+    "azure": {"TIMESTAMP", "ContextTokens", "GeneratedTokens"},
+    "mooncake": {"timestamp", "input_length", "output_length"},
+    "csv": {"num_prefill_tokens", "num_decode_tokens"},
+    "custom": {"prompt"},
+}
 
 READERS: dict[str, Callable[[Path, Path | None], TraceData]] = {
     "azure": _azure,
