@@ -98,6 +98,7 @@ class RealInstance:
             cpu=self._cpu,
             priority_scheduling=self._priority,
             die_with_parent=True,
+            headers=self.headers,
         )
         self._launcher = launcher
         launcher.start()
