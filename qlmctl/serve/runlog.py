@@ -14,7 +14,9 @@ Rows are written incrementally: every flush writes a numbered part file under
 ``RUN/parts/``; :meth:`RunLogWriter.close` merges the parts into the two files above and
 removes them. Pending rows are flushed by count and by time (``flush_interval_s``, checked
 whenever rows are added or the driver calls :meth:`RunLogWriter.maybe_flush`), so a
-``kill -9`` loses about a second of rows. After a crash ``run.json`` says
+``kill -9`` loses about half a second of rows (more if the driver's loop is starved of
+CPU, since rows exist only once the core has heard of the event). After a crash
+``run.json`` says
 ``"complete": false`` (and ``"parts": "parts"``, where the rows are) and :func:`read_run`
 reads every flushed part. ``run.json`` is standard JSON: infinite or NaN values are
 written as null.
@@ -121,7 +123,7 @@ class RunLogWriter:
         path: Path,
         meta: dict[str, Any],
         flush_every: int = 1000,
-        flush_interval_s: float = 1.0,
+        flush_interval_s: float = 0.5,
     ) -> None:
         self.path = Path(path)
         self._parts = self.path / "parts"
