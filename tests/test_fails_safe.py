@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from rich.console import Console
 
@@ -110,8 +111,7 @@ def spec(tmp_path: Path, prompt_tokens: int = 100) -> Path:
 
 def serve_sim(tmp_path: Path, *args: str, prompt_tokens: int = 100) -> tuple[int, list[str]]:
     work = spec(tmp_path, prompt_tokens)
-    done = run_cli("serve", str(work), "-c", str(CLUSTER), "--engine", "sim", *args)
-    return done.returncode, [line for line in done.stderr.splitlines() if line.strip()]
+    return run_cli_lines("serve", str(work), "-c", str(CLUSTER), "--engine", "sim", *args)
 
 
 @pytest.mark.parametrize(
@@ -176,3 +176,39 @@ def test_an_error_after_the_live_view_starts_on_its_own_line() -> None:
         raise RuntimeError("boom")
     console.print("error: boom")
     assert "\nerror: boom" in out.getvalue()
+
+
+def test_a_value_that_fits_no_union_member_names_the_member_it_was_meant_as(
+    tmp_path: Path,
+) -> None:
+    path = spec(tmp_path)
+    path.write_text(
+        path.read_text().replace(
+            "model: llama-3.1-8b", "model: {by: fraction, weights: {llama-3.1-8b: .inf}}"
+        )
+    )
+    code, lines = run_cli_lines("workload", "show", str(path))
+    assert code == 2 and len(lines) == 1
+    assert "weights.llama-3.1-8b': Input should be a finite number" in lines[0]
+
+
+def test_a_launched_server_that_wants_an_api_key_fails_at_once(tmp_path: Path) -> None:
+    launcher = VllmLauncher(
+        ModelSpec(name="tiny", path=str(tmp_path)), LaunchSpec(port=1), tmp_path / "log"
+    )
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/health":
+            return httpx.Response(200)
+        return httpx.Response(401, json={"error": "Unauthorized"})
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(handler)) as client,
+        pytest.raises(BadInput, match="needs an API key"),
+    ):
+        launcher._model_listed(client)
+
+
+def run_cli_lines(*args: str) -> tuple[int, list[str]]:
+    done = run_cli(*args)
+    return done.returncode, [line for line in done.stderr.splitlines() if line.strip()]
