@@ -212,3 +212,13 @@ def test_a_launched_server_that_wants_an_api_key_fails_at_once(tmp_path: Path) -
 def run_cli_lines(*args: str) -> tuple[int, list[str]]:
     done = run_cli(*args)
     return done.returncode, [line for line in done.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "option", ["--connect-timeout", "--first-token-timeout", "--token-timeout"]
+)
+def test_timeouts_that_are_not_positive_and_finite_are_refused(tmp_path: Path, option: str) -> None:
+    for value in ("0", "inf"):
+        code, lines = serve_sim(tmp_path, "--runs", str(tmp_path / "runs"), option, value)
+        assert code == 2 and len(lines) == 1 and "must be a positive number" in lines[0]
+    assert not (tmp_path / "runs").exists()  # refused before the run folder is made
