@@ -1,21 +1,32 @@
 """The ``qlmctl`` command line: parse, call the library, render. No logic lives here.
 
 Errors: library code raises :class:`~qlmctl.errors.QlmError`; :func:`main` turns it into
-one line on stderr and its exit code (2 bad input, 1 run-time failure, 130 Ctrl-C). A
+one line on stderr and its exit code (2 bad input, 1 run-time failure, 3 a serve run
+with failed requests, 130 Ctrl-C). It also catches what slips past the library's checks:
+a pydantic validation error (a bad value built from a file's rows: exit 2) and an
+``OSError`` (a path that cannot be written: exit 2; other I/O failures: exit 1). A
 traceback is shown only with ``--debug``.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from qlmctl import __version__
-from qlmctl.errors import QlmError
+from qlmctl.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED_REQUESTS,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    QlmError,
+)
 from qlmctl.plan.policies import POLICIES
 from qlmctl.workload.datasets import DATASETS
 from qlmctl.workload.traces import READERS
@@ -236,26 +247,51 @@ def serve(
         str | None, typer.Option(help="Run directory name (default: workload-policy-engine-time).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the policy's randomness.")] = 0,
+    connect_timeout: Annotated[
+        float | None, typer.Option(help="vllm: seconds to connect, per attempt [default: 5].")
+    ] = None,
+    first_token_timeout: Annotated[
+        float | None,
+        typer.Option(help="vllm: seconds from sending a request to its first token [default: 600]"),
+    ] = None,
+    token_timeout: Annotated[
+        float | None,
+        typer.Option(help="vllm: longest silence between two tokens, seconds [default: 120]."),
+    ] = None,
 ) -> None:
     """Replay WORKLOAD against the cluster, keeping SLOs by following the plan.
 
     Pulls requests with backpressure, evicts blocking batch work, swaps models, balances
-    load and re-plans as the queue changes; logs every request attempt to Parquet.
-    Ctrl-C stops dispatching, cancels what is in flight, closes the log (exit 130).
+    load and re-plans as the queue changes; logs every request attempt to Parquet. An
+    attempt that times out or whose stream breaks is retried (up to 3 attempts).
+
+    Exit codes: 0 every request finished; 3 the run ended but some requests failed or
+    were rejected (see the run log); 2 bad input; 1 failure at run time; 130 Ctrl-C
+    (stops dispatching, cancels what is in flight, closes the log).
     """
-    from qlmctl.serve.command import prepare_serve
+    from qlmctl.serve.command import prepare_serve, stream_timeouts
     from qlmctl.serve.live import live_view, print_summary
 
     measured = profiles if profiles.exists() or profiles != Path("profiles") else None
     job = prepare_serve(
         workload, cluster, policy=policy, engine=engine, profiles=measured, runs=runs,
         name=name, seed=seed,
+        timeouts=stream_timeouts(connect_timeout, first_token_timeout, token_timeout),
     )  # fmt: skip
     with live_view(engine, job.total) as progress:
         summary = job.run(progress)
     print_summary(summary)
     if summary.interrupted:
-        raise typer.Exit(130)
+        closed = f"interrupted (Ctrl-C); run log closed: {summary.run_dir}"
+        err_console.print(closed, highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if summary.failed or summary.rejected:
+        err_console.print(
+            f"[bold red]error:[/] {summary.failed} requests failed and {summary.rejected} were "
+            f"rejected of {summary.requests} (see {summary.run_dir})",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+        raise typer.Exit(EXIT_FAILED_REQUESTS)
 
 
 @app.command()
@@ -405,7 +441,9 @@ def workload_show(
         ),
     ] = None,
     json_out: JsonOpt = False,
-    bins: Annotated[int, typer.Option(min=1, help="Time bins of the arrival-rate sparkline.")] = 24,
+    bins: Annotated[
+        int, typer.Option(min=1, max=10_000, help="Time bins of the arrival-rate sparkline.")
+    ] = 24,
 ) -> None:
     """Print a workload's rate, burstiness and length percentiles per class and model.
 
@@ -494,8 +532,51 @@ def main() -> None:
     """
     try:
         app()
-    except QlmError as exc:
+    except SystemExit as exc:
+        if exc.code == EXIT_INTERRUPTED and _caused_by_ctrl_c(exc):  # typer exits silently
+            err_console.print("interrupted (Ctrl-C)")
+        raise
+    except (QlmError, ValidationError, OSError) as exc:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        message, code = _one_line(exc)
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+        sys.exit(code)
+
+
+# An OSError with one of these is a path the user gave that cannot be used: bad input.
+_PATH_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENAMETOOLONG,
+    }
+)
+
+
+def _one_line(exc: QlmError | ValidationError | OSError) -> tuple[str, int]:
+    if isinstance(exc, QlmError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, ValidationError):
+        from qlmctl.specs import describe_validation_error
+
+        return f"invalid {exc.title}: {describe_validation_error(exc)}", EXIT_BAD_INPUT
+    where = f"{exc.filename}: " if exc.filename else ""
+    code = EXIT_BAD_INPUT if exc.errno in _PATH_ERRNOS else EXIT_FAILURE
+    return f"{where}{exc.strerror or exc}", code
+
+
+def _caused_by_ctrl_c(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(8):  # typer raises Exit(130) from the KeyboardInterrupt
+        if seen is None:
+            return False
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -7,20 +7,41 @@ a model the cluster lacks) live in :func:`check_models_served`.
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from qlmctl.errors import BadInput
 
+# Bounds of every number a user gives (specs, traces, profiles, CLI options): beyond them
+# a value is a mistake (a unit slip, a typo) that would otherwise overflow an int32 column,
+# allocate terabytes or turn times into inf/NaN deep inside a run.
+INT32_MAX = 2**31 - 1
+MAX_TIME_S = 1e9  # about 32 years
+MAX_RATE_PER_S = 1e6
+MAX_REQUESTS = 10_000_000  # requests one workload source may produce
+MAX_SEED = 2**63 - 1
+
 Name = Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
-PositiveSeconds = Annotated[float, Field(gt=0)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_TIME_S)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_TIME_S)]
+Tokens = Annotated[int, Field(gt=0, le=INT32_MAX)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Priority = Annotated[int, Field(ge=-INT32_MAX, le=INT32_MAX)]
+Weight = Annotated[float, Field(gt=0, le=1e9)]
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 
 
 class Frozen(BaseModel):
-    """Base of the domain types: immutable, unknown fields are errors."""
+    """Base of the domain types: immutable, unknown fields are errors, numbers finite.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    ``allow_inf_nan=False`` is the one place that keeps ``.inf``/``.nan`` out of every
+    spec; the bounded aliases above keep finite numbers sane.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class SLOClass(Frozen):
@@ -32,8 +53,8 @@ class SLOClass(Frozen):
     name: Name
     ttft_s: PositiveSeconds
     e2e_s: PositiveSeconds | None = None
-    weight: Annotated[float, Field(gt=0)] = 1.0
-    priority: int = 0
+    weight: Weight = 1.0
+    priority: Priority = 0
 
 
 class ModelSpec(Frozen):
@@ -41,8 +62,8 @@ class ModelSpec(Frozen):
 
     name: Name
     path: str = Field(min_length=1, description="Local directory or hub id passed to vllm serve")
-    params_b: Annotated[float, Field(gt=0)] | None = None
-    max_model_len: Annotated[int, Field(gt=0)] | None = None
+    params_b: Annotated[float, Field(gt=0, le=1e6)] | None = None
+    max_model_len: Tokens | None = None
     profile: Name | None = Field(
         default=None,
         description="Profile to use (default: the model's own name), e.g. the base model's "
@@ -54,7 +75,7 @@ class GPUType(Frozen):
     """A kind of accelerator (or ``cpu``) that profiles are measured on."""
 
     name: Name
-    memory_gib: Annotated[float, Field(gt=0)] | None = None
+    memory_gib: Annotated[float, Field(gt=0, le=1e6)] | None = None
 
 
 class LaunchSpec(Frozen):
@@ -77,6 +98,20 @@ class InstanceSpec(Frozen):
     models: list[Name] | None = Field(
         default=None, description="Models this instance may serve (default: all)"
     )
+    api_key_env: EnvName | None = Field(
+        default=None,
+        description="Environment variable holding the server's API key (sent as "
+        "Authorization: Bearer; the key itself is never written anywhere)",
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"endpoint {url!r} is not an http:// or https:// URL")
+        return url
 
     @model_validator(mode="after")
     def _one_way_to_reach(self) -> InstanceSpec:
@@ -97,6 +132,22 @@ class InstanceSpec(Frozen):
     def can_serve(self, model: str) -> bool:
         """Whether this instance may be given work for ``model``."""
         return self.models is None or model in self.models
+
+    def auth_headers(self) -> dict[str, str]:
+        """``Authorization: Bearer`` from ``api_key_env`` ({} without one).
+
+        Raises:
+            BadInput: the variable is not set (read when the run starts, never stored).
+        """
+        if self.api_key_env is None:
+            return {}
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise BadInput(
+                f"instance {self.id!r}: api_key_env {self.api_key_env} is not set in the "
+                "environment"
+            )
+        return {"Authorization": f"Bearer {key}"}
 
 
 class ClusterSpec(Frozen):
@@ -152,13 +203,13 @@ class Request(Frozen):
     """
 
     id: str = Field(min_length=1)
-    arrival_s: Annotated[float, Field(ge=0)]
+    arrival_s: Seconds
     model: Name
     slo_class: Name
     prompt: str | None = None
-    prompt_tokens: Annotated[int, Field(gt=0)]
-    max_output_tokens: Annotated[int, Field(gt=0)]
-    output_tokens: Annotated[int, Field(gt=0)] | None = None
+    prompt_tokens: Tokens
+    max_output_tokens: Tokens
+    output_tokens: Tokens | None = None
 
     @model_validator(mode="after")
     def _output_within_cap(self) -> Request:

@@ -58,9 +58,14 @@ def load_cluster(path: Path) -> ClusterSpec:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line: the first error's field path and message, plus how many more there are."""
+    """One line: the first error's field path and message, plus how many more there are.
+
+    Of several errors the deepest is named (the first of those): when a value fits none
+    of a union's members, the member it was meant as goes deepest (``{by: fraction,
+    weights: {m: .inf}}`` fails deep inside ``Assign``, not as "not a string").
+    """
     errors = exc.errors()
-    first = errors[0]
+    first = max(errors, key=lambda e: len(e["loc"]))
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""

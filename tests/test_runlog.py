@@ -34,7 +34,7 @@ def test_close_merges_parts(tmp_path: Path) -> None:
 
 def test_crash_leaves_flushed_rows_readable(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    log = RunLogWriter(run, {"policy": "qlm"}, flush_every=2)
+    log = RunLogWriter(run, {"policy": "qlm"}, flush_every=2, flush_interval_s=3600)
     for k in range(3):
         log.add_attempt(attempt(f"r{k}"))
     # no close(): as if the process died; the third row was never flushed

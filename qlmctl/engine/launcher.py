@@ -9,6 +9,9 @@ share the cores), offline hub, no usage stats. Every default yields to the user'
 ``extra_args``/``env``. :class:`VllmLauncher` runs the command in its own process group
 with output to a log file, polls ``GET /health`` and then ``GET /v1/models`` until the
 model is listed, and stops the whole group (SIGTERM, then SIGKILL after a grace period).
+It fails at once, in one line, when the port is already taken (checked before spawning,
+rather than after vLLM's 20 s start-up) or when the server wants an API key it was not
+given (HTTP 401/403 on ``/v1/models``); ``headers`` carry that key.
 
 Seam: :class:`Launcher` is the small interface the rest of qlmctl uses (start, wait_ready,
 is_alive, stop), so a Ray-actor launcher for multi-node clusters can be added as another
@@ -18,9 +21,11 @@ class without touching its callers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections import deque
@@ -31,7 +36,7 @@ from typing import Protocol
 import httpx
 
 from qlmctl.domain import LaunchSpec, ModelSpec
-from qlmctl.errors import EngineError
+from qlmctl.errors import BadInput, EngineError
 
 DEFAULT_CPU_KV_CACHE_BYTES = 64 * 1024 * 1024
 LOG_TAIL_LINES = 15
@@ -145,6 +150,24 @@ def _find_vllm() -> str:
     return found
 
 
+def port_taken(host: str, port: int) -> bool:
+    """Whether a server already listens on ``host:port`` (a bind test; TIME_WAIT is free).
+
+    An unresolvable host counts as free: vllm serve then reports it itself.
+    """
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError):
+        return False
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
 def _parent_death_signal() -> None:
     """In the child before exec: SIGTERM me when my parent thread dies (Linux only)."""
     try:
@@ -167,6 +190,7 @@ class VllmLauncher:
         cpu: bool | None = None,
         priority_scheduling: bool = False,
         die_with_parent: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """Prepare (not start) the server.
 
@@ -177,8 +201,10 @@ class VllmLauncher:
                 :func:`serve_command`.
             die_with_parent: ask Linux to SIGTERM the server when the thread that
                 started it exits (tests and one-shot commands: no orphaned servers).
+            headers: sent with the readiness checks (an API key given with --api-key).
         """
         self.model = model
+        self._headers = headers or {}
         self._die_with_parent = die_with_parent
         self.launch = launch
         self.log_path = Path(log_path)
@@ -193,6 +219,11 @@ class VllmLauncher:
         """Spawn the server in a new process group, output appended to :attr:`log_path`."""
         if self._proc is not None:
             raise EngineError(f"{self.base_url}: already started")
+        if port_taken(self.launch.host, self.launch.port):
+            raise BadInput(
+                f"cannot launch vllm serve for {self.model.name!r}: port {self.launch.port} on "
+                f"{self.launch.host} is already in use (pick another launch.port)"
+            )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self._started_at = time.monotonic()
@@ -222,7 +253,7 @@ class VllmLauncher:
         if self._proc is None:
             raise EngineError(f"{self.base_url}: wait_ready before start")
         deadline = self._started_at + timeout_s
-        with httpx.Client(timeout=5.0) as client:
+        with httpx.Client(timeout=5.0, headers=self._headers) as client:
             while time.monotonic() < deadline:
                 if self._proc.poll() is not None:
                     raise self._failure(f"exited with code {self._proc.returncode}")
@@ -235,10 +266,16 @@ class VllmLauncher:
         try:
             if client.get(f"{self.base_url}/health").status_code != 200:
                 return False
-            models = client.get(f"{self.base_url}/v1/models").json().get("data", [])
-        except (httpx.HTTPError, ValueError):
+            resp = client.get(f"{self.base_url}/v1/models")
+            if resp.status_code in (401, 403):
+                raise BadInput(
+                    f"vllm serve for {self.model.name!r} at {self.base_url} needs an API key "
+                    f"(HTTP {resp.status_code}): set api_key_env on the instance"
+                )
+            models = resp.json().get("data", [])
+        except (httpx.HTTPError, ValueError, AttributeError):
             return False
-        return any(m.get("id") == self.model.name for m in models)
+        return any(isinstance(m, dict) and m.get("id") == self.model.name for m in models)
 
     def _failure(self, what: str) -> EngineError:
         tail = "\n  ".join(self.log_tail())

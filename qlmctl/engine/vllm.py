@@ -9,17 +9,23 @@ counts as several arrivals. The final usage chunk gives the authoritative token 
 Rules: cancelling the awaiting task leaves the ``async with`` stream block, which closes
 the connection; vLLM aborts a request whose stream is closed and frees its KV blocks (this
 is how eviction works from outside). HTTP 4xx is :class:`RequestRejected` carrying the
-server's own message; connection problems and timeouts are :class:`EngineError` naming
-the URL. ``priority`` is only sent when given, because servers without
-``--scheduling-policy priority`` may refuse it.
+server's own message (401/403: "needs an API key"); everything else that goes wrong is
+an :class:`EngineError` naming the URL, never another exception: connection problems,
+the :class:`StreamTimeouts` (connect, first token, between tokens), a line that is not
+JSON, a chunk that is not an object, an error event, and a stream that ends without
+``[DONE]`` or a finish reason (truncated: the caller retries it). ``priority`` is only
+sent when given, because servers without ``--scheduling-policy priority`` may refuse
+it. ``headers`` carry an API key (``Authorization: Bearer``); they are never logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +46,27 @@ _METRICS = {
     "vllm:request_decode_time_seconds_count": "request_decode_time_seconds_count",
 }
 _UNSUPPORTED_STATUS = (400, 404, 405, 501)
+_AUTH_STATUS = (401, 403)
+Headers = Mapping[str, str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTimeouts:
+    """Per-attempt limits of one streamed completion, in seconds (recorded in run.json).
+
+    ``first_token_s`` counts from sending the request, so it includes the time vLLM
+    queues it; ``token_s`` is the longest silence allowed between two chunks after that.
+    """
+
+    connect_s: float = 5.0
+    first_token_s: float = 600.0
+    token_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("connect_s", "first_token_s", "token_s"):
+            value = getattr(self, name)
+            if not (0 < value < math.inf):
+                raise BadInput(f"timeout {name} must be a positive number of seconds, got {value}")
 
 
 class RequestRejected(EngineError):
@@ -87,6 +114,8 @@ async def stream_completion(
     ignore_eos: bool = False,
     on_first_token: Callable[[float], None] | None = None,
     temperature: float = 0.8,
+    timeouts: StreamTimeouts | None = None,
+    headers: Headers = None,
 ) -> CompletionResult:
     """Stream one completion and time every token.
 
@@ -100,13 +129,16 @@ async def stream_completion(
         ignore_eos: keep generating past the end-of-sequence token.
         on_first_token: called with the TTFT as soon as the first token arrives.
         temperature: sampling temperature.
+        timeouts: connect, first-token and between-token limits (default: StreamTimeouts()).
+        headers: extra request headers (an API key).
 
     Returns:
         The timings; ``output_tokens`` is the server's usage count when it reports one.
 
     Raises:
         RequestRejected: HTTP 4xx (unknown model, prompt too long, bad priority, ...).
-        EngineError: connection refused or dropped, timeout, HTTP 5xx.
+        EngineError: connection refused or dropped, a timeout, HTTP 5xx, a malformed or
+            truncated stream.
     """
     url = f"{base_url.rstrip('/')}/v1/completions"
     body: dict[str, Any] = {
@@ -121,45 +153,108 @@ async def stream_completion(
     }
     if priority is not None:
         body["priority"] = priority
-    times: list[float] = []
-    finish: str | None = None
-    usage_tokens: int | None = None
-    start = time.perf_counter()
+    limits = timeouts or StreamTimeouts()
+    stream = _Stream(url, on_first_token)
+    loop = asyncio.get_running_loop()
     try:
-        async with client.stream("POST", url, json=body) as resp:
-            if resp.status_code >= 400:
-                await resp.aread()
-                _raise_for_status(resp, url)
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                now = time.perf_counter() - start
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
-                for choice in chunk.get("choices") or ():
-                    count = _tokens_in(choice)
-                    if count and not times and on_first_token is not None:
-                        on_first_token(now)
-                    times.extend([now] * count)
-                    finish = choice.get("finish_reason") or finish
+        # NOTE: one deadline, moved forward at every token: first_token_s until the first
+        # one (vLLM may queue the request), then token_s of silence at most.
+        async with asyncio.timeout(limits.first_token_s) as deadline:
+            async with client.stream(
+                "POST", url, json=body, headers=headers,
+                timeout=httpx.Timeout(None, connect=limits.connect_s),
+            ) as resp:  # fmt: skip
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    _raise_for_status(resp, url)
+                async for line in resp.aiter_lines():
+                    if stream.feed(line):
+                        break
+                    if stream.times:
+                        deadline.reschedule(loop.time() + limits.token_s)
+    except TimeoutError:
+        waited = (
+            f"{limits.token_s:g} s after token {len(stream.times)}"
+            if stream.times
+            else (f"{limits.first_token_s:g} s for the first token")
+        )
+        raise EngineError(f"{url}: timed out waiting {waited}") from None
     except httpx.TimeoutException as exc:
         raise EngineError(f"{url}: timed out ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:
         raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from None
-    e2e = time.perf_counter() - start
-    if not times:
-        raise EngineError(f"{url}: the stream ended without any token (finish={finish!r})")
-    return CompletionResult(
-        ttft_s=times[0],
-        token_times_s=tuple(times),
-        output_tokens=usage_tokens if usage_tokens is not None else len(times),
-        finish_reason=finish,
-        e2e_s=e2e,
-    )
+    return stream.result()
+
+
+class _Stream:
+    """The server-sent events of one completion, parsed line by line.
+
+    Rules: every malformed input is an :class:`EngineError`; ``result`` refuses a stream
+    that never said it was complete (``[DONE]`` or a finish reason).
+    """
+
+    def __init__(self, url: str, on_first_token: Callable[[float], None] | None) -> None:
+        self.url = url
+        self.on_first_token = on_first_token
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+        self.finish: str | None = None
+        self.usage_tokens: int | None = None
+        self.done = False
+
+    def feed(self, line: str) -> bool:
+        """Take one line; True once ``[DONE]`` arrived."""
+        if not line.startswith("data:"):
+            return False
+        data = line[5:].strip()
+        if data == "[DONE]":
+            self.done = True
+            return True
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise self._bad(f"a stream line is not JSON: {data[:80]!r}") from None
+        if not isinstance(chunk, dict):
+            raise self._bad(f"a stream chunk is not an object: {data[:80]!r}")
+        if "error" in chunk or chunk.get("object") == "error":
+            error = json.dumps(chunk.get("error", chunk))[:200]
+            raise self._bad(f"the server reported an error: {error}")
+        now = time.perf_counter() - self.start
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            self.usage_tokens = usage["completion_tokens"]
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise self._bad(f"a stream chunk has malformed choices: {data[:80]!r}")
+        for choice in choices:
+            count = _tokens_in(choice)
+            if count and not self.times and self.on_first_token is not None:
+                self.on_first_token(now)
+            self.times.extend([now] * count)
+            reason = choice.get("finish_reason")
+            self.finish = str(reason) if reason else self.finish
+        return False
+
+    def result(self) -> CompletionResult:
+        """The timings of a stream that ended properly."""
+        e2e = time.perf_counter() - self.start
+        if not self.done and self.finish is None:
+            raise self._bad(
+                f"the stream ended after {len(self.times)} tokens without [DONE] or a "
+                "finish reason (truncated)"
+            )
+        if not self.times:
+            raise self._bad(f"the stream ended without any token (finish={self.finish!r})")
+        return CompletionResult(
+            ttft_s=self.times[0],
+            token_times_s=tuple(self.times),
+            output_tokens=self.usage_tokens if self.usage_tokens is not None else len(self.times),
+            finish_reason=self.finish,
+            e2e_s=e2e,
+        )
+
+    def _bad(self, what: str) -> EngineError:
+        return EngineError(f"{self.url}: {what}")
 
 
 def _tokens_in(choice: dict[str, Any]) -> int:
@@ -172,6 +267,8 @@ def _tokens_in(choice: dict[str, Any]) -> int:
 
 def _raise_for_status(resp: httpx.Response, url: str) -> None:
     message = _error_message(resp)
+    if resp.status_code in _AUTH_STATUS:
+        message = f"needs an API key (set api_key_env on the instance): {message}"
     if 400 <= resp.status_code < 500:
         raise RequestRejected(resp.status_code, f"{url}: HTTP {resp.status_code}: {message}")
     raise EngineError(f"{url}: HTTP {resp.status_code}: {message}")
@@ -215,9 +312,11 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-async def fetch_metrics(client: httpx.AsyncClient, base_url: str) -> dict[str, float]:
+async def fetch_metrics(
+    client: httpx.AsyncClient, base_url: str, headers: Headers = None
+) -> dict[str, float]:
     """GET ``/metrics`` and parse it with :func:`parse_metrics`."""
-    text = await _get_text(client, f"{base_url.rstrip('/')}/metrics")
+    text = await _get_text(client, f"{base_url.rstrip('/')}/metrics", headers)
     return parse_metrics(text)
 
 
@@ -239,14 +338,17 @@ def _split_labels(labels: str) -> list[tuple[str, str]]:
     return pairs
 
 
-async def list_models(client: httpx.AsyncClient, base_url: str) -> list[str]:
+async def list_models(
+    client: httpx.AsyncClient, base_url: str, headers: Headers = None
+) -> list[str]:
     """Names served at ``base_url`` (GET ``/v1/models``)."""
     url = f"{base_url.rstrip('/')}/v1/models"
-    data = json.loads(await _get_text(client, url))
+    text = await _get_text(client, url, headers)
     try:
+        data = json.loads(text)
         return [str(m["id"]) for m in data["data"]]
-    except (KeyError, TypeError):
-        raise EngineError(f"{url}: unexpected answer {json.dumps(data)[:200]}") from None
+    except (ValueError, KeyError, TypeError):
+        raise EngineError(f"{url}: unexpected answer {text[:200]!r}") from None
 
 
 async def server_version(client: httpx.AsyncClient, base_url: str) -> str:
@@ -258,24 +360,26 @@ async def server_version(client: httpx.AsyncClient, base_url: str) -> str:
         return "vllm (version unknown)"
 
 
-async def check_endpoint(client: httpx.AsyncClient, base_url: str, model: str) -> None:
+async def check_endpoint(
+    client: httpx.AsyncClient, base_url: str, model: str, headers: Headers = None
+) -> None:
     """Attach-mode check: the server answers and serves ``model``.
 
     Raises:
-        BadInput: the server is unreachable, or does not serve ``model`` (the message lists
-            what it serves).
+        BadInput: the server is unreachable, wants an API key (HTTP 401/403), or does not
+            serve ``model`` (the message lists what it serves).
     """
     try:
-        served = await list_models(client, base_url)
+        served = await list_models(client, base_url, headers)
     except EngineError as exc:
         raise BadInput(f"cannot use endpoint {base_url}: {exc}") from None
     if model not in served:
         raise BadInput(f"endpoint {base_url} does not serve model {model!r}; it serves {served}")
 
 
-async def _get_text(client: httpx.AsyncClient, url: str) -> str:
+async def _get_text(client: httpx.AsyncClient, url: str, headers: Headers = None) -> str:
     try:
-        resp = await client.get(url)
+        resp = await client.get(url, headers=headers)
     except httpx.TimeoutException:
         raise EngineError(f"{url}: timed out") from None
     except httpx.HTTPError as exc:

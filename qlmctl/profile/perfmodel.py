@@ -23,12 +23,14 @@ it also competes with the engine for cores; 0 in older profiles).
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
+from qlmctl.domain import INT32_MAX, MAX_TIME_S
 from qlmctl.errors import BadInput
 from qlmctl.fileio import atomic_write_text
 
@@ -74,16 +76,29 @@ class PerfModel:
             "ttft_overhead_s",
             "admission_gap_s",
         ):
-            value = getattr(self, name)
-            if not value >= 0:  # also rejects NaN
-                raise BadInput(f"profile {self.model}@{self.gpu}: {name} must be >= 0, got {value}")
+            self._check_seconds(name, getattr(self, name))
         for name in ("kv_capacity_tokens", "max_num_seqs", "max_num_batched_tokens"):
-            if getattr(self, name) <= 0:
-                raise BadInput(f"profile {self.model}@{self.gpu}: {name} must be > 0")
+            value = getattr(self, name)
+            if not (_is_int(value) and 0 < value <= INT32_MAX):
+                raise self._bad(f"{name} must be an integer in [1, {INT32_MAX}], got {value!r}")
         for name in ("sleep_s", "wake_s"):
             value = getattr(self, name)
-            if value is not None and not value >= 0:
-                raise BadInput(f"profile {self.model}@{self.gpu}: {name} must be >= 0, got {value}")
+            if value is not None:
+                self._check_seconds(name, value)
+        if not (isinstance(self.model, str) and isinstance(self.gpu, str)):
+            raise self._bad("model and gpu must be strings")
+        if not all(_is_int(n) and 0 < n <= INT32_MAX for n in self.output_len_sample):
+            raise self._bad(f"output_len_sample must hold integers in [1, {INT32_MAX}]")
+
+    def _check_seconds(self, name: str, value: object) -> None:
+        """A finite, bounded, non-negative number: an infinite coefficient would make every
+        predicted time inf and the run log NaN."""
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not (ok and 0 <= value <= MAX_TIME_S):  # type: ignore[operator]  # NaN fails too
+            raise self._bad(f"{name} must be >= 0 and <= {MAX_TIME_S:g} s, got {value!r}")
+
+    def _bad(self, what: str) -> BadInput:
+        return BadInput(f"profile {self.model}@{self.gpu}: {what}")
 
     @property
     def key(self) -> tuple[str, str]:
@@ -149,11 +164,14 @@ class PerfModel:
                 f"{source}: profile format version {version!r} is not supported "
                 f"(this qlmctl reads version {PERF_MODEL_VERSION}); re-run `qlmctl profile`"
             )
+        sample = data.get("output_len_sample", ())
+        if not isinstance(sample, list | tuple):
+            raise BadInput(f"{source}: output_len_sample must be a list of integers")
         try:
-            fields = dict(data)
-            fields["output_len_sample"] = tuple(int(x) for x in fields.get("output_len_sample", ()))
-            return cls(**fields)
-        except TypeError as exc:
+            return cls(**{**data, "output_len_sample": tuple(sample)})
+        except TypeError as exc:  # a missing or unknown field
+            raise BadInput(f"{source}: {exc}") from None
+        except BadInput as exc:
             raise BadInput(f"{source}: {exc}") from None
 
     def save(self, path: Path) -> None:
@@ -167,6 +185,8 @@ class PerfModel:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise BadInput(f"{path}: profile not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadInput(f"{path}: cannot read ({exc})") from None
         except json.JSONDecodeError as exc:
             raise BadInput(
                 f"{path}: malformed profile JSON ({exc.msg}, line {exc.lineno})"
@@ -174,3 +194,7 @@ class PerfModel:
         if not isinstance(data, dict):
             raise BadInput(f"{path}: a profile must be a JSON object")
         return cls.from_dict(data, str(path))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -1,30 +1,34 @@
 """``qlmctl serve`` as library calls: load and check the inputs, then run a driver.
 
 The CLI only parses options and renders; everything that can go wrong with the inputs
-(unknown policy or engine, missing profiles, a model no instance serves) is a
-:class:`~qlmctl.errors.BadInput` raised here before anything starts.
+(unknown policy or engine, missing profiles, a model no instance serves, a seed or
+timeout out of bounds, a run name that is a path, a run folder that cannot be created)
+is a :class:`~qlmctl.errors.BadInput` raised here before anything starts.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qlmctl.domain import ClusterSpec, check_models_served
+from qlmctl.domain import MAX_SEED, ClusterSpec, check_models_served
+from qlmctl.engine.vllm import StreamTimeouts
 from qlmctl.errors import BadInput
 from qlmctl.plan.policies import make_policy
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import ProfileStore
 from qlmctl.serve.config import CoreConfig
-from qlmctl.serve.real_driver import run_real
+from qlmctl.serve.real_driver import RealOptions, run_real
 from qlmctl.serve.run import ProgressFn, RunSummary, default_run_name
 from qlmctl.serve.sim_driver import run_simulated
 from qlmctl.specs import load_cluster
 from qlmctl.workload import Workload, load_workload
 
 ENGINES = ("vllm", "sim")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # one folder name: never escapes --runs
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class ServeJob:
     run_dir: Path
     seed: int
     meta: dict[str, Any]
+    timeouts: StreamTimeouts = field(default_factory=StreamTimeouts)  # real engine, per attempt
 
     @property
     def total(self) -> int:
@@ -48,11 +53,11 @@ class ServeJob:
 
     def run(self, on_progress: ProgressFn | None = None) -> RunSummary:
         """Run it with the chosen driver (simulated or real vLLM)."""
-        run = run_simulated if self.engine == "sim" else run_real
-        return run(
-            self.workload, self.cluster, self.perf, self.policy, self.config, self.run_dir,
-            self.seed, meta=self.meta, on_progress=on_progress,
-        )  # fmt: skip
+        args = (self.workload, self.cluster, self.perf, self.policy, self.config, self.run_dir)
+        if self.engine == "sim":
+            return run_simulated(*args, self.seed, meta=self.meta, on_progress=on_progress)
+        options = RealOptions(stream=self.timeouts)
+        return run_real(*args, self.seed, options=options, meta=self.meta, on_progress=on_progress)
 
 
 def prepare_serve(
@@ -65,14 +70,17 @@ def prepare_serve(
     runs: Path = Path("runs"),
     name: str | None = None,
     seed: int = 0,
+    timeouts: StreamTimeouts | None = None,
 ) -> ServeJob:
     """Load and check everything for a run of ``workload_path`` on ``cluster_path``.
 
     The run goes to ``runs/NAME``. vLLM priority scheduling (``--scheduling-policy
     priority`` and the request field) is used when the policy sets priorities
     (``priority``). The simulated engine skips the MILP improver (determinism); the real
-    one runs it in a worker thread.
+    one runs it in a worker thread. ``timeouts`` bound every attempt on the real engine.
     """
+    if not 0 <= seed <= MAX_SEED:
+        raise BadInput(f"--seed must be an integer in [0, 2**63 - 1], got {seed}")
     if engine not in ENGINES:
         raise BadInput(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     chosen = make_policy(policy)
@@ -80,9 +88,7 @@ def prepare_serve(
     cluster = load_cluster(cluster_path)
     check_models_served(cluster, workload.models)
     perf = ProfileStore.load(profiles).for_cluster(cluster)
-    run_dir = Path(runs) / (name or default_run_name(workload, policy, engine))
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise BadInput(f"{run_dir}: run directory exists and is not empty; pick another --name")
+    run_dir = check_run_dir(Path(runs), name or default_run_name(workload, policy, engine))
     return ServeJob(
         workload=workload,
         cluster=cluster,
@@ -93,4 +99,39 @@ def prepare_serve(
         run_dir=run_dir,
         seed=seed,
         meta={"workload": str(workload_path), "cluster": str(cluster_path)},
+        timeouts=timeouts or StreamTimeouts(),
     )
+
+
+def stream_timeouts(
+    connect_s: float | None, first_token_s: float | None, token_s: float | None
+) -> StreamTimeouts:
+    """:class:`StreamTimeouts` with the given limits (None keeps the default); BadInput
+    for a limit that is not a positive finite number."""
+    given = {"connect_s": connect_s, "first_token_s": first_token_s, "token_s": token_s}
+    return StreamTimeouts(**{k: v for k, v in given.items() if v is not None})
+
+
+def check_run_dir(runs: Path, name: str) -> Path:
+    """``runs/name``, created empty (the run log fills it).
+
+    Raises:
+        BadInput: ``name`` is not one plain folder name (``../x`` would write outside
+            ``runs``), the directory is not empty, a file stands in the way, or it cannot
+            be created (a read-only file system, a file where a parent should be).
+    """
+    if not RUN_NAME.fullmatch(name):
+        raise BadInput(
+            f"--name {name!r}: a run name is one folder name (letters, digits, '.', '_', '-' "
+            "and no leading '.'), not a path"
+        )
+    run_dir = runs / name
+    if run_dir.exists() and not run_dir.is_dir():
+        raise BadInput(f"{run_dir}: a file stands where the run directory would go")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise BadInput(f"{run_dir}: run directory exists and is not empty; pick another --name")
+    try:  # now, so a read-only file system is found before any server starts
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"{run_dir}: cannot create the run directory ({exc.strerror})") from None
+    return run_dir

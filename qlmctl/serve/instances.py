@@ -39,6 +39,7 @@ class RealInstance:
         self.spec = spec
         self.model = model
         self.base_url = spec.base_url
+        self.headers = spec.auth_headers()  # API key of an attached server; never logged
         self.swapping = False  # a load is in progress: not a failure if the process is gone
         self.down = False  # reported down; no work until a load brings it back
         self._cluster = cluster
@@ -59,7 +60,7 @@ class RealInstance:
     async def start(self, client: httpx.AsyncClient) -> None:
         """Launch and wait until ready, or check an attached endpoint serves the model."""
         if not self.launched:
-            await check_endpoint(client, self.base_url, self.model)
+            await check_endpoint(client, self.base_url, self.model, self.headers)
             return
         await self._launch(self.model)
 
@@ -97,6 +98,7 @@ class RealInstance:
             cpu=self._cpu,
             priority_scheduling=self._priority,
             die_with_parent=True,
+            headers=self.headers,
         )
         self._launcher = launcher
         launcher.start()

@@ -3,6 +3,9 @@
 The live view is a rich ``Live`` panel refreshed from the driver's progress callback:
 per instance its virtual-queue depth and requests in flight, then attainment so far and
 operation counts. Simulated runs, which finish in seconds, show a progress bar instead.
+Whatever ends the block (an error included), the cursor is left at the start of a new
+line, so a message printed next never lands on the panel's last line (rich only ends
+that line itself on a terminal, not in a log file).
 """
 
 from __future__ import annotations
@@ -30,11 +33,20 @@ def live_view(engine: str, total: int, console: Console | None = None) -> Iterat
             TextColumn("t={task.fields[t]:.0f}s"), TimeElapsedColumn(), console=console,
         )  # fmt: skip
         task = bar.add_task("sim", total=total, t=0.0)
-        with bar:
-            yield lambda stats, t: bar.update(task, completed=stats.final, t=t)
+        try:
+            with bar:
+                yield lambda stats, t: bar.update(task, completed=stats.final, t=t)
+        finally:
+            _end_line(console)
         return
-    with Live(_panel(None, 0.0, total), console=console, refresh_per_second=4) as live:
-        yield lambda stats, t: live.update(_panel(stats, t, total))
+    try:
+        with Live(_panel(None, 0.0, total), console=console, refresh_per_second=4) as live:
+            yield lambda stats, t: live.update(_panel(stats, t, total))
+    finally:
+        _end_line(console)
+
+
+def _end_line(console: Console) -> None:
     if not console.is_terminal:
         console.print()  # a log file gets the last frame without its line end
 

@@ -8,7 +8,9 @@ backpressure, improved plans), asks the core to decide and applies the actions:
 
 * Dispatch: one task per request streams ``/v1/completions`` (many at once, never one
   at a time); its first token, end, rejection (HTTP 4xx: not retryable) or failure
-  become engine events;
+  become engine events. Whatever the task raises (a malformed or truncated stream, a
+  timeout of :class:`~qlmctl.engine.vllm.StreamTimeouts`, any bug) ends in exactly one
+  event, so no request stays in flight and no task exception goes unheard;
 * Evict: cancel the request's task, which closes the stream (vLLM aborts the request);
 * LoadModel: stop the server and start it with the other model; InstanceReady when up
   (a restart: sleep-mode warm start is not driven yet, so sleep costs are dropped).
@@ -29,7 +31,7 @@ import contextlib
 import math
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +52,26 @@ from qlmctl.engine.events import (
     InstanceReady,
     LoadModel,
 )
-from qlmctl.engine.vllm import RequestRejected, fetch_metrics, stream_completion
+from qlmctl.engine.vllm import RequestRejected, StreamTimeouts, fetch_metrics, stream_completion
 from qlmctl.errors import EngineError
 from qlmctl.plan.types import Plan
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.instances import RealInstance
-from qlmctl.serve.run import ProgressFn, RunSummary, open_log, run_meta, write_rows
+from qlmctl.serve.run import (
+    INTERRUPTED,
+    ProgressFn,
+    RunSummary,
+    open_log,
+    run_meta,
+    write_rows,
+)
 from qlmctl.serve.runlog import RunLogWriter
 from qlmctl.workload import Workload, prompt_for
 
 _UNREACHABLE_POLLS = 3
+_POLL_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +79,7 @@ class RealOptions:
     """Timeouts and cadences of the real driver (recorded in run.json)."""
 
     ready_timeout_s: float = 300.0  # launch or swap until the model is served
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 120.0  # longest silence inside one streamed response
+    stream: StreamTimeouts = field(default_factory=StreamTimeouts)  # per attempt
     metrics_interval_s: float = 0.5
     cpu: bool | None = None  # CPU-safe launch flags; None: detect
     kill_at: tuple[tuple[float, str], ...] = ()  # tests: (run time, instance) to kill
@@ -152,7 +161,8 @@ class _RealDriver:
             loop.add_signal_handler(signal.SIGINT, self.stop.set)
         meta = run_meta(self.workload, self.cluster, self.policy.name, "vllm", self.config,
                         self.seed, {**meta, "real_options": _options_dict(opts)})  # fmt: skip
-        timeout = httpx.Timeout(opts.read_timeout_s, connect=opts.connect_timeout_s)
+        # /metrics and model checks; streamed completions carry their own StreamTimeouts
+        timeout = httpx.Timeout(_POLL_TIMEOUT_S, connect=opts.stream.connect_s)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
         try:
             with open_log(run_dir, meta) as log:
@@ -229,7 +239,7 @@ class _RealDriver:
                 k += 1
             if self.stop.is_set():
                 interrupted = True
-                self._apply(list(core.cancel_all(now, "interrupted (Ctrl-C)")))
+                self._apply(list(core.cancel_all(now, INTERRUPTED)))
                 write_rows(core, log, self._enrich)
                 break
             self._apply(core.decide(now))
@@ -305,6 +315,7 @@ class _RealDriver:
                 priority=a.priority if self.config.vllm_priority else None,
                 ignore_eos=req.output_tokens is not None,
                 on_first_token=lambda _t: push(FirstToken(rid, iid, self.clock.now())),
+                timeouts=self.options.stream, headers=inst.headers,
             )  # fmt: skip
         except asyncio.CancelledError:
             push(Aborted(rid, iid, self.clock.now(), 0, "evicted"))
@@ -314,6 +325,8 @@ class _RealDriver:
             push(Aborted(rid, iid, self.clock.now(), 0, str(exc)[:300]))
             if inst.launched and not inst.alive() and not inst.swapping:
                 self._report_down(inst, "process exited")
+        except Exception as exc:  # a bug must not leave the request in flight forever
+            push(Aborted(rid, iid, self.clock.now(), 0, f"{type(exc).__name__}: {exc}"[:300]))
         else:
             gaps = result.inter_token_s
             self.itl_max[rid] = max(gaps) if gaps else 0.0
@@ -327,7 +340,7 @@ class _RealDriver:
         self.queue.put_nowait(InstanceDown(iid, self.clock.now(), "swap"))
         try:
             await inst.load(model)
-        except (EngineError, OSError) as exc:
+        except Exception as exc:  # any failure leaves the instance down, never the loop stuck
             inst.down = True
             self.queue.put_nowait(InstanceDown(iid, self.clock.now(), f"failed: {exc}"[:300]))
         else:
@@ -356,8 +369,8 @@ class _RealDriver:
                 self._report_down(inst, "process exited")
                 continue
             try:
-                m = await fetch_metrics(self.client, inst.base_url)
-            except EngineError:
+                m = await fetch_metrics(self.client, inst.base_url, inst.headers)
+            except Exception:  # unreachable, or a page we cannot read: a missed poll
                 misses += 1
                 if misses >= _UNREACHABLE_POLLS:
                     self._report_down(inst, f"unreachable for {misses} polls")
@@ -400,6 +413,8 @@ class _RealDriver:
 def _options_dict(options: RealOptions) -> dict[str, Any]:
     return {
         "ready_timeout_s": options.ready_timeout_s,
-        "read_timeout_s": options.read_timeout_s,
+        "connect_timeout_s": options.stream.connect_s,
+        "first_token_timeout_s": options.stream.first_token_s,
+        "token_timeout_s": options.stream.token_s,
         "metrics_interval_s": options.metrics_interval_s,
     }

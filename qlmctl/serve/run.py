@@ -1,7 +1,11 @@
 """What both drivers share: run metadata, moving the core's log rows to disk, the summary.
 
 The drivers differ only in their clock and engine; everything a run writes besides the
-rows (run.json keys, the final summary) is built here so the two cannot drift apart.
+rows (run.json keys, the final summary) is built here so the two cannot drift apart, and
+both stop the same way on Ctrl-C: SIGINT only sets a flag (:func:`sigint_flag`, or the
+event loop's handler), the driver's loop sees it between two decisions, cancels every
+request not yet ended (reason :data:`INTERRUPTED`), closes the log and returns an
+interrupted summary. A KeyboardInterrupt never lands in the middle of the core.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +27,7 @@ from qlmctl.serve.runlog import RunLogWriter
 from qlmctl.workload import Workload
 
 ProgressFn = Callable[[CoreStats, float], None]  # (counts so far, run time)
+INTERRUPTED = "interrupted (Ctrl-C)"  # reason of the requests a Ctrl-C cancels
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,8 @@ def run_meta(
 
 def default_run_name(workload: Workload, policy: str, engine: str) -> str:
     """``<workload stem>-<policy>-<engine>-<UTC timestamp>``."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(workload.source).stem) or "workload"
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(workload.source).stem).lstrip("._-")
+    stem = stem or "workload"
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     return f"{stem}-{policy}-{engine}-{stamp}"
 
@@ -140,3 +148,22 @@ def write_rows(
         log.add_attempt(row)
     for row in operations:
         log.add_operation(row)
+    log.maybe_flush()
+
+
+@contextlib.contextmanager
+def sigint_flag() -> Iterator[threading.Event]:
+    """While the block runs, Ctrl-C sets the yielded event instead of raising.
+
+    Only the main thread may install signal handlers; in another thread the event is
+    simply never set (Ctrl-C then reaches whoever handles it there).
+    """
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)

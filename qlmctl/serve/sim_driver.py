@@ -28,7 +28,15 @@ from qlmctl.engine.sim import SimEngine
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
-from qlmctl.serve.run import ProgressFn, RunSummary, open_log, run_meta, write_rows
+from qlmctl.serve.run import (
+    INTERRUPTED,
+    ProgressFn,
+    RunSummary,
+    open_log,
+    run_meta,
+    sigint_flag,
+    write_rows,
+)
 from qlmctl.workload import Workload
 
 # core timers firing this many times in a row with nothing else happening: stalled
@@ -78,8 +86,12 @@ def run_simulated(
     pending_failures = sorted(failures)
     meta = run_meta(workload, cluster, policy.name, "sim", config, seed, meta)
     k, idle, steps = 0, 0, 0
-    with open_log(run_dir, meta) as log:
+    with sigint_flag() as interrupted, open_log(run_dir, meta) as log:
         while True:
+            if interrupted.is_set():  # Ctrl-C: as the real driver does (see serve/run.py)
+                core.cancel_all(clock.now(), INTERRUPTED)
+                write_rows(core, log)
+                break
             t = min(
                 requests[k].arrival_s if k < len(requests) else math.inf,
                 _or_inf(engine.next_event_time()),
@@ -118,8 +130,10 @@ def run_simulated(
         stats = core.stats()
         if on_progress is not None:
             on_progress(stats, clock.now())
-        log.close(duration_s=clock.now(), speed_factors=core.speed_factors())
-    return RunSummary.from_stats(stats, Path(run_dir), policy.name, "sim", clock.now())
+        stopped = interrupted.is_set()
+        log.close(duration_s=clock.now(), interrupted=stopped, speed_factors=core.speed_factors())
+    summary = RunSummary.from_stats(stats, Path(run_dir), policy.name, "sim", clock.now())
+    return summary.with_interrupted(stopped)
 
 
 def _apply(

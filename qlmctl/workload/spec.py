@@ -32,11 +32,24 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from qlmctl.domain import Frozen, Name, SLOClass
+from qlmctl.domain import (
+    INT32_MAX,
+    MAX_RATE_PER_S,
+    MAX_REQUESTS,
+    MAX_TIME_S,
+    Frozen,
+    Name,
+    Seconds,
+    Seed,
+    SLOClass,
+    Weight,
+)
 from qlmctl.workload.datasets import DATASETS
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+# Bounded (see qlmctl.domain): token counts fit int32, other numbers are times or sizes.
+PositiveInt = Annotated[int, Field(gt=0, le=INT32_MAX)]
+PositiveFloat = Annotated[float, Field(gt=0, le=MAX_TIME_S)]
+Rate = Annotated[float, Field(gt=0, le=MAX_RATE_PER_S)]
 
 # QLM paper defaults (arXiv 2407.00047): interactive 20 s, batch-1 60 s, batch-2 1 h TTFT.
 DEFAULT_SLO_CLASSES = (
@@ -49,12 +62,15 @@ DEFAULT_SLO_CLASSES = (
 # ---- arrivals -----------------------------------------------------------------------
 class _Process(Frozen):
     duration_s: PositiveFloat | None = None
-    count: PositiveInt | None = None
+    count: Annotated[int, Field(gt=0, le=MAX_REQUESTS)] | None = None
 
     @model_validator(mode="after")
     def _bounded(self) -> _Process:
         if self.duration_s is None and self.count is None:
             raise ValueError("give 'duration_s', 'count' or both")
+        rate = getattr(self, "rate_per_s", 0.0) + getattr(self, "on_rate_per_s", 0.0)
+        if self.count is None and rate * (self.duration_s or 0.0) > MAX_REQUESTS:
+            raise ValueError(f"rate x duration gives more than {MAX_REQUESTS:,} requests")
         return self
 
 
@@ -62,23 +78,23 @@ class Poisson(_Process):
     """Exponential inter-arrivals at ``rate_per_s``."""
 
     process: Literal["poisson"]
-    rate_per_s: PositiveFloat
+    rate_per_s: Rate
 
 
 class Gamma(_Process):
     """Gamma inter-arrivals: mean ``1/rate_per_s``, coefficient of variation ``cv`` (bursty > 1)."""
 
     process: Literal["gamma"]
-    rate_per_s: PositiveFloat
-    cv: PositiveFloat
+    rate_per_s: Rate
+    cv: Annotated[float, Field(ge=0.01, le=100)]
 
 
 class OnOff(_Process):
     """Poisson at ``on_rate_per_s`` for ``on_s``, then ``off_rate_per_s`` for ``off_s``, repeat."""
 
     process: Literal["onoff"]
-    on_rate_per_s: PositiveFloat
-    off_rate_per_s: Annotated[float, Field(ge=0)] = 0.0
+    on_rate_per_s: Rate
+    off_rate_per_s: Annotated[float, Field(ge=0, le=MAX_RATE_PER_S)] = 0.0
     on_s: PositiveFloat
     off_s: PositiveFloat
 
@@ -111,7 +127,7 @@ class LogNormal(Frozen):
 
     dist: Literal["lognormal"]
     median: PositiveFloat
-    sigma: PositiveFloat
+    sigma: Annotated[float, Field(gt=0, le=10)]
     min: PositiveInt = 1
     max: PositiveInt | None = None
 
@@ -183,7 +199,7 @@ class Assign(Frozen):
     """
 
     by: Literal["fraction", "hash"]
-    weights: Annotated[dict[Name, PositiveFloat], Field(min_length=1)]
+    weights: Annotated[dict[Name, Weight], Field(min_length=1)]
 
 
 Assignment = Name | Assign
@@ -203,7 +219,7 @@ class Source(Frozen):
     lengths: ParametricLengths | FileLengths | None = None
     model: Assignment
     slo_class: Assignment
-    start_s: Annotated[float, Field(ge=0)] = 0.0
+    start_s: Seconds = 0.0
     sample_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
 
     @model_validator(mode="after")
@@ -221,7 +237,7 @@ class Source(Frozen):
 class Window(Frozen):
     """Keep requests with ``start_s <= arrival < end_s`` (seconds on the unscaled clock)."""
 
-    start_s: Annotated[float, Field(ge=0)] = 0.0
+    start_s: Seconds = 0.0
     end_s: PositiveFloat | None = None
 
     @model_validator(mode="after")
@@ -237,7 +253,7 @@ class Limits(Frozen):
     output (or prompt + output) exceeds a limit: clip it, drop it, or fail."""
 
     max_output_tokens: PositiveInt = 4096
-    max_total_tokens: Annotated[int, Field(gt=1)] | None = None
+    max_total_tokens: Annotated[int, Field(gt=1, le=INT32_MAX)] | None = None
     over: Literal["clip", "drop", "error"] = "clip"
 
 
@@ -253,7 +269,7 @@ class WorkloadSpec(Frozen):
     """A workload spec file."""
 
     version: Literal[1] = 1
-    seed: int = 0
+    seed: Seed = 0
     slo_classes: Annotated[list[SLOClass], Field(min_length=1)] = Field(
         default_factory=lambda: list(DEFAULT_SLO_CLASSES)
     )
@@ -261,8 +277,8 @@ class WorkloadSpec(Frozen):
     sources: Annotated[list[Source], Field(min_length=1)]
     window: Window = Window()
     # at most one: rescale times so count / duration hits the rate, or multiply them
-    target_rate_per_s: PositiveFloat | None = None
-    time_scale: PositiveFloat | None = None  # 2.0: twice as slow (half the rate)
+    target_rate_per_s: Rate | None = None
+    time_scale: Annotated[float, Field(ge=1e-6, le=1e6)] | None = None  # 2.0: half the rate
     limits: Limits = Limits()
     prompts: Prompts = Prompts()
 

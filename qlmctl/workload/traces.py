@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from qlmctl.domain import INT32_MAX
 from qlmctl.errors import BadInput
 from qlmctl.workload.prompts import count_tokens
 
@@ -103,11 +104,12 @@ def _read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
 def _lengths(path: Path, values: Any, field: str, line_of: Callable[[int], int]) -> np.ndarray:
     """Positive integer token counts; ``BadInput`` naming the first bad line."""
     num = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=float)
-    bad = ~(num > 0) | (num != np.round(num))
+    bad = ~((num > 0) & (num <= INT32_MAX)) | (num != np.round(num))
     if bad.any():
         i = int(np.argmax(bad))
         raise BadInput(
-            f"{path}: line {line_of(i)}: {field} must be a positive integer, got {values[i]!r}"
+            f"{path}: line {line_of(i)}: {field} must be a positive integer <= {INT32_MAX}, "
+            f"got {values[i]!r}"
         )
     return num.astype(np.int64)
 
