@@ -106,7 +106,9 @@ def test_running_requests_delay_their_instance() -> None:
     busy = RunningRequest(make_requests(1, prefix="run", output_tokens=4000)[0], 0.0, 0.5, 10)
     snap = snapshot(make_requests(4), running=((busy,), ()))
     ctx = prepare(snap, LengthModel(), np.random.default_rng(0), scenarios=30)
-    assert (ctx.scen.free_s[0] > 0).all() and (ctx.scen.free_s[1] == 0).all()
+    busy_slots, idle_slots = ctx.scen.engines[0].slots, ctx.scen.engines[1].slots
+    assert (busy_slots[:, -1] > 0).all() and (busy_slots[:, :-1] == 0).all()  # one slot held
+    assert (idle_slots == 0).all()
 
 
 def test_scenarios_spread_and_clairvoyant_truth() -> None:

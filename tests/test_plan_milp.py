@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from tests.helpers import make_requests
 from tests.test_plan_core import mixed_requests, snapshot
 
 SWAP_COST = 0.01
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -121,3 +125,28 @@ def test_quick_and_improve_in_worker_threads() -> None:
     for t in threads:
         t.join()
     assert len(results) == 2  # each is a better plan or None, never an exception
+
+
+def test_milp_solves_after_another_highs_run_in_the_process(tmp_path: Path) -> None:
+    # HiGHS fixes its thread pool at the first run in a process: a solve made elsewhere
+    # first, with HiGHS's defaults (the benchmark's capacity LP did), must not leave the
+    # MILP unable to run
+    script = """
+import highspy
+import numpy as np
+h = highspy.Highs()
+h.setOptionValue("output_flag", False)
+h.addVars(1, np.zeros(1), np.ones(1))
+h.run()
+from tests.test_plan_milp import mixed_requests, snapshot
+from qlmctl.plan.policies import QlmPolicy
+snap = snapshot(mixed_requests([("m1", "interactive", 20), ("m2", "batch", 20)], 0.1))
+plan = QlmPolicy(scenarios=5, max_group_size=6, time_limit_s=1.0).plan(
+    snap, np.random.default_rng(0)
+)
+print(plan.solver.status)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert out.stdout.splitlines()[-1] in {"Optimal", "Time limit reached"}  # after a banner

@@ -40,6 +40,7 @@ import highspy
 import numpy as np
 
 from qlmctl.domain import ClusterSpec, SLOClass
+from qlmctl.plan.milp import new_highs
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.workload import Workload, WorkloadSpec, build_workload
 
@@ -232,8 +233,7 @@ def capacity_rps(
     model = np.array([r.model for r in reqs])
     models = sorted(set(model))
     insts = cluster.instances
-    h = highspy._core._Highs()  # the plain binding: no banner
-    h.setOptionValue("output_flag", False)
+    h = new_highs()
     n_x = len(models) * len(insts)
     rate = n_x  # column index of the rate
     upper = np.array(
@@ -282,7 +282,8 @@ def build_point(
         base = build_workload(scenario.spec((START_S, START_S + length), 1.0, slos), where)
         offered = len(base.requests) / span_s / capacity_rps(base, cluster, perf)
         best = min(best, (abs(offered - load), length, offered))
-        length = math.sqrt(length * length * load / offered)  # damped: the mix moves too
+        step = load / offered  # damped near the target: the request mix moves too
+        length *= step if abs(math.log(step)) > 0.5 else math.sqrt(step)
     _, length, offered = best
     window = (START_S, START_S + length)
     scale = span_s / length

@@ -40,10 +40,10 @@ DEFAULT_LOG_SD = 1.0
 class Scenarios:
     """Sampled inputs of the second stage: S equally likely scenarios."""
 
-    service_s: np.ndarray  # [G, I, S] engine seconds of the whole group (inf: not eligible)
+    service_s: np.ndarray  # [G, I, S] the fluid view: a group's time at the engine's rate
     decode_s: np.ndarray  # [G, I, S] decode seconds of each of the group's requests
     engines: tuple[EngineState, ...]  # per instance: when its slots and pipeline free
-    free_s: np.ndarray  # [I, S] the fluid view: when the running work would have drained
+    free_s: np.ndarray  # [I, S] the fluid view: when the first slot (and the pipeline) frees
 
     @property
     def count(self) -> int:
@@ -173,10 +173,19 @@ def known_scenario(problem: Problem) -> Scenarios:
 def scenarios_from_tokens(
     problem: Problem, tokens: np.ndarray, running_left: np.ndarray
 ) -> Scenarios:
-    """Service, decode times and engines from group output tokens [G, S] and running
-    leftovers [R, S]."""
-    service = problem.prefill_s[:, :, None] + problem.decode_spt[:, :, None] * tokens[:, None, :]
+    """Decode times, engines and their fluid view from group output tokens [G, S] and
+    running leftovers [R, S].
+
+    The fluid view (what the MILP plans with): an instance frees when its first slot and
+    its pipeline do; a group then takes ``size`` times the larger of a request's hold
+    over B slots and its prompt's pipeline time.
+    """
     decode = problem.step_s[:, :, None] * (tokens / problem.size[:, None])[:, None, :]
+    prefill = np.add.reduceat(problem.req_prefill_s, problem.req_offsets[:-1])  # [G, I]
+    slots = problem.batch[problem.group_model].astype(float)  # [G, I]
+    per_request = (prefill / problem.size[:, None])[:, :, None]
+    rate = np.maximum((per_request + decode) / np.maximum(slots, 1.0)[:, :, None], per_request)
+    service = np.where(problem.eligible[:, :, None], problem.size[:, None, None] * rate, np.inf)
     engines = []
     for i in range(problem.num_instances):
         model = problem.init_model[i]
@@ -187,7 +196,7 @@ def scenarios_from_tokens(
             left_s = problem.running_step_s[mine, None] * running_left[mine]
             engine.serve(left_s.T, problem.running_prefill_s[mine])
         engines.append(engine)
-    free = np.stack([e.slots.mean(axis=1) for e in engines])
+    free = np.stack([np.maximum(e.slots[:, 0], e.pipeline_s) for e in engines])
     return Scenarios(service, decode, tuple(engines), free)
 
 

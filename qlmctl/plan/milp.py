@@ -76,6 +76,7 @@ def scenario_data(
     for k, (i, b) in enumerate(ib):
         prev_block[(i, b)] = ib[k - 1][1] if k and ib[k - 1][0] == i else None
 
+    due = problem.dispatch_deadline_s()
     svc, free, big_m, prev, first = {}, {}, {}, {}, set()
     n_s = scen.count
     for i in insts:
@@ -97,7 +98,7 @@ def scenario_data(
                 first.add((j, i))
             for s in range(n_s):
                 svc[(j, i, s)] = float(p[k, s])
-                big_m[(j, i, s)] = max(0.0, float(ub[k, s] - problem.deadline_s[pos_group[j]]))
+                big_m[(j, i, s)] = max(0.0, float(ub[k, s] - due[pos_group[j], i]))
         for s in range(n_s):
             free[(i, s)] = float(scen.free_s[i, s])
     states = list(range(n_m + 1))  # n_m is "no model"
@@ -125,7 +126,7 @@ def scenario_data(
         "free": free,
         "big_m": big_m,
         "release": {j: float(problem.release_s[g]) for j, g in enumerate(pos_group)},
-        "deadline": {j: float(problem.deadline_s[g]) for j, g in enumerate(pos_group)},
+        "due": {(j, i): float(due[pos_group[j], i]) for j, i in pairs},
         "lag": {(j, i): float(problem.lag[pos_group[j], i]) for j, i in pairs},
         "wn": {j: float(problem.weight[g] * problem.size[g]) for j, g in enumerate(pos_group)},
         "prob": 1.0 / n_s,
@@ -217,7 +218,7 @@ def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
 
     def miss_rule(m: pe.ConcreteModel, j: int, i: int, s: int) -> Any:
         check = m.L[j, i, s] - (1 - data["lag"][(j, i)]) * m.p[j, i, s] * m.a[j, i]
-        return check - data["deadline"][j] <= m.big_m[j, i, s] * (1 - m.a[j, i] + m.z[j, s])
+        return check - data["due"][(j, i)] <= m.big_m[j, i, s] * (1 - m.a[j, i] + m.z[j, s])
 
     m.miss = pe.Constraint(m.AM, rule=miss_rule)
 
@@ -232,6 +233,19 @@ def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
         sense=pe.minimize,
     )
     return m
+
+
+def new_highs() -> Any:
+    """A quiet HiGHS instance (the plain binding: no banner on stdout), seeded.
+
+    NOTE: HiGHS sizes one global thread pool at its first run in a process; a later
+    instance asking for another thread count fails at once (status "Not Set"). So no
+    instance sets ``threads``: all share whatever pool the process has.
+    """
+    h = highspy._core._Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("random_seed", 0)
+    return h
 
 
 @dataclass(frozen=True)
@@ -259,7 +273,6 @@ def solve(
     time_limit_s: float = 2.0,
     mip_gap: float = 0.01,
     swap_cost: float = DEFAULT_SWAP_COST,
-    threads: int = 1,
 ) -> MilpResult:
     """Build, translate and solve; warm-start from ``warm`` (queues) if given.
 
@@ -269,8 +282,7 @@ def solve(
     data = scenario_data(problem, scen, sequence, block_of, swap_cost)
     model = build_model(data)
     t1 = time.perf_counter()
-    h = highspy._core._Highs()  # the plain binding: no banner on stdout
-    h.setOptionValue("output_flag", False)
+    h = new_highs()
     with tempfile.TemporaryDirectory(prefix="qlmctl-milp-") as tmp:
         path = os.path.join(tmp, "model.lp")
         with open(path, "w", encoding="ascii") as fh:
@@ -283,8 +295,6 @@ def solve(
     }
     h.setOptionValue("time_limit", float(time_limit_s))
     h.setOptionValue("mip_rel_gap", float(mip_gap))
-    h.setOptionValue("threads", int(threads))
-    h.setOptionValue("random_seed", 0)
     if warm is not None:
         _warm_start(h, model, data, col_of, warm, warm_miss)
     h.run()

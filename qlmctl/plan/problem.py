@@ -3,20 +3,18 @@
 How it works: :func:`build_problem` turns a snapshot and its groups into numpy arrays
 that every policy, the scorer and the MILP share: per group its model, size, weight,
 absolute deadline and release time; per request (flattened, ``req_offsets`` cut it into
-groups) its deadline and the time from taking a batch slot to its first token on each
-instance; per (group, instance) eligibility and the cost coefficients of the profile
-(prefill seconds of the group's prompts, decode seconds per output token at a full
-batch); per (model, instance) the batch size B; per instance the resident model, when it
-is free, and the swap time from any model (or none) to any model.
+groups) its deadline, its first-token time alone (``req_ttft_s``) and its prompt's time
+in the prefill pipeline on each instance; per (group, instance) eligibility and the
+step time of a busy engine (decode seconds per output token); per (model, instance) the
+batch size B; per instance the resident model, when it is free, and the swap time from
+any model (or none) to any model.
 
-Service model (see :mod:`qlmctl.plan.slots`): a full batch is ``max_num_seqs`` or as many
+Service model (see :mod:`qlmctl.plan.slots`): B is ``max_num_seqs`` or as many
 sequences as the KV cache holds when each reserves its prompt plus its expected output
-(what the core's backpressure admits), :meth:`PerfModel.full_batch` over the snapshot's
-requests of that model. A group's engine work is ``prefill_s + output_tokens *
-decode_spt`` (``decode_spt``: one decode step of a full batch divided by B); each of its
-requests holds a slot for B times its share of that work. A request's first token comes
-``req_ttft_s`` after it takes a slot: the API server's overhead plus its chunked prefill,
-each chunk riding in a step with a full batch of decodes.
+(what the core's backpressure admits), over the snapshot's requests of that model. A
+busy engine's step and its pipeline rate follow :func:`busy_step_s`. A request's first
+token comes after the pipeline has its prompt, plus the API server's overhead, and no
+sooner than its own chunked prefill allows (``req_ttft_s``).
 """
 
 from __future__ import annotations
@@ -30,18 +28,8 @@ from qlmctl.domain import Request
 from qlmctl.errors import BadInput
 from qlmctl.plan.groups import RequestGroup
 from qlmctl.plan.types import QueueSnapshot, RunningRequest
-from qlmctl.profile.perfmodel import Num, PerfModel
+from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import swap_time_s
-
-
-def decode_s_per_token(perf: PerfModel, context_tokens: Num, batch: float) -> Num:
-    """Decode seconds per output token when ``batch`` sequences of this mean context
-    share each step (the step's time divided by the batch)."""
-    return (
-        perf.step_base_s / batch
-        + perf.decode_s_per_seq
-        + perf.decode_s_per_ctx_token * context_tokens
-    )
 
 
 def busy_step_s(
@@ -98,9 +86,7 @@ class Problem:
     deadline_s: np.ndarray  # [G] absolute
     release_s: np.ndarray  # [G] first arrival
     eligible: np.ndarray  # [G, I] bool
-    lag: np.ndarray  # [G, I] the MILP's fluid check: share of service before the last start
-    prefill_s: np.ndarray  # [G, I] seconds (inf where not eligible)
-    decode_spt: np.ndarray  # [G, I] seconds per output token (inf where not eligible)
+    lag: np.ndarray  # [G, I] the fluid view: share of a group's time before its last start
     batch: np.ndarray  # [M, I] slots (full batch) of each model on each instance; 0: none
     step_s: np.ndarray  # [G, I] busy step time: decode seconds per output token (inf: n/a)
     req_offsets: np.ndarray  # [G+1] group g's requests are rows offsets[g]:offsets[g+1]
@@ -113,9 +99,14 @@ class Problem:
     swap_s: np.ndarray  # [I, M+1, M] seconds to switch from (model or none) to model
     running: tuple[RunningRequest, ...] = ()  # in flight, they delay their instance
     running_instance: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # [R]
-    running_spt: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] s per token
     running_step_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] full step
     running_prefill_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] left
+
+    def dispatch_deadline_s(self) -> np.ndarray:
+        """[G, I] the latest dispatch of each group's last request that still gets its
+        first token by its deadline (the fluid view's miss line)."""
+        last = self.req_offsets[1:] - 1
+        return self.req_deadline_s[last][:, None] - self.req_ttft_s[last]
 
     def group_batch(self, g: int, i: int) -> int:
         """Slots group ``g``'s model has on instance ``i``."""
@@ -167,13 +158,9 @@ def build_problem(
         snapshot, models, req_model, prompts, outputs, expected_output
     )
     size = np.diff(offsets)
-    ctx = np.add.reduceat(prompts + outputs / 2, offsets[:-1]) / size  # [G] mean context
     sum_p = np.add.reduceat(prompts, offsets[:-1])
-    sum_p2 = np.add.reduceat(prompts**2, offsets[:-1])
 
     eligible = np.zeros((n_g, n_i), bool)
-    pre = np.full((n_g, n_i), np.inf)
-    spt = np.full((n_g, n_i), np.inf)
     lag = np.zeros((n_g, n_i))
     ttft = np.full((len(reqs), n_i), np.inf)
     pipeline = np.full((len(reqs), n_i), np.inf)
@@ -190,9 +177,7 @@ def build_problem(
                 continue
             b = float(batch[k, i])
             eligible[mine, i] = True
-            pre[mine, i] = perf.prefill_work_s(sum_p[mine], sum_p2[mine])
-            spt[mine, i] = decode_s_per_token(perf, ctx[mine], b)
-            lag[mine, i] = np.maximum(0.0, 1.0 - b / size[mine])
+            lag[mine, i] = (size[mine] - 1) / size[mine]
             rows = req_model == k
             mean_ctx = float(np.mean(prompts[rows] + outputs[rows] / 2))
             ttft[rows, i] = first_token_s(perf, prompts[rows], b, mean_ctx)
@@ -222,17 +207,14 @@ def build_problem(
                 perf_from = snapshot.perf.get((frm, inst.gpu))
                 swap[i, f, t] = 0.0 if f == t else swap_time_s(perf_to, perf_from, asleep)
 
-    running, run_inst, run_spt, run_step, run_prefill = [], [], [], [], []
+    running, run_inst, run_step, run_prefill = [], [], [], []
     for i, inst in enumerate(insts):
         for rr in inst.running:
             perf = snapshot.perf.get((rr.request.model, inst.gpu))
             if perf is None or rr.request.model not in midx:
                 continue  # a model without profile here: nothing to predict, no delay
-            b = float(batch[midx[rr.request.model], i])
-            context = rr.request.prompt_tokens + expected_output(rr.request) / 2
             running.append(rr)
             run_inst.append(i)
-            run_spt.append(decode_s_per_token(perf, context, b))
             run_step.append(step[midx[rr.request.model], i])
             started = rr.first_token_s is not None
             prompt_s = rr.request.prompt_tokens * rate[midx[rr.request.model], i]
@@ -252,8 +234,6 @@ def build_problem(
         release_s=np.array([g.release_s for g in groups], float),
         eligible=eligible,
         lag=lag,
-        prefill_s=pre,
-        decode_spt=spt,
         batch=batch,
         step_s=group_step,
         req_offsets=offsets,
@@ -266,7 +246,6 @@ def build_problem(
         swap_s=swap,
         running=tuple(running),
         running_instance=np.array(run_inst, int),
-        running_spt=np.array(run_spt, float),
         running_step_s=np.array(run_step, float),
         running_prefill_s=np.array(run_prefill, float),
     )

@@ -105,14 +105,17 @@ def first_tokens(
 
 
 def simulate_fluid(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
-    """Score ``queues`` with the MILP's fluid semantics: each instance serves one group
-    at a time at full-batch throughput from its fluid free time; a group misses when
-    ``start + lag * service`` passes its deadline. The MILP's objective equals this."""
+    """Score ``queues`` with the MILP's fluid view of the slot model: each instance
+    serves one group at a time from when its first slot frees, each group for its time
+    at the engine's rate; a group misses when its last request's dispatch
+    (``start + lag * service``) passes its dispatch deadline. The MILP's objective
+    equals this."""
     n_g = problem.num_groups
     start = np.zeros((n_g, scen.count))
     finish = np.zeros((n_g, scen.count))
     miss = np.zeros((n_g, scen.count))
     swap_total = 0.0
+    due = problem.dispatch_deadline_s()
     for i, queue in enumerate(queues):
         t = scen.free_s[i]
         loaded = int(problem.init_model[i])
@@ -127,7 +130,7 @@ def simulate_fluid(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
             service = scen.service_s[g, i]
             t = s + service
             start[g], finish[g] = s, t
-            miss[g] = s + problem.lag[g, i] * service > problem.deadline_s[g]
+            miss[g] = s + problem.lag[g, i] * service > due[g, i]
     return _summarise(problem, start, finish, miss, swap_total)
 
 
