@@ -83,7 +83,14 @@ def prepare(
     known scenario replaces the sampled ones.
     """
     lengths.set_priors(snapshot.perf)
-    expected = _true_length if clairvoyant else lengths.expected
+    estimate = _true_length if clairvoyant else lengths.expected
+    known: dict[str, float] = {}  # request id -> expected output, once per snapshot
+
+    def expected(request: Request) -> float:
+        if request.id not in known:
+            known[request.id] = estimate(request)
+        return known[request.id]
+
     groups = build_groups(snapshot.waiting, snapshot.slo_classes, expected, max_group_size)
     problem = build_problem(snapshot, groups, expected)
     if clairvoyant:

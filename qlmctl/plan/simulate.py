@@ -65,10 +65,9 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
     n_g, n_s = problem.num_groups, scen.count
     start = np.zeros((n_g, n_s))
     finish = np.zeros((n_g, n_s))
-    miss = np.zeros((n_g, n_s))
     n_r = int(problem.req_offsets[-1])
-    req_start = np.zeros(n_r)
-    req_miss = np.zeros(n_r)
+    req_start = np.zeros((n_s, n_r))
+    req_late = np.zeros((n_s, n_r), bool)
     swap_total = 0.0
     for i, queue in enumerate(queues):
         engine = scen.engines[i].copy()
@@ -84,12 +83,15 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
             n = int(problem.size[g])
             decode = np.broadcast_to(scen.decode_s[g, i][:, None], (n_s, n))
             starts, prefilled, tokens = first_tokens(problem, engine, g, i, decode)
-            late = tokens > problem.req_deadline_s[rows]
-            start[g], finish[g] = starts[:, 0], (prefilled + decode).max(axis=1)
-            miss[g] = late.mean(axis=1)
-            req_start[rows], req_miss[rows] = starts.mean(axis=0), late.mean(axis=0)
+            req_late[:, rows] = tokens > problem.req_deadline_s[rows]
+            req_start[:, rows] = starts
+            start[g], finish[g] = starts[:, 0], prefilled[:, -1] + decode[:, -1]
+    first = problem.req_offsets[:-1]
+    miss = (np.add.reduceat(req_late, first, axis=1) / problem.size).T  # [G, S]
     score = _summarise(problem, start, finish, miss, swap_total)
-    return replace(score, request_start_s=req_start, request_miss_prob=req_miss)
+    return replace(
+        score, request_start_s=req_start.mean(axis=0), request_miss_prob=req_late.mean(axis=0)
+    )
 
 
 def first_tokens(

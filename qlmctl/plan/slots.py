@@ -64,7 +64,7 @@ class EngineState:
 
         Args:
             decode: [S, n] seconds each request decodes once its prompt is in.
-            prefill: [S, n] or [n] pipeline seconds of each request's prompt.
+            prefill: [n] pipeline seconds of each request's prompt.
             not_before: no request starts earlier (the group's release time).
 
         Returns:
@@ -72,23 +72,28 @@ class EngineState:
         """
         n_s, b = self.slots.shape
         n = decode.shape[1]
-        prefill = np.broadcast_to(prefill, (n_s, n))
-        rounds = -(-n // b)
-        hold = np.zeros((n_s, rounds * b))
-        hold[:, :n] = prefill + decode  # what a slot costs if the pipeline keeps up
-        hold = hold.reshape(n_s, rounds, b)
-        base = np.maximum(self.slots, not_before)
-        done = np.cumsum(hold, axis=1)  # [S, rounds, B]
-        ready = (base[:, None, :] + done - hold).reshape(n_s, rounds * b)[:, :n]
+        if n <= b:  # one round: the n earliest slots
+            ready = np.maximum(self.slots[:, :n], not_before)
+        else:
+            rounds = -(-n // b)
+            hold = np.zeros((n_s, rounds * b))
+            hold[:, :n] = prefill + decode  # what a slot costs if the pipeline keeps up
+            hold = hold.reshape(n_s, rounds, b)
+            done = np.cumsum(hold, axis=1)  # [S, rounds, B]
+            base = np.maximum(self.slots, not_before)[:, None, :]
+            ready = (base + done - hold).reshape(n_s, rounds * b)[:, :n]
         # NOTE: pipeline recursion end_j = max(end_{j-1}, ready_j) + prefill_j, unrolled:
         # end_j = P_j + max(pipeline, max_{k<=j} (ready_k - P_{k-1})), P = cumsum(prefill)
-        total = np.cumsum(prefill, axis=1)
+        total = np.cumsum(prefill)
         end = total + np.maximum(
             self.pipeline_s[:, None], np.maximum.accumulate(ready - (total - prefill), axis=1)
         )
-        used = np.arange(min(n, b))
-        last = used + b * ((n - 1 - used) // b)  # each used slot's last request
-        self.slots[:, used] = end[:, last] + decode[:, last]
+        if n <= b:
+            self.slots[:, :n] = end + decode
+        else:
+            used = np.arange(b)
+            last = used + b * ((n - 1 - used) // b)  # each slot's last request
+            self.slots[:] = end[:, last] + decode[:, last]
         self.slots.sort(axis=1)
         self.pipeline_s[:] = end[:, -1]
         return end - prefill, end
