@@ -1,7 +1,8 @@
 """Fidelity of the simulated engine: the demo workload, same policy, real and simulated.
 
-Each repeat (in its own directory ``WORKDIR/repeat-K``) first profiles one tiny model on
-a lone real ``vllm serve`` with ``qlmctl profile``'s sweep (``--sweep``), then runs
+Each repeat (in its own directory ``WORKDIR/repeat-K``) first profiles the tiny model with
+``qlmctl profile``'s sweep (``--sweep``) on ``--servers`` real ``vllm serve`` at once
+(the demo's two servers share the host's cores, so a lone server is faster), then runs
 ``qlmctl demo``'s job (two tiny models, one real ``vllm serve`` each on the CPU,
 ``workloads/demo.yaml``) once per policy, then the same on the simulated engine, both
 with that profile. Matching requests by id, it prints per policy and repeat the median
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,41 +80,51 @@ def real_runs(workdir: Path, policy: str) -> list[Path]:
     return sorted((workdir / "runs").glob(f"*-{policy}-vllm"))
 
 
-def measure_profile(workdir: Path, sweep: SweepConfig) -> PerfModel:
-    """Profile the demo's tiny model on a lone server now (``workdir/measured``)."""
+def measure_profile(workdir: Path, sweep: SweepConfig, servers: int) -> PerfModel:
+    """Profile the demo's tiny model now, on ``servers`` servers swept at once (the demo
+    runs two, which share the host's cores); the first server's profile is kept, all go
+    to ``workdir/measured-K``."""
     model_dir = build_tiny_model(workdir / "models" / "tiny-a", seed=0)
-    cluster = ClusterSpec.model_validate(
-        {
-            "gpu_types": [{"name": "cpu"}],
-            "models": [{"name": "tiny", "path": str(model_dir), "max_model_len": 2048}],
-            "instances": [
-                {"id": "p0", "gpu": "cpu", "model": "tiny", "launch": {"port": free_ports(1)[0]}}
-            ],
-        }
-    )
-    out = workdir / "measured"
-    return profile_cluster_model(cluster, "tiny", out, sweep=sweep, show_progress=False).perf
+
+    def one(k: int, port: int) -> PerfModel:
+        cluster = ClusterSpec.model_validate(
+            {
+                "gpu_types": [{"name": "cpu"}],
+                "models": [{"name": "tiny", "path": str(model_dir), "max_model_len": 2048}],
+                "instances": [{"id": "p", "gpu": "cpu", "model": "tiny", "launch": {"port": port}}],
+            }
+        )
+        out = workdir / f"measured-{k}"
+        return profile_cluster_model(cluster, "tiny", out, sweep=sweep, show_progress=False).perf
+
+    with ThreadPoolExecutor(servers) as pool:
+        profiles = list(pool.map(one, range(servers), free_ports(servers)))
+    return profiles[0]
 
 
 def saved_profile(workdir: Path) -> PerfModel | None:
     """The profile :func:`measure_profile` left in ``workdir``, if any."""
-    path = profile_path(workdir / "measured", "tiny", "cpu")
+    path = profile_path(workdir / "measured-0", "tiny", "cpu")
     return PerfModel.load(path) if path.exists() else None
 
 
 def run_repeat(
-    workdir: Path, policies: list[str], sweep: SweepConfig | None, reuse_real: bool
+    workdir: Path, policies: list[str], sweep: SweepConfig | None, servers: int, reuse_real: bool
 ) -> dict[str, dict[str, Any]]:
     """One repeat: profile, real runs, simulated runs; figures by policy."""
+    load_file = workdir / "host_load.json"  # load average around the real runs
     if reuse_real:
         profile = saved_profile(workdir)
     else:
-        profile = measure_profile(workdir, sweep) if sweep is not None else None
+        profile = measure_profile(workdir, sweep, servers) if sweep is not None else None
+        before = os.getloadavg()[0]
         summaries, _ = run_demo(workdir, policies, engine="vllm", profile=profile)
         if any(s.interrupted for s in summaries):
             raise SystemExit("interrupted")
+        atomic_write_text(load_file, json.dumps([before, os.getloadavg()[0]]))
+    load = json.loads(load_file.read_text(encoding="utf-8")) if load_file.exists() else None
     sims, _ = run_demo(workdir, policies, engine="sim", profile=profile)
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for policy, sim in zip(policies, sims, strict=True):
         reals = real_runs(workdir, policy)
         if not reals:
@@ -119,6 +132,7 @@ def run_repeat(
         out[policy] = compare(reals[-1], sim.run_dir) | {
             "real_run": str(reals[-1].relative_to(workdir.parent))
         }
+        out[policy]["host_load_before_after"] = load
         if profile is not None:
             out[policy]["profile"] = profile.provenance
     return out
@@ -137,6 +151,7 @@ def main() -> None:
     parser.add_argument("--policies", default="fcfs,qlm", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sweep", choices=("full", "quick", "none"), default="full")
+    parser.add_argument("--servers", type=int, default=2, help="profiled at once")
     parser.add_argument("--workdir", type=Path, default=Path(".qlmctl-fidelity"))
     parser.add_argument("--reuse-real", action="store_true", help="simulate only")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -145,7 +160,9 @@ def main() -> None:
     sweep = {"full": SweepConfig(), "quick": SweepConfig.quick(), "none": None}[args.sweep]
     by_policy: dict[str, list[dict[str, Any]]] = {p: [] for p in policies}
     for k in range(args.repeats):
-        figures = run_repeat(args.workdir / f"repeat-{k}", policies, sweep, args.reuse_real)
+        figures = run_repeat(
+            args.workdir / f"repeat-{k}", policies, sweep, args.servers, args.reuse_real
+        )
         for policy, r in figures.items():
             by_policy[policy].append(r)
             print(
@@ -153,7 +170,8 @@ def main() -> None:
                 f"(p90 {r['ttft_p90_err']:6.1%}, median signed {r['ttft_median_bias_s']:+.3f} s)"
                 f", E2E {r['e2e_median_err']:6.1%} (p90 {r['e2e_p90_err']:6.1%}, signed "
                 f"{r['e2e_median_bias_s']:+.3f} s); attainment real {r['attainment_real']:.3f} "
-                f"sim {r['attainment_sim']:.3f}; {r['requests']} requests"
+                f"sim {r['attainment_sim']:.3f}; {r['requests']} requests; host load "
+                f"{r['host_load_before_after']}"
             )
     results: dict[str, dict[str, Any]] = {}
     for policy, repeats in by_policy.items():
