@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from qlmctl.domain import ClusterSpec
+from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import ProfileStore
 from qlmctl.report.runs import Report, build_report
 from qlmctl.serve.command import ServeJob, prepare_serve
@@ -61,11 +62,14 @@ def demo_cluster(models_dir: Path, ports: Sequence[int]) -> ClusterSpec:
     )
 
 
-def demo_profile(profiles_dir: Path) -> None:
-    """Write the shipped ``tiny@cpu`` profile with the demo servers' sequence limit."""
-    tiny = ProfileStore.load(None).get("tiny", "cpu")
+def demo_profile(profiles_dir: Path, tiny: PerfModel | None = None) -> None:
+    """Write ``tiny`` (default: the shipped ``tiny@cpu`` profile) as ``tiny@cpu`` with the
+    demo servers' sequence limit."""
+    tiny = tiny or ProfileStore.load(None).get("tiny", "cpu")
     replace(
         tiny,
+        model="tiny",
+        gpu="cpu",
         max_num_seqs=DEMO_MAX_NUM_SEQS,
         provenance=f"{tiny.provenance}; max_num_seqs set to the demo servers' --max-num-seqs",
     ).save(profiles_dir / "tiny@cpu.json")
@@ -76,6 +80,7 @@ def run_demo(
     policies: Sequence[str] = ("fcfs", "qlm"),
     engine: str = "vllm",
     run_job: Callable[[ServeJob], RunSummary] = ServeJob.run,
+    profile: PerfModel | None = None,
 ) -> tuple[list[RunSummary], Report]:
     """Run the demo workload once per policy and compare the runs.
 
@@ -84,6 +89,7 @@ def run_demo(
         policies: policies to compare; the first is the report's baseline.
         engine: ``vllm`` (real servers, started and stopped per run) or ``sim``.
         run_job: runs one prepared ``serve`` job (the CLI wraps it in a live view).
+        profile: the models' profile (default: the shipped ``tiny@cpu``).
 
     Returns:
         The run summaries and the comparison report.
@@ -96,7 +102,7 @@ def run_demo(
             build_tiny_model(models_dir / name, seed=seed)
     cluster_path = workdir / "cluster.yaml"
     workdir.mkdir(parents=True, exist_ok=True)
-    demo_profile(workdir / "profiles")
+    demo_profile(workdir / "profiles", profile)
     dump_spec(demo_cluster(models_dir, free_ports(len(DEMO_MODELS))), cluster_path)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     summaries = []

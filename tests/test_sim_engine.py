@@ -1,4 +1,5 @@
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -14,7 +15,9 @@ from qlmctl.engine.events import (
 )
 from qlmctl.engine.sim import SimEngine
 from qlmctl.errors import BadInput, EngineError
+from qlmctl.profile.fit import predict_batch
 from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.profile.store import ProfileStore
 from tests.helpers import make_cluster, make_perf, make_requests
 
 
@@ -237,3 +240,161 @@ def test_multi_step_jumps_match_step_by_step_simulation(monkeypatch: pytest.Monk
         (type(e), getattr(e, "request_id", None)) for e in slow
     ]
     assert [e.time_s for e in fast] == pytest.approx([e.time_s for e in slow], abs=1e-9)
+
+
+# ---- vLLM V1 scheduler rules (see sim_instance.py's docstring) -----------------------
+
+
+def test_a_waiting_prompt_is_admitted_only_when_its_whole_sequence_fits() -> None:
+    # r0 holds 500 + its growing output of a 1000-token cache; r1's 600-token prompt would
+    # fit chunk by chunk (budget 100) but not whole: vLLM V1 keeps it waiting
+    # (full_sequence_must_fit) instead of prefilling it and preempting it again.
+    engine = engine_for(kv_capacity_tokens=1000, max_num_batched_tokens=100)
+    first = make_requests(1, prompt_tokens=500, output_tokens=300)
+    second = make_requests(1, prompt_tokens=600, output_tokens=50, start_s=1.0, prefix="s")
+    submit_all(engine, first)
+    engine.advance(1.0)
+    submit_all(engine, second)
+    events = drain(engine)
+    assert engine.num_preemptions == 0
+    assert times(events, FirstToken)["s0"] > times(events, Finished)["r0"]
+
+
+def test_a_prompt_that_fits_whole_is_prefilled_beside_the_decoder() -> None:
+    engine = engine_for(kv_capacity_tokens=1000, max_num_batched_tokens=100)
+    submit_all(engine, make_requests(1, prompt_tokens=300, output_tokens=300))
+    engine.advance(1.0)
+    submit_all(
+        engine, make_requests(1, prompt_tokens=300, output_tokens=50, start_s=1.0, prefix="s")
+    )
+    events = drain(engine)
+    assert engine.num_preemptions == 0
+    assert times(events, FirstToken)["s0"] < 1.1  # 3 prefill steps of ~20 ms
+    assert times(events, Finished)["r0"] > 2.0  # beside r0, which decodes ~300 steps of 10 ms
+
+
+def victim_finishing_last(scheduling: str) -> str:
+    """Two requests outgrow the cache together; which one finishes last (the victim)."""
+    engine = engine_for(scheduling, kv_capacity_tokens=1000)
+    for k, prio in enumerate([5, 0]):  # r0 admitted first but less urgent
+        engine.submit(make_requests(2, gap_s=0.0, prompt_tokens=300, output_tokens=300)[k],
+                      "i0", prio, 0.0)  # fmt: skip
+    events = drain(engine)
+    assert engine.num_preemptions == 1
+    return max(times(events, Finished).items(), key=lambda kv: kv[1])[0]
+
+
+def test_preemption_victim_is_the_last_admitted_or_the_least_urgent() -> None:
+    assert victim_finishing_last("fcfs") == "r1"  # self.running.pop()
+    assert victim_finishing_last("priority") == "r0"  # max (priority, arrival)
+
+
+def test_one_long_decode_is_not_slowed_by_newer_long_prompts_that_do_not_fit() -> None:
+    # The issue's A10 case: a 28k-token request decodes while 16k-token prompts arrive.
+    # 28k + 16k exceeds the 42k-token cache, so V1 admits none of them until it finishes;
+    # it decodes at the lone-decode speed (~42 ms a token), not ~0.5 s.
+    a10 = ProfileStore.load(None).get("llama-3.1-8b", "A10")
+    cluster = make_cluster(1, models=("llama-3.1-8b",))
+    engine = SimEngine(cluster, {("llama-3.1-8b", "G"): replace(a10, gpu="G")})
+    long = make_requests(1, model="llama-3.1-8b", prompt_tokens=28_000, output_tokens=1000)
+    newer = make_requests(
+        3, model="llama-3.1-8b", prompt_tokens=16_000, output_tokens=100, start_s=30.0,
+        gap_s=5.0, prefix="n",
+    )  # fmt: skip
+    submit_all(engine, long)
+    events: list[EngineEvent] = []
+    for r in newer:
+        events += engine.advance(r.arrival_s)
+        engine.submit(r, "i0", 0, r.arrival_s)
+    events += drain(engine)
+    first, finished = times(events, FirstToken), times(events, Finished)
+    per_token_s = (finished["r0"] - first["r0"]) / 999
+    assert per_token_s < 1.2 * a10.decode_step_s(1, 28_500)
+    assert engine.num_preemptions == 0
+    assert min(first[r.id] for r in newer) > finished["r0"]
+    assert len(finished) == 4
+
+
+# ---- the API server in front of the engine (see sim.py's docstring) -----------------
+
+
+def test_requests_sent_together_reach_the_engine_admission_gap_apart() -> None:
+    perf = make_perf(admission_gap_s=0.05)
+    engine = engine_for(admission_gap_s=0.05)
+    submit_all(engine, make_requests(3, gap_s=0.0, prompt_tokens=100, output_tokens=1))
+    assert engine.num_waiting("i0") == 1  # the other two are still in the API server
+    first = times(drain(engine), FirstToken)
+    lone_s = perf.prefill_time_s(100)  # 20 ms: each is alone in the engine
+    assert [first[f"r{k}"] for k in range(3)] == pytest.approx(
+        [k * 0.05 + lone_s for k in range(3)]
+    )
+
+
+def test_a_lone_request_after_a_pause_enters_at_once() -> None:
+    engine = engine_for(admission_gap_s=0.05)
+    submit_all(engine, make_requests(2, gap_s=1.0, prompt_tokens=100, output_tokens=1))
+    first = times(drain(engine), FirstToken)
+    assert first["r1"] - 1.0 == pytest.approx(first["r0"])
+
+
+def test_first_token_and_finish_reach_the_client_overhead_late() -> None:
+    plain, late = engine_for(max_num_seqs=1), engine_for(max_num_seqs=1, ttft_overhead_s=0.3)
+    for engine in (plain, late):
+        submit_all(engine, make_requests(2, gap_s=0.0, output_tokens=20))
+    base, shifted = drain(plain), drain(late)
+    for kind in (FirstToken, Finished):
+        assert {k: v + 0.3 for k, v in times(base, kind).items()} == pytest.approx(
+            times(shifted, kind)
+        )
+    # (so r1 started when r0 finished in the engine, not when the client heard of it)
+    assert [e.time_s for e in shifted] == sorted(e.time_s for e in shifted)
+
+
+def test_evicting_before_the_first_token_reaches_the_client_drops_it() -> None:
+    engine = engine_for(ttft_overhead_s=0.3)
+    submit_all(engine, make_requests(1, output_tokens=100))
+    assert not engine.advance(0.1)  # the engine has produced tokens; the client has none
+    engine.abort("r0", 0.1)
+    events = drain(engine)
+    assert [type(e) for e in events] == [Aborted]
+    assert events[0].time_s == 0.1
+
+
+def test_evicting_a_request_whose_finish_is_on_its_way_is_a_no_op() -> None:
+    engine = engine_for(ttft_overhead_s=0.3)
+    submit_all(engine, make_requests(1, output_tokens=5))
+    engine.advance(0.2)  # finished in the engine after ~50 ms
+    engine.abort("r0", 0.2)
+    events = drain(engine)
+    assert [type(e) for e in events] == [FirstToken, Finished]
+    assert events[1].time_s == pytest.approx(0.3 + 0.01 + 0.0001 * 100 + 4 * (0.01 + 0.0001))
+
+
+def test_aborting_or_failing_requests_still_in_the_api_server() -> None:
+    engine = engine_for(admission_gap_s=0.5)
+    submit_all(engine, make_requests(3, gap_s=0.0, output_tokens=1000))
+    engine.abort("r1", 0.1)
+    engine.fail("i0", 0.2)
+    events = drain(engine)
+    aborted = {e.request_id: e.reason for e in events if isinstance(e, Aborted)}
+    assert aborted == {"r1": "evicted", "r0": "failed", "r2": "failed"}
+    assert list(times(events, FirstToken)) == ["r0"]
+
+
+def test_sim_engine_agrees_with_the_fitted_burst_model() -> None:
+    # predict_batch is what `qlmctl profile` fits the gap and overhead with; the
+    # simulator must tell the same story for a burst.
+    perf = make_perf(
+        admission_gap_s=0.004, ttft_overhead_s=0.02, max_num_seqs=4, max_num_batched_tokens=256,
+        decode_s_per_ctx_token=1e-6,
+    )  # fmt: skip
+    shapes = [(100 + 40 * k, 10 + 7 * k) for k in range(7)]
+    predicted = predict_batch(perf, shapes)
+    engine = SimEngine(make_cluster(1), {("m1", "G"): perf, ("m2", "G"): perf})
+    for k, (prompt, output) in enumerate(shapes):
+        req = make_requests(1, prompt_tokens=prompt, output_tokens=output, prefix=f"b{k}-")[0]
+        engine.submit(req.model_copy(update={"id": f"b{k}"}), "i0", 0, 0.0)
+    events = drain(engine)
+    first, finished = times(events, FirstToken), times(events, Finished)
+    simulated = [(first[f"b{k}"], finished[f"b{k}"]) for k in range(len(shapes))]
+    assert simulated == [pytest.approx(p, rel=1e-9) for p in predicted]

@@ -135,7 +135,16 @@ def test_limits_clip_and_drop(tmp_path: Path) -> None:
     w = load_workload(write_spec(tmp_path, synthetic(lengths=lengths, limits=clip), "a.yaml"))
     assert all(r.prompt_tokens + r.max_output_tokens <= 480 for r in w.requests)
     assert all(r.max_output_tokens <= 200 for r in w.requests)
-    assert max(r.prompt_tokens for r in w.requests) == 479
+    # the output the spec asks for (at most max_output_tokens) is kept; prompts shrink
+    free = {"max_output_tokens": 200}
+    raw = load_workload(write_spec(tmp_path, synthetic(lengths=lengths, limits=free), "r.yaml"))
+    assert [r.id for r in raw.requests] == [r.id for r in w.requests]
+    pairs = list(zip(raw.requests, w.requests, strict=True))
+    assert all(c.output_tokens == r.output_tokens for r, c in pairs)
+    clipped = [(r, c) for r, c in pairs if c.prompt_tokens < r.prompt_tokens]
+    assert len(clipped) > 10
+    assert all(c.prompt_tokens + c.output_tokens == 480 for _, c in clipped)
+    assert all(c.prompt is None for _, c in clipped)
     drop = {**clip, "over": "drop"}
     d = load_workload(write_spec(tmp_path, synthetic(lengths=lengths, limits=drop), "b.yaml"))
     assert 0 < len(d.requests) < len(w.requests)

@@ -17,24 +17,52 @@ Rules of time, which make a run deterministic:
 - ``advance(until_s)`` runs everything up to ``until_s`` and returns the engine events
   with ``time_s <= until_s`` in time order; it starts the steps due at ``until_s``, so a
   request submitted at exactly ``until_s`` afterwards joins the step after those;
-- each instance has at most one pending internal event; a token invalidates it when a
-  verb changes the instance (a cut-short multi-step, a failure, a swap).
+- each instance has at most one pending step or load event; a token invalidates it when
+  a verb changes the instance (a cut-short multi-step, a failure, a swap). Entries into
+  the engine and delayed reports (below) are heap events of their own, carrying the
+  request, skipped when the request was aborted meanwhile.
+
+What real ``vllm serve`` adds around the engine (measured by ``qlmctl profile``, see
+``profile/perfmodel.py``; both 0 in older profiles, which then behave as before):
+
+- the API server takes requests in one at a time: on each instance, requests reach the
+  engine's waiting queue ``admission_gap_s`` apart (the k-th of a burst sent at t enters
+  at ``t + k * admission_gap_s``; a lone request enters at once). Until then a request
+  is not in ``num_waiting`` (vLLM's ``/metrics`` does not count it either);
+- each request's first token and its finish reach the client ``ttft_overhead_s`` after
+  the engine step that produced them (the engine frees the KV at the step's end). This
+  is how :func:`~qlmctl.profile.fit.predict_batch`, which the profile is fitted with,
+  reads the same two numbers, so the fit and the simulator agree on a burst.
+
+Evicting a request whose finish is already on its way to the client is a no-op: the
+Finished event still arrives (the core counts it as finished).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping
+from dataclasses import replace
 
 from qlmctl.domain import ClusterSpec, InstanceSpec, Request
-from qlmctl.engine.events import Aborted, EngineEvent, Finished, InstanceDown, InstanceReady
-from qlmctl.engine.sim_instance import InstanceState, SimInstance, SimRequest
+from qlmctl.engine.events import (
+    Aborted,
+    EngineEvent,
+    Finished,
+    FirstToken,
+    InstanceDown,
+    InstanceReady,
+)
+from qlmctl.engine.sim_instance import InstanceState, ReqState, SimInstance, SimRequest
 from qlmctl.errors import BadInput, EngineError
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import swap_time_s
 
 SCHEDULING = ("fcfs", "priority")
-_STEP_END, _READY, _STEP_START = 0, 1, 2  # event kinds, in tie order
+# Event kinds, in tie order: reports; entries before a step ends at the same instant, so
+# the entering request joins the next step; step ends; model loads; step starts.
+_REPORT, _ENTER, _STEP_END, _READY, _STEP_START = 0, 1, 2, 3, 4
+_Payload = SimRequest | tuple[FirstToken | Finished, SimRequest]
 
 
 class SimEngine:
@@ -74,7 +102,10 @@ class SimEngine:
                 inst.perf = self._perf_for(spec, spec.model)
                 inst.model, inst.state = spec.model, InstanceState.READY
         self._priority = scheduling == "priority"
-        self._heap: list[tuple[float, int, int, int, int]] = []  # time, kind, seq, inst, token
+        # time, kind, seq, instance index, token (-1: an entry or report, see _payloads)
+        self._heap: list[tuple[float, int, int, int, int]] = []
+        self._payloads: dict[int, _Payload] = {}  # seq -> request entering, or report
+        self._api_free_s = [start_s] * len(self._instances)  # when each API server is free
         self._seq = 0
         self._now = start_s
         self._order = 0  # submissions so far
@@ -119,16 +150,26 @@ class SimEngine:
             priority if self._priority else 0,
             self._order,
         )
-        inst.enqueue(req)
         self._where[request.id] = (inst, req)
-        self._touch(inst, now_s)
+        k = self._by_id[inst.id]
+        enter_s = max(now_s, self._api_free_s[k])
+        assert inst.perf is not None
+        self._api_free_s[k] = enter_s + inst.perf.admission_gap_s
+        if enter_s > now_s:
+            inst.arrive(req)
+            self._push_payload(enter_s, _ENTER, k, req)
+        else:
+            inst.enqueue(req)
+            self._touch(inst, now_s)
 
     def abort(self, request_id: str, now_s: float) -> None:
-        """Evict ``request_id`` (Aborted, reason ``evicted``); a no-op if it already left."""
+        """Evict ``request_id`` (Aborted, reason ``evicted``); a no-op if it already left
+        or finished (its Finished may still be on its way: see the module docstring)."""
         self._sync(now_s)
-        place = self._where.pop(request_id, None)
-        if place is None:
+        place = self._where.get(request_id)
+        if place is None or place[1].state is ReqState.DONE:
             return
+        del self._where[request_id]
         inst, req = place
         tokens = inst.remove(req, now_s)
         self._pending.append(Aborted(request_id, inst.id, now_s, tokens, "evicted"))
@@ -179,7 +220,7 @@ class SimEngine:
         if self._pending:
             return self._now  # already happened, waiting for advance
         heap = self._heap
-        while heap and heap[0][4] != self._instances[heap[0][3]].token:
+        while heap and self._stale(heap[0]):
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
@@ -206,17 +247,21 @@ class SimEngine:
         """Process internal events up to ``limit_s``; engine events go to ``_pending``."""
         heap, instances, out = self._heap, self._instances, self._pending
         while heap:
-            t, kind, _, k, token = heap[0]
+            t, kind, seq, k, token = heap[0]
             if t > limit_s or (defer_starts and t == limit_s and kind == _STEP_START):
                 break
             heapq.heappop(heap)
             inst = instances[k]
-            if token != inst.token:
+            if kind == _REPORT:
+                self._release(self._payloads.pop(seq))
+            elif kind == _ENTER:
+                self._enter_engine(inst, self._payloads.pop(seq), t)
+            elif token != inst.token:
                 continue
-            if kind == _STEP_END:
+            elif kind == _STEP_END:
                 first = len(out)
                 inst.end_step(t, out)
-                self._forget(first)
+                self._report(inst, first)
                 if defer_starts and t == limit_s:
                     self._push(t, _STEP_START, inst)
                 else:
@@ -228,6 +273,48 @@ class SimEngine:
                 inst.state = InstanceState.READY
                 assert inst.model is not None
                 out.append(InstanceReady(inst.id, t, inst.model))
+
+    def _stale(self, entry: tuple[float, int, int, int, int]) -> bool:
+        """Whether a heap entry was invalidated (only step and load events can be)."""
+        return entry[4] >= 0 and entry[4] != self._instances[entry[3]].token
+
+    def _enter_engine(self, inst: SimInstance, payload: _Payload, now_s: float) -> None:
+        """The API server hands a request to the engine (unless it was aborted)."""
+        assert isinstance(payload, SimRequest)
+        if payload.state is ReqState.ARRIVING:
+            inst.enqueue(payload)
+            self._touch(inst, now_s)
+
+    def _report(self, inst: SimInstance, first: int) -> None:
+        """Send the step's events in ``_pending[first:]`` to the client, each
+        ``ttft_overhead_s`` late (now if 0)."""
+        assert inst.perf is not None
+        overhead_s = inst.perf.ttft_overhead_s
+        if overhead_s <= 0:
+            self._forget(first)
+            return
+        k = self._by_id[inst.id]
+        for event in self._pending[first:]:
+            assert isinstance(event, FirstToken | Finished)
+            req = self._where[event.request_id][1]
+            late = replace(event, time_s=event.time_s + overhead_s)
+            self._push_payload(late.time_s, _REPORT, k, (late, req))
+        del self._pending[first:]
+
+    def _release(self, payload: _Payload) -> None:
+        """A delayed report reaches the client, unless its request was aborted since."""
+        assert isinstance(payload, tuple)
+        event, req = payload
+        if req.state is ReqState.ABORTED:
+            return
+        self._pending.append(event)
+        if isinstance(event, Finished):
+            self._where.pop(event.request_id, None)
+
+    def _push_payload(self, time_s: float, kind: int, k: int, payload: _Payload) -> None:
+        self._seq += 1
+        self._payloads[self._seq] = payload
+        heapq.heappush(self._heap, (time_s, kind, self._seq, k, -1))
 
     def _start(self, inst: SimInstance, now_s: float) -> None:
         end_s = inst.start_step(now_s)

