@@ -37,7 +37,7 @@ def burst(n: int, seed: int) -> Workload:
             prompt_tokens=int(p),
             max_output_tokens=int(o),
             output_tokens=int(o),
-        )  # fmt: skip
+        )
         for k, (p, o) in enumerate(zip(prompts, outputs, strict=True))
     ]
     return Workload.from_requests(reqs, SLO, "burst")
