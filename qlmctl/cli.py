@@ -218,8 +218,13 @@ def plan(
 
 @app.command()
 def serve(
-    workload: WorkloadArg,
     cluster: ClusterOpt,
+    workload: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Workload spec (YAML) or materialised workload (Parquet); none with --listen."
+        ),
+    ] = None,
     policy: PolicyOpt = "qlm",
     engine: Annotated[
         str, typer.Option(help="`vllm`: real servers over HTTP; `sim`: simulated, virtual time.")
@@ -232,17 +237,60 @@ def serve(
         str | None, typer.Option(help="Run directory name (default: workload-policy-engine-time).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the policy's randomness.")] = 0,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve live clients: an OpenAI-compatible gateway on HOST:PORT "
+            "(e.g. 127.0.0.1:8000) instead of replaying a workload."
+        ),
+    ] = None,
+    slo_classes: Annotated[
+        Path | None,
+        typer.Option(help="--listen: YAML with `slo_classes:` (default: the QLM paper's three)."),
+    ] = None,
+    default_class: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="--listen: class of requests without the x-qlmctl-slo-class header: "
+            "CLASS, or MODEL=CLASS per model (repeatable)."
+        ),
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="--listen: environment variable holding the key clients must send."),
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option(help="--listen: waiting requests beyond which new ones get 429.")
+    ] = 1000,
 ) -> None:
-    """Replay WORKLOAD against the cluster, keeping SLOs by following the plan.
+    """Replay WORKLOAD against the cluster, or serve live clients with `--listen`.
 
     Pulls requests with backpressure, evicts blocking batch work, swaps models, balances
     load and re-plans as the queue changes; logs every request attempt to Parquet.
-    Ctrl-C stops dispatching, cancels what is in flight, closes the log (exit 130).
+    Ctrl-C stops dispatching, cancels what is in flight, closes the log (exit 130; a
+    gateway stopped by Ctrl-C or SIGTERM exits 0).
     """
-    from qlmctl.serve.command import prepare_serve
     from qlmctl.serve.live import live_view, print_summary
 
     measured = profiles if profiles.exists() or profiles != Path("profiles") else None
+    if listen is not None:
+        from qlmctl.gateway.command import prepare_gateway
+        from qlmctl.gateway.server import run_gateway
+
+        if workload is not None or engine != "vllm":
+            raise typer.BadParameter("--listen serves live clients on real vLLM: no WORKLOAD")
+        gw = prepare_gateway(
+            cluster, listen=listen, policy=policy, profiles=measured, runs=runs, name=name,
+            slo_classes=slo_classes, default_class=default_class or [],
+            api_key_env=api_key_env, max_queue=max_queue, seed=seed,
+        )  # fmt: skip
+        err_console.print(f"starting instances; the gateway will listen on {gw.base_url}")
+        print_summary(run_gateway(gw, lambda *_: None))
+        return
+    if workload is None:
+        raise typer.BadParameter("give a WORKLOAD to replay, or --listen HOST:PORT")
+    from qlmctl.serve.command import prepare_serve
+
     job = prepare_serve(
         workload, cluster, policy=policy, engine=engine, profiles=measured, runs=runs,
         name=name, seed=seed,
