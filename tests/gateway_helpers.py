@@ -22,7 +22,7 @@ from qlmctl.serve.run import RunSummary
 from tests.conftest import free_port
 from tests.helpers import SLO_CLASSES, make_perf
 
-STARTUP_TIMEOUT_S = 60.0
+STARTUP_TIMEOUT_S = 240.0  # launched vLLM servers on a busy 2-core host
 
 
 @dataclass
@@ -31,6 +31,7 @@ class Running:
 
     base_url: str
     job: GatewayJob
+    gateway: Gateway
     summary: list[RunSummary] = field(default_factory=list)
 
 
@@ -38,7 +39,7 @@ class Running:
 def running_gateway(job: GatewayJob) -> Iterator[Running]:
     """Start ``job`` in a thread; stop it (and wait for its summary) on exit."""
     gateway = Gateway(job)
-    running = Running(job.base_url, job)
+    running = Running(job.base_url, job, gateway)
     errors: list[BaseException] = []
 
     def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,7 @@ from qlmctl.gateway.app import SLO_HEADER, GatewayOptions
 from qlmctl.gateway.server import GatewayJob
 from qlmctl.plan.policies import make_policy
 from qlmctl.serve.config import CoreConfig
+from qlmctl.serve.real_driver import RealOptions
 from qlmctl.serve.runlog import read_run
 from tests.conftest import VllmServer, free_port
 from tests.gateway_helpers import running_gateway
@@ -122,3 +124,64 @@ def test_interactive_request_overtakes_a_batch_burst(
     # the burst arrived first, yet most of it started after the interactive request
     waited = batch[(batch.arrival_s < inter.arrival_s) & (batch.dispatch_s > inter.dispatch_s)]
     assert len(waited) >= 10, df[["request_id", "slo_class", "arrival_s", "dispatch_s"]]
+
+
+def test_killing_a_server_mid_stream_continues_or_ends_cleanly(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    cluster = ClusterSpec.model_validate(
+        {
+            "gpu_types": [{"name": "cpu"}],
+            "models": [
+                {"name": "tiny-a", "path": str(tiny_models["tiny-a"]), "max_model_len": 1024}
+            ],
+            "instances": [
+                {"id": f"i{k}", "gpu": "cpu", "launch": {"port": free_port()}, "model": "tiny-a",
+                 "models": ["tiny-a"]}
+                for k in range(2)
+            ],
+        }
+    )  # fmt: skip
+    job = GatewayJob(
+        cluster=cluster, perf=tiny_perf("tiny-a"), policy=make_policy("heuristic"),
+        config=CoreConfig(max_inflight=3, improve=False), classes=CLASSES,
+        options=GatewayOptions(port=free_port(), default_class="batch"), run_dir=tmp_path / "run",
+        real=RealOptions(ready_timeout_s=240),
+    )  # fmt: skip
+    n, started = 6, threading.Barrier(7, timeout=120)
+    with running_gateway(job) as gw:
+        client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key="unused", max_retries=0)
+
+        def stream(k: int) -> str:
+            parts = client.completions.create(
+                model="tiny-a", prompt=f"story {k}", max_tokens=600, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            waited, finish = False, None
+            try:
+                for p in parts:
+                    if not waited:
+                        started.wait()  # every client is streaming before the kill
+                        waited = True
+                    finish = p.choices[0].finish_reason if p.choices else finish
+            except openai.APIError as exc:
+                return f"error: {exc}"
+            return str(finish)
+
+        with ThreadPoolExecutor(n) as pool:
+            results = [pool.submit(stream, k) for k in range(n)]
+            started.wait()
+            driver, loop = gw.gateway.driver, gw.gateway.loop
+            assert driver is not None and loop is not None
+            loop.call_soon_threadsafe(driver.instances["i1"].kill)  # the loop owns the process
+            outcomes = [r.result(timeout=120) for r in results]
+    assert all(o == "length" or o.startswith("error: ") for o in outcomes), outcomes
+    log = read_run(tmp_path / "run")
+    df = log.requests
+    final = df.sort_values("attempt").groupby("request_id").tail(1)
+    assert len(final) == n and final.request_id.is_unique
+    hit = df[(df.instance_id == "i1") & (df.outcome == "failed")]
+    assert len(hit) > 0  # i1 had streams in flight when it died
+    assert (final[final.request_id.isin(hit.request_id)].instance_id == "i0").all()
+    assert sum(o == "length" for o in outcomes) == (final.outcome == "finished").sum()
+    assert list(log.operations[log.operations.kind == "instance_down"].instance_id) == ["i1"]

@@ -60,12 +60,12 @@ class Gateway:
     def __init__(self, job: GatewayJob) -> None:
         self.job = job
         self.started = threading.Event()  # set once clients are accepted
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._driver: RealDriver | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the gateway's, while running
+        self.driver: RealDriver | None = None
 
     def request_stop(self) -> None:
         """Stop the gateway (thread-safe); :meth:`run` then returns the summary."""
-        loop, driver = self._loop, self._driver
+        loop, driver = self.loop, self.driver
         if loop is not None and driver is not None:
             loop.call_soon_threadsafe(driver.stop.set)
 
@@ -85,7 +85,7 @@ class Gateway:
             app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5
         )
         server = _Server(config)
-        self._loop, self._driver = asyncio.get_running_loop(), driver
+        self.loop, self.driver = asyncio.get_running_loop(), driver
         meta = {**(job.meta or {}), "gateway": job.options.describe()}
         with _listen(job.options.host, job.options.port) as sock, _on_sigterm(driver.stop):
             run = asyncio.create_task(driver.run(job.run_dir, meta, on_progress))
