@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -185,3 +189,26 @@ def test_killing_a_server_mid_stream_continues_or_ends_cleanly(
     assert (final[final.request_id.isin(hit.request_id)].instance_id == "i0").all()
     assert sum(o == "length" for o in outcomes) == (final.outcome == "finished").sum()
     assert list(log.operations[log.operations.kind == "instance_down"].instance_id) == ["i1"]
+
+
+def test_vllm_bench_serve_runs_through_the_gateway_without_failures(
+    vllm_fcfs: VllmServer, tmp_path: Path
+) -> None:
+    vllm = Path(sys.executable).with_name("vllm")
+    n = 300
+    with running_gateway(attached_job(tmp_path, vllm_fcfs)) as gw:
+        done = subprocess.run(
+            [str(vllm), "bench", "serve", "--backend", "openai", "--base-url", gw.base_url,
+             "--model", "tiny-a", "--tokenizer", vllm_fcfs.model.path,
+             "--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "16",
+             "--num-prompts", str(n), "--request-rate", "50", "--ignore-eos", "--disable-tqdm",
+             "--header", f"{SLO_HEADER}=batch", "--save-result", "--result-dir", str(tmp_path),
+             "--result-filename", "bench.json"],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["completed"] == n and result.get("failed", 0) == 0
+    assert result["total_output_tokens"] == 16 * n
+    df = read_run(tmp_path / "run").requests
+    assert (df.outcome == "finished").all() and (df.slo_class == "batch").sum() >= n
