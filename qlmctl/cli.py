@@ -380,6 +380,92 @@ def demo(
         raise typer.Exit(130)
 
 
+batch_app = typer.Typer(
+    help=(
+        "OpenAI Batch files through a running gateway (`qlmctl serve --listen`).\n\n"
+        "Each JSONL line is `{custom_id, method, url, body}`; the completion window is the "
+        "deadline of every line (its SLO class)."
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(batch_app, name="batch")
+GatewayUrlOpt = Annotated[
+    str, typer.Option("--url", envvar="QLMCTL_GATEWAY", help="The gateway's base URL.")
+]
+ApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option(help="Environment variable holding the gateway's API key."),
+]
+
+
+@batch_app.command("submit")
+def batch_submit(
+    file: Annotated[Path, typer.Argument(help="Batch input (JSONL).")],
+    url: GatewayUrlOpt = "http://127.0.0.1:8000",
+    endpoint: Annotated[
+        str | None,
+        typer.Option(help="/v1/completions or /v1/chat/completions (default: line 1's)."),
+    ] = None,
+    completion_window: Annotated[
+        str, typer.Option(help="Deadline of every line, e.g. 24h, 90m, 600s.")
+    ] = "24h",
+    api_key_env: ApiKeyEnvOpt = None,
+) -> None:
+    """Upload FILE and start a batch on it; prints the batch id."""
+    from qlmctl.gateway.client import submit_batch
+
+    batch = submit_batch(
+        url, file, endpoint=endpoint, completion_window=completion_window, api_key_env=api_key_env
+    )
+    typer.echo(batch["id"])
+
+
+@batch_app.command("status")
+def batch_status(
+    batch_id: Annotated[str, typer.Argument(help="Batch id from `batch submit`.")],
+    url: GatewayUrlOpt = "http://127.0.0.1:8000",
+    api_key_env: ApiKeyEnvOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Print a batch's status and request counts."""
+    from qlmctl.gateway.client import batch_status as fetch
+    from qlmctl.render import print_json, print_table
+
+    batch = fetch(url, batch_id, api_key_env)
+    if json_out:
+        print_json(batch)
+        return
+    counts = batch["request_counts"]
+    rows = [
+        ["status", batch["status"]],
+        ["window", batch["completion_window"]],
+        *([k, v] for k, v in counts.items()),
+        ["output file", batch["output_file_id"]],
+    ]
+    print_table(f"batch {batch_id}", ["field", "value"], rows)
+
+
+@batch_app.command("results")
+def batch_results(
+    batch_id: Annotated[str, typer.Argument(help="Batch id from `batch submit`.")],
+    url: GatewayUrlOpt = "http://127.0.0.1:8000",
+    api_key_env: ApiKeyEnvOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the JSONL here (default: stdout).")
+    ] = None,
+) -> None:
+    """Print (or write) a finished batch's output JSONL: one line per custom_id."""
+    from qlmctl.fileio import atomic_write_text
+    from qlmctl.gateway.client import batch_results as fetch
+
+    text = fetch(url, batch_id, api_key_env)
+    if out is None:
+        typer.echo(text)
+    else:
+        atomic_write_text(out, text + "\n")
+        err_console.print(f"wrote {len(text.splitlines())} results to {out}")
+
+
 cluster_app = typer.Typer(help="Inspect cluster specs.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 

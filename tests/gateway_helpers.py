@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from qlmctl.domain import ClusterSpec
-from qlmctl.gateway.app import GatewayOptions
+from qlmctl.gateway.options import GatewayOptions
 from qlmctl.gateway.server import Gateway, GatewayJob
 from qlmctl.plan.policies import make_policy
 from qlmctl.serve.config import CoreConfig

@@ -15,7 +15,9 @@ import openai
 import pytest
 
 from qlmctl.domain import ClusterSpec, SLOClass
-from qlmctl.gateway.app import SLO_HEADER, GatewayOptions
+from qlmctl.gateway.app import SLO_HEADER
+from qlmctl.gateway.client import batch_results, batch_status, submit_batch
+from qlmctl.gateway.options import GatewayOptions
 from qlmctl.gateway.server import GatewayJob
 from qlmctl.plan.policies import make_policy
 from qlmctl.serve.config import CoreConfig
@@ -212,3 +214,30 @@ def test_vllm_bench_serve_runs_through_the_gateway_without_failures(
     assert result["total_output_tokens"] == 16 * n
     df = read_run(tmp_path / "run").requests
     assert (df.outcome == "finished").all() and (df.slo_class == "batch").sum() >= n
+
+
+def test_a_batch_file_of_200_lines_completes_with_one_output_per_custom_id(
+    vllm_fcfs: VllmServer, tmp_path: Path
+) -> None:
+    lines = [
+        {"custom_id": f"req-{k}", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "tiny-a", "prompt": f"item {k}", "max_tokens": 8}}
+        for k in range(200)
+    ]  # fmt: skip
+    path = tmp_path / "batch.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    with running_gateway(attached_job(tmp_path, vllm_fcfs)) as gw:
+        batch = submit_batch(gw.base_url, path, completion_window="1h")
+        deadline = time.monotonic() + 300
+        while batch["status"] == "in_progress" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            batch = batch_status(gw.base_url, batch["id"])
+        assert batch["status"] == "completed"
+        assert batch["request_counts"] == {"total": 200, "completed": 200, "failed": 0}
+        output = [json.loads(x) for x in batch_results(gw.base_url, batch["id"]).splitlines()]
+    assert sorted(o["custom_id"] for o in output) == sorted(x["custom_id"] for x in lines)
+    assert all(o["response"]["status_code"] == 200 and o["error"] is None for o in output)
+    assert all(o["response"]["body"]["usage"]["completion_tokens"] == 8 for o in output)
+    df = read_run(tmp_path / "run").requests
+    assert len(df) == 200 and (df.outcome == "finished").all()
+    assert set(df.slo_class) == {"window-1h"} and (df.ttft_slo_s == 3600).all()

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import uuid
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -28,38 +26,16 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from qlmctl.domain import Request, SLOClass
+from qlmctl.domain import SLOClass
 from qlmctl.gateway.admission import check_admission
+from qlmctl.gateway.batches import BatchError, BatchStore
+from qlmctl.gateway.bodies import check_body, new_request
 from qlmctl.gateway.exchange import CHAT, COMPLETIONS, Exchange, error_body
 from qlmctl.gateway.metrics import CONTENT_TYPE, GatewayMetrics
+from qlmctl.gateway.options import GatewayOptions
 from qlmctl.serve.real_driver import RealDriver
 
 SLO_HEADER = "x-qlmctl-slo-class"
-CHARS_PER_TOKEN = 4  # prompt length estimate for planning; vLLM counts the real one
-
-
-@dataclass(frozen=True)
-class GatewayOptions:
-    """How the gateway answers (recorded in run.json, without the key)."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    default_class: str = "interactive"  # class of a request without header or model default
-    class_by_model: Mapping[str, str] = field(default_factory=dict)  # model -> default class
-    max_queue: int = 1000  # waiting requests beyond which new ones are refused (429)
-    default_max_tokens: int = 256  # the planning cap of a request that sets none
-    api_key: str | None = field(default=None, repr=False)  # clients must send it (Bearer)
-
-    def describe(self) -> dict[str, Any]:
-        """The options for run.json: everything but the key itself."""
-        return {
-            "listen": f"{self.host}:{self.port}",
-            "default_class": self.default_class,
-            "class_by_model": dict(self.class_by_model),
-            "max_queue": self.max_queue,
-            "default_max_tokens": self.default_max_tokens,
-            "api_key_required": self.api_key is not None,
-        }
 
 
 def build_app(
@@ -68,9 +44,11 @@ def build_app(
     metrics: GatewayMetrics,
     classes: Mapping[str, SLOClass],
     models: list[str],
+    batches: BatchStore,
 ) -> ASGIApp:
     """The ASGI app in front of ``driver`` (which must be listening)."""
     routes = _Routes(driver, options, metrics, classes, models)
+    files = _BatchRoutes(batches)
     app = Starlette(
         routes=[
             Route("/health", routes.health),
@@ -78,6 +56,12 @@ def build_app(
             Route("/v1/models", routes.models),
             Route(COMPLETIONS, routes.completions, methods=["POST"]),
             Route(CHAT, routes.chat, methods=["POST"]),
+            Route("/v1/files", files.upload, methods=["POST"]),
+            Route("/v1/files/{file_id}", files.file),
+            Route("/v1/files/{file_id}/content", files.content),
+            Route("/v1/batches", files.create, methods=["POST"]),
+            Route("/v1/batches/{batch_id}", files.batch),
+            Route("/v1/batches/{batch_id}/cancel", files.cancel, methods=["POST"]),
         ]
     )
     return _RequireKey(app, options.api_key) if options.api_key else app
@@ -119,7 +103,7 @@ class _Routes:
             body = await http.json()
         except ValueError:
             return _error(400, "the body is not valid JSON")
-        problem = _check_body(body, route, self.served)
+        problem = check_body(body, route, self.served)
         if problem is not None:
             return _error(*problem)
         model = body["model"]
@@ -128,15 +112,7 @@ class _Routes:
         )
         if slo not in self.classes:
             return _error(400, f"unknown SLO class {slo!r}; known: {sorted(self.classes)}")
-        cap = body.get("max_completion_tokens") or body.get("max_tokens")
-        request = Request(
-            id=f"gw-{uuid.uuid4().hex[:16]}",
-            arrival_s=max(0.0, self.driver.clock.now()),
-            model=model,
-            slo_class=slo,
-            prompt_tokens=estimate_prompt_tokens(body, route),
-            max_output_tokens=cap or self.options.default_max_tokens,
-        )
+        request = new_request(self.driver, body, route, slo, self.options.default_max_tokens)
         core = self.driver.core
         refusal = check_admission(core.snapshot(request.arrival_s), request, self.options.max_queue)
         if refusal is not None:
@@ -176,34 +152,53 @@ class _Routes:
         return JSONResponse(body, status_code=status)
 
 
-def _check_body(body: Any, route: str, served: list[str]) -> tuple[int, str] | None:
-    """(status, message) of what is wrong with a generation body, or None."""
-    if not isinstance(body, dict):
-        return 400, "the body must be a JSON object"
-    model = body.get("model")
-    if model not in served:
-        return 404, f"the model {model!r} does not exist; served: {served}"
-    key = "messages" if route == CHAT else "prompt"
-    if key not in body:
-        return 400, f"{key!r} is required"
-    if route == CHAT and not isinstance(body["messages"], list):
-        return 400, "'messages' must be a list"
-    for cap in ("max_tokens", "max_completion_tokens"):
-        value = body.get(cap)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            return 400, f"{cap!r} must be a positive integer"
-    return None
+class _BatchRoutes:
+    """``/v1/files`` and ``/v1/batches`` over a :class:`BatchStore`."""
+
+    def __init__(self, store: BatchStore) -> None:
+        self.store = store
+
+    async def upload(self, http: HttpRequest) -> Response:
+        async with http.form() as form:
+            upload, purpose = form.get("file"), form.get("purpose", "batch")
+            if upload is None or isinstance(upload, str):
+                return _error(400, "a multipart 'file' is required")
+            content = await upload.read()
+            name = upload.filename or "upload.jsonl"
+        return await _answer_json(lambda: self.store.add_file(name, content, str(purpose)))
+
+    async def file(self, http: HttpRequest) -> Response:
+        return await _answer_json(lambda: self.store.file(http.path_params["file_id"]))
+
+    async def content(self, http: HttpRequest) -> Response:
+        try:
+            data = self.store.file_content(http.path_params["file_id"])
+        except BatchError as exc:
+            return _error(exc.status, str(exc))
+        return Response(data, media_type="application/jsonl")
+
+    async def create(self, http: HttpRequest) -> Response:
+        try:
+            body = await http.json()
+        except ValueError:
+            return _error(400, "the body is not valid JSON")
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object")
+        return await _answer_json(lambda: self.store.create(body))
+
+    async def batch(self, http: HttpRequest) -> Response:
+        return await _answer_json(lambda: self.store.get(http.path_params["batch_id"]))
+
+    async def cancel(self, http: HttpRequest) -> Response:
+        return await _answer_json(lambda: self.store.cancel(http.path_params["batch_id"]))
 
 
-def estimate_prompt_tokens(body: dict[str, Any], route: str) -> int:
-    """The prompt's length for planning: token ids as given, text at ~4 characters a token."""
-    if route == CHAT:
-        chars = sum(len(str(m.get("content") or "")) + 8 for m in body["messages"])
-        return max(1, chars // CHARS_PER_TOKEN)
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        return max(1, len(prompt))
-    return max(1, len(str(prompt)) // CHARS_PER_TOKEN)
+async def _answer_json(make: Callable[[], dict[str, Any]]) -> Response:
+    """``make()`` as JSON, or its :class:`BatchError` as an OpenAI error."""
+    try:
+        return JSONResponse(make())
+    except BatchError as exc:
+        return _error(exc.status, str(exc))
 
 
 async def _disconnected(receive: Receive) -> None:

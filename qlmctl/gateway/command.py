@@ -14,7 +14,7 @@ from pathlib import Path
 
 from qlmctl.domain import SLOClass
 from qlmctl.errors import BadInput
-from qlmctl.gateway.app import GatewayOptions
+from qlmctl.gateway.options import GatewayOptions
 from qlmctl.gateway.server import GatewayJob, served_models
 from qlmctl.plan.policies import make_policy
 from qlmctl.profile.store import ProfileStore

@@ -25,8 +25,10 @@ import uvicorn
 
 from qlmctl.domain import ClusterSpec, SLOClass
 from qlmctl.errors import BadInput
-from qlmctl.gateway.app import GatewayOptions, build_app
+from qlmctl.gateway.app import build_app
+from qlmctl.gateway.batches import BatchStore
 from qlmctl.gateway.metrics import GatewayMetrics
+from qlmctl.gateway.options import GatewayOptions
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.real_driver import RealDriver, RealOptions
@@ -80,7 +82,8 @@ class Gateway:
         metrics = GatewayMetrics(lambda: driver.core if driver.serving.is_set() else None)
         driver.on_attempt, driver.on_operation = metrics.attempt, metrics.operation
         models = served_models(job.cluster)
-        app = build_app(driver, job.options, metrics, job.classes, models)
+        batches = BatchStore(job.run_dir / "batches", driver, job.options, job.classes, models)
+        app = build_app(driver, job.options, metrics, job.classes, models, batches)
         config = uvicorn.Config(
             app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5
         )

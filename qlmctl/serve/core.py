@@ -138,6 +138,17 @@ class ServeCore:
         self._replan_due = True
         self._now = now_s
 
+    def add_slo_class(self, slo: SLOClass) -> None:
+        """A class defined while serving (an OpenAI Batch's completion window).
+
+        Adding a class again is a no-op; another class of the same name is refused.
+        """
+        known = self._slo.get(slo.name)
+        if known is not None and known != slo:
+            raise BadInput(f"SLO class {slo.name!r} already exists with other targets")
+        self._slo[slo.name] = slo
+        self._met_by_class.setdefault(slo.name, [0, 0])
+
     def on_event(self, event: EngineEvent, now_s: float) -> None:
         """An engine reported ``event``. Stale events (an attempt already ended) are ignored."""
         self._now = now_s
