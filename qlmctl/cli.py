@@ -218,12 +218,15 @@ def plan(
 
 @app.command()
 def serve(
-    cluster: ClusterOpt,
     workload: Annotated[
         Path | None,
         typer.Argument(
             help="Workload spec (YAML) or materialised workload (Parquet); none with --listen."
         ),
+    ] = None,
+    cluster: Annotated[
+        Path | None,
+        typer.Option("--cluster", "-c", help="Cluster spec (YAML); not needed with --target."),
     ] = None,
     policy: PolicyOpt = "qlm",
     engine: Annotated[
@@ -237,6 +240,13 @@ def serve(
         str | None, typer.Option(help="Run directory name (default: workload-policy-engine-time).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the policy's randomness.")] = 0,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Replay WORKLOAD as a client of the running gateway at this URL "
+            "(its run log records every request)."
+        ),
+    ] = None,
     listen: Annotated[
         str | None,
         typer.Option(
@@ -257,7 +267,10 @@ def serve(
     ] = None,
     api_key_env: Annotated[
         str | None,
-        typer.Option(help="--listen: environment variable holding the key clients must send."),
+        typer.Option(
+            help="--listen: environment variable holding the key clients must send; "
+            "--target: the key to send."
+        ),
     ] = None,
     max_queue: Annotated[
         int, typer.Option(help="--listen: waiting requests beyond which new ones get 429.")
@@ -273,6 +286,18 @@ def serve(
     from qlmctl.serve.live import live_view, print_summary
 
     measured = profiles if profiles.exists() or profiles != Path("profiles") else None
+    if target is not None:
+        from qlmctl.gateway.replay import replay_through
+        from qlmctl.render import print_table
+        from qlmctl.workload import load_workload
+
+        if workload is None or listen is not None:
+            raise typer.BadParameter("--target replays a WORKLOAD through a running gateway")
+        result = replay_through(load_workload(workload), target, api_key_env=api_key_env)
+        print_table(f"replayed {workload} through {target}", ["field", "value"], result.rows())
+        return
+    if cluster is None:
+        raise typer.BadParameter("--cluster is required (except with --target)")
     if listen is not None:
         from qlmctl.gateway.command import prepare_gateway
         from qlmctl.gateway.server import run_gateway

@@ -9,13 +9,13 @@ environment variable and is only ever sent as ``Authorization: Bearer``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from qlmctl.errors import BadInput, EngineError
+from qlmctl.gateway.options import bearer
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIMEOUT_S = 60.0
@@ -79,14 +79,7 @@ def _first_url(path: Path, content: bytes) -> str:
 
 
 def _client(base_url: str, api_key_env: str | None) -> httpx.Client:
-    headers = {}
-    if api_key_env is not None:
-        key = os.environ.get(api_key_env, "")
-        if not key:
-            raise BadInput(
-                f"--api-key-env {api_key_env}: the environment variable is unset or empty"
-            )
-        headers["Authorization"] = f"Bearer {key}"
+    headers = bearer(api_key_env)
     return httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=TIMEOUT_S)
 
 

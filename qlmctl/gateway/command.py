@@ -8,13 +8,12 @@ command line, where process listings would show it) and kept out of run.json.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from qlmctl.domain import SLOClass
 from qlmctl.errors import BadInput
-from qlmctl.gateway.options import GatewayOptions
+from qlmctl.gateway.options import GatewayOptions, api_key_from_env
 from qlmctl.gateway.server import GatewayJob, served_models
 from qlmctl.plan.policies import make_policy
 from qlmctl.profile.store import ProfileStore
@@ -72,7 +71,7 @@ def prepare_gateway(
         class_by_model=by_model,
         max_queue=max_queue,
         default_max_tokens=default_max_tokens,
-        api_key=_api_key(api_key_env),
+        api_key=api_key_from_env(api_key_env),
     )
     run_dir = Path(runs) / (name or f"gateway-{policy}-{_stamp()}")
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -127,15 +126,6 @@ def _default_classes(
         else:
             by_model[model] = cls
     return fallback, by_model
-
-
-def _api_key(env: str | None) -> str | None:
-    if env is None:
-        return None
-    key = os.environ.get(env, "")
-    if not key:
-        raise BadInput(f"--api-key-env {env}: the environment variable is unset or empty")
-    return key
 
 
 def _stamp() -> str:

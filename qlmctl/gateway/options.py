@@ -2,9 +2,32 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from qlmctl.errors import BadInput
+
+
+def api_key_from_env(env: str | None) -> str | None:
+    """The key held by environment variable ``env`` (None for no key); never on a command line.
+
+    Raises:
+        BadInput: ``env`` is given but unset or empty.
+    """
+    if env is None:
+        return None
+    key = os.environ.get(env, "")
+    if not key:
+        raise BadInput(f"--api-key-env {env}: the environment variable is unset or empty")
+    return key
+
+
+def bearer(env: str | None) -> dict[str, str]:
+    """The ``Authorization`` header for the key in ``env`` ({} without one)."""
+    key = api_key_from_env(env)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 @dataclass(frozen=True)
