@@ -77,11 +77,18 @@ class InstanceSpec(Frozen):
     models: list[Name] | None = Field(
         default=None, description="Models this instance may serve (default: all)"
     )
+    api_key_env: Name | None = Field(
+        default=None,
+        description="Environment variable holding the attached server's API key (sent as "
+        "Authorization: Bearer; never written to logs or run.json)",
+    )
 
     @model_validator(mode="after")
     def _one_way_to_reach(self) -> InstanceSpec:
         if (self.endpoint is None) == (self.launch is None):
             raise ValueError("give exactly one of 'endpoint' (attach) or 'launch' (start)")
+        if self.api_key_env is not None and self.endpoint is None:
+            raise ValueError("'api_key_env' is for attached servers ('endpoint') only")
         if self.model and self.models and self.model not in self.models:
             raise ValueError(f"resident model {self.model!r} is not in 'models'")
         return self

@@ -109,3 +109,28 @@ def _wait_for(condition: object, timeout_s: float = 10.0) -> None:
             return
         time.sleep(0.05)
     pytest.fail("condition not met in time")
+
+
+def test_attached_servers_get_their_own_key_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[str, str | None]] = []  # (url, Authorization) of every upstream call
+    inner = fake_vllm()
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((str(request.url), request.headers.get("authorization")))
+        return await inner.handle_async_request(request)
+
+    job = fake_job(tmp_path, httpx.MockTransport(handler))
+    i0 = job.cluster.instances[0].model_copy(update={"api_key_env": "QLMCTL_TEST_UPSTREAM_KEY"})
+    cluster = job.cluster.model_copy(update={"instances": [i0, *job.cluster.instances[1:]]})
+    job = job.__class__(**{**job.__dict__, "cluster": cluster})
+    monkeypatch.setenv("QLMCTL_TEST_UPSTREAM_KEY", "sk-upstream")
+    with running_gateway(job) as gw:
+        for model in ("m1", "m2"):
+            body = {"model": model, "prompt": "x", "max_tokens": 2}
+            assert httpx.post(f"{gw.base_url}/v1/completions", json=body).status_code == 200
+    keyed = {auth for url, auth in seen if url.startswith(i0.base_url)}
+    others = {auth for url, auth in seen if not url.startswith(i0.base_url)}
+    assert keyed == {"Bearer sk-upstream"} and others == {None}
+    assert "sk-upstream" not in (tmp_path / "run" / "run.json").read_text()

@@ -45,6 +45,7 @@ import numpy as np
 
 from qlmctl.clock import WallClock
 from qlmctl.domain import ClusterSpec, Request, check_models_served
+from qlmctl.engine.auth import ServerKeys
 from qlmctl.engine.events import (
     Aborted,
     Action,
@@ -180,6 +181,7 @@ class RealDriver:
         self.workload, self.policy, self.config, self.seed = workload, policy, config, seed
         self.options = options or RealOptions()
         self.cluster = cluster
+        self.keys = ServerKeys(cluster)  # attached servers' API keys, read from the environment
         # NOTE: warm start (vLLM sleep mode: one server per model, the idle one asleep) is
         # not driven yet; a swap here always restarts the server, so the core must plan
         # with restart costs, never with wake times it would not get.
@@ -231,7 +233,10 @@ class RealDriver:
                     )
                     for s in self.cluster.instances
                 }  # fmt: skip
-                client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=opts.transport)
+                client = httpx.AsyncClient(
+                    timeout=timeout, limits=limits, transport=opts.transport,
+                    auth=self.keys,
+                )  # fmt: skip
                 async with client:
                     self.client = client
                     try:
