@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +45,10 @@ _UNSUPPORTED_STATUS = (400, 404, 405, 501)
 class RequestRejected(EngineError):
     """The server refused a request with HTTP 4xx; the message is the server's own."""
 
-    def __init__(self, status_code: int, message: str) -> None:
+    def __init__(self, status_code: int, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.detail = detail or message  # the server's message alone (no URL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,39 @@ async def stream_completion(
     finish: str | None = None
     usage_tokens: int | None = None
     start = time.perf_counter()
+    async for chunk in stream_chunks(client, url, body):
+        now = time.perf_counter() - start
+        if chunk.get("usage"):
+            usage_tokens = chunk["usage"].get("completion_tokens")
+        for choice in chunk.get("choices") or ():
+            count = _tokens_in(choice)
+            if count and not times and on_first_token is not None:
+                on_first_token(now)
+            times.extend([now] * count)
+            finish = choice.get("finish_reason") or finish
+    e2e = time.perf_counter() - start
+    if not times:
+        raise EngineError(f"{url}: the stream ended without any token (finish={finish!r})")
+    return CompletionResult(
+        ttft_s=times[0],
+        token_times_s=tuple(times),
+        output_tokens=usage_tokens if usage_tokens is not None else len(times),
+        finish_reason=finish,
+        e2e_s=e2e,
+    )
+
+
+async def stream_chunks(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any]
+) -> AsyncIterator[dict[str, Any]]:
+    """POST ``body`` (a streaming request) to ``url``; yield each server-sent JSON chunk.
+
+    Stops at ``[DONE]``. Leaving the loop early (or cancelling) closes the connection.
+
+    Raises:
+        RequestRejected: HTTP 4xx (``detail`` holds the server's own message).
+        EngineError: connection problems, timeouts, HTTP 5xx, an error event in the stream.
+    """
     try:
         async with client.stream("POST", url, json=body) as resp:
             if resp.status_code >= 400:
@@ -137,29 +171,14 @@ async def stream_completion(
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
-                now = time.perf_counter() - start
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
-                for choice in chunk.get("choices") or ():
-                    count = _tokens_in(choice)
-                    if count and not times and on_first_token is not None:
-                        on_first_token(now)
-                    times.extend([now] * count)
-                    finish = choice.get("finish_reason") or finish
+                if isinstance(chunk.get("error"), dict):
+                    message = chunk["error"].get("message", chunk["error"])
+                    raise EngineError(f"{url}: error in the stream: {message}")
+                yield chunk
     except httpx.TimeoutException as exc:
         raise EngineError(f"{url}: timed out ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:
         raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from None
-    e2e = time.perf_counter() - start
-    if not times:
-        raise EngineError(f"{url}: the stream ended without any token (finish={finish!r})")
-    return CompletionResult(
-        ttft_s=times[0],
-        token_times_s=tuple(times),
-        output_tokens=usage_tokens if usage_tokens is not None else len(times),
-        finish_reason=finish,
-        e2e_s=e2e,
-    )
 
 
 def _tokens_in(choice: dict[str, Any]) -> int:
@@ -173,7 +192,9 @@ def _tokens_in(choice: dict[str, Any]) -> int:
 def _raise_for_status(resp: httpx.Response, url: str) -> None:
     message = _error_message(resp)
     if 400 <= resp.status_code < 500:
-        raise RequestRejected(resp.status_code, f"{url}: HTTP {resp.status_code}: {message}")
+        raise RequestRejected(
+            resp.status_code, f"{url}: HTTP {resp.status_code}: {message}", message
+        )
     raise EngineError(f"{url}: HTTP {resp.status_code}: {message}")
 
 

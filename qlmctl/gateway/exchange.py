@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from qlmctl.domain import Request
-from qlmctl.engine.vllm import CompletionResult, RequestRejected, _error_message, _raise_for_status
+from qlmctl.engine.vllm import CompletionResult, RequestRejected, stream_chunks
 from qlmctl.errors import EngineError
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -86,33 +86,19 @@ class Exchange:
         usage_tokens: int | None = None
         start = time.perf_counter()
         try:
-            async with client.stream("POST", url, json=body) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    self._error = (resp.status_code, _error_message(resp))
-                    _raise_for_status(resp, url)
-                async for line in resp.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise EngineError(f"{url}: error in stream: {_message(chunk)}")
-                    count = sum(_tokens_in(c) for c in chunk.get("choices") or ())
-                    if count and not times:
-                        on_first_token()
-                    times.extend([time.perf_counter() - start] * count)
-                    if chunk.get("usage"):
-                        usage_tokens = chunk["usage"].get("completion_tokens")
-                    assembly.add(chunk)
-                    if self.stream:
-                        self._relay(chunk, count)
-        except httpx.TimeoutException as exc:
-            raise EngineError(f"{url}: timed out ({type(exc).__name__})") from None
-        except httpx.HTTPError as exc:
-            raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from None
+            async for chunk in stream_chunks(client, url, body):
+                count = sum(_tokens_in(c) for c in chunk.get("choices") or ())
+                if count and not times:
+                    on_first_token()
+                times.extend([time.perf_counter() - start] * count)
+                if chunk.get("usage"):
+                    usage_tokens = chunk["usage"].get("completion_tokens")
+                assembly.add(chunk)
+                if self.stream:
+                    self._relay(chunk, count)
+        except RequestRejected as exc:
+            self._error = (exc.status_code, exc.detail)
+            raise
         if not assembly.finished:
             raise EngineError(f"{url}: the stream ended before the answer did")
         self._answer = assembly
@@ -262,11 +248,6 @@ def _error_type(status: int) -> str:
         409: "ConflictError",
         429: "RateLimitError",
     }.get(status, "InternalServerError" if status >= 500 else "BadRequestError")
-
-
-def _message(chunk: dict[str, Any]) -> str:
-    err = chunk.get("error")
-    return str(err.get("message", err)) if isinstance(err, dict) else str(err)
 
 
 def _text_of(choice: dict[str, Any]) -> str:
