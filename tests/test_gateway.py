@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from qlmctl.gateway.app import SLO_HEADER
 from qlmctl.serve.runlog import read_run
 from tests.gateway_helpers import fake_job, fake_vllm, running_gateway
+from tests.helpers import run_cli
 
 ONE = {"model": "m1", "prompt": "x"}
 CHAT = {"model": "m2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -134,3 +135,21 @@ def test_attached_servers_get_their_own_key_from_the_environment(
     others = {auth for url, auth in seen if not url.startswith(i0.base_url)}
     assert keyed == {"Bearer sk-upstream"} and others == {None}
     assert "sk-upstream" not in (tmp_path / "run" / "run.json").read_text()
+
+
+def test_serve_listen_bad_options_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(
+        "gpu_types: [{name: G}]\nmodels: [{name: m1, path: /m1}]\n"
+        "instances: [{id: i0, gpu: G, endpoint: 'http://127.0.0.1:9', model: m1}]\n"
+    )
+    cases = [
+        (["--listen", "localhost"], "expected HOST:PORT"),
+        (["--listen", "127.0.0.1:8000", "--api-key-env", "QLMCTL_TEST_UNSET"], "unset or empty"),
+        (["--listen", "127.0.0.1:8000", "--default-class", "m1=gold"], "unknown class"),
+        (["--listen", "127.0.0.1:8000", "--default-class", "m9=batch-1"], "no instance serves"),
+    ]
+    for args, message in cases:
+        done = run_cli("serve", "-c", str(cluster), *args, "--runs", str(tmp_path / "runs"))
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
