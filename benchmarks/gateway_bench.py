@@ -1,12 +1,12 @@
 """`vllm bench serve` through the gateway against the same vLLM server directly.
 
 Builds a tiny random Llama, launches one real `vllm serve` (CPU), puts the gateway in
-front of it (policy qlm, classes by default, header batch-1), and runs vLLM's own
+front of it (policy qlm or --policy, default classes, header batch-1), and runs vLLM's own
 benchmark twice with the same random prompts: once at the gateway's URL, once at the
 server's. Prints completed/failed requests, throughput and TTFT/ITL for both. The
 gateway shares the host's cores with vLLM, so on a small machine its own CPU use shows.
 
-    .venv/bin/python -m benchmarks.gateway_bench [--prompts 400] [--rate 40]
+    .venv/bin/python -m benchmarks.gateway_bench [--prompts 400] [--rate 40] [--policy qlm]
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=400)
     parser.add_argument("--rate", type=float, default=40.0)
+    parser.add_argument("--policy", default="qlm")
     args = parser.parse_args()
     from qlmctl.engine.tiny_model import build_tiny_model
 
@@ -61,7 +62,9 @@ def main() -> None:
         f"models: [{{name: tiny, path: {model}, max_model_len: 2048}}]\n"
         f"instances: [{{id: cpu0, gpu: cpu, model: tiny, launch: {{port: {vllm_port}}}}}]\n"
     )
-    job = prepare_gateway(cluster, listen=f"127.0.0.1:{gw_port}", runs=root / "runs", name="gw")
+    job = prepare_gateway(
+        cluster, listen=f"127.0.0.1:{gw_port}", policy=args.policy, runs=root / "runs", name="gw"
+    )
     gateway = Gateway(job)
     thread = threading.Thread(target=lambda: asyncio.run(gateway.run()), daemon=True)
     thread.start()
