@@ -233,8 +233,16 @@ def plan(
 
 @app.command()
 def serve(
-    workload: WorkloadArg,
-    cluster: ClusterOpt,
+    workload: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Workload spec (YAML) or materialised workload (Parquet); none with --listen."
+        ),
+    ] = None,
+    cluster: Annotated[
+        Path | None,
+        typer.Option("--cluster", "-c", help="Cluster spec (YAML); not needed with --target."),
+    ] = None,
     policy: PolicyOpt = "qlm",
     engine: Annotated[
         str, typer.Option(help="`vllm`: real servers over HTTP; `sim`: simulated, virtual time.")
@@ -258,8 +266,43 @@ def serve(
         float | None,
         typer.Option(help="vllm: longest silence between two tokens, seconds [default: 120]."),
     ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            help="Replay WORKLOAD as a client of the running gateway at this URL "
+            "(its run log records every request)."
+        ),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            help="Serve live clients: an OpenAI-compatible gateway on HOST:PORT "
+            "(e.g. 127.0.0.1:8000) instead of replaying a workload."
+        ),
+    ] = None,
+    slo_classes: Annotated[
+        Path | None,
+        typer.Option(help="--listen: YAML with `slo_classes:` (default: the QLM paper's three)."),
+    ] = None,
+    default_class: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="--listen: class of requests without the x-qlmctl-slo-class header: "
+            "CLASS, or MODEL=CLASS per model (repeatable)."
+        ),
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(
+            help="--listen: environment variable holding the key clients must send; "
+            "--target: the key to send."
+        ),
+    ] = None,
+    max_queue: Annotated[
+        int, typer.Option(help="--listen: waiting requests beyond which new ones get 429.")
+    ] = 1000,
 ) -> None:
-    """Replay WORKLOAD against the cluster, keeping SLOs by following the plan.
+    """Replay WORKLOAD against the cluster, or serve live clients with `--listen`.
 
     Pulls requests with backpressure, evicts blocking batch work, swaps models, balances
     load and re-plans as the queue changes; logs every request attempt to Parquet. An
@@ -267,12 +310,41 @@ def serve(
 
     Exit codes: 0 every request finished; 3 the run ended but some requests failed or
     were rejected (see the run log); 2 bad input; 1 failure at run time; 130 Ctrl-C
-    (stops dispatching, cancels what is in flight, closes the log).
+    (stops dispatching, cancels what is in flight, closes the log). A gateway stopped by
+    Ctrl-C or SIGTERM exits 0.
     """
     from qlmctl.serve.command import prepare_serve, stream_timeouts
     from qlmctl.serve.live import live_view, print_summary
 
     measured = profiles if profiles.exists() or profiles != Path("profiles") else None
+    if target is not None:
+        from qlmctl.gateway.replay import replay_through
+        from qlmctl.render import print_table
+        from qlmctl.workload import load_workload
+
+        if workload is None or listen is not None:
+            raise typer.BadParameter("--target replays a WORKLOAD through a running gateway")
+        result = replay_through(load_workload(workload), target, api_key_env=api_key_env)
+        print_table(f"replayed {workload} through {target}", ["field", "value"], result.rows())
+        return
+    if cluster is None:
+        raise typer.BadParameter("--cluster is required (except with --target)")
+    if listen is not None:
+        from qlmctl.gateway.command import prepare_gateway
+        from qlmctl.gateway.server import run_gateway
+
+        if workload is not None or engine != "vllm":
+            raise typer.BadParameter("--listen serves live clients on real vLLM: no WORKLOAD")
+        gw = prepare_gateway(
+            cluster, listen=listen, policy=policy, profiles=measured, runs=runs, name=name,
+            slo_classes=slo_classes, default_class=default_class or [],
+            api_key_env=api_key_env, max_queue=max_queue, seed=seed,
+        )  # fmt: skip
+        err_console.print(f"starting instances; the gateway will listen on {gw.base_url}")
+        print_summary(run_gateway(gw, lambda *_: None))
+        return
+    if workload is None:
+        raise typer.BadParameter("give a WORKLOAD to replay, or --listen HOST:PORT")
     job = prepare_serve(
         workload, cluster, policy=policy, engine=engine, profiles=measured, runs=runs,
         name=name, seed=seed,
@@ -370,6 +442,92 @@ def demo(
     print_report(result)
     if any(s.interrupted for s in summaries):
         raise typer.Exit(130)
+
+
+batch_app = typer.Typer(
+    help=(
+        "OpenAI Batch files through a running gateway (`qlmctl serve --listen`).\n\n"
+        "Each JSONL line is `{custom_id, method, url, body}`; the completion window is the "
+        "deadline of every line (its SLO class)."
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(batch_app, name="batch")
+GatewayUrlOpt = Annotated[
+    str, typer.Option("--url", envvar="QLMCTL_GATEWAY", help="The gateway's base URL.")
+]
+ApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option(help="Environment variable holding the gateway's API key."),
+]
+
+
+@batch_app.command("submit")
+def batch_submit(
+    file: Annotated[Path, typer.Argument(help="Batch input (JSONL).")],
+    url: GatewayUrlOpt = "http://127.0.0.1:8000",
+    endpoint: Annotated[
+        str | None,
+        typer.Option(help="/v1/completions or /v1/chat/completions (default: line 1's)."),
+    ] = None,
+    completion_window: Annotated[
+        str, typer.Option(help="Deadline of every line, e.g. 24h, 90m, 600s.")
+    ] = "24h",
+    api_key_env: ApiKeyEnvOpt = None,
+) -> None:
+    """Upload FILE and start a batch on it; prints the batch id."""
+    from qlmctl.gateway.client import submit_batch
+
+    batch = submit_batch(
+        url, file, endpoint=endpoint, completion_window=completion_window, api_key_env=api_key_env
+    )
+    typer.echo(batch["id"])
+
+
+@batch_app.command("status")
+def batch_status(
+    batch_id: Annotated[str, typer.Argument(help="Batch id from `batch submit`.")],
+    url: GatewayUrlOpt = "http://127.0.0.1:8000",
+    api_key_env: ApiKeyEnvOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Print a batch's status and request counts."""
+    from qlmctl.gateway.client import batch_status as fetch
+    from qlmctl.render import print_json, print_table
+
+    batch = fetch(url, batch_id, api_key_env)
+    if json_out:
+        print_json(batch)
+        return
+    counts = batch["request_counts"]
+    rows = [
+        ["status", batch["status"]],
+        ["window", batch["completion_window"]],
+        *([k, v] for k, v in counts.items()),
+        ["output file", batch["output_file_id"]],
+    ]
+    print_table(f"batch {batch_id}", ["field", "value"], rows)
+
+
+@batch_app.command("results")
+def batch_results(
+    batch_id: Annotated[str, typer.Argument(help="Batch id from `batch submit`.")],
+    url: GatewayUrlOpt = "http://127.0.0.1:8000",
+    api_key_env: ApiKeyEnvOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the JSONL here (default: stdout).")
+    ] = None,
+) -> None:
+    """Print (or write) a finished batch's output JSONL: one line per custom_id."""
+    from qlmctl.fileio import atomic_write_text
+    from qlmctl.gateway.client import batch_results as fetch
+
+    text = fetch(url, batch_id, api_key_env)
+    if out is None:
+        typer.echo(text)
+    else:
+        atomic_write_text(out, text + "\n")
+        err_console.print(f"wrote {len(text.splitlines())} results to {out}")
 
 
 cluster_app = typer.Typer(help="Inspect cluster specs.", no_args_is_help=True)

@@ -117,6 +117,8 @@ class InstanceSpec(Frozen):
     def _one_way_to_reach(self) -> InstanceSpec:
         if (self.endpoint is None) == (self.launch is None):
             raise ValueError("give exactly one of 'endpoint' (attach) or 'launch' (start)")
+        if self.api_key_env is not None and self.endpoint is None:
+            raise ValueError("'api_key_env' is for attached servers ('endpoint') only")
         if self.model and self.models and self.model not in self.models:
             raise ValueError(f"resident model {self.model!r} is not in 'models'")
         return self

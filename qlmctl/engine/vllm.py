@@ -25,7 +25,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,9 +72,10 @@ class StreamTimeouts:
 class RequestRejected(EngineError):
     """The server refused a request with HTTP 4xx; the message is the server's own."""
 
-    def __init__(self, status_code: int, message: str) -> None:
+    def __init__(self, status_code: int, message: str, detail: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.detail = detail or message  # the server's message alone (no URL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,108 +154,131 @@ async def stream_completion(
     }
     if priority is not None:
         body["priority"] = priority
+    times: list[float] = []
+    finish: str | None = None
+    usage_tokens: int | None = None
+    start = time.perf_counter()
+    async for chunk in stream_chunks(client, url, body, timeouts=timeouts, headers=headers):
+        now = time.perf_counter() - start
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            usage_tokens = usage["completion_tokens"]
+        for choice in chunk["choices"]:
+            count = _tokens_in(choice)
+            if count and not times and on_first_token is not None:
+                on_first_token(now)
+            times.extend([now] * count)
+            finish = str(choice["finish_reason"]) if choice.get("finish_reason") else finish
+    if not times:
+        raise EngineError(f"{url}: the stream ended without any token (finish={finish!r})")
+    return CompletionResult(
+        ttft_s=times[0],
+        token_times_s=tuple(times),
+        output_tokens=usage_tokens if usage_tokens is not None else len(times),
+        finish_reason=finish,
+        e2e_s=time.perf_counter() - start,
+    )
+
+
+async def stream_chunks(
+    client: httpx.AsyncClient,
+    url: str,
+    body: dict[str, Any],
+    *,
+    timeouts: StreamTimeouts | None = None,
+    headers: Headers = None,
+) -> AsyncIterator[dict[str, Any]]:
+    """POST ``body`` (a streaming request) to ``url``; yield each server-sent JSON chunk.
+
+    Every chunk yielded is an object whose ``choices`` is a list of objects. Stops at
+    ``[DONE]``; leaving the loop early (or cancelling) closes the connection.
+
+    Raises:
+        RequestRejected: HTTP 4xx (``detail`` holds the server's own message).
+        EngineError: connection problems, a :class:`StreamTimeouts` limit, HTTP 5xx, a
+            line that is not JSON, a chunk that is not an object or has malformed
+            choices, an error event, a stream that ends without ``[DONE]`` or a finish
+            reason (truncated).
+    """
     limits = timeouts or StreamTimeouts()
-    stream = _Stream(url, on_first_token)
     loop = asyncio.get_running_loop()
+    # NOTE: one deadline, moved forward at every token: first_token_s from sending (vLLM
+    # may queue the request), then token_s of silence at most. It bounds each wait of
+    # this generator only, never the caller's work between chunks.
+    deadline = loop.time() + limits.first_token_s
+    tokens, finished = 0, False
     try:
-        # NOTE: one deadline, moved forward at every token: first_token_s until the first
-        # one (vLLM may queue the request), then token_s of silence at most.
-        async with asyncio.timeout(limits.first_token_s) as deadline:
-            async with client.stream(
+        async with asyncio.timeout_at(deadline):
+            request = client.build_request(
                 "POST", url, json=body, headers=headers,
                 timeout=httpx.Timeout(None, connect=limits.connect_s),
-            ) as resp:  # fmt: skip
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    _raise_for_status(resp, url)
-                async for line in resp.aiter_lines():
-                    if stream.feed(line):
-                        break
-                    if stream.times:
-                        deadline.reschedule(loop.time() + limits.token_s)
+            )  # fmt: skip
+            resp = await client.send(request, stream=True)
+        try:
+            if resp.status_code >= 400:
+                await resp.aread()
+                _raise_for_status(resp, url)
+            lines = resp.aiter_lines()
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    line = await anext(lines, None)
+                if line is None:
+                    break
+                chunk = _chunk(line, url)
+                if chunk is _DONE:
+                    return
+                if chunk is None:
+                    continue
+                for choice in chunk["choices"]:
+                    tokens += _tokens_in(choice)
+                    finished = finished or bool(choice.get("finish_reason"))
+                if tokens:
+                    deadline = loop.time() + limits.token_s
+                yield chunk
+        finally:
+            await resp.aclose()
     except TimeoutError:
         waited = (
-            f"{limits.token_s:g} s after token {len(stream.times)}"
-            if stream.times
-            else (f"{limits.first_token_s:g} s for the first token")
+            f"{limits.token_s:g} s after token {tokens}"
+            if tokens
+            else f"{limits.first_token_s:g} s for the first token"
         )
         raise EngineError(f"{url}: timed out waiting {waited}") from None
     except httpx.TimeoutException as exc:
         raise EngineError(f"{url}: timed out ({type(exc).__name__})") from None
     except httpx.HTTPError as exc:
         raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from None
-    return stream.result()
-
-
-class _Stream:
-    """The server-sent events of one completion, parsed line by line.
-
-    Rules: every malformed input is an :class:`EngineError`; ``result`` refuses a stream
-    that never said it was complete (``[DONE]`` or a finish reason).
-    """
-
-    def __init__(self, url: str, on_first_token: Callable[[float], None] | None) -> None:
-        self.url = url
-        self.on_first_token = on_first_token
-        self.start = time.perf_counter()
-        self.times: list[float] = []
-        self.finish: str | None = None
-        self.usage_tokens: int | None = None
-        self.done = False
-
-    def feed(self, line: str) -> bool:
-        """Take one line; True once ``[DONE]`` arrived."""
-        if not line.startswith("data:"):
-            return False
-        data = line[5:].strip()
-        if data == "[DONE]":
-            self.done = True
-            return True
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            raise self._bad(f"a stream line is not JSON: {data[:80]!r}") from None
-        if not isinstance(chunk, dict):
-            raise self._bad(f"a stream chunk is not an object: {data[:80]!r}")
-        if "error" in chunk or chunk.get("object") == "error":
-            error = json.dumps(chunk.get("error", chunk))[:200]
-            raise self._bad(f"the server reported an error: {error}")
-        now = time.perf_counter() - self.start
-        usage = chunk.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-            self.usage_tokens = usage["completion_tokens"]
-        choices = chunk.get("choices") or []
-        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
-            raise self._bad(f"a stream chunk has malformed choices: {data[:80]!r}")
-        for choice in choices:
-            count = _tokens_in(choice)
-            if count and not self.times and self.on_first_token is not None:
-                self.on_first_token(now)
-            self.times.extend([now] * count)
-            reason = choice.get("finish_reason")
-            self.finish = str(reason) if reason else self.finish
-        return False
-
-    def result(self) -> CompletionResult:
-        """The timings of a stream that ended properly."""
-        e2e = time.perf_counter() - self.start
-        if not self.done and self.finish is None:
-            raise self._bad(
-                f"the stream ended after {len(self.times)} tokens without [DONE] or a "
-                "finish reason (truncated)"
-            )
-        if not self.times:
-            raise self._bad(f"the stream ended without any token (finish={self.finish!r})")
-        return CompletionResult(
-            ttft_s=self.times[0],
-            token_times_s=tuple(self.times),
-            output_tokens=self.usage_tokens if self.usage_tokens is not None else len(self.times),
-            finish_reason=self.finish,
-            e2e_s=e2e,
+    if not finished:
+        raise EngineError(
+            f"{url}: the stream ended after {tokens} tokens without [DONE] or a finish "
+            "reason (truncated)"
         )
 
-    def _bad(self, what: str) -> EngineError:
-        return EngineError(f"{self.url}: {what}")
+
+_DONE: dict[str, Any] = {}  # the [DONE] marker
+
+
+def _chunk(line: str, url: str) -> dict[str, Any] | None:
+    """One server-sent line: a checked chunk, ``_DONE``, or None (not a data line)."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return _DONE
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise EngineError(f"{url}: a stream line is not JSON: {data[:80]!r}") from None
+    if not isinstance(chunk, dict):
+        raise EngineError(f"{url}: a stream chunk is not an object: {data[:80]!r}")
+    if "error" in chunk or chunk.get("object") == "error":
+        error = chunk.get("error", chunk)
+        message = error.get("message", error) if isinstance(error, dict) else error
+        raise EngineError(f"{url}: the server reported an error: {str(message)[:200]}")
+    choices = chunk.setdefault("choices", [])
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise EngineError(f"{url}: a stream chunk has malformed choices: {data[:80]!r}")
+    return chunk
 
 
 def _tokens_in(choice: dict[str, Any]) -> int:
@@ -270,7 +294,9 @@ def _raise_for_status(resp: httpx.Response, url: str) -> None:
     if resp.status_code in _AUTH_STATUS:
         message = f"needs an API key (set api_key_env on the instance): {message}"
     if 400 <= resp.status_code < 500:
-        raise RequestRejected(resp.status_code, f"{url}: HTTP {resp.status_code}: {message}")
+        raise RequestRejected(
+            resp.status_code, f"{url}: HTTP {resp.status_code}: {message}", message
+        )
     raise EngineError(f"{url}: HTTP {resp.status_code}: {message}")
 
 

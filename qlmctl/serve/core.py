@@ -138,6 +138,17 @@ class ServeCore:
         self._replan_due = True
         self._now = now_s
 
+    def add_slo_class(self, slo: SLOClass) -> None:
+        """A class defined while serving (an OpenAI Batch's completion window).
+
+        Adding a class again is a no-op; another class of the same name is refused.
+        """
+        known = self._slo.get(slo.name)
+        if known is not None and known != slo:
+            raise BadInput(f"SLO class {slo.name!r} already exists with other targets")
+        self._slo[slo.name] = slo
+        self._met_by_class.setdefault(slo.name, [0, 0])
+
     def on_event(self, event: EngineEvent, now_s: float) -> None:
         """An engine reported ``event``. Stale events (an attempt already ended) are ignored."""
         self._now = now_s
@@ -203,14 +214,26 @@ class ServeCore:
 
     def cancel_all(self, now_s: float, reason: str = "run stopped") -> list[Evict]:
         """Stop: every request not yet ended is CANCELLED; abort those in flight."""
-        out: list[Evict] = []
-        for tr in self._reqs.values():
-            if tr.state.is_final:
-                continue
-            if tr.instance_id is not None and tr.state is not ReqState.WAITING:
-                out.append(Evict(tr.id, tr.instance_id, reason))
-            self._end(tr, now_s, "cancel", None, reason)
+        return [e for r in list(self._reqs) for e in self.cancel(r, now_s, reason)]
+
+    def cancel(self, request_id: str, now_s: float, reason: str) -> list[Evict]:
+        """End one request as CANCELLED (its client went away); abort it if in flight.
+
+        A request that already ended is left alone (no action).
+        """
+        tr = self._reqs[request_id]
+        if tr.state.is_final:
+            return []
+        out = []
+        if tr.instance_id is not None and tr.state is not ReqState.WAITING:
+            out.append(Evict(tr.id, tr.instance_id, reason))
+        self._end(tr, now_s, "cancel", None, reason)
         return out
+
+    def refuse(self, request: Request, now_s: float, reason: str) -> None:
+        """Admission control turned ``request`` away: one final ``rejected`` row, never queued."""
+        self.on_arrival(request, now_s)
+        self._end(self._reqs[request.id], now_s, "refuse", None, reason, outcome="rejected")
 
     # ---- decisions out --------------------------------------------------------------
 

@@ -22,6 +22,13 @@ improver runs in a worker thread (``asyncio.to_thread``) so dispatch never waits
 Ctrl-C stops dispatching, cancels what is in flight (logged ``cancelled``), closes the
 log and reports an interrupted run. Events from a request task that is no longer the
 request's current attempt are dropped, so the core never hears stale news.
+
+Live traffic (the gateway) uses the same loop: :meth:`RealDriver.submit` puts a
+:class:`LiveRequest` on the loop's queue, where it joins the core exactly as a replayed
+arrival does; its attempts run :meth:`LiveRequest.attempt` (the client's own body,
+relayed back to the client) instead of a synthetic prompt, and it hears its final
+outcome through :meth:`LiveRequest.ended`. With ``listening`` set the loop runs until
+stopped rather than until the workload ends.
 """
 
 from __future__ import annotations
@@ -30,10 +37,10 @@ import asyncio
 import contextlib
 import math
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import numpy as np
@@ -52,7 +59,14 @@ from qlmctl.engine.events import (
     InstanceReady,
     LoadModel,
 )
-from qlmctl.engine.vllm import RequestRejected, StreamTimeouts, fetch_metrics, stream_completion
+from qlmctl.engine.vllm import (
+    CompletionResult,
+    Headers,
+    RequestRejected,
+    StreamTimeouts,
+    fetch_metrics,
+    stream_completion,
+)
 from qlmctl.errors import EngineError
 from qlmctl.plan.types import Plan
 from qlmctl.profile.perfmodel import PerfModel
@@ -67,7 +81,8 @@ from qlmctl.serve.run import (
     run_meta,
     write_rows,
 )
-from qlmctl.serve.runlog import RunLogWriter
+from qlmctl.serve.runlog import FAILED, FINAL_OUTCOMES, RunLogWriter
+from qlmctl.serve.state import ReqState
 from qlmctl.workload import Workload, prompt_for
 
 _UNREACHABLE_POLLS = 3
@@ -99,7 +114,46 @@ class _Improved:
     error: str | None = None
 
 
-_Item = EngineEvent | _Backpressure | _Improved
+class LiveRequest(Protocol):
+    """A request from a live client (the gateway): it talks to vLLM itself, hears its end."""
+
+    request: Request
+
+    async def attempt(
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        priority: int | None,
+        on_first_token: Callable[[], None],
+        *,
+        timeouts: StreamTimeouts,
+        headers: Headers,
+    ) -> CompletionResult:
+        """Run one attempt on the server at ``base_url`` (called per dispatch), within
+        ``timeouts``, sending ``headers`` (the server's API key).
+
+        Raises as :func:`~qlmctl.engine.vllm.stream_completion` does; cancelled on eviction.
+        """
+        ...
+
+    def ended(self, outcome: str, reason: str | None) -> None:
+        """The request ended for good (a final run-log outcome); called once."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Arrival:
+    live: LiveRequest
+
+
+@dataclass(frozen=True, slots=True)
+class _Cancel:
+    request_id: str
+    reason: str
+
+
+_Item = EngineEvent | _Backpressure | _Improved | _Arrival | _Cancel
+AttemptHook = Callable[[dict[str, Any], bool], None]  # (row, whether it ended the request)
 
 
 def run_real(
@@ -120,11 +174,13 @@ def run_real(
     Arguments as for :func:`~qlmctl.serve.sim_driver.run_simulated`, plus ``options``.
     Launched servers are stopped at the end. Ctrl-C gives an interrupted summary.
     """
-    driver = _RealDriver(workload, cluster, perf, policy, config or CoreConfig(), seed, options)
+    driver = RealDriver(workload, cluster, perf, policy, config or CoreConfig(), seed, options)
     return asyncio.run(driver.run(Path(run_dir), meta or {}, on_progress))
 
 
-class _RealDriver:
+class RealDriver:
+    """The loop that owns the core (see the module docstring); one per run."""
+
     def __init__(
         self,
         workload: Workload,
@@ -151,6 +207,23 @@ class _RealDriver:
         self.background: set[asyncio.Task[Any]] = set()
         self.clock = WallClock()
         self.stop = asyncio.Event()
+        self.listening = False  # live mode: run until stopped, not until the workload ends
+        self.serving = asyncio.Event()  # set once the instances are up and the core exists
+        self.live: dict[str, LiveRequest] = {}  # request id -> live client, until it ends
+        self.on_attempt: AttemptHook | None = None  # sees every request-attempt row (metrics)
+        self.on_operation: Callable[[dict[str, Any]], None] | None = None  # every operation row
+
+    def submit(self, live: LiveRequest) -> None:
+        """A live client's request joins the queue (at the loop's next turn)."""
+        self.queue.put_nowait(_Arrival(live))
+
+    def cancel(self, request_id: str, reason: str) -> None:
+        """A live client went away: end its request as cancelled."""
+        self.queue.put_nowait(_Cancel(request_id, reason))
+
+    def refuse(self, request: Request, reason: str) -> None:
+        """Admission control turned ``request`` away: logged as rejected, never queued."""
+        self.core.refuse(request, self.clock.now(), reason)
 
     async def run(
         self, run_dir: Path, meta: dict[str, Any], on_progress: ProgressFn | None
@@ -174,7 +247,9 @@ class _RealDriver:
                     )
                     for s in self.cluster.instances
                 }  # fmt: skip
-                client = httpx.AsyncClient(timeout=timeout, limits=limits, transport=opts.transport)
+                client = httpx.AsyncClient(
+                    timeout=timeout, limits=limits, transport=opts.transport
+                )  # fmt: skip
                 async with client:
                     self.client = client
                     try:
@@ -226,6 +301,7 @@ class _RealDriver:
         self.core = core
         improve_rng = np.random.default_rng([self.seed, 1])
         self.clock = WallClock()
+        self.serving.set()
         for inst in self.instances.values():
             self._spawn(self._poll(inst))
         for t_s, iid in self.options.kill_at:
@@ -240,16 +316,16 @@ class _RealDriver:
             if self.stop.is_set():
                 interrupted = True
                 self._apply(list(core.cancel_all(now, INTERRUPTED)))
-                write_rows(core, log, self._enrich)
+                self._write(log)
                 break
             self._apply(core.decide(now))
             snap = core.wants_improvement()
             if snap is not None and core.improver is not None:
                 self._spawn(self._improve(core.improver, snap, improve_rng))
-            write_rows(core, log, self._enrich)
+            self._write(log)
             if on_progress is not None:
                 on_progress(core.stats(), now)
-            if k == len(requests) and core.done:
+            if k == len(requests) and core.done and not self.listening:
                 break
             next_t = min(
                 requests[k].arrival_s if k < len(requests) else math.inf,
@@ -272,7 +348,13 @@ class _RealDriver:
 
     def _feed(self, item: _Item) -> None:
         core, now = self.core, self.clock.now()
-        if isinstance(item, _Backpressure):
+        if isinstance(item, _Arrival):
+            self.by_id[item.live.request.id] = item.live.request
+            self.live[item.live.request.id] = item.live
+            core.on_arrival(item.live.request, now)
+        elif isinstance(item, _Cancel):
+            self._apply(list(core.cancel(item.request_id, now, item.reason)))
+        elif isinstance(item, _Backpressure):
             core.on_backpressure(item.instance_id, item.waiting, item.kv_usage)
         elif isinstance(item, _Improved):
             if item.error is not None:
@@ -309,14 +391,23 @@ class _RealDriver:
             if mine():
                 self.queue.put_nowait(ev)
 
+        priority = a.priority if self.config.vllm_priority else None
+        live = self.live.get(rid)
         try:
-            result = await stream_completion(
-                self.client, inst.base_url, req.model, prompt_for(req), req.target_output_tokens,
-                priority=a.priority if self.config.vllm_priority else None,
-                ignore_eos=req.output_tokens is not None,
-                on_first_token=lambda _t: push(FirstToken(rid, iid, self.clock.now())),
-                timeouts=self.options.stream, headers=inst.headers,
-            )  # fmt: skip
+            if live is not None:
+                result = await live.attempt(
+                    self.client, inst.base_url, priority,
+                    lambda: push(FirstToken(rid, iid, self.clock.now())),
+                    timeouts=self.options.stream, headers=inst.headers,
+                )  # fmt: skip
+            else:
+                result = await stream_completion(
+                    self.client, inst.base_url, req.model, prompt_for(req),
+                    req.target_output_tokens, priority=priority,
+                    ignore_eos=req.output_tokens is not None,
+                    on_first_token=lambda _t: push(FirstToken(rid, iid, self.clock.now())),
+                    timeouts=self.options.stream, headers=inst.headers,
+                )  # fmt: skip
         except asyncio.CancelledError:
             push(Aborted(rid, iid, self.clock.now(), 0, "evicted"))
         except RequestRejected as exc:
@@ -402,12 +493,27 @@ class _RealDriver:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
+    def _write(self, log: RunLogWriter) -> None:
+        write_rows(self.core, log, self._enrich, self.on_operation)
+
     def _enrich(self, row: dict[str, Any]) -> None:
-        """Driver-only fields: the longest inter-token gap; unknown tokens of aborted attempts."""
+        """Driver-only fields: the longest inter-token gap; unknown tokens of aborted attempts.
+
+        A live request's client hears the final outcome here, once the core has logged it.
+        """
+        rid = row["request_id"]
         if row["outcome"] == "finished":
-            row["itl_max_s"] = self.itl_max.pop(row["request_id"], None)
+            row["itl_max_s"] = self.itl_max.pop(rid, None)
         else:
             row["output_tokens"] = None  # a cancelled stream does not say how far it got
+        final = row["outcome"] in FINAL_OUTCOMES or (
+            row["outcome"] == FAILED and self.core.state_of(rid) is ReqState.FAILED
+        )
+        live = self.live.pop(rid, None) if final else None
+        if live is not None:
+            live.ended(row["outcome"], row["reason"])
+        if self.on_attempt is not None:
+            self.on_attempt(row, final)
 
 
 def _options_dict(options: RealOptions) -> dict[str, Any]:

@@ -139,14 +139,21 @@ def write_rows(
     core: ServeCore,
     log: RunLogWriter,
     enrich: Callable[[dict[str, Any]], None] | None = None,
+    on_operation: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
-    """Move the core's pending rows into the writer (``enrich`` may fill driver-only fields)."""
+    """Move the core's pending rows into the writer.
+
+    ``enrich`` may fill driver-only fields of attempt rows; ``on_operation`` sees each
+    operation row (the gateway's metrics).
+    """
     attempts, operations = core.take_log()
     for row in attempts:
         if enrich is not None:
             enrich(row)
         log.add_attempt(row)
     for row in operations:
+        if on_operation is not None:
+            on_operation(row)
         log.add_operation(row)
     log.maybe_flush()
 

@@ -59,6 +59,7 @@ _TRANSITIONS: dict[str, tuple[frozenset[ReqState], ReqState]] = {
     "fail": (frozenset({W, D, R, E}), ReqState.FAILED),
     "reject": (frozenset({D, R, E}), ReqState.REJECTED),
     "cancel": (frozenset({W, D, R, E}), ReqState.CANCELLED),
+    "refuse": (frozenset({W}), ReqState.REJECTED),  # admission control: never queued
 }
 
 
