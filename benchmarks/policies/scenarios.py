@@ -137,29 +137,22 @@ def _trace(name: str, dataset: str, model: Any, slo_class: Any) -> dict[str, Any
     }
 
 
-def _arxiv_jobs(name: str, model: Any, slo_class: str) -> dict[str, Any]:
+def _jobs(name: str, lengths: dict[str, Any], model: Any, slo_class: str) -> dict[str, Any]:
+    """Jobs arriving as a Poisson stream, with ``lengths`` (a dataset or distributions)."""
     return {
         "name": name,
         "arrivals": {"process": "poisson", "rate_per_s": ARXIV_RATE_PER_S, "duration_s": 3600},
-        "lengths": {"dataset": ARXIV},
+        "lengths": lengths,
         "model": model,
         "slo_class": slo_class,
     }
 
 
-def _long_docs(name: str, model: str, slo_class: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "arrivals": {"process": "poisson", "rate_per_s": ARXIV_RATE_PER_S, "duration_s": 3600},
-        "lengths": {
-            "prompt_tokens": {"dist": "uniform", "low": 8192, "high": 32768},
-            "output_tokens": {"dist": "lognormal", "median": 300, "sigma": 0.8, "max": 2048},
-        },
-        "model": model,
-        "slo_class": slo_class,
-    }
-
-
+ARXIV_LENGTHS = {"dataset": ARXIV}
+LONG_DOC_LENGTHS = {
+    "prompt_tokens": {"dist": "uniform", "low": 8192, "high": 32768},
+    "output_tokens": {"dist": "lognormal", "median": 300, "sigma": 0.8, "max": 2048},
+}
 _BY_HASH = {"by": "hash", "weights": {SMALL: 0.4, SMALL2: 0.4, BIG: 0.2}}
 
 SCENARIOS: dict[str, Scenario] = {
@@ -173,7 +166,7 @@ SCENARIOS: dict[str, Scenario] = {
             (
                 _trace("code", CODE, SMALL, "interactive"),
                 _trace("conv", CONV, SMALL, "batch-1"),
-                _arxiv_jobs("arxiv", SMALL, "batch-2"),
+                _jobs("arxiv", ARXIV_LENGTHS, SMALL, "batch-2"),
             ),
             (SMALL,),
         ),
@@ -182,7 +175,10 @@ SCENARIOS: dict[str, Scenario] = {
             "three models by hash (8B, 7B, 70B on A100 only); conversation batch-1 (60 s), "
             "arXiv jobs batch-2 (1 h)",
             (SMALL, SMALL2, BIG),
-            (_trace("conv", CONV, _BY_HASH, "batch-1"), _arxiv_jobs("arxiv", _BY_HASH, "batch-2")),
+            (
+                _trace("conv", CONV, _BY_HASH, "batch-1"),
+                _jobs("arxiv", ARXIV_LENGTHS, _BY_HASH, "batch-2"),
+            ),
             (SMALL, SMALL2),
             resident=(BIG, SMALL, SMALL2),
         ),
@@ -190,7 +186,10 @@ SCENARIOS: dict[str, Scenario] = {
             "C-longprompt",
             "one model; code trace interactive (20 s), arXiv-length jobs batch-1 (60 s)",
             (SMALL,),
-            (_trace("code", CODE, SMALL, "interactive"), _arxiv_jobs("arxiv", SMALL, "batch-1")),
+            (
+                _trace("code", CODE, SMALL, "interactive"),
+                _jobs("arxiv", ARXIV_LENGTHS, SMALL, "batch-1"),
+            ),
             (SMALL,),
         ),
         Scenario(
@@ -198,7 +197,10 @@ SCENARIOS: dict[str, Scenario] = {
             "one model; code trace interactive (20 s), documents of 8k-32k prompt tokens "
             "batch-1 (60 s)",
             (SMALL,),
-            (_trace("code", CODE, SMALL, "interactive"), _long_docs("docs", SMALL, "batch-1")),
+            (
+                _trace("code", CODE, SMALL, "interactive"),
+                _jobs("docs", LONG_DOC_LENGTHS, SMALL, "batch-1"),
+            ),
             (SMALL,),
         ),
     )
