@@ -181,7 +181,7 @@ def scenarios_from_tokens(
     over B slots and its prompt's pipeline time.
     """
     decode = problem.step_s[:, :, None] * (tokens / problem.size[:, None])[:, None, :]
-    prefill = np.add.reduceat(problem.req_prefill_s, problem.req_offsets[:-1])  # [G, I]
+    prefill = problem.group_prefill_s()
     slots = problem.batch[problem.group_model].astype(float)  # [G, I]
     per_request = (prefill / problem.size[:, None])[:, :, None]
     rate = np.maximum((per_request + decode) / np.maximum(slots, 1.0)[:, :, None], per_request)

@@ -53,8 +53,7 @@ class _Placement:
         self.engines = [e.copy() for e in mean.engines]
         self.loaded = problem.init_model.copy()
         self.first_token_s: dict[int, np.ndarray] = {}  # group -> [n] first-token times
-        # [G, I] pipeline seconds of each group's prompts
-        self.prefill_s = np.add.reduceat(problem.req_prefill_s, problem.req_offsets[:-1])
+        self.prefill_s = problem.group_prefill_s()
 
     def finish_s(self, g: int, i: int) -> float:
         """When ``g``'s last request would finish if queued next on ``i`` (inf: ineligible)."""
@@ -63,18 +62,18 @@ class _Placement:
             return np.inf
         n = int(pb.size[g])
         decode = float(self.mean.decode_s[g, i, 0])
-        occupancy = decode + self.prefill_s[g, i] / n  # a slot, if the pipeline keeps up
+        hold = decode + self.prefill_s[g, i] / n  # a slot, if the pipeline keeps up
         m, engine = pb.group_model[g], self.engines[i]
         free, pipeline = engine.slots[0], float(engine.pipeline_s[0])
         if m != self.loaded[i]:
             ready = max(float(free[-1]), pipeline) + float(pb.swap_s[i, self.loaded[i], m])
             b = pb.group_batch(g, i)
-            last = max(ready, pb.release_s[g]) + -(-n // b) * occupancy
+            last = max(ready, pb.release_s[g]) + -(-n // b) * hold
         else:
             b = len(free)
-            last = max(float(free[(n - 1) % b]), pb.release_s[g]) + ((n - 1) // b + 1) * occupancy
+            last = max(float(free[(n - 1) % b]), pb.release_s[g]) + ((n - 1) // b + 1) * hold
             if n >= b:
-                last = max(last, max(float(free[-1]), pb.release_s[g]) + (n // b) * occupancy)
+                last = max(last, max(float(free[-1]), pb.release_s[g]) + (n // b) * hold)
             ready = pipeline
         return max(last, max(ready, pb.release_s[g]) + self.prefill_s[g, i] + decode)
 

@@ -102,6 +102,10 @@ class Problem:
     running_step_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] full step
     running_prefill_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] left
 
+    def group_prefill_s(self) -> np.ndarray:
+        """[G, I] pipeline seconds of each group's prompts on each instance."""
+        return np.add.reduceat(self.req_prefill_s, self.req_offsets[:-1])
+
     def dispatch_deadline_s(self) -> np.ndarray:
         """[G, I] the latest dispatch of each group's last request that still gets its
         first token by its deadline (the fluid view's miss line)."""
