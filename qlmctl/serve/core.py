@@ -15,9 +15,10 @@ How it works:
   plan later through :meth:`~ServeCore.on_plan`.
 * **Pulling.** An up instance dispatches the head of its virtual queue while its
   in-flight count (and the engine's reported waiting count and KV usage) is under limits.
-* **Eviction.** When the head group is urgent (it would miss its deadline waiting for a
-  slot) and less urgent work (a higher class ``priority`` number) fills the instance, the
-  newest such requests are evicted and re-queued; bounded per request and per instance.
+* **Eviction.** When the plan in force says the head would miss its deadline waiting for
+  a slot (or the start it forecast for the head has passed), the head can still make it,
+  and less urgent work (a higher class ``priority`` number) fills the instance, the newest
+  such requests are evicted and re-queued; bounded per request and per instance.
 * **Swap.** When the head group needs another model, the instance stops pulling, drains
   (or evicts for an urgent head), then loads the model; nothing is dispatched until the
   engine reports ``InstanceReady``.
