@@ -40,6 +40,7 @@ from qlmctl.errors import BadInput, EngineError
 
 DEFAULT_CPU_KV_CACHE_BYTES = 64 * 1024 * 1024
 LOG_TAIL_LINES = 15
+KILL_WAIT_S = 10.0  # SIGKILL cannot be caught: the process is reaped within moments
 
 
 class Launcher(Protocol):
@@ -306,7 +307,7 @@ class VllmLauncher:
             proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             self._signal_group(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=grace_s)
+            proc.wait(timeout=KILL_WAIT_S)
         # Children (EngineCore) may outlive the leader briefly; reap the group.
         self._signal_group(proc.pid, signal.SIGKILL)
         return time.monotonic() - start

@@ -104,8 +104,11 @@ class _Placement:
             self.add(h, i)
 
     def best(self, g: int) -> int:
-        """The eligible instance where ``g`` would finish first."""
-        return int(np.argmin([self.finish_s(g, i) for i in range(self.problem.num_instances)]))
+        """The eligible instance where ``g`` would finish first; among equals (free slots
+        on several), the one with the least work queued, so load spreads."""
+        finish = [self.finish_s(g, i) for i in range(self.problem.num_instances)]
+        queued = [float(e.slots.sum() + e.pipeline_s.sum()) for e in self.engines]
+        return int(np.lexsort((queued, finish))[0])
 
 
 def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
