@@ -11,7 +11,8 @@ any model (or none) to any model.
 
 Service model (see :mod:`qlmctl.plan.slots`): B is ``max_num_seqs`` or as many
 sequences as the KV cache holds when each reserves its prompt plus its expected output
-(what the core's backpressure admits), over the snapshot's requests of that model. A
+(what the core's backpressure admits; never more than the core's ``max_inflight``), over
+the snapshot's requests of that model. A
 busy engine's step and its pipeline rate follow :func:`busy_step_s`. A request's first
 token comes after the pipeline has its prompt, plus the API server's overhead, and no
 sooner than its own chunked prefill allows (``req_ttft_s``).
@@ -289,7 +290,8 @@ def _engine_params(
         for i, inst in enumerate(snapshot.instances):
             perf = snapshot.perf.get((m, inst.gpu))
             if perf is not None:
-                batch[k, i] = int(perf.full_batch(float(prompt[0] + output[0])))
+                fits = int(perf.full_batch(float(prompt[0] + output[0])))
+                batch[k, i] = min(fits, inst.max_running or fits)
                 busy = busy_step_s(perf, batch[k, i], prompt, output)
                 step[k, i], rate[k, i] = busy[0][0], busy[1][0]
     return batch, step, rate

@@ -51,6 +51,7 @@ class InstanceState:
     servable_models: frozenset[str] | None = None  # None: any model
     sleeping_models: frozenset[str] = frozenset()
     running: tuple[RunningRequest, ...] = ()
+    max_running: int | None = None  # the core runs no more at once (None: the profile's)
 
     def can_serve(self, model: str) -> bool:
         """Whether the instance is up and allowed to serve ``model``."""

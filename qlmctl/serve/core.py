@@ -364,6 +364,7 @@ class ServeCore:
             ready_at_s=max(now_s, inst.ready_at_s) if inst.status is InstStatus.LOADING else now_s,
             servable_models=frozenset(inst.spec.models) if inst.spec.models else None,
             sleeping_models=frozenset(inst.sleeping),
+            max_running=self.config.max_inflight,
             running=tuple(
                 RunningRequest(
                     t.request,
