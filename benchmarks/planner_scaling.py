@@ -2,9 +2,12 @@
 
 For each cell it prints the Pyomo build, LP translate and HiGHS solve times, the MIP gap,
 the fast-path time (heuristic plan + scoring), and the held-out attainment of qlm,
-heuristic and edf (all plans scored on the same 300 held-out scenarios). It then reports
-the value of the stochastic solution (qlm with S scenarios against the mean-value MILP,
-S=1) and the clairvoyant bound (the planner given the true output lengths).
+heuristic and edf (all plans scored on the same 300 held-out scenarios). Then, on three
+planner cells (G=10/I=4, G=50/I=4, G=50/I=8, S=10), the stochastic program's own plans:
+the value of the stochastic solution (S=10 against the mean-value program, S=1, held
+out), the expected value of perfect information (the program given the true output
+lengths against the S=10 plan, on the truth), the MIP gap and the build and solve
+times; these go to ``benchmarks/results/planner.json``.
 
 Synthetic, seeded instances: 3 models of different cost, 3 GPU speeds, a backlog of
 requests that arrived over the last 0.3 H seconds (H = fluid makespan of the backlog),
@@ -16,14 +19,30 @@ Run: ``.venv/bin/python benchmarks/planner_scaling.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from qlmctl.domain import Request, SLOClass
-from qlmctl.plan.estimator import LengthModel, known_scenario, sample_scenarios
-from qlmctl.plan.policies import QlmPolicy, heuristic_candidates, make_policy, prepare
+from qlmctl.fileio import atomic_write_text
+from qlmctl.plan.edf_program import ProgramResult, solve
+from qlmctl.plan.estimator import (
+    LengthModel,
+    Scenarios,
+    known_scenario,
+    mean_scenario,
+    sample_scenarios,
+)
+from qlmctl.plan.policies import (
+    QlmPolicy,
+    heuristic_candidates,
+    make_policy,
+    prepare,
+    program_queues,
+)
 from qlmctl.plan.simulate import Queues, simulate
 from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot
 from qlmctl.profile.perfmodel import PerfModel
@@ -31,6 +50,7 @@ from qlmctl.profile.perfmodel import PerfModel
 MODELS = {"m0": 0.7, "m1": 1.0, "m2": 1.5}  # model -> cost factor
 GPUS = {"slow": 1.0, "mid": 1.5, "fast": 2.5}  # gpu -> speed
 GROUP_SIZE = 16
+RESULTS = Path(__file__).resolve().parent / "results" / "planner.json"
 
 
 def perf_for(model: str, gpu: str, rng: np.random.Generator) -> PerfModel:
@@ -91,26 +111,10 @@ def held_out(plan: Plan, snap: QueueSnapshot, seed: int, count: int = 300) -> fl
     return simulate(ctx.problem, scen, plan_queues(plan, ctx.problem)).attainment
 
 
-def on_truth(plan: Plan, snap: QueueSnapshot) -> float:
-    """Attainment of ``plan`` when the true output lengths play out."""
-    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), 1, GROUP_SIZE)
-    return simulate(
-        ctx.problem, known_scenario(ctx.problem), plan_queues(plan, ctx.problem)
-    ).attainment
-
-
 def plan_queues(plan: Plan, problem: object) -> Queues:
     """A plan's queues as group indices of ``problem``."""
     index = {g.group_id: k for k, g in enumerate(problem.groups)}  # type: ignore[attr-defined]
     return tuple(tuple(index[g.group_id] for g in ip.groups) for ip in plan.instances)
-
-
-def clairvoyant(snap: QueueSnapshot, seed: int) -> float:
-    """Best heuristic plan made knowing the true lengths, scored on the truth."""
-    ctx = prepare(snap, LengthModel(), np.random.default_rng(seed), 1, GROUP_SIZE)
-    truth = known_scenario(ctx.problem)
-    ctx = type(ctx)(ctx.problem, truth, truth)
-    return max(s.attainment for _q, s, _o, _b in heuristic_candidates(ctx).values())
 
 
 def run_cell(g: int, i: int, s: int, seed: int, time_limit: float) -> dict[str, float]:
@@ -158,20 +162,60 @@ def main() -> None:
               f"{r['solve_s']:>8.2f} {r['gap']:>6.2f} {r['status']:>10.10} {r['edf']:>6.3f} "
               f"{r['heuristic']:>6.3f} {r['qlm']:>6.3f}")  # fmt: skip
         sys.stdout.flush()
-    print("\nvalue of the stochastic solution and clairvoyant gap (held-out attainment)")
-    print("(held-out: 300 sampled scenarios; truth: the true output lengths)")
-    print(f"{'G':>4} {'I':>3} {'mean-value S=1':>15} {'stochastic S=10':>16} "
-          f"{'qlm on truth':>13} {'clairvoyant':>12}")  # fmt: skip
+    print("\nthe stochastic program on the planner cells (held-out: 300 sampled scenarios;")
+    print("truth: the true output lengths); VSS = stochastic S=10 - mean-value S=1 plan,")
+    print("EVPI = the program given the truth - the S=10 plan, both on the truth")
+    print(f"{'G':>4} {'I':>3} {'heur':>6} {'mean-value':>10} {'stochastic':>10} {'VSS pts':>8} "
+          f"{'EVPI pts':>8} {'gap':>6} {'build s':>8} {'solve s':>8}")  # fmt: skip
+    cells = {}
     for g, i in [(10, 4), (50, 4), (50, 8)]:
-        snap = make_snapshot(g, i, seed=7 * g + i)
-        mv = QlmPolicy(time_limit_s=args.time_limit, milp_scenarios=1, max_group_size=GROUP_SIZE)
-        st = QlmPolicy(time_limit_s=args.time_limit, milp_scenarios=10, max_group_size=GROUP_SIZE)
-        rng = np.random.default_rng(g)
-        a_mv = held_out(mv.plan(snap, rng), snap, g)
-        p_st = st.plan(snap, np.random.default_rng(g))
-        a_st = held_out(p_st, snap, g)
-        print(f"{g:>4} {i:>3} {a_mv:>15.3f} {a_st:>16.3f} {on_truth(p_st, snap):>13.3f} "
-              f"{clairvoyant(snap, g):>12.3f}")  # fmt: skip
+        c = program_cell(g, i, seed=7 * g + i, time_limit=args.time_limit)
+        cells[f"G{g}-I{i}-S10"] = c
+        print(f"{g:>4} {i:>3} {c['heuristic']:>6.3f} {c['mean_value']:>10.3f} "
+              f"{c['stochastic']:>10.3f} {c['vss_pts']:>8.1f} {c['evpi_pts']:>8.1f} "
+              f"{c['mip_gap']:>6.3f} {c['build_s']:>8.2f} {c['solve_s']:>8.2f}")  # fmt: skip
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(RESULTS, json.dumps({"time_limit_s": args.time_limit, "cells": cells},
+                                          indent=2, sort_keys=True) + "\n")  # fmt: skip
+    print(f"wrote {RESULTS}")
+
+
+def program_cell(g: int, i: int, seed: int, time_limit: float) -> dict[str, float]:
+    """The program's own plans (the better of its two on its in-sample scenarios) with
+    S=1 (mean value), S=10 and the true lengths, scored held-out and on the truth."""
+    snap = make_snapshot(g, i, seed)
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(seed), 50, GROUP_SIZE)
+    pb = ctx.problem
+    held = sample_scenarios(pb, LengthModel(), np.random.default_rng(20_000 + seed), 300)
+    truth = known_scenario(pb)
+    cands = heuristic_candidates(ctx)
+    best = max(cands, key=lambda k: cands[k][1].attainment)
+    warm = [0] * pb.num_groups
+    for k, queue in enumerate(cands[best][0]):
+        for grp in queue:
+            warm[grp] = k
+    order = cands[best][2]
+
+    def program_plan(in_sample: Scenarios) -> tuple[Queues, ProgramResult]:
+        res = solve(pb, in_sample, warm, time_limit_s=time_limit)
+        assert res.instance_of is not None, res.status
+        plans = program_queues(ctx, res, order).values()
+        return max(plans, key=lambda q: simulate(pb, in_sample, q).attainment), res
+
+    mv, _ = program_plan(mean_scenario(pb, LengthModel()))
+    st, res = program_plan(sample_scenarios(pb, LengthModel(), np.random.default_rng(seed + 1), 10))
+    ws, _ = program_plan(truth)
+    return {
+        "G": float(pb.num_groups),
+        "heuristic": simulate(pb, held, cands[best][0]).attainment,
+        "mean_value": simulate(pb, held, mv).attainment,
+        "stochastic": simulate(pb, held, st).attainment,
+        "vss_pts": 100 * (simulate(pb, held, st).attainment - simulate(pb, held, mv).attainment),
+        "evpi_pts": 100 * (simulate(pb, truth, ws).attainment - simulate(pb, truth, st).attainment),
+        "mip_gap": res.mip_gap if res.mip_gap is not None else float("nan"),
+        "build_s": res.build_s + res.translate_s,
+        "solve_s": res.solve_s,
+    }
 
 
 if __name__ == "__main__":

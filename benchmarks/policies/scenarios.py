@@ -40,7 +40,7 @@ import highspy
 import numpy as np
 
 from qlmctl.domain import ClusterSpec, SLOClass
-from qlmctl.plan.milp import new_highs
+from qlmctl.plan.highs import new_highs
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.workload import Workload, WorkloadSpec, build_workload
 

@@ -43,12 +43,11 @@ class Scenarios:
     service_s: np.ndarray  # [G, I, S] the fluid view: a group's time at the engine's rate
     decode_s: np.ndarray  # [G, I, S] decode seconds of each of the group's requests
     engines: tuple[EngineState, ...]  # per instance: when its slots and pipeline free
-    free_s: np.ndarray  # [I, S] the fluid view: when the first slot (and the pipeline) frees
 
     @property
     def count(self) -> int:
         """S."""
-        return int(self.free_s.shape[1])
+        return int(self.service_s.shape[2])
 
     def mean(self) -> Scenarios:
         """The one scenario of the means (what greedy placement plans with)."""
@@ -56,7 +55,6 @@ class Scenarios:
             self.service_s.mean(axis=2, keepdims=True),
             self.decode_s.mean(axis=2, keepdims=True),
             tuple(e.mean() for e in self.engines),
-            self.free_s.mean(axis=1, keepdims=True),
         )
 
 
@@ -176,9 +174,8 @@ def scenarios_from_tokens(
     """Decode times, engines and their fluid view from group output tokens [G, S] and
     running leftovers [R, S].
 
-    The fluid view (what the MILP plans with): an instance frees when its first slot and
-    its pipeline do; a group then takes ``size`` times the larger of a request's hold
-    over B slots and its prompt's pipeline time.
+    The fluid view (the stochastic program's unit of work): a group takes ``size`` times
+    the larger of a request's hold over B slots and its prompt's pipeline time.
     """
     decode = problem.step_s[:, :, None] * (tokens / problem.size[:, None])[:, None, :]
     prefill = problem.group_prefill_s()
@@ -196,8 +193,7 @@ def scenarios_from_tokens(
             left_s = problem.running_step_s[mine, None] * running_left[mine]
             engine.serve(left_s.T, problem.running_prefill_s[mine])
         engines.append(engine)
-    free = np.stack([np.maximum(e.slots[:, 0], e.pipeline_s) for e in engines])
-    return Scenarios(service, decode, tuple(engines), free)
+    return Scenarios(service, decode, tuple(engines))
 
 
 def _running_left(

@@ -12,10 +12,13 @@ per-group predicted start/finish and miss probability.
 - ``heuristic``: EDF plus model batching and shedding: the best of EDF-greedy, EDF with
   the groups that would make others late shed to the back, and two block orders (blocks
   per class x model, per deadline bucket x model), all swap-aware greedy.
-- ``qlm``: the heuristic's candidates plus the F2 stochastic program (solved on its own
-  in-sample scenarios over the best candidate's order after shedding, warm-started from
-  the best candidate); the best on the held-out scoring scenarios wins, so it never
-  scores below the heuristic. For the serving core it splits into
+- ``qlm``: the heuristic's candidates plus the F3 stochastic program
+  (:mod:`qlmctl.plan.edf_program`: which instance serves each group and which groups to
+  give up, solved on its own in-sample scenarios, warm-started from the best candidate).
+  Its answer becomes two candidates: its own queues (EDF in model blocks) and its
+  assignment run in the best candidate's order with the given-up groups at the back.
+  The best on the held-out scoring scenarios wins, so it never scores below the
+  heuristic. For the serving core it splits into
   :meth:`QlmPolicy.quick` (the heuristic answer now, or the MILP's last placements while
   they still score best) and :meth:`QlmPolicy.improve` (the MILP, safe to run in a
   worker thread: one Pyomo model and one HiGHS object per call; the only state it shares
@@ -40,6 +43,7 @@ import numpy as np
 from qlmctl.domain import Request
 from qlmctl.errors import BadInput
 from qlmctl.plan import heuristics as H
+from qlmctl.plan.edf_program import DEFAULT_SWAP_COST, ProgramResult, queues_of, solve
 from qlmctl.plan.estimator import (
     LengthModel,
     Scenarios,
@@ -48,14 +52,11 @@ from qlmctl.plan.estimator import (
     sample_scenarios,
 )
 from qlmctl.plan.groups import DEFAULT_MAX_GROUP_SIZE, build_groups
-from qlmctl.plan.milp import DEFAULT_SWAP_COST, solve
 from qlmctl.plan.problem import Problem, build_problem
 from qlmctl.plan.simulate import (
     Queues,
     Score,
-    queues_from_assignment,
     simulate,
-    simulate_fluid,
 )
 from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, Policy, QueueSnapshot, SolverStats
 
@@ -249,12 +250,17 @@ def _kept_queues(ctx: Context, plan: Plan, sequence: H.Order) -> Queues | None:
     return H.greedy_place(pb, ctx.mean, sequence, fixed)
 
 
-def _with_deferred_last(ctx: Context, instance_of: list[int], sequence: H.Order) -> Queues:
-    """The MILP's queues: groups on their instances in ``sequence``, then the deferred
-    ones (instance -1), each placed where it finishes earliest."""
-    placed = {g: i for g, i in enumerate(instance_of) if i >= 0}
-    order = [g for g in sequence if g in placed] + [g for g in sequence if g not in placed]
-    return H.greedy_place(ctx.problem, ctx.mean, order, placed)
+def program_queues(ctx: Context, res: ProgramResult, sequence: H.Order) -> dict[str, Queues]:
+    """The program's two plans: its own queues, and its assignment run in ``sequence``
+    with the groups it gives up moved to the back."""
+    assert res.instance_of is not None and res.miss is not None
+    lost = {g for g, share in enumerate(res.miss) if share >= 0.5}
+    order = [g for g in sequence if g not in lost] + [g for g in sequence if g in lost]
+    fixed = dict(enumerate(res.instance_of))
+    return {
+        "milp": queues_of(ctx.problem, res.instance_of, res.miss),
+        "milp-assign": H.greedy_place(ctx.problem, ctx.mean, order, fixed),
+    }
 
 
 def _best(cands: dict[str, Any]) -> str:
@@ -335,7 +341,7 @@ class QlmPolicy(_Base):
     ) -> Plan | None:
         """Run the MILP within about ``budget_s``; the plan only if it beats the heuristic."""
         plan = self._solve(snapshot, rng, budget_s)
-        if plan.solver.chosen != "milp":
+        if not plan.solver.chosen.startswith("milp"):
             return None
         self._kept = plan
         return plan
@@ -350,24 +356,22 @@ class QlmPolicy(_Base):
         pb = ctx.problem
         cands = heuristic_candidates(ctx)
         best = _best(cands)
-        order, blocks = _milp_sequence(ctx, cands)
+        order, _blocks = _milp_sequence(ctx, cands)
         if self.clairvoyant:
             in_sample = ctx.scen
         elif self.milp_scenarios == 1:
             in_sample = mean_scenario(pb, self.lengths)
         else:
             in_sample = sample_scenarios(pb, self.lengths, milp_rng, self.milp_scenarios)
-        instance_of = [0] * pb.num_groups
+        warm = [0] * pb.num_groups
         for i, queue in enumerate(cands[best][0]):
             for g in queue:
-                instance_of[g] = i
-        warm = queues_from_assignment(pb, instance_of, order) if self.warm_start else None
-        warm_miss = simulate_fluid(pb, in_sample, warm).miss if warm is not None else None
+                warm[g] = i
         scores = {k: v[1].attainment for k, v in cands.items()}
         note = ""
         try:
             res = solve(
-                pb, in_sample, order, blocks, warm, warm_miss,
+                pb, in_sample, warm if self.warm_start else None,
                 time_limit_s=budget_s, mip_gap=self.mip_gap, swap_cost=self.swap_cost,
             )  # fmt: skip
         except (RuntimeError, ValueError, OSError, MemoryError) as exc:
@@ -378,13 +382,13 @@ class QlmPolicy(_Base):
         if res.instance_of is None:
             note = f"MILP found no plan ({res.status}); fell back to the heuristic"
         else:
-            q = _with_deferred_last(ctx, res.instance_of, order)
-            sc = simulate(pb, ctx.scen, q)
-            scores["milp"] = sc.attainment
-            if sc.attainment > chosen_s.attainment:
-                chosen_q, chosen_s, chosen = q, sc, "milp"
-            else:
-                note = "the MILP incumbent did not beat the heuristic on the scoring scenarios"
+            for name, q in program_queues(ctx, res, order).items():
+                sc = simulate(pb, ctx.scen, q)
+                scores[name] = sc.attainment
+                if sc.attainment > chosen_s.attainment:
+                    chosen_q, chosen_s, chosen = q, sc, name
+            if not chosen.startswith("milp"):
+                note = "the MILP's plans did not beat the heuristic on the scoring scenarios"
         stats = SolverStats(
             build_s=res.build_s + res.translate_s,
             solve_s=res.solve_s,

@@ -87,7 +87,6 @@ class Problem:
     deadline_s: np.ndarray  # [G] absolute
     release_s: np.ndarray  # [G] first arrival
     eligible: np.ndarray  # [G, I] bool
-    lag: np.ndarray  # [G, I] the fluid view: share of a group's time before its last start
     batch: np.ndarray  # [M, I] slots (full batch) of each model on each instance; 0: none
     step_s: np.ndarray  # [G, I] busy step time: decode seconds per output token (inf: n/a)
     req_offsets: np.ndarray  # [G+1] group g's requests are rows offsets[g]:offsets[g+1]
@@ -166,7 +165,6 @@ def build_problem(
     sum_p = np.add.reduceat(prompts, offsets[:-1])
 
     eligible = np.zeros((n_g, n_i), bool)
-    lag = np.zeros((n_g, n_i))
     ttft = np.full((len(reqs), n_i), np.inf)
     pipeline = np.full((len(reqs), n_i), np.inf)
     group_step = np.full((n_g, n_i), np.inf)
@@ -182,7 +180,6 @@ def build_problem(
                 continue
             b = float(batch[k, i])
             eligible[mine, i] = True
-            lag[mine, i] = (size[mine] - 1) / size[mine]
             rows = req_model == k
             mean_ctx = float(np.mean(prompts[rows] + outputs[rows] / 2))
             ttft[rows, i] = first_token_s(perf, prompts[rows], b, mean_ctx)
@@ -238,7 +235,6 @@ def build_problem(
         deadline_s=np.array([g.deadline_s for g in groups], float),
         release_s=np.array([g.release_s for g in groups], float),
         eligible=eligible,
-        lag=lag,
         batch=batch,
         step_s=group_step,
         req_offsets=offsets,

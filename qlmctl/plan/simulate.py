@@ -9,14 +9,12 @@ time. A request meets its SLO in a scenario when its first token (slot taken + i
 ``req_ttft_s``) comes by its own deadline. Everything is vectorised over scenarios; the
 loop is over groups only.
 
-The MILP optimises a fluid relaxation of this (one group at a time at full-batch
-throughput, :func:`simulate_fluid`); its plans are scored here like every other
-candidate.
+The stochastic program (:mod:`qlmctl.plan.edf_program`) reads its capacity off this
+model; its plans are scored here like every other candidate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -106,36 +104,6 @@ def first_tokens(
     return starts, prefilled, tokens
 
 
-def simulate_fluid(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
-    """Score ``queues`` with the MILP's fluid view of the slot model: each instance
-    serves one group at a time from when its first slot frees, each group for its time
-    at the engine's rate; a group misses when its last request's dispatch
-    (``start + lag * service``) passes its dispatch deadline. The MILP's objective
-    equals this."""
-    n_g = problem.num_groups
-    start = np.zeros((n_g, scen.count))
-    finish = np.zeros((n_g, scen.count))
-    miss = np.zeros((n_g, scen.count))
-    swap_total = 0.0
-    due = problem.dispatch_deadline_s()
-    for i, queue in enumerate(queues):
-        t = scen.free_s[i]
-        loaded = int(problem.init_model[i])
-        for g in queue:
-            m = int(problem.group_model[g])
-            if m != loaded:
-                swap = float(problem.swap_s[i, loaded, m])
-                t = t + swap
-                swap_total += swap
-                loaded = m
-            s = np.maximum(t, problem.release_s[g])
-            service = scen.service_s[g, i]
-            t = s + service
-            start[g], finish[g] = s, t
-            miss[g] = s + problem.lag[g, i] * service > due[g, i]
-    return _summarise(problem, start, finish, miss, swap_total)
-
-
 def _summarise(
     problem: Problem, start: np.ndarray, finish: np.ndarray, miss: np.ndarray, swap_s: float
 ) -> Score:
@@ -160,13 +128,3 @@ def _summarise(
         request_start_s=np.repeat(start.mean(axis=1), problem.size.astype(int)),
         request_miss_prob=per_request,
     )
-
-
-def queues_from_assignment(
-    problem: Problem, instance_of: Sequence[int], sequence: Sequence[int]
-) -> Queues:
-    """Queues that run groups in ``sequence`` order, each on ``instance_of[g]``."""
-    out: list[list[int]] = [[] for _ in range(problem.num_instances)]
-    for g in sequence:
-        out[instance_of[g]].append(int(g))
-    return tuple(tuple(q) for q in out)

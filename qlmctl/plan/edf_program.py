@@ -1,0 +1,293 @@
+"""The two-stage stochastic program (formulation F3, EDF capacity) in Pyomo, by HiGHS.
+
+How it works: each instance serves the work it keeps in deadline order (EDF). For a
+single server whose work is all queued, EDF meets every kept deadline exactly when, at
+each due date ``D``, the kept work due by ``D`` fits in the capacity before ``D``
+(Horn's condition). So the program needs no sequence and no big-M rows:
+
+- First stage (shared by all scenarios): ``x[g,i]`` puts group g on instance i (binary);
+  ``u[i,m,q]`` says model m is needed on i by i's q-th due date (it charges one swap
+  into m, from the first due date a group of m has there; the resident model is free).
+- Second stage, per scenario s: ``z[g,i,s]`` in [0, 1] is the share of g's requests
+  that miss (continuous: a group's requests are served in order, so any share of them
+  can be late). ``W[i,s,q]`` is the kept work on i due by its q-th due date (in
+  scenario s's EDF order); Horn's rows ``W[i,s,q] + swaps <= D[i,s,q]`` are the
+  capacity.
+- Objective: expected weighted on-time requests, negated, plus ``swap_cost`` per swap
+  second (named Expressions ``first_stage_cost`` and ``second_stage_cost[s]``).
+
+Capacity is read off the slot model (:mod:`qlmctl.plan.slots`), so the program's
+engine is the scorer's, not a second guess: all groups an instance may serve run, in
+deadline order, through a copy of its engine in each scenario; ``D[i,s,q]`` is the work
+(each group's time at the busy engine's rate, shared equally by its requests) that
+engine has dispatched by the q-th dispatch deadline, and the last request of a group is
+on time when the kept work up to it is dispatched by then. Binaries are only the
+assignment; the LP relaxation is a fractional assignment of a fluid EDF schedule, so
+HiGHS proves small gaps (``benchmarks/planner_scaling.py``). The objective is the
+(negated) weighted on-time requests, so the relative gap is relative to what is
+served, not to the few misses.
+
+Data first (:func:`scenario_data`, pure Python; one scenario is one
+``scenario_creator`` call's worth, which keeps mpi-sppy open), model second
+(:func:`build_model`). :func:`solve` translates through Pyomo's LP writer and drives
+``highspy`` directly (:mod:`qlmctl.plan.highs`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyomo.environ as pe
+
+from qlmctl.plan import highs
+from qlmctl.plan.estimator import Scenarios
+from qlmctl.plan.problem import Problem
+from qlmctl.plan.simulate import first_tokens
+
+DEFAULT_SWAP_COST = 0.01  # weighted requests per second of swap (breaks ties against swaps)
+
+
+def scenario_data(problem: Problem, scen: Scenarios, swap_cost: float = DEFAULT_SWAP_COST) -> dict:
+    """Everything the model needs, as plain Python containers."""
+    pb = problem
+    n_m, n_s = len(pb.models), scen.count
+    pairs = [
+        (g, i) for g in range(pb.num_groups) for i in range(pb.num_instances) if pb.eligible[g, i]
+    ]
+    rows: list[tuple[int, int, int]] = []  # (i, s, q)
+    members: dict[tuple[int, int, int], list[int]] = {}  # groups whose due is the q-th
+    cap: dict[tuple[int, int, int], float] = {}
+    due_rank: dict[tuple[int, int], int] = {}  # (g, i) -> q of its due date on i (by mean)
+    p = {}
+    insts = sorted({i for _g, i in pairs})
+    mine = {i: [g for g, j in pairs if j == i] for i in insts}
+    for i in insts:
+        gs = np.array(mine[i])
+        svc = scen.service_s[gs, i, :]  # [n, S]
+        done_by = _dispatch_capacity(pb, scen, i, gs)
+        for s in range(n_s):
+            for q, k in enumerate(np.argsort(done_by[:, s], kind="stable")):
+                g = int(gs[k])
+                rows.append((i, s, q))
+                members[(i, s, q)] = [g]
+                cap[(i, s, q)] = float(done_by[k, s])
+                p[(g, i, s)] = float(svc[k, s])
+        for q, k in enumerate(np.argsort(done_by.mean(axis=1), kind="stable")):
+            due_rank[(int(gs[k]), i)] = q
+    models_on = {i: sorted({int(pb.group_model[g]) for g in mine[i]}) for i in insts}
+    swap = {}
+    for i in insts:
+        init = int(pb.init_model[i])
+        for m in models_on[i]:
+            if m != init:
+                froms = [pb.swap_s[i, f, m] for f in [*models_on[i], init] if f != m]
+                swap[(i, m)] = float(max(x for x in froms if np.isfinite(x)))
+    n_q = {i: len(mine[i]) for i in insts}
+    return {
+        "G": list(range(pb.num_groups)),
+        "S": list(range(n_s)),
+        "pairs": pairs,
+        "rows": rows,
+        "members": members,
+        "cap": cap,
+        "p": p,
+        "swap": swap,  # (i, m) -> seconds, for non-resident models only
+        "IMQ": [(i, m, q) for (i, m) in swap for q in range(n_q[i])],
+        "due_rank": due_rank,
+        "group_model": [int(m) for m in pb.group_model],
+        "wn": [float(w * n) for w, n in zip(pb.weight, pb.size, strict=True)],
+        "prob": 1.0 / n_s,
+        "swap_cost": swap_cost,
+        "num_models": n_m,
+    }
+
+
+def _dispatch_capacity(problem: Problem, scen: Scenarios, i: int, gs: np.ndarray) -> np.ndarray:
+    """[n, S] work (fluid seconds) instance ``i`` has dispatched by each of the groups
+    ``gs``'s dispatch deadlines, read off the slot model: the groups' requests, in
+    deadline order, run through a copy of the instance's engine; each request counts its
+    share of its group's time at its dispatch; past the last, work accrues at 1 per s."""
+    due = problem.dispatch_deadline_s()[gs, i]
+    engine = scen.engines[i].copy()
+    starts, shares = [], []
+    for g in gs[np.argsort(due, kind="stable")]:
+        n = int(problem.size[g])
+        decode = np.broadcast_to(scen.decode_s[g, i][:, None], (scen.count, n))
+        start, _ = first_tokens(problem, engine, int(g), i, decode)[:2]
+        starts.append(start)
+        shares.append(np.broadcast_to((scen.service_s[g, i] / n)[:, None], start.shape))
+    start = np.concatenate(starts, axis=1)  # [S, N]
+    share = np.concatenate(shares, axis=1)
+    by_time = np.argsort(start, axis=1, kind="stable")
+    start = np.take_along_axis(start, by_time, axis=1)
+    work = np.cumsum(np.take_along_axis(share, by_time, axis=1), axis=1)
+    out = np.empty((len(gs), scen.count))
+    for s in range(scen.count):
+        k = np.searchsorted(start[s], due, side="right")  # requests dispatched by due
+        done = np.where(k > 0, work[s, np.maximum(k - 1, 0)], 0.0)
+        beyond = k == start.shape[1]
+        out[:, s] = done + np.where(beyond, due - start[s, -1], 0.0)
+    return out
+
+
+def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
+    """The extensive form of the two-stage program for ``data``."""
+    m = pe.ConcreteModel(name="qlm_f3")
+    pairs, swap = data["pairs"], data["swap"]
+    m.A = pe.Set(dimen=2, initialize=pairs)
+    m.AS = pe.Set(dimen=3, initialize=[(g, i, s) for g, i in pairs for s in data["S"]])
+    m.R = pe.Set(dimen=3, initialize=data["rows"])
+    m.U = pe.Set(dimen=3, initialize=data["IMQ"])
+    m.p = pe.Param(m.AS, initialize=data["p"], mutable=True)
+    m.cap = pe.Param(m.R, initialize=data["cap"], mutable=True)
+
+    m.x = pe.Var(m.A, domain=pe.Binary)  # first stage: where each group runs
+    m.u = pe.Var(m.U, bounds=(0, 1))  # first stage: model needed on i by its q-th due
+    m.z = pe.Var(m.AS, bounds=(0, 1))  # second stage: share of g's requests that miss
+    m.W = pe.Var(m.R, domain=pe.NonNegativeReals)  # second stage: kept work due by q
+
+    on: dict[int, list[int]] = {}
+    for g, i in pairs:
+        on.setdefault(g, []).append(i)
+    m.assign = pe.Constraint(data["G"], rule=lambda m, g: sum(m.x[g, i] for i in on[g]) == 1)
+    m.miss_only_there = pe.Constraint(m.AS, rule=lambda m, g, i, s: m.z[g, i, s] <= m.x[g, i])
+
+    rank, gm = data["due_rank"], data["group_model"]
+    m.needed = pe.Constraint(
+        [(g, i) for g, i in pairs if (i, gm[g]) in swap],
+        rule=lambda m, g, i: m.u[i, gm[g], rank[(g, i)]] >= m.x[g, i],
+    )
+    m.needed_later = pe.Constraint(
+        [(i, k, q) for i, k, q in data["IMQ"] if q > 0],
+        rule=lambda m, i, k, q: m.u[i, k, q] >= m.u[i, k, q - 1],
+    )
+
+    def kept(m: pe.ConcreteModel, i: int, s: int, q: int) -> Any:
+        before = m.W[i, s, q - 1] if q else 0.0
+        work = sum(m.p[g, i, s] * (m.x[g, i] - m.z[g, i, s]) for g in data["members"][(i, s, q)])
+        return m.W[i, s, q] == before + work
+
+    m.kept = pe.Constraint(m.R, rule=kept)
+
+    def swaps_by(m: pe.ConcreteModel, i: int, q: int, s: int) -> Any:
+        # the due rank of scenario s's q-th row is approximated by the mean order's q
+        return sum(sec * m.u[i, k, q] for (j, k), sec in swap.items() if j == i)
+
+    m.capacity = pe.Constraint(
+        m.R, rule=lambda m, i, s, q: m.W[i, s, q] + swaps_by(m, i, q, s) <= m.cap[i, s, q]
+    )
+    last: dict[int, int] = {}
+    for i, _s, q in data["rows"]:
+        last[i] = max(last.get(i, 0), q)
+    m.first_stage_cost = pe.Expression(
+        expr=data["swap_cost"] * sum(sec * m.u[i, k, last[i]] for (i, k), sec in swap.items())
+    )
+    m.second_stage_cost = pe.Expression(
+        data["S"],
+        rule=lambda m, s: sum(data["wn"][g] * (m.z[g, i, s] - m.x[g, i]) for g, i in pairs),
+    )
+    m.obj = pe.Objective(
+        expr=m.first_stage_cost + data["prob"] * sum(m.second_stage_cost[s] for s in data["S"]),
+        sense=pe.minimize,
+    )
+    return m
+
+
+def extract(
+    data: dict[str, Any], x: dict[tuple[int, int], float], z: dict
+) -> tuple[list[int], list[float]]:
+    """(instance of each group, its mean miss share) from a solution's values."""
+    inst = [-1] * len(data["G"])
+    for (g, i), v in x.items():
+        if v > 0.5:
+            inst[g] = i
+    miss = [0.0] * len(data["G"])
+    for (g, i, _s), v in z.items():
+        if inst[g] == i:
+            miss[g] += v * data["prob"]
+    return inst, miss
+
+
+def queues_of(
+    problem: Problem, instance_of: Sequence[int], miss: Sequence[float]
+) -> tuple[tuple[int, ...], ...]:
+    """Each instance's queue: kept groups in model blocks (blocks by their earliest
+    dispatch deadline, the resident model's first on a tie), EDF inside; then the
+    groups the program gives up, EDF."""
+    due = problem.dispatch_deadline_s()
+    out = []
+    for i in range(problem.num_instances):
+        gs = [g for g, j in enumerate(instance_of) if j == i]
+        kept = [g for g in gs if miss[g] < 0.5]
+        lost = sorted((g for g in gs if miss[g] >= 0.5), key=lambda g: (due[g, i], g))
+        first: dict[int, float] = {}
+        for g in kept:
+            mdl = int(problem.group_model[g])
+            first[mdl] = min(first.get(mdl, np.inf), due[g, i])
+        resident = int(problem.init_model[i])
+        kept.sort(
+            key=lambda g: (
+                first[int(problem.group_model[g])],
+                int(problem.group_model[g]) != resident,
+                due[g, i],
+                g,
+            )
+        )
+        out.append(tuple(kept + lost))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ProgramResult:
+    """What one solve produced."""
+
+    instance_of: list[int] | None  # group -> instance; None: no incumbent
+    miss: list[float] | None  # group -> expected share of its requests that miss
+    objective: float | None  # swap cost - expected weighted on-time requests
+    status: str
+    mip_gap: float | None
+    build_s: float
+    translate_s: float
+    solve_s: float
+    num_vars: int
+    num_constraints: int
+
+
+def solve(
+    problem: Problem,
+    scen: Scenarios,
+    warm: Sequence[int] | None = None,
+    time_limit_s: float = 2.0,
+    mip_gap: float = 0.01,
+    swap_cost: float = DEFAULT_SWAP_COST,
+) -> ProgramResult:
+    """Build and solve; ``warm`` (group -> instance) is the MIP start if given."""
+    t0 = time.perf_counter()
+    data = scenario_data(problem, scen, swap_cost)
+    model = build_model(data)
+    t1 = time.perf_counter()
+    start = []
+    if warm is not None:
+        start = [(var, float(warm[g] == i)) for (g, i), var in model.x.items()]
+    sol = highs.run(model, time_limit_s, mip_gap, start)
+    instance_of = miss = None
+    if sol.has_solution:
+        x = {k: sol.value(v) or 0.0 for k, v in model.x.items()}
+        z = {k: sol.value(v) or 0.0 for k, v in model.z.items()}
+        instance_of, miss = extract(data, x, z)
+    return ProgramResult(
+        instance_of=instance_of,
+        miss=miss,
+        objective=sol.objective,
+        status=sol.status,
+        mip_gap=sol.mip_gap,
+        build_s=t1 - t0,
+        translate_s=sol.translate_s,
+        solve_s=sol.solve_s,
+        num_vars=sol.num_vars,
+        num_constraints=sol.num_constraints,
+    )
