@@ -93,11 +93,10 @@ def test_program_gives_up_a_lost_backlog_that_would_make_the_rest_late() -> None
     assert all(is_fresh[g] for g in queue[: sum(is_fresh)])  # the fresh ones run first
 
 
-def test_model_is_pyomo_with_mutable_params_and_named_stage_costs() -> None:
+def test_model_is_pyomo_with_named_stage_costs_and_binaries_only_for_assignment() -> None:
     snap = snapshot(mixed_requests([("m1", "interactive", 10), ("m2", "batch", 10)]))
     ctx = prepare(snap, LengthModel(), np.random.default_rng(0), scenarios=2)
     m = build_model(scenario_data(ctx.problem, ctx.scen))
-    assert m.p.mutable and m.cap.mutable
     assert len(m.second_stage_cost) == 2 and m.first_stage_cost is not None
     assert all(v.domain is pe.Binary for v in m.x.values())
     assert not any(v.is_integer() for v in m.z.values())

@@ -59,7 +59,7 @@ def scenario_data(problem: Problem, scen: Scenarios, swap_cost: float = DEFAULT_
         (g, i) for g in range(pb.num_groups) for i in range(pb.num_instances) if pb.eligible[g, i]
     ]
     rows: list[tuple[int, int, int]] = []  # (i, s, q)
-    members: dict[tuple[int, int, int], list[int]] = {}  # groups whose due is the q-th
+    row_group: dict[tuple[int, int, int], int] = {}  # the group whose due is the q-th
     cap: dict[tuple[int, int, int], float] = {}
     due_rank: dict[tuple[int, int], int] = {}  # (g, i) -> q of its due date on i (by mean)
     p = {}
@@ -68,12 +68,13 @@ def scenario_data(problem: Problem, scen: Scenarios, swap_cost: float = DEFAULT_
     for i in insts:
         gs = np.array(mine[i])
         svc = scen.service_s[gs, i, :]  # [n, S]
-        done_by = _dispatch_capacity(pb, scen, i, gs)
+        # arrivals going ahead of a group take their share of the capacity before it
+        done_by = _dispatch_capacity(pb, scen, i, gs) * (1.0 - scen.urgent_load[gs, i])
         for s in range(n_s):
             for q, k in enumerate(np.argsort(done_by[:, s], kind="stable")):
                 g = int(gs[k])
                 rows.append((i, s, q))
-                members[(i, s, q)] = [g]
+                row_group[(i, s, q)] = g
                 cap[(i, s, q)] = float(done_by[k, s])
                 p[(g, i, s)] = float(svc[k, s])
         for q, k in enumerate(np.argsort(done_by.mean(axis=1), kind="stable")):
@@ -92,7 +93,7 @@ def scenario_data(problem: Problem, scen: Scenarios, swap_cost: float = DEFAULT_
         "S": list(range(n_s)),
         "pairs": pairs,
         "rows": rows,
-        "members": members,
+        "row_group": row_group,
         "cap": cap,
         "p": p,
         "swap": swap,  # (i, m) -> seconds, for non-resident models only
@@ -117,7 +118,7 @@ def _dispatch_capacity(problem: Problem, scen: Scenarios, i: int, gs: np.ndarray
     for g in gs[np.argsort(due, kind="stable")]:
         n = int(problem.size[g])
         decode = np.broadcast_to(scen.decode_s[g, i][:, None], (scen.count, n))
-        start, _ = first_tokens(problem, engine, int(g), i, decode)[:2]
+        start, _ = first_tokens(problem, engine, int(g), i, decode, np.zeros(scen.count))[:2]
         starts.append(start)
         shares.append(np.broadcast_to((scen.service_s[g, i] / n)[:, None], start.shape))
     start = np.concatenate(starts, axis=1)  # [S, N]
@@ -142,13 +143,19 @@ def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
     m.AS = pe.Set(dimen=3, initialize=[(g, i, s) for g, i in pairs for s in data["S"]])
     m.R = pe.Set(dimen=3, initialize=data["rows"])
     m.U = pe.Set(dimen=3, initialize=data["IMQ"])
-    m.p = pe.Param(m.AS, initialize=data["p"], mutable=True)
-    m.cap = pe.Param(m.R, initialize=data["cap"], mutable=True)
+    p, cap, row_group = data["p"], data["cap"], data["row_group"]
+    swaps_on: dict[int, list[tuple[int, float]]] = {}
+    for (i, k), sec in swap.items():
+        swaps_on.setdefault(i, []).append((k, sec))
+
+    def kept_bounds(m: pe.ConcreteModel, i: int, s: int, q: int) -> tuple[float, float | None]:
+        """Capacity as a bound where no swap shares it."""
+        return (0.0, None if i in swaps_on else cap[(i, s, q)])
 
     m.x = pe.Var(m.A, domain=pe.Binary)  # first stage: where each group runs
     m.u = pe.Var(m.U, bounds=(0, 1))  # first stage: model needed on i by its q-th due
     m.z = pe.Var(m.AS, bounds=(0, 1))  # second stage: share of g's requests that miss
-    m.W = pe.Var(m.R, domain=pe.NonNegativeReals)  # second stage: kept work due by q
+    m.W = pe.Var(m.R, bounds=kept_bounds)  # second stage: kept work due by q
 
     on: dict[int, list[int]] = {}
     for g, i in pairs:
@@ -167,18 +174,17 @@ def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
     )
 
     def kept(m: pe.ConcreteModel, i: int, s: int, q: int) -> Any:
+        g = row_group[(i, s, q)]
         before = m.W[i, s, q - 1] if q else 0.0
-        work = sum(m.p[g, i, s] * (m.x[g, i] - m.z[g, i, s]) for g in data["members"][(i, s, q)])
-        return m.W[i, s, q] == before + work
+        return m.W[i, s, q] == before + p[(g, i, s)] * (m.x[g, i] - m.z[g, i, s])
 
     m.kept = pe.Constraint(m.R, rule=kept)
-
-    def swaps_by(m: pe.ConcreteModel, i: int, q: int, s: int) -> Any:
-        # the due rank of scenario s's q-th row is approximated by the mean order's q
-        return sum(sec * m.u[i, k, q] for (j, k), sec in swap.items() if j == i)
-
+    # with swaps: the q-th row of scenario s is charged the swaps the mean order's q needs
     m.capacity = pe.Constraint(
-        m.R, rule=lambda m, i, s, q: m.W[i, s, q] + swaps_by(m, i, q, s) <= m.cap[i, s, q]
+        [r for r in data["rows"] if r[0] in swaps_on],
+        rule=lambda m, i, s, q: (
+            m.W[i, s, q] + sum(sec * m.u[i, k, q] for k, sec in swaps_on[i]) <= cap[(i, s, q)]
+        ),
     )
     last: dict[int, int] = {}
     for i, _s, q in data["rows"]:

@@ -34,6 +34,7 @@ from qlmctl.profile.perfmodel import PerfModel
 
 DEFAULT_MEDIAN_TOKENS = 200.0
 DEFAULT_LOG_SD = 1.0
+MAX_URGENT_LOAD = 0.9  # arrivals going ahead never take more of an instance than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,8 @@ class Scenarios:
     service_s: np.ndarray  # [G, I, S] the fluid view: a group's time at the engine's rate
     decode_s: np.ndarray  # [G, I, S] decode seconds of each of the group's requests
     engines: tuple[EngineState, ...]  # per instance: when its slots and pipeline free
+    # [G, I, S] share of instance i's capacity that arrivals going ahead of group g take
+    urgent_load: np.ndarray
 
     @property
     def count(self) -> int:
@@ -55,6 +58,7 @@ class Scenarios:
             self.service_s.mean(axis=2, keepdims=True),
             self.decode_s.mean(axis=2, keepdims=True),
             tuple(e.mean() for e in self.engines),
+            self.urgent_load.mean(axis=2, keepdims=True),
         )
 
 
@@ -144,7 +148,8 @@ def sample_scenarios(
         draw = np.minimum(np.exp(mu_ks[g_key[owner]] + sigma[owner, None] * z), cap[:, None])
         starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
         tokens[small] = np.add.reduceat(np.maximum(draw, 1.0), starts, axis=0)
-    return scenarios_from_tokens(problem, tokens, _running_left(problem, lengths, rng, count))
+    left = _running_left(problem, lengths, rng, count)
+    return scenarios_from_tokens(problem, tokens, left, arrival_rates(problem, rng, count))
 
 
 def mean_scenario(problem: Problem, lengths: LengthModel) -> Scenarios:
@@ -153,7 +158,7 @@ def mean_scenario(problem: Problem, lengths: LengthModel) -> Scenarios:
     left = np.array(
         [[max(lengths.expected(rr.request) - rr.generated_tokens, 1.0)] for rr in problem.running]
     ).reshape(len(problem.running), 1)
-    return scenarios_from_tokens(problem, tokens, left)
+    return scenarios_from_tokens(problem, tokens, left, arrival_rates(problem))
 
 
 def known_scenario(problem: Problem) -> Scenarios:
@@ -165,14 +170,28 @@ def known_scenario(problem: Problem) -> Scenarios:
         [[max(rr.request.target_output_tokens - rr.generated_tokens, 1)] for rr in problem.running],
         float,
     ).reshape(len(problem.running), 1)
-    return scenarios_from_tokens(problem, tokens, left)
+    return scenarios_from_tokens(problem, tokens, left, arrival_rates(problem))
+
+
+def arrival_rates(
+    problem: Problem, rng: np.random.Generator | None = None, count: int = 1
+) -> np.ndarray:
+    """[K, S] arrivals per second of each stream: drawn from the rate's posterior given
+    the arrivals seen in the window (Poisson counts, Jeffreys prior: Gamma(n + 1/2, W)),
+    or its mean without ``rng``. Nothing seen yet (no window): no arrivals."""
+    n, window = problem.stream_seen, problem.arrival_window_s
+    if window <= 0 or not n.size:
+        return np.zeros((n.size, count))
+    if rng is None:
+        return np.repeat(((n + 0.5) / window)[:, None], count, axis=1)
+    return rng.gamma(n[:, None] + 0.5, 1.0 / window, (n.size, count))
 
 
 def scenarios_from_tokens(
-    problem: Problem, tokens: np.ndarray, running_left: np.ndarray
+    problem: Problem, tokens: np.ndarray, running_left: np.ndarray, rates: np.ndarray
 ) -> Scenarios:
-    """Decode times, engines and their fluid view from group output tokens [G, S] and
-    running leftovers [R, S].
+    """Decode times, engines, their fluid view and the load of arrivals going ahead, from
+    group output tokens [G, S], running leftovers [R, S] and stream rates [K, S].
 
     The fluid view (the stochastic program's unit of work): a group takes ``size`` times
     the larger of a request's hold over B slots and its prompt's pipeline time.
@@ -193,7 +212,10 @@ def scenarios_from_tokens(
             left_s = problem.running_step_s[mine, None] * running_left[mine]
             engine.serve(left_s.T, problem.running_prefill_s[mine])
         engines.append(engine)
-    return Scenarios(service, decode, tuple(engines))
+    urgent = np.einsum(
+        "gk,ks,ki->gis", problem.stream_ahead.astype(float), rates, problem.stream_load
+    )
+    return Scenarios(service, decode, tuple(engines), np.minimum(urgent, MAX_URGENT_LOAD))
 
 
 def _running_left(

@@ -56,7 +56,8 @@ class _Placement:
         self.prefill_s = problem.group_prefill_s()
 
     def finish_s(self, g: int, i: int) -> float:
-        """When ``g``'s last request would finish if queued next on ``i`` (inf: ineligible)."""
+        """When ``g``'s last request would finish if queued next on ``i`` (inf: ineligible),
+        stretched by the arrivals that will go ahead of it there."""
         pb = self.problem
         if not pb.eligible[g, i]:
             return np.inf
@@ -75,7 +76,9 @@ class _Placement:
             if n >= b:
                 last = max(last, max(float(free[-1]), pb.release_s[g]) + (n // b) * hold)
             ready = pipeline
-        return max(last, max(ready, pb.release_s[g]) + self.prefill_s[g, i] + decode)
+        end = max(last, max(ready, pb.release_s[g]) + self.prefill_s[g, i] + decode)
+        urgent = float(self.mean.urgent_load[g, i, 0])  # arrivals that will go ahead
+        return pb.now_s + max(end - pb.now_s, 0.0) / (1.0 - urgent)
 
     def add(self, g: int, i: int) -> None:
         """Queue ``g`` on ``i`` and predict its requests' first tokens."""
@@ -85,7 +88,8 @@ class _Placement:
             self.engines[i].drain(float(pb.swap_s[i, self.loaded[i], m]), pb.group_batch(g, i))
             self.loaded[i] = m
         decode = np.full((1, int(pb.size[g])), self.mean.decode_s[g, i, 0])
-        self.first_token_s[g] = first_tokens(pb, self.engines[i], g, i, decode)[2][0]
+        urgent = self.mean.urgent_load[g, i]
+        self.first_token_s[g] = first_tokens(pb, self.engines[i], g, i, decode, urgent)[2][0]
         self.queues[i].append(g)
 
     def late(self, g: int) -> bool:

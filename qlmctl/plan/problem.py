@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -101,6 +102,11 @@ class Problem:
     running_instance: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # [R]
     running_step_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] full step
     running_prefill_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] left
+    # coming arrivals, per stream k (model, class) seen in the snapshot's recent window:
+    stream_ahead: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))  # [G, K]
+    stream_load: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [K, I]
+    stream_seen: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [K] arrivals
+    arrival_window_s: float = 0.0
 
     def group_prefill_s(self) -> np.ndarray:
         """[G, I] pipeline seconds of each group's prompts on each instance."""
@@ -249,7 +255,56 @@ def build_problem(
         running_instance=np.array(run_inst, int),
         running_step_s=np.array(run_step, float),
         running_prefill_s=np.array(run_prefill, float),
+        **_streams(snapshot, groups, models, batch, step, rate, expected_output),
     )
+
+
+def _streams(
+    snapshot: QueueSnapshot,
+    groups: Sequence[RequestGroup],
+    models: Sequence[str],
+    batch: np.ndarray,
+    step: np.ndarray,
+    rate: np.ndarray,
+    expected_output: Callable[[Request], float],
+) -> dict[str, Any]:
+    """The coming arrivals, per (model, class) stream of the recent window.
+
+    Under EDF an arrival goes ahead of a waiting group when its deadline comes first:
+    ``now + ttft < group deadline`` (``stream_ahead``). A stream spreads over the
+    instances that hold its model (all that may serve it if none does) in proportion to
+    what each serves per second (slots over a request's hold: its decode at the busy step
+    plus its prompt in the pipeline); ``stream_load[k, i]`` is the share of instance i's
+    capacity one request per second of stream k takes.
+    """
+    recent = snapshot.recent
+    index = {m: k for k, m in enumerate(models)}
+    keys = sorted({(r.model, r.slo_class) for r in recent.requests if r.model in index})
+    n_i = len(snapshot.instances)
+    ahead = np.zeros((len(groups), len(keys)), bool)
+    load = np.zeros((len(keys), n_i))
+    seen = np.zeros(len(keys))
+    deadline = np.array([g.deadline_s for g in groups])
+    for k, (model, cls) in enumerate(keys):
+        mine = [r for r in recent.requests if r.model == model and r.slo_class == cls]
+        seen[k] = len(mine)
+        if cls in snapshot.slo_classes:
+            ahead[:, k] = snapshot.now_s + snapshot.slo_classes[cls].ttft_s < deadline
+        m = index[model]
+        prompt = float(np.mean([r.prompt_tokens for r in mine]))
+        output = float(np.mean([expected_output(r) for r in mine]))
+        served = np.where(batch[m] > 0, batch[m] / (output * step[m] + prompt * rate[m]), 0.0)
+        up = np.array([i.can_serve(model) for i in snapshot.instances])
+        holds = up & np.array([i.model == model for i in snapshot.instances])
+        pool = (holds if holds.any() else up) & (served > 0)
+        if pool.any():
+            load[k, pool] = 1.0 / served[pool].sum()
+    return {
+        "stream_ahead": ahead,
+        "stream_load": load,
+        "stream_seen": seen,
+        "arrival_window_s": recent.window_s,
+    }
 
 
 def _engine_params(

@@ -80,7 +80,8 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
             rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
             n = int(problem.size[g])
             decode = np.broadcast_to(scen.decode_s[g, i][:, None], (n_s, n))
-            starts, prefilled, tokens = first_tokens(problem, engine, g, i, decode)
+            urgent = scen.urgent_load[g, i]
+            starts, prefilled, tokens = first_tokens(problem, engine, g, i, decode, urgent)
             req_late[:, rows] = tokens > problem.req_deadline_s[rows]
             req_start[:, rows] = starts
             start[g], finish[g] = starts[:, 0], prefilled[:, -1] + decode[:, -1]
@@ -93,15 +94,22 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
 
 
 def first_tokens(
-    problem: Problem, engine: EngineState, g: int, i: int, decode: np.ndarray
+    problem: Problem, engine: EngineState, g: int, i: int, decode: np.ndarray, urgent: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Serve group ``g`` on instance ``i``'s ``engine`` (updated); its requests'
-    ([S, n] dispatch times, [S, n] prefill ends, [S, n] first-token times)."""
+    ([S, n] dispatch times, [S, n] prefill ends, [S, n] first-token times).
+
+    Arrivals that will go ahead of the group take ``urgent`` ([S]) of the instance while
+    it waits: its wait stretches by ``1 / (1 - urgent)`` (the engine's own state does
+    not: every group is stretched from its unstretched start).
+    """
     rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
     starts, prefilled = engine.serve(decode, problem.req_prefill_s[rows, i], problem.release_s[g])
     overhead = problem.overhead_s[problem.group_model[g], i]
     tokens = np.maximum(prefilled + overhead, starts + problem.req_ttft_s[rows, i])
-    return starts, prefilled, tokens
+    stretch = (urgent / (1.0 - urgent))[:, None]
+    delay = np.maximum(starts - problem.now_s, 0.0) * stretch
+    return starts + delay, prefilled + delay, tokens + delay
 
 
 def _summarise(

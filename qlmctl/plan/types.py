@@ -58,15 +58,26 @@ class InstanceState:
         return self.up and (self.servable_models is None or model in self.servable_models)
 
 
+@dataclass(frozen=True, slots=True)
+class RecentArrivals:
+    """The requests that arrived in the last ``window_s`` seconds, waiting or not: what
+    the planner fits the coming arrivals from (none: it plans as if nothing comes)."""
+
+    window_s: float = 0.0
+    requests: tuple[Request, ...] = ()
+
+
 @dataclass(frozen=True)
 class QueueSnapshot:
-    """Everything a policy needs: waiting requests, instances, SLO classes, profiles."""
+    """Everything a policy needs: waiting requests, instances, SLO classes, profiles,
+    and the recent arrivals."""
 
     now_s: float
     waiting: tuple[Request, ...]  # not yet dispatched, in arrival order
     instances: tuple[InstanceState, ...]
     slo_classes: Mapping[str, SLOClass]
     perf: Mapping[tuple[str, str], PerfModel]  # (model, gpu) -> performance model
+    recent: RecentArrivals = RecentArrivals()
 
     def deadline_s(self, request: Request) -> float:
         """Absolute TTFT deadline of ``request``."""

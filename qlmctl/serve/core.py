@@ -55,7 +55,14 @@ from qlmctl.engine.events import (
     LoadModel,
 )
 from qlmctl.errors import BadInput
-from qlmctl.plan.types import InstanceState, Plan, PlannedGroup, QueueSnapshot, RunningRequest
+from qlmctl.plan.types import (
+    InstanceState,
+    Plan,
+    PlannedGroup,
+    QueueSnapshot,
+    RecentArrivals,
+    RunningRequest,
+)
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import swap_time_s
 from qlmctl.serve.calibration import SpeedCalibration
@@ -68,6 +75,8 @@ from qlmctl.serve.config import (
     split_policy,
 )
 from qlmctl.serve.state import InstanceRecord, InstStatus, QueuedGroup, ReqState, Tracked
+
+ARRIVAL_WINDOW_S = 60.0  # a snapshot carries this much arrival history (the rates' fit)
 
 
 class ServeCore:
@@ -108,6 +117,8 @@ class ServeCore:
         self._vq: dict[str, deque[QueuedGroup]] = {i: deque() for i in self._insts}
         self._reqs: dict[str, Tracked] = {}
         self._waiting: dict[str, Tracked] = {}  # id -> record, every WAITING request
+        self._recent: deque[Request] = deque()  # arrivals of the last ARRIVAL_WINDOW_S
+        self._first_arrival_s = math.inf
         self._replan_due = False
         self._last_replan_s = -math.inf
         self._next_check_s: float | None = None
@@ -136,6 +147,8 @@ class ServeCore:
         tr = Tracked(request, self._slo[request.slo_class], self._expected_tokens(request))
         self._reqs[request.id] = tr
         self._waiting[request.id] = tr
+        self._recent.append(request)
+        self._first_arrival_s = min(self._first_arrival_s, now_s)
         self._replan_due = True
         self._now = now_s
 
@@ -346,12 +359,18 @@ class ServeCore:
     def snapshot(self, now_s: float) -> QueueSnapshot:
         """The queue as a policy sees it: waiting requests in arrival order, instances."""
         waiting = sorted(self._waiting.values(), key=lambda t: (t.request.arrival_s, t.id))
+        while self._recent and self._recent[0].arrival_s < now_s - ARRIVAL_WINDOW_S:
+            self._recent.popleft()
         return QueueSnapshot(
             now_s=now_s,
             waiting=tuple(t.request for t in waiting),
             instances=tuple(self._instance_state(i, now_s) for i in self._insts.values()),
             slo_classes=self._slo,
             perf=dict(self._perf),  # a copy: calibration must not move it under a planner
+            recent=RecentArrivals(
+                min(ARRIVAL_WINDOW_S, max(now_s - self._first_arrival_s, 0.0)),
+                tuple(self._recent),
+            ),
         )
 
     def _instance_state(self, inst: InstanceRecord, now_s: float) -> InstanceState:

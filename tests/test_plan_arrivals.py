@@ -1,0 +1,82 @@
+"""Coming arrivals: fitted from the recent window, they delay the groups they go ahead of."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from qlmctl.plan.estimator import LengthModel, arrival_rates
+from qlmctl.plan.policies import make_policy, prepare
+from qlmctl.plan.types import Plan, QueueSnapshot, RecentArrivals
+from qlmctl.serve.core import ARRIVAL_WINDOW_S
+from tests.helpers import make_requests
+from tests.test_plan_core import snapshot
+from tests.test_serve_core import make_core
+
+
+def busy_batch_queue(
+    recent_interactive: int, residents: tuple[str, ...] = ("m1",), cold_start_s: float = 20.0
+) -> QueueSnapshot:
+    """400 batch requests of m1 waiting at t=100 (more than the slots), and
+    ``recent_interactive`` interactive arrivals of m1 over the last 60 s (all served)."""
+    waiting = make_requests(400, slo_class="batch", gap_s=0.01, start_s=95.0, output_tokens=400)
+    seen = make_requests(
+        recent_interactive, gap_s=60.0 / max(recent_interactive, 1), start_s=40.0, prefix="past-"
+    )
+    snap = snapshot(waiting, residents=residents, now_s=100.0, cold_start_s=cold_start_s)
+    return replace(snap, recent=RecentArrivals(60.0, tuple(seen)))
+
+
+def test_rates_follow_the_window_and_are_uncertain() -> None:
+    ctx = prepare(busy_batch_queue(120), LengthModel(), np.random.default_rng(0), scenarios=2)
+    pb = ctx.problem
+    assert pb.stream_seen.tolist() == [120.0]
+    assert arrival_rates(pb)[0, 0] == (120 + 0.5) / 60.0
+    draws = arrival_rates(pb, np.random.default_rng(0), 2000)
+    assert abs(draws.mean() - 2.0) < 0.05 and 0.1 < draws.std() < 0.2  # ~sqrt(120)/60
+
+
+def last_start(plan: Plan) -> float:
+    return max(g.predicted_start_s for ip in plan.instances for g in ip.groups)
+
+
+def load_on(plan: Plan) -> dict[str, int]:
+    return {ip.instance_id: sum(len(g.request_ids) for g in ip.groups) for ip in plan.instances}
+
+
+def test_interactive_arrivals_delay_batch_groups_only() -> None:
+    rng = np.random.default_rng(0)
+    quiet = make_policy("heuristic", scenarios=20).plan(busy_batch_queue(0), rng)
+    busy = make_policy("heuristic", scenarios=20).plan(busy_batch_queue(1800), rng)  # 30/s
+    assert last_start(busy) > last_start(quiet) + 5.0
+    # interactive groups are not delayed by later interactive arrivals: theirs come later
+    assert prepare(
+        busy_batch_queue(1800), LengthModel(), rng, scenarios=2
+    ).problem.stream_ahead.all()
+    now = make_requests(5, gap_s=0.1, start_s=99.0, prefix="now-")
+    snap = replace(busy_batch_queue(1800), waiting=tuple(now))
+    assert not prepare(snap, LengthModel(), rng, scenarios=2).problem.stream_ahead.any()
+
+
+def test_batch_work_leaves_headroom_where_the_urgent_stream_lands() -> None:
+    # i0 holds m1, which the interactive stream needs; i1 holds m2 and can switch to m1
+    # for batch work. The stream spreads over the instances holding m1, i0 alone, so
+    # with a heavy stream placement moves batch work from i0 to i1
+    quiet = make_policy("heuristic", scenarios=20).plan(
+        busy_batch_queue(0, ("m1", "m2"), 2.0), np.random.default_rng(0)
+    )
+    busy = make_policy("heuristic", scenarios=20).plan(
+        busy_batch_queue(1800, ("m1", "m2"), 2.0), np.random.default_rng(0)
+    )
+    assert load_on(busy)["i0"] < load_on(quiet)["i0"] - 40
+
+
+def test_core_snapshot_carries_the_recent_window() -> None:
+    core = make_core(1, make_policy("fcfs"), models=("m1",))
+    for k, r in enumerate(make_requests(100, gap_s=1.0)):
+        core.on_arrival(r, float(k))
+    snap = core.snapshot(99.0)
+    assert snap.recent.window_s == ARRIVAL_WINDOW_S
+    assert min(r.arrival_s for r in snap.recent.requests) >= 99.0 - ARRIVAL_WINDOW_S
+    assert len(snap.recent.requests) == 61
