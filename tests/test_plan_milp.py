@@ -172,3 +172,25 @@ print(plan.solver.status)
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True
     )
     assert out.stdout.splitlines()[-1] in {"Optimal", "Time limit reached"}  # after a banner
+
+
+def test_relaxation_bounds_the_program_and_late_arrivals_cannot_use_earlier_capacity() -> None:
+    # every request is known at t=0 (the hindsight bound's snapshot): the LP relaxation
+    # bounds the program, and a burst arriving at t=60 keeps no more than the same burst
+    # arriving at t=0: the idle minute before it arrives is no use to it
+    def kept(start_s: float) -> tuple[float, float]:
+        burst = make_requests(400, gap_s=0.001, output_tokens=400, start_s=start_s)
+        ctx = prepare(
+            snapshot(burst, residents=("m1",), now_s=0.0),
+            LengthModel(), np.random.default_rng(0), max_group_size=8, clairvoyant=True,
+        )  # fmt: skip
+        exact = solve(ctx.problem, ctx.scen, mip_gap=0.0, time_limit_s=30)
+        relaxed = solve(ctx.problem, ctx.scen, time_limit_s=30, relaxed=True)
+        assert exact.objective is not None and relaxed.bound is not None
+        total = ctx.problem.total_weight()
+        return -relaxed.bound / total, -exact.objective / total
+
+    for start_s in (0.0, 60.0):
+        bound, best = kept(start_s)
+        assert best <= bound + 1e-9 and 0.2 < bound < 0.8
+    assert kept(60.0)[0] <= kept(0.0)[0] + 0.02

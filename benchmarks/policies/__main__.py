@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.policies import real, report
-from benchmarks.policies.run import POLICY_RUNS, Point, sweep
+from benchmarks.policies.run import HINDSIGHT, POLICY_RUNS, Point, sweep
 from benchmarks.policies.scenarios import QUICK_SPAN_S, REPO, SPAN_S
 from qlmctl.errors import QlmError
 from qlmctl.fileio import atomic_write_text
@@ -47,16 +47,21 @@ def points(quick: bool, slo_s: tuple[float, float, float], seed: int = 0) -> lis
         Point(s, n, load, p, span, slo_s, seed)
         for s, n in cells
         for load in loads
-        for p in POLICY_RUNS
+        for p in (*POLICY_RUNS, HINDSIGHT)
     ]
     return sorted(pts, key=lambda p: (-p.load * p.instances, p.scenario))
 
 
 def _print_row(row: dict[str, Any]) -> None:
-    print(
+    head = (
         f"{row['scenario']:13} n={row['instances']} load={row['load']:<4g} "
         f"{row['policy']:11} attainment={100 * row['attainment']:5.1f}% "
-        f"tput={row['throughput_rps']:6.2f} req/s swaps={row['swaps']:3d} "
+    )
+    if row["policy"] == HINDSIGHT:
+        print(f"{head}(bound) wall={row['wall_s']:5.1f}s", flush=True)
+        return
+    print(
+        f"{head}tput={row['throughput_rps']:6.2f} req/s swaps={row['swaps']:3d} "
         f"evictions={row['evictions']:4d} wall={row['wall_s']:5.1f}s",
         flush=True,
     )

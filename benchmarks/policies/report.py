@@ -33,7 +33,7 @@ COLUMNS = (
     "milp_offered", "milp_adopted",
     *(f"{k}_{c}" for c in ("interactive", "batch-1", "batch-2") for k in FORECAST_KEYS),
 )  # fmt: skip
-POLICY_ORDER = ("fcfs", "edf", "priority", "heuristic", "qlm", "clairvoyant")
+POLICY_ORDER = ("fcfs", "edf", "priority", "heuristic", "qlm", "clairvoyant", "hindsight")
 
 
 def to_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
@@ -79,7 +79,7 @@ def _policy_rows(point: pd.DataFrame) -> list[str]:
     ]
     by = {rec["policy"]: rec for rec in point.to_dict("records")}
     for p in POLICY_ORDER:
-        if p not in by:
+        if p not in by or p == "hindsight":
             continue
         r = by[p]
         lines.append(
@@ -88,6 +88,13 @@ def _policy_rows(point: pd.DataFrame) -> list[str]:
             f"| {r['throughput_rps']:.2f} | {r['throughput_tps']:.0f} | {int(r['swaps'])} "
             f"| {int(r['evictions'])} |"
         )
+    if "hindsight" in by:
+        lines += [
+            "",
+            f"Hindsight bound: {_pct(by['hindsight']['attainment'])} % (the stochastic program "
+            "given the whole run's arrivals and output lengths, as an LP: the ceiling in the "
+            "planner's model of the engine).",
+        ]
     return lines
 
 
@@ -189,7 +196,7 @@ def plot_attainment(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
             for p in POLICY_ORDER:
                 line = cell[cell["policy"] == p].sort_values("load")
                 if len(line):
-                    style = "--" if p == "clairvoyant" else "-"
+                    style = {"clairvoyant": "--", "hindsight": ":"}.get(p, "-")
                     ax.plot(line["load"], 100 * line["attainment"], style, marker="o", label=p)
             ax.set_title(f"{scenario}, {n} instances")
             ax.set_xlabel("offered load / estimated capacity")

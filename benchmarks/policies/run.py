@@ -10,7 +10,8 @@ The ``qlm`` policy runs with its MILP improver on (``CoreConfig.improve``): the 
 solves it synchronously while virtual time stands still, so its (time-limited) answers
 depend on the machine's speed; every other policy is deterministic for the seed.
 ``clairvoyant`` is the ``qlm`` planner told every request's true output length: the
-bound on what better length estimates could buy.
+bound on what better length estimates could buy. ``hindsight`` is no policy: the
+program's bound given the whole run (:mod:`.bound`), one row per point.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from benchmarks.policies.bound import hindsight_bound
 from benchmarks.policies.scenarios import SCENARIOS, build_point, slo_classes
 from qlmctl.plan.policies import make_policy
 from qlmctl.profile.store import ProfileStore
@@ -44,6 +46,7 @@ POLICY_RUNS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "clairvoyant": ("qlm", {"clairvoyant": True}, True),
 }
 CLASSES = ("interactive", "batch-1", "batch-2")
+HINDSIGHT = "hindsight"  # not a policy: the ceiling (bound.py), one row per point
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,26 @@ class Point:
 
 
 def run_point(point: Point) -> dict[str, Any]:
-    """Replay one point and return its row of results."""
+    """Replay one point and return its row of results (for ``hindsight``, the bound)."""
     scenario = SCENARIOS[point.scenario]
     cluster = scenario.cluster(point.instances)
     perf = ProfileStore.load().for_cluster(cluster)
     workload, scale, offered = build_point(
         scenario, cluster, perf, point.load, point.span_s, slo_classes(*point.slo_s)
     )
+    if point.policy == HINDSIGHT:
+        t0 = time.perf_counter()
+        return {
+            "scenario": point.scenario,
+            "instances": point.instances,
+            "load": point.load,
+            "offered_load": offered,
+            "time_scale": scale,
+            "policy": HINDSIGHT,
+            "requests": len(workload.requests),
+            "attainment": hindsight_bound(workload, cluster, perf),
+            "wall_s": time.perf_counter() - t0,
+        }
     name, options, improve = POLICY_RUNS[point.policy]
     policy = make_policy(name, **options)
     t0 = time.perf_counter()

@@ -41,6 +41,7 @@ class Solution:
     status: str
     has_solution: bool
     objective: float | None
+    bound: float | None  # the best bound HiGHS proved on the objective (minimising)
     mip_gap: float | None
     translate_s: float
     solve_s: float
@@ -80,16 +81,22 @@ def run(
     h.run()
     t2 = time.perf_counter()
     info_h = h.getInfo()
+    status = h.modelStatusToString(h.getModelStatus())
     has_solution = info_h.primal_solution_status == 2  # kSolutionStatusFeasible
     values: dict[int, float] = {}
     if has_solution:
         col_value = h.getSolution().col_value
         values = {id(v): float(col_value[k]) for k, v in enumerate(variables) if v is not None}
     gap = info_h.mip_gap
+    if not len(h.getLp().integrality_):  # an LP: its optimum is its bound
+        bound = info_h.objective_function_value if status == "Optimal" else None
+    else:
+        bound = info_h.mip_dual_bound if np.isfinite(info_h.mip_dual_bound) else None
     return Solution(
-        status=h.modelStatusToString(h.getModelStatus()),
+        status=status,
         has_solution=has_solution,
         objective=float(info_h.objective_function_value) if has_solution else None,
+        bound=float(bound) if bound is not None else None,
         mip_gap=float(gap) if has_solution and np.isfinite(gap) else None,
         translate_s=t1 - t0,
         solve_s=t2 - t1,
