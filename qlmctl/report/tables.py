@@ -9,6 +9,7 @@ latencies in seconds, TPOT (a per-token time) in milliseconds, units in the titl
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -121,7 +122,7 @@ def print_comparison(c: Comparison) -> None:
 def print_plan(p: PlanComparison, run_id: str, max_rows: int = 20) -> None:
     """A run against its plan: groups (the first ``max_rows`` per instance), misses by
     class, swaps per instance, departures by kind and reason."""
-    title = f"{escape(run_id)} against plan {escape(p.plan_path)}"
+    title = f"{escape(run_id)} against plan {escape(Path(p.plan_path).name)}"
     followed = _pct(p.followed)
     g = p.groups
     top = g[g["order"] <= max_rows]
