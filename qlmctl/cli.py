@@ -268,7 +268,8 @@ def serve(
         typer.Option(
             "--plan",
             help="Run this plan (from `qlmctl plan` on the same workload, cluster and "
-            "profiles): its queues, order and model segments, re-planned only for a clear gain.",
+            "profiles): its queues, order and model segments, re-planned only for a clear "
+            "gain. With --listen: a plan of an OpenAI Batch file, run when it is submitted.",
         ),
     ] = None,
     plan_margin: Annotated[
@@ -367,12 +368,11 @@ def serve(
 
         if workload is not None or engine != "vllm":
             raise typer.BadParameter("--listen serves live clients on real vLLM: no WORKLOAD")
-        if plan_file is not None:
-            raise typer.BadParameter("--plan replays a WORKLOAD; the gateway cannot load plans yet")
+
         gw = prepare_gateway(
             cluster, listen=listen, policy=policy or "qlm", profiles=measured, runs=runs, name=name,
             slo_classes=slo_classes, default_class=default_class or [],
-            api_key_env=api_key_env, max_queue=max_queue, seed=seed,
+            api_key_env=api_key_env, max_queue=max_queue, seed=seed, plan=plan_file,
         )  # fmt: skip
         err_console.print(f"starting instances; the gateway will listen on {gw.base_url}")
         print_summary(run_gateway(gw, lambda *_: None))

@@ -113,6 +113,18 @@ def check_plan(
             f"{str(meta['workload_fingerprint'])[:12]}), not {workload.source} "
             f"({workload.fingerprint[:12]}); re-run `qlmctl plan`"
         )
+    check_plan_cluster(plan, source, cluster, perf)
+    ids = {r.id for r in workload.requests}
+    stray = next((r for r in plan.request_ids() if r not in ids), None)
+    if stray is not None:
+        raise BadInput(f"{source}: planned request {stray!r} is not in {workload.source}")
+
+
+def check_plan_cluster(
+    plan: Plan, source: str, cluster: ClusterSpec, perf: Mapping[tuple[str, str], PerfModel]
+) -> None:
+    """BadInput (one line) unless ``plan`` was made for this cluster and these profiles."""
+    meta = plan.meta
     planned = {i["id"]: i for i in meta.get("instances") or []}
     here = {i["id"]: i for i in cluster_instances(cluster)}
     if set(planned) != set(here):
@@ -134,10 +146,6 @@ def check_plan(
                 f"{source}: profile {pair} differs from the one the plan was made with "
                 "(--profiles); re-run `qlmctl plan`"
             )
-    ids = {r.id for r in workload.requests}
-    stray = next((r for r in plan.request_ids() if r not in ids), None)
-    if stray is not None:
-        raise BadInput(f"{source}: planned request {stray!r} is not in {workload.source}")
 
 
 def policy_options(plan: Plan) -> dict[str, Any]:

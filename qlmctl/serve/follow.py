@@ -56,6 +56,11 @@ class PlanFollower:
         self._fresh, _ = split_policy(inner)
         self.departures = 0  # re-plans that replaced the committed plan
 
+    def start_at(self, offset_s: float) -> None:
+        """Shift the committed plan's times by ``offset_s``: its work arrived then, not at
+        the plan's time 0 (a Batch file planned ahead and submitted to the gateway later)."""
+        self.committed = shifted(self.committed, offset_s)
+
     def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
         """The committed plan for ``snapshot``, or a fresh one if it beats it by the margin."""
         t0 = time.perf_counter()
@@ -129,6 +134,28 @@ class PlanFollower:
             predicted_attainment_by_class=dict(self.committed.predicted_attainment_by_class),
         )
         return plan, moved
+
+
+def shifted(plan: Plan, offset_s: float) -> Plan:
+    """``plan`` with every absolute time (deadlines, predicted starts and finishes) later
+    by ``offset_s``."""
+
+    def move(pg: PlannedGroup) -> PlannedGroup:
+        return replace(
+            pg,
+            deadline_s=pg.deadline_s + offset_s,
+            predicted_start_s=pg.predicted_start_s + offset_s,
+            predicted_finish_s=pg.predicted_finish_s + offset_s,
+            request_start_s=tuple(t + offset_s for t in pg.request_start_s),
+        )
+
+    return replace(
+        plan,
+        created_s=plan.created_s + offset_s,
+        instances=tuple(
+            InstancePlan(ip.instance_id, tuple(move(g) for g in ip.groups)) for ip in plan.instances
+        ),
+    )
 
 
 def _subset(pg: PlannedGroup, keep: list[int]) -> PlannedGroup:
