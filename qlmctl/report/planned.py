@@ -10,7 +10,9 @@ model segments imply against swaps and wakes done. Departures, with a reason eac
 - ``replan``: a re-plan left the committed plan (its logged note says by how much);
 - ``instance``: a request first dispatched on another instance than planned;
 - ``order``: a request first dispatched ahead of one planned before it on the same
-  instance that had already arrived and was still waiting.
+  instance that had already arrived and was still waiting;
+- ``evict``: a running request evicted (the core's eviction rule, which acts on the
+  plan's forecasts) and re-queued, with the logged reason.
 
 A moved or reordered request is explained by the last ``replan`` departure or
 ``instance_down`` before its dispatch; a request that passed only ones that arrived
@@ -21,6 +23,7 @@ within the core's re-plan interval (they were not yet queued) says so; otherwise
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +53,7 @@ class PlanComparison:
     departures: pd.DataFrame  # DEPARTURE_COLUMNS; ``why``: the logged reason (or unexplained)
     requests_planned: int
     dispatched_as_planned: int  # first dispatch on the planned instance, in planned order
+    # (evictions do not count against it: the re-run follows the plan again)
 
     @property
     def followed(self) -> float | None:
@@ -172,6 +176,11 @@ def _departures(
             causes.append((float(op["time_s"]), why))
         elif op["kind"] == "instance_down":
             causes.append((float(op["time_s"]), f"instance {op['instance_id']} down"))
+        elif op["kind"] == "evict" and op["request_id"] in planned.index:
+            # the plan's own eviction rule (or a swap) stopped it; it runs again later
+            why = re.sub(r" for \S+ \(", " for a more urgent request (", str(detail.get("reason")))
+            rows.append([op["time_s"], "evict", op["instance_id"], op["request_id"],
+                         "evicted and re-queued", why])  # fmt: skip
     causes.sort()
     times = np.array([t for t, _ in causes])
 

@@ -146,9 +146,9 @@ def print_plan(p: PlanComparison, run_id: str, max_rows: int = 20) -> None:
         [[escape(str(r[0])), *r[1:]] for r in p.swaps.values.tolist()],
     )
     d = p.departures
-    by_why: dict[str, list[Any]] = {}  # why -> [first time, re-plans, moved, reordered]
+    by_why: dict[str, list[Any]] = {}  # why -> [first time, re-plans, moved, reordered, evicted]
     for t, kind, why in zip(d["time_s"], d["kind"], d["why"], strict=True):
-        entry = by_why.setdefault(str(why), [float(t), 0, 0, 0])
+        entry = by_why.setdefault(str(why), [float(t), 0, 0, 0, 0])
         entry[1 + _KINDS.index(str(kind))] += 1
     rows = [[e[0], escape(why), *e[1:]] for why, e in by_why.items()]
     shown = rows[:max_rows]
@@ -156,12 +156,12 @@ def print_plan(p: PlanComparison, run_id: str, max_rows: int = 20) -> None:
     print_table(
         f"{title}: where the run left the plan ({p.dispatched_as_planned:,} of "
         f"{p.requests_planned:,} requests dispatched as planned: {followed}{more})",
-        ["from s", "why", "re-plans", "moved", "reordered"],
-        shown or [["-", "never: the run followed the plan", 0, 0, 0]],
+        ["from s", "why", "re-plans", "moved", "reordered", "evicted"],
+        shown or [["-", "never: the run followed the plan", 0, 0, 0, 0]],
     )
 
 
-_KINDS = ("replan", "instance", "order")
+_KINDS = ("replan", "instance", "order", "evict")
 
 
 def print_report(report: Report) -> None:
