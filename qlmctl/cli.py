@@ -190,6 +190,13 @@ def plan(
     mip_gap: Annotated[float, typer.Option(help="qlm: relative MIP gap to stop at.")] = 0.01,
     scenarios: Annotated[int, typer.Option(help="qlm: scenarios in the stochastic program.")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of every scenario draw.")] = 0,
+    clairvoyant: Annotated[
+        bool,
+        typer.Option(
+            help="Plan with the true output lengths (a bound for benchmarks; `serve --plan` "
+            "then re-plans with them too)."
+        ),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Plan how the cluster serves WORKLOAD's queued requests.
@@ -204,6 +211,8 @@ def plan(
 
     names = [p.strip() for p in compare.split(",") if p.strip()] if compare else [policy]
     options = {"time_limit_s": time_limit, "mip_gap": mip_gap, "milp_scenarios": scenarios}
+    if clairvoyant:
+        options["clairvoyant"] = True
     measured = profiles if profiles.exists() or profiles != Path("profiles") else None
     result = plan_workload(workload, cluster, measured, names, options, seed, at, out)
     if json_out:
@@ -243,10 +252,32 @@ def serve(
         Path | None,
         typer.Option("--cluster", "-c", help="Cluster spec (YAML); not needed with --target."),
     ] = None,
-    policy: PolicyOpt = "qlm",
+    policy: Annotated[
+        str | None,
+        typer.Option(
+            "--policy",
+            "-p",
+            help=f"Scheduling policy: {', '.join(POLICIES)} [default: qlm, or the plan's].",
+        ),
+    ] = None,
     engine: Annotated[
         str, typer.Option(help="`vllm`: real servers over HTTP; `sim`: simulated, virtual time.")
     ] = "vllm",
+    plan_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--plan",
+            help="Run this plan (from `qlmctl plan` on the same workload, cluster and "
+            "profiles): its queues, order and model segments, re-planned only for a clear "
+            "gain. With --listen: a plan of an OpenAI Batch file, run when it is submitted.",
+        ),
+    ] = None,
+    plan_margin: Annotated[
+        float,
+        typer.Option(
+            help="--plan: predicted attainment a re-plan must gain to leave the plan (0-1)."
+        ),
+    ] = 0.05,
     profiles: ProfilesOpt = Path("profiles"),
     runs: Annotated[
         Path, typer.Option(help="Directory for run logs.", envvar="QLMCTL_RUNS")
@@ -324,6 +355,8 @@ def serve(
 
         if workload is None or listen is not None:
             raise typer.BadParameter("--target replays a WORKLOAD through a running gateway")
+        if plan_file is not None:
+            raise typer.BadParameter("--plan runs a plan in this process; not with --target")
         result = replay_through(load_workload(workload), target, api_key_env=api_key_env)
         print_table(f"replayed {workload} through {target}", ["field", "value"], result.rows())
         return
@@ -335,10 +368,11 @@ def serve(
 
         if workload is not None or engine != "vllm":
             raise typer.BadParameter("--listen serves live clients on real vLLM: no WORKLOAD")
+
         gw = prepare_gateway(
-            cluster, listen=listen, policy=policy, profiles=measured, runs=runs, name=name,
+            cluster, listen=listen, policy=policy or "qlm", profiles=measured, runs=runs, name=name,
             slo_classes=slo_classes, default_class=default_class or [],
-            api_key_env=api_key_env, max_queue=max_queue, seed=seed,
+            api_key_env=api_key_env, max_queue=max_queue, seed=seed, plan=plan_file,
         )  # fmt: skip
         err_console.print(f"starting instances; the gateway will listen on {gw.base_url}")
         print_summary(run_gateway(gw, lambda *_: None))
@@ -349,6 +383,7 @@ def serve(
         workload, cluster, policy=policy, engine=engine, profiles=measured, runs=runs,
         name=name, seed=seed,
         timeouts=stream_timeouts(connect_timeout, first_token_timeout, token_timeout),
+        plan=plan_file, plan_margin=plan_margin,
     )  # fmt: skip
     with live_view(engine, job.total) as progress:
         summary = job.run(progress)
@@ -382,6 +417,14 @@ def report(
         str | None,
         typer.Option(help="Run to compare against (directory, run id or policy; default fcfs)."),
     ] = None,
+    plan_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--plan",
+            help="Set this plan beside each run: predicted against observed start, finish, "
+            "misses and swaps, and where the run left it (default: the plan the run followed).",
+        ),
+    ] = None,
 ) -> None:
     """Summarise runs: SLO attainment, goodput, latency percentiles, operations.
 
@@ -394,7 +437,7 @@ def report(
     from qlmctl.report.runs import build_report
 
     fmt = check_format(fmt)
-    result = build_report(run_dirs, baseline=baseline, force=force)
+    result = build_report(run_dirs, baseline=baseline, force=force, plan=plan_file)
     for warning in result.warnings:
         err_console.print(Text.assemble(("warning: ", "bold yellow"), warning), soft_wrap=True)
     render(result, fmt)

@@ -29,9 +29,11 @@ from typing import Any
 
 from qlmctl.domain import SLOClass
 from qlmctl.fileio import atomic_write_text
+from qlmctl.gateway.batchplan import matches_plan
 from qlmctl.gateway.bodies import check_body, new_request
 from qlmctl.gateway.exchange import CHAT, COMPLETIONS, Exchange
 from qlmctl.gateway.options import GatewayOptions
+from qlmctl.serve.follow import PlanFollower
 from qlmctl.serve.real_driver import RealDriver
 
 ENDPOINTS = (COMPLETIONS, CHAT)
@@ -120,10 +122,13 @@ class BatchStore:
                 "metadata": body.get("metadata"),
             }
         )  # fmt: skip
+        planned = self._planned(lines, endpoint, window)
         for custom_id, line_body in lines:
             request = new_request(
                 self.driver, line_body, endpoint, slo.name, self.options.default_max_tokens
             )
+            if planned:  # the plan knows the line by its custom_id
+                request = request.model_copy(update={"id": custom_id})
             exchange = Exchange(request, endpoint, line_body)
             batch.exchanges.append((custom_id, exchange))
             self.driver.submit(exchange)
@@ -132,6 +137,24 @@ class BatchStore:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return batch.info
+
+    def _planned(self, lines: list[tuple[str, dict[str, Any]]], endpoint: str, window: str) -> bool:
+        """Whether this batch is the one the gateway's plan was made for; if so the plan's
+        times start now. 409 if it was submitted already (its ids are taken)."""
+        follower = self.driver.policy
+        if not isinstance(follower, PlanFollower):
+            return False
+        plan = follower.committed
+        if not matches_plan(plan, lines, endpoint, window, self.options.default_max_tokens):
+            return False
+        try:
+            self.driver.core.state_of(lines[0][0])
+        except KeyError:
+            pass
+        else:
+            raise BatchError(409, "the planned batch was already submitted to this gateway")
+        follower.start_at(max(0.0, self.driver.clock.now()))
+        return True
 
     def get(self, batch_id: str) -> dict[str, Any]:
         if batch_id not in self.batches:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from qlmctl.domain import SLOClass
 from qlmctl.errors import BadInput
 from qlmctl.gateway.options import GatewayOptions, api_key_from_env
 from qlmctl.gateway.server import GatewayJob, served_models
+from qlmctl.plan.planfile import check_plan_cluster, load_plan, policy_options
 from qlmctl.plan.policies import make_policy
 from qlmctl.profile.store import ProfileStore
 from qlmctl.serve.config import CoreConfig
+from qlmctl.serve.follow import PlanFollower
 from qlmctl.serve.real_driver import RealOptions
 from qlmctl.specs import load_cluster, parse, read_yaml
 from qlmctl.workload.spec import DEFAULT_SLO_CLASSES
@@ -44,6 +47,7 @@ def prepare_gateway(
     max_queue: int = 1000,
     default_max_tokens: int = 256,
     seed: int = 0,
+    plan: Path | None = None,
 ) -> GatewayJob:
     """Load and check a gateway run on ``cluster_path``.
 
@@ -55,10 +59,16 @@ def prepare_gateway(
             class of requests without the ``x-qlmctl-slo-class`` header. Default: the
             first class.
         api_key_env: environment variable holding the key clients must send.
+        plan: a plan made (``qlmctl plan``) for an OpenAI Batch input file on this cluster
+            and these profiles: when that file is submitted as a batch, its lines run by
+            the plan (:mod:`qlmctl.gateway.batchplan`); other traffic is planned as usual.
     """
     host, port = parse_listen(listen)
     cluster = load_cluster(cluster_path)
-    chosen = make_policy(policy)
+    committed = load_plan(plan) if plan is not None else None
+    if committed is not None:
+        policy = committed.policy
+    chosen: Any = make_policy(policy, **(policy_options(committed) if committed else {}))
     classes = _load_classes(slo_classes)
     models = served_models(cluster)
     fallback, by_model = _default_classes(default_class, classes, models)
@@ -76,9 +86,15 @@ def prepare_gateway(
     run_dir = Path(runs) / (name or f"gateway-{policy}-{_stamp()}")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise BadInput(f"{run_dir}: run directory exists and is not empty; pick another --name")
+    perf = ProfileStore.load(profiles).for_cluster(cluster)
+    meta: dict[str, Any] = {"cluster": str(cluster_path)}
+    if committed is not None and plan is not None:
+        check_plan_cluster(committed, str(plan), cluster, perf)
+        chosen = PlanFollower(chosen, committed)
+        meta["batch_plan"] = str(Path(plan).resolve())
     return GatewayJob(
         cluster=cluster,
-        perf=ProfileStore.load(profiles).for_cluster(cluster),
+        perf=perf,
         policy=chosen,
         config=CoreConfig.for_policy(policy),
         classes=classes,
@@ -86,7 +102,7 @@ def prepare_gateway(
         run_dir=run_dir,
         seed=seed,
         real=RealOptions(metrics_interval_s=LIVE_METRICS_INTERVAL_S),
-        meta={"cluster": str(cluster_path)},
+        meta=meta,
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +114,7 @@ def plan_workload(
 ) -> dict[str, Compared]:
     """Load the inputs, plan with each policy, write ``<out_dir>/<workload>-<policy>.json``."""
     from qlmctl.domain import check_models_served
+    from qlmctl.plan.planfile import plan_meta
     from qlmctl.profile.store import ProfileStore
     from qlmctl.specs import load_cluster
     from qlmctl.workload import load_workload
@@ -124,6 +125,14 @@ def plan_workload(
     perf = ProfileStore.load(profiles).for_cluster(cluster)
     snapshot = snapshot_from_workload(workload, cluster, perf, at_s)
     result = compare_policies(snapshot, policies, options, seed)
+    meta = plan_meta(workload, cluster, perf, options, seed, at_s)
+    meta["cluster"] = str(cluster_path)
+    result = {
+        name: replace(
+            c, plan=replace(c.plan, meta={**meta, "held_out_attainment": c.held_out.attainment})
+        )
+        for name, c in result.items()
+    }
     if out_dir is not None:
         for name, c in result.items():
             c.plan.save(out_dir / f"{Path(workload_path).stem}-{name}.json")

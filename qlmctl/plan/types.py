@@ -132,6 +132,8 @@ class SolverStats:
     chosen: str = "heuristic"  # which candidate won on the scoring scenarios
     scores: dict[str, float] = field(default_factory=dict)  # candidate -> expected attainment
     note: str = ""
+    objective: float | None = None  # MILP: expected weighted misses + swap cost (fluid model)
+    bound: float | None = None  # MILP: lower bound on that objective (objective - gap)
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,9 @@ class Plan:
     predicted_attainment_by_class: dict[str, float]
     solver: SolverStats = field(default_factory=SolverStats)
     version: int = PLAN_VERSION
+    # what `qlmctl plan` ran it from (workload fingerprint, cluster, profiles, policy
+    # options, seed); `serve --plan` refuses a plan whose inputs differ (plan/planfile.py)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def request_ids(self) -> list[str]:
         """Every planned request id, instance by instance, in planned order."""
@@ -176,6 +181,7 @@ class Plan:
             predicted_attainment=data["predicted_attainment"],
             predicted_attainment_by_class=dict(data["predicted_attainment_by_class"]),
             solver=SolverStats(**data["solver"]),
+            meta=dict(data.get("meta") or {}),
         )
 
     def save(self, path: Path) -> None:

@@ -110,6 +110,9 @@ def comparison_json(c: Comparison) -> dict[str, Any]:
 def report_json(report: Report) -> dict[str, Any]:
     """The JSON document of a report (one run: a bench-serve-like object)."""
     runs = [run_json(m) for m in report.metrics]
+    for k, p in enumerate(report.plans):
+        if p is not None:
+            runs[k]["plan"] = p.to_dict()
     if report.comparison is None:
         return runs[0]
     return {

@@ -76,6 +76,14 @@ def write_html(report: Report, pngs: list[Path], path: Path) -> Path:
         parts.append(f"<h2>Run {html.escape(m.run_id)} ({html.escape(m.policy)})</h2>")
         parts.append(_table(pd.DataFrame([asdict(i) for i in m.instances])))
         parts.append(_table(pd.DataFrame([asdict(m.operations)])))
+    for m, p in zip(report.metrics, report.plans, strict=False):
+        if p is not None:
+            parts.append(f"<h2>Run {html.escape(m.run_id)} against {html.escape(p.plan_path)}</h2>")
+            parts.append(f"<p>dispatched as planned: {p.dispatched_as_planned} of "
+                         f"{p.requests_planned}</p>")  # fmt: skip
+            parts += [_table(p.misses), _table(p.swaps), _table(p.groups.head(200))]
+            if len(p.departures):
+                parts.append(_table(p.departures.head(200)))
     parts.append("<h2>Figures</h2>")
     parts += [_image(p) for p in pngs]
     page = (

@@ -30,6 +30,7 @@ from qlmctl.fileio import atomic_path
 from qlmctl.report.compare import run_labels
 from qlmctl.report.html import write_html
 from qlmctl.report.metrics import request_table, run_duration_s
+from qlmctl.report.planned import PlanComparison
 from qlmctl.report.runs import Report
 from qlmctl.report.timeline import attainment_over_time, in_flight, waiting
 from qlmctl.serve.runlog import RunLog
@@ -131,6 +132,43 @@ def _gantt(run: RunLog, label: str) -> Draw:
     return draw
 
 
+def _plan_vs_run(p: PlanComparison, label: str) -> Draw:
+    """Per instance: each planned group's predicted [start, finish] (outlined, above) and
+    its observed first dispatch to last finish (filled, below), coloured by class."""
+    g = p.groups
+    instances = list(dict.fromkeys(g["instance_id"]))
+    row = {inst: k for k, inst in enumerate(instances)}
+
+    def draw(fig: Figure) -> None:
+        ax = fig.subplots()
+        colours = matplotlib.colormaps["tab10"]
+        for k, (cls, gc) in enumerate(g.groupby("slo_class")):
+            c = colours(k % 10)
+            for _, x in gc.iterrows():
+                y = row[x["instance_id"]]
+                ps, pf = x["predicted_start_s"], x["predicted_finish_s"]
+                ax.broken_barh([(ps, max(pf - ps, 0.0))], (y + 0.05, 0.35),
+                               facecolor="none", edgecolor=c, lw=0.8)  # fmt: skip
+                os_, of = x["observed_start_s"], x["observed_finish_s"]
+                if os_ == os_ and of == of and os_ is not None and of is not None:
+                    ax.broken_barh([(os_, max(of - os_, 0.0))], (y - 0.4, 0.35),
+                                   color=c, alpha=0.5)  # fmt: skip
+            ax.plot([], [], color=c, lw=6, label=f"class {cls}")
+        moved = p.departures[p.departures["kind"] != "replan"]
+        if len(moved):
+            ax.scatter(moved["time_s"], moved["instance_id"].map(row) - 0.22, marker="x",
+                       color="tab:red", zorder=3, label="departure")  # fmt: skip
+        for t in p.departures[p.departures["kind"] == "replan"]["time_s"]:
+            ax.axvline(t, color="grey", lw=0.6, ls=":")
+        ax.set_yticks(range(len(instances)), instances)
+        ax.set(xlabel="time (s)", ylim=(-0.7, len(instances) - 0.3))
+        ax.set_title(f"{label}: planned (outline, above) against actual (filled, below)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+        ax.grid(alpha=0.3, axis="x")
+
+    return draw
+
+
 def _ttft_cdf(report: Report, labels: tuple[str, ...]) -> tuple[Draw, int]:
     """One panel for all requests and one per class; returns the drawing and panel count."""
     tables = [request_table(run)[["slo_class", "ttft_s"]].dropna() for run in report.runs]
@@ -205,6 +243,10 @@ def write_plots(report: Report, out: Path) -> list[Path]:
         pngs.append(_save(_queues(run, label), out / f"{stem}-queues.png", (9.0, 5.0)))
         height = 1.5 + 0.6 * max(len(run.meta.get("instances") or []), 2)
         pngs.append(_save(_gantt(run, label), out / f"{stem}-gantt.png", (11.0, height)))
+        planned = report.plans[k] if k < len(report.plans) else None
+        if planned is not None:
+            pngs.append(_save(_plan_vs_run(planned, label), out / f"{stem}-plan.png",
+                              (11.0, height)))  # fmt: skip
     cdf, panels = _ttft_cdf(report, labels)
     pngs.append(_save(cdf, out / "ttft-cdf.png", (12.0, 3.5 * -(-panels // 3))))
     if len(report.runs) > 1:

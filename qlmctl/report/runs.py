@@ -17,8 +17,10 @@ import pandas as pd
 import pyarrow as pa
 
 from qlmctl.errors import BadInput
+from qlmctl.plan.planfile import load_plan
 from qlmctl.report.compare import Comparison, compare
 from qlmctl.report.metrics import RunMetrics, run_metrics
+from qlmctl.report.planned import PlanComparison, check_same_workload, compare_plan
 from qlmctl.serve.runlog import CANCELLED, EVICTED, FAILED, FINISHED, REJECTED, RunLog, read_run
 
 OUTCOMES = (FINISHED, EVICTED, FAILED, REJECTED, CANCELLED)
@@ -34,6 +36,7 @@ class Report:
     metrics: tuple[RunMetrics, ...]
     comparison: Comparison | None  # None for a single run
     warnings: tuple[str, ...]
+    plans: tuple[PlanComparison | None, ...] = ()  # per run: against its plan, if any
 
 
 def load_run(path: Path) -> RunLog:
@@ -70,7 +73,11 @@ def _check_required(table: Path, frame: pd.DataFrame, columns: tuple[str, ...]) 
 
 
 def build_report(
-    paths: Sequence[Path], *, baseline: str | None = None, force: bool = False
+    paths: Sequence[Path],
+    *,
+    baseline: str | None = None,
+    force: bool = False,
+    plan: Path | None = None,
 ) -> Report:
     """Load runs, compute their metrics and, for several runs, compare them.
 
@@ -78,6 +85,8 @@ def build_report(
         paths: run directories, in the order to show them.
         baseline: the run to compare against (directory, run id or policy).
         force: compare runs of different workloads anyway.
+        plan: a plan file to set beside every run (default: the plan a run followed,
+            recorded in its run.json as ``plan``).
     """
     if not paths:
         raise BadInput("give at least one run directory")
@@ -92,4 +101,21 @@ def build_report(
     comparison = compare(metrics, baseline, force) if len(runs) > 1 else None
     if comparison is not None:
         warnings += comparison.warnings
-    return Report(runs, metrics, comparison, tuple(warnings))
+    plans = tuple(_plan_comparison(r, plan, warnings) for r in runs)
+    return Report(runs, metrics, comparison, tuple(warnings), plans)
+
+
+def _plan_comparison(run: RunLog, given: Path | None, warnings: list[str]) -> PlanComparison | None:
+    """``run`` against ``given`` or the plan it recorded (a warning if that is gone)."""
+    path = given
+    if path is None:
+        recorded = run.meta.get("plan")
+        if not recorded:
+            return None
+        path = Path(recorded)
+        if not path.is_file():
+            warnings.append(f"{run.path}: ran plan {recorded}, which is gone; --plan to give it")
+            return None
+    plan = load_plan(path)
+    check_same_workload(plan, run, str(path))
+    return compare_plan(plan, run, str(path))

@@ -9,6 +9,7 @@ latencies in seconds, TPOT (a per-token time) in milliseconds, units in the titl
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -16,6 +17,7 @@ from rich.markup import escape
 from qlmctl.render import format_number, print_table
 from qlmctl.report.compare import Comparison
 from qlmctl.report.metrics import GroupMetrics, RunMetrics
+from qlmctl.report.planned import PlanComparison
 from qlmctl.report.runs import Report
 
 
@@ -117,9 +119,57 @@ def print_comparison(c: Comparison) -> None:
     print_table(f"comparison (baseline {labels[c.baseline]}; Δ > 0 is better)", columns, rows)
 
 
+def print_plan(p: PlanComparison, run_id: str, max_rows: int = 20) -> None:
+    """A run against its plan: groups (the first ``max_rows`` per instance), misses by
+    class, swaps per instance, departures by kind and reason."""
+    title = f"{escape(run_id)} against plan {escape(Path(p.plan_path).name)}"
+    followed = _pct(p.followed)
+    g = p.groups
+    top = g[g["order"] <= max_rows]
+    cols = ["instance", "#", "group", "model", "class", "size", "start s plan", "start s run",
+            "finish s plan", "finish s run", "misses plan", "misses run"]  # fmt: skip
+    cells = [[escape(v) if isinstance(v, str) else v for v in r] for r in top.values.tolist()]
+    hidden = len(g) - len(top)
+    note = (
+        f" (first {max_rows} groups per instance; {hidden} more in --format json)" if hidden else ""
+    )
+    print_table(f"{title}: groups, predicted against observed{note}", cols, cells)
+    m = p.misses
+    print_table(
+        f"{title}: SLO misses by class",
+        ["class", "requests", "predicted misses", "observed misses"],
+        [[escape(str(r[0])), *r[1:]] for r in m.values.tolist()],
+    )
+    print_table(
+        f"{title}: swaps per instance",
+        ["instance", "planned", "done"],
+        [[escape(str(r[0])), *r[1:]] for r in p.swaps.values.tolist()],
+    )
+    d = p.departures
+    by_why: dict[str, list[Any]] = {}  # why -> [first time, re-plans, moved, reordered, evicted]
+    for t, kind, why in zip(d["time_s"], d["kind"], d["why"], strict=True):
+        entry = by_why.setdefault(str(why), [float(t), 0, 0, 0, 0])
+        entry[1 + _KINDS.index(str(kind))] += 1
+    rows = [[e[0], escape(why), *e[1:]] for why, e in by_why.items()]
+    shown = rows[:max_rows]
+    more = f"; {len(rows) - len(shown)} more in --format json" if len(rows) > max_rows else ""
+    print_table(
+        f"{title}: where the run left the plan ({p.dispatched_as_planned:,} of "
+        f"{p.requests_planned:,} requests dispatched as planned: {followed}{more})",
+        ["from s", "why", "re-plans", "moved", "reordered", "evicted"],
+        shown or [["-", "never: the run followed the plan", 0, 0, 0, 0]],
+    )
+
+
+_KINDS = ("replan", "instance", "order", "evict")
+
+
 def print_report(report: Report) -> None:
     """Every run's tables, then the comparison if there are several runs."""
-    for m in report.metrics:
+    for k, m in enumerate(report.metrics):
         print_run(m)
+        p = report.plans[k] if k < len(report.plans) else None
+        if p is not None:
+            print_plan(p, m.run_id)
     if report.comparison is not None:
         print_comparison(report.comparison)

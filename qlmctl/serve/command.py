@@ -17,10 +17,12 @@ from typing import Any
 from qlmctl.domain import MAX_SEED, ClusterSpec, check_models_served
 from qlmctl.engine.vllm import StreamTimeouts
 from qlmctl.errors import BadInput
+from qlmctl.plan.planfile import check_plan, load_plan, policy_options
 from qlmctl.plan.policies import make_policy
 from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import ProfileStore
 from qlmctl.serve.config import CoreConfig
+from qlmctl.serve.follow import DEFAULT_MARGIN, PlanFollower
 from qlmctl.serve.real_driver import RealOptions, run_real
 from qlmctl.serve.run import ProgressFn, RunSummary, default_run_name
 from qlmctl.serve.sim_driver import run_simulated
@@ -64,13 +66,15 @@ def prepare_serve(
     workload_path: Path,
     cluster_path: Path,
     *,
-    policy: str = "qlm",
+    policy: str | None = "qlm",
     engine: str = "vllm",
     profiles: Path | None = None,
     runs: Path = Path("runs"),
     name: str | None = None,
     seed: int = 0,
     timeouts: StreamTimeouts | None = None,
+    plan: Path | None = None,
+    plan_margin: float = DEFAULT_MARGIN,
 ) -> ServeJob:
     """Load and check everything for a run of ``workload_path`` on ``cluster_path``.
 
@@ -78,16 +82,35 @@ def prepare_serve(
     priority`` and the request field) is used when the policy sets priorities
     (``priority``). The simulated engine skips the MILP improver (determinism); the real
     one runs it in a worker thread. ``timeouts`` bound every attempt on the real engine.
+
+    With ``plan`` (a file written by ``qlmctl plan``) the run follows that plan
+    (:class:`~qlmctl.serve.follow.PlanFollower`) with the policy and options it was made
+    with; it must have been made from this workload, cluster and profiles (BadInput
+    otherwise), and ``policy`` must be its policy or None.
     """
     if not 0 <= seed <= MAX_SEED:
         raise BadInput(f"--seed must be an integer in [0, 2**63 - 1], got {seed}")
     if engine not in ENGINES:
         raise BadInput(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    chosen = make_policy(policy)
+    if not 0 <= plan_margin <= 1:
+        raise BadInput(f"--plan-margin must be in [0, 1], got {plan_margin}")
+    committed = load_plan(plan) if plan is not None else None
+    if committed is not None and policy is not None and policy != committed.policy:
+        raise BadInput(
+            f"{plan}: the plan was made with policy {committed.policy!r}, not {policy!r}; "
+            "drop --policy to run it"
+        )
+    policy = committed.policy if committed is not None else (policy or "qlm")
+    chosen = make_policy(policy, **(policy_options(committed) if committed else {}))
     workload = load_workload(workload_path)
     cluster = load_cluster(cluster_path)
     check_models_served(cluster, workload.models)
     perf = ProfileStore.load(profiles).for_cluster(cluster)
+    meta: dict[str, Any] = {"workload": str(workload_path), "cluster": str(cluster_path)}
+    if committed is not None and plan is not None:
+        check_plan(committed, str(plan), workload, cluster, perf)
+        chosen = PlanFollower(chosen, committed, plan_margin)
+        meta |= {"plan": str(Path(plan).resolve()), "plan_margin": plan_margin}
     run_dir = check_run_dir(Path(runs), name or default_run_name(workload, policy, engine))
     return ServeJob(
         workload=workload,
@@ -98,7 +121,7 @@ def prepare_serve(
         config=CoreConfig.for_policy(policy, improve=engine == "vllm"),
         run_dir=run_dir,
         seed=seed,
-        meta={"workload": str(workload_path), "cluster": str(cluster_path)},
+        meta=meta,
         timeouts=timeouts or StreamTimeouts(),
     )
 

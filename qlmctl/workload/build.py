@@ -70,6 +70,11 @@ def load_workload(path: Path, trace_format: str | None = None) -> Workload:
     """Read a workload spec (``.yaml``/``.yml``), a materialised workload (``.parquet``)
     or, with ``trace_format`` or a trace suffix, a raw trace file (format sniffed)."""
     path = Path(path)
+    if trace_format is None and path.suffix == ".jsonl":
+        from qlmctl.gateway.batchplan import batch_workload, is_batch_file
+
+        if is_batch_file(path):  # an OpenAI Batch input file, planned ahead of submission
+            return batch_workload(path)
     if trace_format is not None or path.suffix in TRACE_SUFFIXES:
         return trace_workload(path, trace_format)
     if path.suffix in (".parquet", ".pq"):
