@@ -395,7 +395,7 @@ class QlmPolicy(_Base):
             status=res.status,
             mip_gap=res.mip_gap,
             objective=res.objective,
-            bound=_dual_bound(res.objective, res.mip_gap),
+            bound=res.bound,
             num_vars=res.num_vars,
             num_constraints=res.num_constraints,
             chosen=chosen,
@@ -403,14 +403,6 @@ class QlmPolicy(_Base):
             note=note,
         )
         return to_plan(ctx, self.name, chosen_q, chosen_s, stats)
-
-
-def _dual_bound(objective: float | None, gap: float | None) -> float | None:
-    """The MILP's lower bound on its objective, from HiGHS's relative gap
-    ``(objective - bound) / |objective|``; None without both."""
-    if objective is None or gap is None:
-        return None
-    return objective - gap * abs(objective)
 
 
 _SHARED_OPTIONS = ("scenarios", "max_group_size", "lengths", "clairvoyant")

@@ -132,8 +132,8 @@ class SolverStats:
     chosen: str = "heuristic"  # which candidate won on the scoring scenarios
     scores: dict[str, float] = field(default_factory=dict)  # candidate -> expected attainment
     note: str = ""
-    objective: float | None = None  # MILP: expected weighted misses + swap cost (fluid model)
-    bound: float | None = None  # MILP: lower bound on that objective (objective - gap)
+    objective: float | None = None  # MILP: swap cost - expected weighted on-time requests
+    bound: float | None = None  # MILP: HiGHS's proven bound on that objective (no plan beats it)
 
 
 @dataclass(frozen=True)
