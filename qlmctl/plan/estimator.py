@@ -161,8 +161,12 @@ def mean_scenario(problem: Problem, lengths: LengthModel) -> Scenarios:
     return scenarios_from_tokens(problem, tokens, left, arrival_rates(problem))
 
 
-def known_scenario(problem: Problem) -> Scenarios:
-    """The clairvoyant scenario: each request's true (or capped) output length."""
+def known_scenario(
+    problem: Problem, rng: np.random.Generator | None = None, count: int = 1
+) -> Scenarios:
+    """The clairvoyant scenarios: each request's true (or capped) output length, and
+    the coming arrivals as uncertain as ever (``count`` draws of their rates with
+    ``rng``; their mean without)."""
     tokens = np.array(
         [[sum(r.target_output_tokens for r in g.requests)] for g in problem.groups], float
     )
@@ -170,7 +174,11 @@ def known_scenario(problem: Problem) -> Scenarios:
         [[max(rr.request.target_output_tokens - rr.generated_tokens, 1)] for rr in problem.running],
         float,
     ).reshape(len(problem.running), 1)
-    return scenarios_from_tokens(problem, tokens, left, arrival_rates(problem))
+    rates = arrival_rates(problem, rng, count if problem.stream_seen.size else 1)
+    count = rates.shape[1]  # one scenario when nothing is coming
+    return scenarios_from_tokens(
+        problem, np.repeat(tokens, count, axis=1), np.repeat(left, count, axis=1), rates
+    )
 
 
 def arrival_rates(

@@ -25,9 +25,10 @@ per-group predicted start/finish and miss probability.
   is the last winning plan, swapped in as one reference).
 
 Every policy takes ``clairvoyant=True``: it is then told each request's true output
-length (:func:`~qlmctl.plan.estimator.known_scenario` replaces the sampled scenarios, and
-groups and decode contexts use the true lengths). Benchmarks use it as the bound on what
-better length estimates could buy; it needs lengths a real deployment does not know.
+length (:func:`~qlmctl.plan.estimator.known_scenario` replaces the sampled lengths,
+arrivals stay uncertain, and groups and decode contexts use the true lengths).
+Benchmarks use it as the bound on what better length estimates could buy; it needs
+lengths a real deployment does not know.
 """
 
 from __future__ import annotations
@@ -80,8 +81,8 @@ def prepare(
 ) -> Context:
     """Groups, problem arrays and ``scenarios`` scoring scenarios for ``snapshot``.
 
-    With ``clairvoyant`` the true output lengths replace the estimates and the one
-    known scenario replaces the sampled ones.
+    With ``clairvoyant`` the true output lengths replace the estimates and the known
+    scenarios (true lengths, sampled arrivals) replace the sampled ones.
     """
     lengths.set_priors(snapshot.perf)
     estimate = _true_length if clairvoyant else lengths.expected
@@ -95,7 +96,7 @@ def prepare(
     groups = build_groups(snapshot.waiting, snapshot.slo_classes, expected, max_group_size)
     problem = build_problem(snapshot, groups, expected)
     if clairvoyant:
-        scen = known_scenario(problem)
+        scen = known_scenario(problem, rng, max(1, scenarios))
     else:
         scen = sample_scenarios(problem, lengths, rng, max(1, scenarios))
     return Context(problem, scen, scen.mean())
@@ -358,7 +359,7 @@ class QlmPolicy(_Base):
         best = _best(cands)
         order, _blocks = _milp_sequence(ctx, cands)
         if self.clairvoyant:
-            in_sample = ctx.scen
+            in_sample = known_scenario(pb, milp_rng, self.milp_scenarios)
         elif self.milp_scenarios == 1:
             in_sample = mean_scenario(pb, self.lengths)
         else:
