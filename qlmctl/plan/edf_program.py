@@ -273,7 +273,8 @@ def solve(
     swap_cost: float = DEFAULT_SWAP_COST,
     relaxed: bool = False,
 ) -> ProgramResult:
-    """Build and solve; ``warm`` (group -> instance) is the MIP start if given.
+    """Build and solve within ``time_limit_s`` in all (build, translation and solve);
+    ``warm`` (group -> instance) is the MIP start if given.
     ``relaxed`` solves the LP relaxation (a group may be split over instances): its
     optimum bounds the program's, and it solves in a fraction of the time."""
     t0 = time.perf_counter()
@@ -285,7 +286,7 @@ def solve(
     start = []
     if warm is not None:
         start = [(var, float(warm[g] == i)) for (g, i), var in model.x.items()]
-    sol = highs.run(model, time_limit_s, mip_gap, start)
+    sol = highs.run(model, time_limit_s - (time.perf_counter() - t0), mip_gap, start)
     instance_of = miss = None
     if sol.has_solution:
         x = {k: sol.value(v) or 0.0 for k, v in model.x.items()}
