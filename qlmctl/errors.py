@@ -22,12 +22,6 @@ class BadInput(QlmError):
     exit_code = EXIT_BAD_INPUT
 
 
-class NotImplementedYet(QlmError):
-    """A command whose issue has not landed yet: exit code 2."""
-
-    exit_code = EXIT_BAD_INPUT
-
-
 class EngineError(QlmError):
     """A serving engine failed at run time (unreachable, died, refused): exit code 1."""
 

@@ -311,9 +311,6 @@ class ServeCore:
     def instance_status(self, instance_id: str) -> InstStatus:
         return self._insts[instance_id].status
 
-    def resident_model(self, instance_id: str) -> str | None:
-        return self._insts[instance_id].model
-
     def speed_factors(self) -> dict[str, float]:
         """Observed / profiled step time per ``model@gpu`` (empty without calibration)."""
         return self._speed.factors() if self._speed is not None else {}
