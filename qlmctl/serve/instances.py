@@ -65,6 +65,7 @@ class RealInstance:
         self.down = False  # reported down; no work until a load brings it back
         self.history: list[SleepCheck] = []  # every sleep and wake, in order
         self.last_load_kind = "swap"  # "wake" or "swap" (restart) of the last load
+        self.cold_starts: list[tuple[str, float]] = []  # (model, launch to ready seconds)
         self._cluster = cluster
         self._log_dir = log_dir
         self._priority = priority_scheduling
@@ -192,4 +193,5 @@ class RealInstance:
         )
         self._servers[model] = launcher
         launcher.start()
-        await asyncio.to_thread(launcher.wait_ready, self._ready_timeout_s)
+        ready_s = await asyncio.to_thread(launcher.wait_ready, self._ready_timeout_s)
+        self.cold_starts.append((model, ready_s))
