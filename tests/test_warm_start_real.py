@@ -76,6 +76,7 @@ def test_a_model_change_between_warm_models_is_a_sleep_and_a_wake(
 
     wake_s = float(wakes.duration_s.iloc[0])
     cold_s = min(s for _, s in inst.cold_starts)
-    print(f"\nwarm start: wake {wake_s:.3f} s (sleep+wake as the core saw it) vs cold start "
-          f"{cold_s:.1f} s; calls: {[(c.model, c.verb, round(c.elapsed_s, 4)) for c in inst.history]}")  # fmt: skip
+    calls = [(c.model, c.verb, round(c.elapsed_s, 4)) for c in inst.history]
+    print(f"\nwarm start: wake {wake_s:.3f} s (sleep + wake as the core saw it) vs cold start "
+          f"{cold_s:.1f} s; calls: {calls}")  # fmt: skip
     assert wake_s < 0.1 * cold_s
