@@ -430,3 +430,12 @@ def test_an_instance_that_keeps_nothing_warm_restarts_even_where_sleep_works() -
     ]
     core.on_event(InstanceReady("i0", 22.0, "m2"), 22.0)
     assert [o["kind"] for o in core.take_log()[1] if o["kind"] != "replan"] == ["swap"]
+
+
+def test_a_request_that_started_no_longer_counts_as_waiting_in_the_engine() -> None:
+    core = make_core(max_inflight=4, max_engine_waiting=2)
+    core.on_backpressure("i0", waiting=0, kv_usage=0.1)
+    assert dispatched(arrive(core, make_requests(6, gap_s=0.0))) == ["r0", "r1"]
+    assert core.decide(0.1) == []  # two sent, none reported running yet
+    core.on_event(FirstToken("r0", "i0", 0.2), 0.2)  # r0 runs: a place in the queue freed
+    assert dispatched(core.decide(0.2)) == ["r2"]

@@ -170,6 +170,8 @@ class ServeCore:
                 tr.move("start")
                 tr.first_token_s = event.time_s
                 inst = self._insts[event.instance_id]
+                if inst.engine_waiting:  # it runs: no longer in the engine's queue
+                    inst.engine_waiting -= 1
                 p = tr.request.prompt_tokens
                 inst.prefilled = (inst.prefilled[0] + p, inst.prefilled[1] + p * p)
                 tr.prefilled_mark = inst.prefilled
