@@ -419,9 +419,11 @@ class RealDriver:
             if kept and (got.prompt_token_ids is None or len(got.output_token_ids) < kept):
                 raise RuntimeError(f"asked to resume after {kept} tokens it does not have")
             del got.output_token_ids[kept:]  # what the core kept; later ids were not counted
-            prompt: str | list[int] = prompt_for(req)
+            prompt: str | list[int] = ""
             if kept and got.prompt_token_ids is not None:
                 prompt = [*got.prompt_token_ids, *got.output_token_ids]
+            elif live is None:
+                prompt = prompt_for(req)
             left = req.target_output_tokens - kept
             if live is None and left <= 0:  # it had everything when it was evicted
                 push(FirstToken(rid, iid, self.clock.now()))
@@ -470,7 +472,7 @@ class RealDriver:
         if live is not None or got.prompt_token_ids is None:
             del got.output_token_ids[kept:]
             return 0
-        return len(got.output_token_ids) - kept
+        return max(0, len(got.output_token_ids) - kept)
 
     async def _measure_sleep_wake(self) -> None:
         """Time a sleep and a wake of every warm server whose profile lacks them."""
