@@ -33,15 +33,15 @@ BATCH_TOKENS = 1000
 PROMPT_TOKENS = 200
 
 
-async def _uninterrupted(server: VllmServer, req: Request) -> list[int]:
-    """The output ids of ``req`` run alone, greedy, start to end."""
+async def _uninterrupted(server: VllmServer, req: Request) -> StreamProgress:
+    """The prompt and output ids of ``req`` run alone, greedy, start to end."""
     got = StreamProgress()
     async with httpx.AsyncClient(timeout=120) as client:
         await stream_completion(
             client, server.base_url, req.model, prompt_for(req), req.target_output_tokens,
             ignore_eos=True, temperature=0.0, progress=got,
         )  # fmt: skip
-    return got.output_token_ids
+    return got
 
 
 def test_an_evicted_request_resumes_to_the_same_greedy_output_from_the_cache(
@@ -92,13 +92,16 @@ def test_an_evicted_request_resumes_to_the_same_greedy_output_from_the_cache(
     assert (resumed.output_tokens == BATCH_TOKENS).all()
     # the resumed prompt (prompt + kept output) came from the prefix cache, not recomputed
     assert (resumed.cached_tokens > 0).all()
-    assert (resumed.cached_tokens <= resumed.prompt_tokens + resumed.resumed_tokens).all()
 
     by_id = {r.id: r for r in work}
-    for rid in resumed.request_id:
-        alone = asyncio.run(_uninterrupted(vllm_fcfs, by_id[rid]))
-        assert len(alone) == BATCH_TOKENS
-        assert driver.outputs[rid] == alone, f"{rid}: resumed output differs from one run"
+    for row in resumed.itertuples():
+        alone = asyncio.run(_uninterrupted(vllm_fcfs, by_id[row.request_id]))
+        assert len(alone.output_token_ids) == BATCH_TOKENS and alone.prompt_token_ids
+        # the prompt sent on resuming: the prompt's ids (as tokenized) and the kept output
+        assert row.cached_tokens < len(alone.prompt_token_ids) + row.resumed_tokens
+        assert driver.outputs[row.request_id] == alone.output_token_ids, (
+            f"{row.request_id}: resumed output differs from one run"
+        )
     print(
         "\nresume:",
         [(r.request_id, int(r.resumed_tokens), int(r.cached_tokens)) for r in resumed.itertuples()],
