@@ -2,10 +2,11 @@
 
 It builds two tiny random-weight Llama models locally (same architecture, different
 weights, so they share the ``tiny@cpu`` profile), writes a cluster spec of two instances,
-one per model, replays the short mixed interactive/batch workload
-``workloads/demo.yaml`` once per policy (real ``vllm serve`` processes on the CPU, or the
-simulator with ``engine="sim"``), and compares the runs with ``qlmctl report``'s code.
-Everything it writes goes under one work directory.
+``cpu-0`` keeping both models warm (one server each, one asleep: a model change there is
+a sleep and a wake) and ``cpu-1`` serving ``tiny-b``, replays the short mixed
+interactive/batch workload ``workloads/demo.yaml`` once per policy (real ``vllm serve``
+processes on the CPU, or the simulator with ``engine="sim"``), and compares the runs with
+``qlmctl report``'s code. Everything it writes goes under one work directory.
 """
 
 from __future__ import annotations
@@ -29,15 +30,22 @@ DEMO_MODELS = {"tiny-a": 0, "tiny-b": 1}  # model name -> weight seed
 # A few sequences at a time per server, so a burst of batch work queues up as it would on a
 # busy GPU; the demo's profile says the same (see demo_profile).
 DEMO_MAX_NUM_SEQS = 4
+# What a sleep and a wake cost on these CPU servers (vLLM refuses sleep mode on CPU; the dev
+# endpoints pause and resume the scheduler): measured by tests/test_warm_start_real.py on
+# the 2-core host (0.006-0.017 s per call). Only the simulated leg uses it, when the
+# profile has none: the real driver measures its own servers when the run starts.
+DEMO_SLEEP_WAKE_S = 0.015
 
 
 def demo_cluster(models_dir: Path, ports: Sequence[int]) -> ClusterSpec:
-    """Two CPU instances, one per tiny model.
+    """Two CPU instances: ``cpu-0`` keeps both tiny models warm, ``cpu-1`` serves tiny-b.
 
-    Each keeps its model: restarting ``vllm serve`` with the other model takes most of a
-    minute on a CPU, as long as the whole demo workload, so swaps could only lose here.
+    ``ports``: three free ports (cpu-0's two servers, then cpu-1's). A restart of ``vllm
+    serve`` with the other model takes most of a minute on a CPU, as long as the whole demo
+    workload, so a model change pays only as a wake (a fraction of a second).
     """
     names = list(DEMO_MODELS)
+    extra = ["--max-num-seqs", str(DEMO_MAX_NUM_SEQS)]
     return ClusterSpec.model_validate(
         {
             "gpu_types": [{"name": "cpu"}],
@@ -47,31 +55,46 @@ def demo_cluster(models_dir: Path, ports: Sequence[int]) -> ClusterSpec:
             ],
             "instances": [
                 {
-                    "id": f"cpu-{k}",
+                    "id": "cpu-0",
                     "gpu": "cpu",
                     "launch": {
-                        "port": port,
-                        "extra_args": ["--max-num-seqs", str(DEMO_MAX_NUM_SEQS)],
+                        "port": ports[0],
+                        "ports": {names[1]: ports[1]},
+                        "extra_args": extra,
                     },
-                    "model": names[k],
-                    "models": [names[k]],
-                }
-                for k, port in enumerate(ports)
+                    "model": names[0],
+                    "models": names,
+                    "warm": names,
+                },
+                {
+                    "id": "cpu-1",
+                    "gpu": "cpu",
+                    "launch": {"port": ports[2], "extra_args": extra},
+                    "model": names[1],
+                    "models": [names[1]],
+                },
             ],
         }
     )
 
 
-def demo_profile(profiles_dir: Path, tiny: PerfModel | None = None) -> None:
+def demo_profile(
+    profiles_dir: Path, tiny: PerfModel | None = None, sleep_wake: bool = False
+) -> None:
     """Write ``tiny`` (default: the shipped ``tiny@cpu`` profile) as ``tiny@cpu`` with the
-    demo servers' sequence limit."""
+    demo servers' sequence limit; ``sleep_wake``: with :data:`DEMO_SLEEP_WAKE_S` as its
+    sleep and wake times where it has none (the simulated leg)."""
     tiny = tiny or ProfileStore.load(None).get("tiny", "cpu")
+    note = "max_num_seqs set to the demo servers' --max-num-seqs"
+    if sleep_wake and not tiny.supports_sleep:
+        tiny = replace(tiny, sleep_s=DEMO_SLEEP_WAKE_S, wake_s=DEMO_SLEEP_WAKE_S)
+        note += f"; sleep/wake {DEMO_SLEEP_WAKE_S} s (CPU pause/resume, see qlmctl/demo.py)"
     replace(
         tiny,
         model="tiny",
         gpu="cpu",
         max_num_seqs=DEMO_MAX_NUM_SEQS,
-        provenance=f"{tiny.provenance}; max_num_seqs set to the demo servers' --max-num-seqs",
+        provenance=f"{tiny.provenance}; {note}",
     ).save(profiles_dir / "tiny@cpu.json")
 
 
@@ -102,8 +125,8 @@ def run_demo(
             build_tiny_model(models_dir / name, seed=seed)
     cluster_path = workdir / "cluster.yaml"
     workdir.mkdir(parents=True, exist_ok=True)
-    demo_profile(workdir / "profiles", profile)
-    dump_spec(demo_cluster(models_dir, free_ports(len(DEMO_MODELS))), cluster_path)
+    demo_profile(workdir / "profiles", profile, sleep_wake=engine == "sim")
+    dump_spec(demo_cluster(models_dir, free_ports(3)), cluster_path)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     summaries = []
     for policy in policies:

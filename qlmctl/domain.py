@@ -85,6 +85,11 @@ class LaunchSpec(Frozen):
     host: str = "127.0.0.1"
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
+    ports: dict[Name, Annotated[int, Field(gt=0, lt=65536)]] = Field(
+        default_factory=dict,
+        description="Port of each warm model's server (default: port + its place in the "
+        "instance's warm_models)",
+    )
 
 
 class InstanceSpec(Frozen):
@@ -97,6 +102,13 @@ class InstanceSpec(Frozen):
     model: Name | None = Field(default=None, description="Model resident at start")
     models: list[Name] | None = Field(
         default=None, description="Models this instance may serve (default: all)"
+    )
+    warm: list[Name] | None = Field(
+        default=None,
+        description="Models kept warm on this instance (warm start): one server each, all "
+        "but the resident one asleep; a model change between them is a sleep and a wake. "
+        "Default: any model whose profile supports sleep (simulator); a launched instance "
+        "without it restarts its server to change model",
     )
     api_key_env: EnvName | None = Field(
         default=None,
@@ -121,6 +133,11 @@ class InstanceSpec(Frozen):
             raise ValueError("'api_key_env' is for attached servers ('endpoint') only")
         if self.model and self.models and self.model not in self.models:
             raise ValueError(f"resident model {self.model!r} is not in 'models'")
+        for m in self.warm or ():
+            if not self.can_serve(m):
+                raise ValueError(f"warm model {m!r} is not in 'models'")
+        if self.warm is not None and len(set(self.warm)) != len(self.warm):
+            raise ValueError("'warm' lists a model twice")
         return self
 
     @property
@@ -130,6 +147,24 @@ class InstanceSpec(Frozen):
             return self.endpoint.rstrip("/")
         assert self.launch is not None
         return f"http://{self.launch.host}:{self.launch.port}"
+
+    @property
+    def warm_models(self) -> list[str]:
+        """The models with a server of their own here: the resident one first, then ``warm``."""
+        first = [self.model] if self.model is not None else []
+        return first + [m for m in self.warm or () if m != self.model]
+
+    def port_of(self, model: str) -> int:
+        """Port of ``model``'s server on a launched instance (see ``LaunchSpec.ports``)."""
+        assert self.launch is not None
+        if model in self.launch.ports:
+            return self.launch.ports[model]
+        warm = self.warm_models
+        return self.launch.port + (warm.index(model) if model in warm else 0)
+
+    def keeps_warm(self, model: str | None) -> bool:
+        """Whether ``model`` may be put to sleep here rather than stopped (see ``warm``)."""
+        return model is not None and (self.warm is None or model in self.warm)
 
     def can_serve(self, model: str) -> bool:
         """Whether this instance may be given work for ``model``."""

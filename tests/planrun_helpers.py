@@ -27,7 +27,7 @@ def demo_batch(tmp_path: Path, n: int, at_zero: bool = True, name: str = "batch"
     return path
 
 
-def sim_cluster(tmp_path: Path, ports: Sequence[int] = (18001, 18002)) -> Path:
+def sim_cluster(tmp_path: Path, ports: Sequence[int] = (18001, 18002, 18003)) -> Path:
     """The demo's two instances as a cluster spec (launched; the simulator never starts them)."""
     path = tmp_path / "cluster.yaml"
     dump_spec(demo_cluster(tmp_path / "models", ports), path)

@@ -71,6 +71,19 @@ def test_sleep_mode_turns_on_the_dev_endpoints() -> None:
     assert env["VLLM_SERVER_DEV_MODE"] == "1"
 
 
+def test_a_warm_server_sleeps_by_dev_endpoints_and_reports_cached_tokens() -> None:
+    args, env = serve_command(MODEL, LaunchSpec(port=8123), cpu=True, vllm_bin="vllm",
+                              sleep_mode=True)  # fmt: skip
+    assert env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert "--enable-sleep-mode" not in args  # vLLM refuses it on CPU
+    assert "--enable-prompt-tokens-details" in args
+    args, env = serve_command(MODEL, LaunchSpec(port=8123), cpu=False, vllm_bin="vllm",
+                              sleep_mode=True)  # fmt: skip
+    assert "--enable-sleep-mode" in args and env["VLLM_SERVER_DEV_MODE"] == "1"
+    _, env = serve_command(MODEL, LaunchSpec(port=8123), cpu=True, vllm_bin="vllm")
+    assert "VLLM_SERVER_DEV_MODE" not in env
+
+
 def test_early_exit_raises_with_the_log_tail(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

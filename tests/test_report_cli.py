@@ -31,6 +31,10 @@ def test_table_and_csv(tmp_path: Path) -> None:
     run = write_run(tmp_path / "f", "fcfs")
     table = runner.invoke(app, ["report", str(run)])
     assert table.exit_code == 0 and "run-fcfs" in table.stdout and "60.0%" in table.stdout
+    ops = table.stdout[table.stdout.index("operations") :]  # per operation: count, s, tokens
+    assert "tokens kept" in ops and "recomputed" in ops
+    evict = next(line for line in ops.splitlines() if "│ evict" in line)
+    assert [c.strip() for c in evict.split("│")[2:7]] == ["1", "0", "0", "200", "5"]
     csv = runner.invoke(app, ["report", str(run), "-f", "csv"])
     assert csv.exit_code == 0
     assert len(csv.stdout.strip().splitlines()) == 1 + 3  # header + all, interactive, batch

@@ -138,6 +138,35 @@ def test_utilisation_and_operations(metrics: RunMetrics) -> None:
     assert ops.swap_time_s == pytest.approx(1.5)
 
 
+def test_per_operation_count_seconds_and_eviction_tokens(metrics: RunMetrics) -> None:
+    stats = {o.kind: o for o in metrics.per_operation}
+    assert list(stats) == ["swap", "wake", "evict", "replan"]
+    assert (stats["swap"].count, stats["swap"].seconds) == (1, pytest.approx(1.0))
+    assert (stats["replan"].count, stats["replan"].seconds) == (3, pytest.approx(0.6))
+    assert stats["swap"].tokens_kept is None
+    # a log without resume columns: c's 5 tokens were lost, its 200-token prompt recomputed
+    evict = stats["evict"]
+    assert (evict.count, evict.tokens_kept, evict.tokens_lost, evict.tokens_recomputed) == (
+        1, 0, 5, 200,
+    )  # fmt: skip
+
+
+def test_eviction_tokens_of_a_resumed_request(tmp_path: Path) -> None:
+    rows = [
+        _attempt("c", "batch", "m2", 0.0, instance_id="i1", dispatch_s=0.0, finish_s=1.0,
+                 outcome="evicted", output_tokens=150, kept_tokens=150, resumed_tokens=0),
+        _attempt("c", "batch", "m2", 0.0, attempt=1, instance_id="i1", dispatch_s=2.0,
+                 finish_s=3.0, output_tokens=300, resumed_tokens=150, cached_tokens=240),
+    ]  # fmt: skip
+    with RunLogWriter(tmp_path / "run", {"slo_classes": CLASSES}) as writer:
+        for row in rows:
+            writer.add_attempt(row)
+        writer.add_operation({"time_s": 1.0, "kind": "evict", "request_id": "c"})
+    stats = {o.kind: o for o in run_metrics(read_run(tmp_path / "run")).per_operation}
+    evict = stats["evict"]  # kept all 150; re-prefilled 100 + 150 − 240 cached
+    assert (evict.tokens_kept, evict.tokens_lost, evict.tokens_recomputed) == (150, 0, 10)
+
+
 def test_predicted_against_observed(metrics: RunMetrics) -> None:
     p = metrics.predictions
     assert p is not None and p.start_count == 5

@@ -358,3 +358,84 @@ def test_every_request_is_accounted_for_under_random_faults() -> None:
     assert sorted(r["request_id"] for r in final) == sorted(r.id for r in reqs)
     s = core.stats()
     assert s.finished + s.failed + s.rejected == len(reqs) and s.failed > 0 and s.rejected > 0
+
+
+def test_an_evicted_request_resumes_after_what_it_generated() -> None:
+    core, _ = _blocked_by_batch(evict_cooldown_s=0.0)
+    core.on_event(Aborted("b1", "i0", 1.0, 7, "evicted"), 1.0)  # 7 tokens in that attempt
+    core.decide(1.0)
+    snap = core.snapshot(1.0)  # b1 waits: priced by what is left
+    left = next(r for r in snap.waiting if r.id == "b1")
+    assert (left.prompt_tokens, left.max_output_tokens, left.output_tokens) == (107, 4993, 4993)
+    assert Dispatch("b1", "i0", 10, kept_tokens=7) in finish(core, "u0", "i0", 2.0)
+    core.on_event(FirstToken("b1", "i0", 2.1), 2.1)
+    urgent = make_requests(1, slo_class="interactive", start_s=3.0, output_tokens=10, prefix="v")
+    assert Evict("b1", "i0", "evicted for v0 (interactive)") in arrive(core, urgent, 3.0)
+    core.on_event(Aborted("b1", "i0", 3.0, 5, "evicted"), 3.0)  # evicted again: 7 + 5 kept
+    core.decide(3.0)
+    assert Dispatch("b1", "i0", 10, kept_tokens=12) in finish(core, "v0", "i0", 4.0)
+    rows = [r for r in core.take_log()[0] if r["request_id"] == "b1"]
+    assert [(r["output_tokens"], r["resumed_tokens"], r.get("kept_tokens")) for r in rows] == [
+        (7, 0, 7),
+        (12, 7, 12),
+    ]
+
+
+def test_a_finished_resumed_request_counts_its_whole_output() -> None:
+    core, _ = _blocked_by_batch()
+    core.on_event(Aborted("b1", "i0", 1.0, 7, "evicted"), 1.0)
+    core.decide(1.0)
+    assert Dispatch("b1", "i0", 10, kept_tokens=7) in finish(core, "u0", "i0", 2.0)
+    core.on_event(FirstToken("b1", "i0", 2.5), 2.5)
+    core.on_event(Finished("b1", "i0", 3.5, 4993), 3.5)  # the engine saw the rest only
+    row = [r for r in core.take_log()[0] if r["request_id"] == "b1"][-1]
+    assert row["outcome"] == "finished" and row["output_tokens"] == 5000
+    assert row["resumed_tokens"] == 7
+    assert row["tpot_s"] == pytest.approx(1.0 / 4992)
+
+
+def test_without_resume_an_evicted_request_starts_again() -> None:
+    core, _ = _blocked_by_batch(resume_evicted=False)
+    core.on_event(Aborted("b1", "i0", 1.0, 7, "evicted"), 1.0)
+    core.decide(1.0)
+    assert Dispatch("b1", "i0", 10, kept_tokens=0) in finish(core, "u0", "i0", 2.0)
+    rows = core.take_log()[0]
+    assert next(r for r in rows if r["request_id"] == "b1")["kept_tokens"] == 0
+
+
+def test_models_kept_warm_start_asleep_and_a_change_to_one_is_a_wake() -> None:
+    base = make_cluster(1)
+    spec = base.instances[0].model_copy(update={"warm": ["m1", "m2"]})
+    cluster = base.model_copy(update={"instances": [spec]})
+    perf = {(m, "G"): make_perf(m, sleep_s=0.01, wake_s=0.02) for m in ("m1", "m2")}
+    policy = TinyPolicy(route={"m1": "i0", "m2": "i0"})
+    core = ServeCore(cluster, SLO_CLASSES, perf, policy, CoreConfig(replan_min_interval_s=0))
+    assert core.snapshot(0.0).instances[0].sleeping_models == frozenset({"m2"})
+    assert arrive(core, make_requests(1, model="m2")) == [LoadModel("i0", "m2", sleep_current=True)]
+    core.on_event(InstanceReady("i0", 0.02, "m2"), 0.02)
+    kinds = [(o["kind"], o["model"]) for o in core.take_log()[1] if o["kind"] != "replan"]
+    assert kinds == [("sleep", "m1"), ("wake", "m2")]
+
+
+def test_an_instance_that_keeps_nothing_warm_restarts_even_where_sleep_works() -> None:
+    base = make_cluster(1)
+    cluster = base.model_copy(
+        update={"instances": [base.instances[0].model_copy(update={"warm": []})]}
+    )
+    perf = {(m, "G"): make_perf(m, sleep_s=0.01, wake_s=0.02) for m in ("m1", "m2")}
+    policy = TinyPolicy(route={"m1": "i0", "m2": "i0"})
+    core = ServeCore(cluster, SLO_CLASSES, perf, policy, CoreConfig(replan_min_interval_s=0))
+    assert arrive(core, make_requests(1, model="m2")) == [
+        LoadModel("i0", "m2", sleep_current=False)
+    ]
+    core.on_event(InstanceReady("i0", 22.0, "m2"), 22.0)
+    assert [o["kind"] for o in core.take_log()[1] if o["kind"] != "replan"] == ["swap"]
+
+
+def test_a_request_that_started_no_longer_counts_as_waiting_in_the_engine() -> None:
+    core = make_core(max_inflight=4, max_engine_waiting=2)
+    core.on_backpressure("i0", waiting=0, kv_usage=0.1)
+    assert dispatched(arrive(core, make_requests(6, gap_s=0.0))) == ["r0", "r1"]
+    assert core.decide(0.1) == []  # two sent, none reported running yet
+    core.on_event(FirstToken("r0", "i0", 0.2), 0.2)  # r0 runs: a place in the queue freed
+    assert dispatched(core.decide(0.2)) == ["r2"]

@@ -398,3 +398,59 @@ def test_sim_engine_agrees_with_the_fitted_burst_model() -> None:
     first, finished = times(events, FirstToken), times(events, Finished)
     simulated = [(first[f"b{k}"], finished[f"b{k}"]) for k in range(len(shapes))]
     assert simulated == [pytest.approx(p, rel=1e-9) for p in predicted]
+
+
+def _evict_then_resume(where: str) -> tuple[SimEngine, float]:
+    """r0 (prompt 1000) runs on i0, is evicted after ~100 tokens and resumes on ``where``
+    (both instances serve m1); returns the engine and the resumed attempt's TTFT."""
+    engine = SimEngine(make_cluster(2, ("m1",)), {("m1", "G"): make_perf("m1")})
+    r0 = make_requests(1, prompt_tokens=1000, output_tokens=400)[0]
+    engine.submit(r0, "i0", 0, 0.0)
+    engine.advance(1.2)  # 0.11 s of prefill, then 10 ms per token
+    engine.abort("r0", 1.2)
+    kept = next(e for e in engine.advance(1.2) if isinstance(e, Aborted)).output_tokens
+    assert 80 < kept < 120
+    engine.submit(r0, where, 0, 1.2, kept_tokens=kept)
+    events = drain(engine)
+    done = [e for e in events if isinstance(e, Finished)]
+    assert done == [Finished("r0", where, done[0].time_s, 400 - kept)]  # the rest only
+    return engine, times(events, FirstToken)["r0"] - 1.2
+
+
+def test_a_resumed_request_prefills_only_what_the_cache_lost() -> None:
+    cached, hit_s = _evict_then_resume("i0")
+    hit = cached.cached_tokens("r0")
+    assert hit is not None and hit >= 1000 + 80 - 1
+    assert cached.cached_tokens("r0") is None  # read once
+    elsewhere, miss_s = _evict_then_resume("i1")
+    assert elsewhere.cached_tokens("r0") is None  # another instance: no cache
+    # a miss prefills prompt + kept (1080+ tokens at 0.1 ms each); a hit about one token
+    assert miss_s > 0.1 > 5 * hit_s
+
+
+def test_the_cache_of_an_evicted_request_is_overwritten_by_later_work() -> None:
+    engine = engine_for(kv_capacity_tokens=2000)
+    r0 = make_requests(1, prompt_tokens=1000, output_tokens=50)[0]
+    engine.submit(r0, "i0", 0, 0.0)
+    engine.advance(0.3)
+    engine.abort("r0", 0.3)
+    kept = next(e for e in engine.advance(0.3) if isinstance(e, Aborted)).output_tokens
+    assert kept > 0
+    others = make_requests(1, prompt_tokens=1500, output_tokens=5, prefix="o", start_s=0.5)
+    submit_all(engine, others)
+    drain(engine)  # 1500 new tokens through a 2000-token cache reuse most of r0's blocks
+    engine.submit(r0, "i0", 0, 10.0, kept_tokens=kept)
+    drain(engine)
+    hit = engine.cached_tokens("r0")
+    assert hit is not None and hit < 1000 + kept - 500
+
+
+def test_models_kept_warm_wake_from_the_start() -> None:
+    base = make_cluster(1)
+    spec = base.instances[0].model_copy(update={"warm": ["m1", "m2"]})
+    cluster = base.model_copy(update={"instances": [spec]})
+    profiles = {(m, "G"): make_perf(m, sleep_s=0.01, wake_s=0.02) for m in ("m1", "m2")}
+    engine = SimEngine(cluster, profiles)
+    engine.load_model("i0", "m2", 1.0, sleep_current=True)
+    ready = [e for e in drain(engine) if isinstance(e, InstanceReady)]
+    assert ready == [InstanceReady("i0", 1.02, "m2")]  # a wake, not 20 s of cold start

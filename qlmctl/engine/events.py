@@ -71,11 +71,18 @@ EngineEvent = FirstToken | Finished | Aborted | InstanceReady | InstanceDown
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """Send ``request_id`` to ``instance_id`` with vLLM ``priority`` (lower is more urgent)."""
+    """Send ``request_id`` to ``instance_id`` with vLLM ``priority`` (lower is more urgent).
+
+    ``kept_tokens`` > 0 resumes it (evict-and-resume): its prompt is the original prompt
+    followed by the first ``kept_tokens`` output tokens of its earlier attempts, and it is
+    asked only for the rest of its output. Engines then report the tokens of this attempt
+    only (``Finished.output_tokens``, ``Aborted.output_tokens``).
+    """
 
     request_id: str
     instance_id: str
     priority: int = 0
+    kept_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

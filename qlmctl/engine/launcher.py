@@ -78,6 +78,7 @@ def serve_command(
     cpu: bool | None = None,
     priority_scheduling: bool = False,
     vllm_bin: str | None = None,
+    sleep_mode: bool = False,
 ) -> tuple[list[str], dict[str, str]]:
     """The ``vllm serve`` argument list and the extra environment for one instance.
 
@@ -88,6 +89,10 @@ def serve_command(
         priority_scheduling: add ``--scheduling-policy priority``.
         vllm_bin: the ``vllm`` executable; default: ``$QLMCTL_VLLM``, else next to this
             Python, else on PATH.
+        sleep_mode: a server that may be put to sleep (warm start): the dev endpoints
+            (``/sleep``, ``/wake_up``, ``/is_sleeping``) with ``VLLM_SERVER_DEV_MODE=1``,
+            and ``--enable-sleep-mode`` where the platform has it (not on CPU, where vLLM
+            refuses it and ``/sleep`` only pauses the scheduler).
     """
     user = list(launch.extra_args)
     args = [vllm_bin or _find_vllm(), "serve", model.path]
@@ -97,8 +102,17 @@ def serve_command(
         args += ["--max-model-len", str(model.max_model_len)]
     if priority_scheduling and not _has_flag(user, "--scheduling-policy"):
         args += ["--scheduling-policy", "priority"]
+    # usage.prompt_tokens_details.cached_tokens: how much of a resumed prompt the prefix
+    # cache served (the run log records it per attempt)
+    if not _has_flag(user, "--enable-prompt-tokens-details"):
+        args.append("--enable-prompt-tokens-details")
     env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    if cpu if cpu is not None else cpu_only():
+    on_cpu = cpu if cpu is not None else cpu_only()
+    if sleep_mode and not on_cpu and not _has_flag(user, "--enable-sleep-mode"):
+        args.append("--enable-sleep-mode")
+    if sleep_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
+    if on_cpu:
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         # NOTE: with vLLM's default OpenMP threads pinned to cores, a busy host makes every
         # barrier wait for a descheduled thread: decode steps went from 2 ms to 200 ms on a
@@ -192,6 +206,7 @@ class VllmLauncher:
         priority_scheduling: bool = False,
         die_with_parent: bool = False,
         headers: dict[str, str] | None = None,
+        sleep_mode: bool = False,
     ) -> None:
         """Prepare (not start) the server.
 
@@ -203,6 +218,7 @@ class VllmLauncher:
             die_with_parent: ask Linux to SIGTERM the server when the thread that
                 started it exits (tests and one-shot commands: no orphaned servers).
             headers: sent with the readiness checks (an API key given with --api-key).
+            sleep_mode: a server that may sleep (see :func:`serve_command`).
         """
         self.model = model
         self._headers = headers or {}
@@ -211,7 +227,7 @@ class VllmLauncher:
         self.log_path = Path(log_path)
         self.base_url = f"http://{launch.host}:{launch.port}"
         self.args, self.env = serve_command(
-            model, launch, cpu=cpu, priority_scheduling=priority_scheduling
+            model, launch, cpu=cpu, priority_scheduling=priority_scheduling, sleep_mode=sleep_mode
         )
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_at = 0.0

@@ -101,6 +101,7 @@ class SimEngine:
             if spec.model is not None:
                 inst.perf = self._perf_for(spec, spec.model)
                 inst.model, inst.state = spec.model, InstanceState.READY
+            inst.asleep.update(m for m in spec.warm or () if m != spec.model)
         self._priority = scheduling == "priority"
         # time, kind, seq, instance index, token (-1: an entry or report, see _payloads)
         self._heap: list[tuple[float, int, int, int, int]] = []
@@ -114,8 +115,21 @@ class SimEngine:
 
     # ---- verbs -------------------------------------------------------------------
 
-    def submit(self, request: Request, instance_id: str, priority: int, now_s: float) -> None:
+    def submit(
+        self,
+        request: Request,
+        instance_id: str,
+        priority: int,
+        now_s: float,
+        kept_tokens: int = 0,
+    ) -> None:
         """Queue ``request`` on ``instance_id`` at ``now_s``.
+
+        ``kept_tokens`` > 0 resumes it (see ``Dispatch``): its prompt is the original one
+        plus that much output, served from the instance's prefix cache as far as the
+        blocks it left there when it was evicted are still cached (see
+        :class:`~qlmctl.engine.sim_instance.SimInstance`), and only the rest of its output
+        is generated (and reported).
 
         An instance that is not ready, serves another model, or cannot hold the request's
         prompt plus output in its KV cache answers with an immediate Aborted (reason
@@ -127,14 +141,15 @@ class SimEngine:
             raise EngineError(
                 f"request {request.id!r} is already on {self._where[request.id][0].id}"
             )
-        target = request.target_output_tokens
+        target = request.target_output_tokens - kept_tokens
         reason = None
         if inst.state is not InstanceState.READY:
             reason = "unavailable"
         elif request.model != inst.model:
             reason = "model-mismatch"
         elif (
-            inst.perf is not None and request.prompt_tokens + target > inst.perf.kv_capacity_tokens
+            inst.perf is not None
+            and request.prompt_tokens + request.target_output_tokens > inst.perf.kv_capacity_tokens
         ):
             reason = "too-long"
         if reason is not None:
@@ -143,9 +158,13 @@ class SimEngine:
             )
             return
         self._order += 1
+        if target <= 0:  # evicted as it produced its last token: nothing left to do
+            self._pending.append(FirstToken(request.id, inst.id, now_s))
+            self._pending.append(Finished(request.id, inst.id, now_s, 0))
+            return
         req = SimRequest(
             request.id,
-            request.prompt_tokens,
+            request.prompt_tokens + kept_tokens,
             target,
             priority if self._priority else 0,
             self._order,
@@ -171,7 +190,7 @@ class SimEngine:
             return
         del self._where[request_id]
         inst, req = place
-        tokens = inst.remove(req, now_s)
+        tokens = inst.evict(req, now_s)
         self._pending.append(Aborted(request_id, inst.id, now_s, tokens, "evicted"))
         self._touch(inst, now_s)
 
@@ -235,6 +254,14 @@ class SimEngine:
     def num_waiting(self, instance_id: str) -> int:
         """Requests in the waiting queue of ``instance_id`` (as vLLM's ``/metrics`` says)."""
         return self._instances[self._by_id[instance_id]].num_waiting
+
+    def cached_tokens(self, request_id: str) -> int | None:
+        """Prompt tokens the prefix cache served to the last admission of ``request_id``
+        (None if it was never admitted); forgotten once read."""
+        for inst in self._instances:
+            if request_id in inst.cache_hits:
+                return inst.cache_hits.pop(request_id)
+        return None
 
     @property
     def num_preemptions(self) -> int:

@@ -32,9 +32,17 @@ step at a time with a token budget of ``max_num_batched_tokens``:
    0``), goes back to the front of the waiting queue (FCFS ``prepend_request``; priority:
    back into the heap) and later recomputes its prompt plus the tokens it generated.
 
+Prefix caching, for evict-and-resume only: an evicted request's KV (prompt plus the output
+it computed) stays cached in the free pool, oldest freed first to be reused, as vLLM's
+free-block queue does. When the request is resumed on the same instance (its prompt now
+ends with its kept output), the part of that KV not yet overwritten is reused: its
+prefill only computes the rest (at least its last token). Tokens allocated since the
+eviction beyond the free space that was ahead of it overwrite it from its end (vLLM frees
+a request's blocks tail first). A swap or a failure empties the cache.
+
 Left out, on purpose: KV is counted in tokens, not 16-token blocks (at most 15 tokens per
-request of difference); prefix caching is ignored (prompts differ; a preempted request's
-freed blocks are usually reused by the request that preempted it); an empty step after a
+request of difference); other prefix-cache hits are ignored (prompts differ; a preempted
+request's freed blocks are usually reused by the request that preempted it); an empty step after a
 preemption (vLLM admits nothing in it, and it costs no compute) is skipped, so waiting
 requests may be admitted at once. A request samples a token at the end of every step in
 which its computed tokens reach its length (prompt + generated).
@@ -158,6 +166,7 @@ class SimInstance:
         self.has_event = False  # a step end, start or ready is pending on the engine heap
         self.num_preemptions = 0
         self._join_seq = 0
+        self.cache_hits: dict[str, int] = {}  # request id -> cached prompt tokens, last admission
         self._clear()
 
     def _clear(self) -> None:
@@ -172,6 +181,9 @@ class SimInstance:
         self._decode_steps = 0  # decode steps run so far by this instance
         self._ctx_tokens = 0  # sum over decoders of prompt + generated
         self._kv_used = 0
+        self._allocated = 0  # KV tokens allocated so far (how far the free pool was reused)
+        # evicted request id -> (KV tokens it left cached, _allocated then, free tokens ahead)
+        self._cached: dict[str, tuple[int, int, int]] = {}
         self._step: _Step | None = None
 
     @property
@@ -255,7 +267,10 @@ class SimInstance:
                 length = head.prompt_tokens + head.generated
                 if length > free:  # full_sequence_must_fit: the whole sequence, not a chunk
                     break
-                chunk = min(length, budget)
+                hit = self._cache_hit(head, length)
+                head.computed = hit
+                self._kv_used += hit
+                chunk = min(length - hit, budget)
                 self._pop_waiting()
                 head.state = ReqState.PREFILL
                 self._running[head.id] = head
@@ -284,6 +299,7 @@ class SimInstance:
             self._decode_steps += step.n
             self._ctx_tokens += batch * step.n
             self._kv_used += batch * step.n
+            self._allocated += batch * step.n
             finish = self._finish
             while finish and finish[0][0] <= self._decode_steps:
                 _, join_id, req = heapq.heappop(finish)
@@ -295,6 +311,7 @@ class SimInstance:
                 continue  # aborted during the step
             req.computed += chunk
             self._kv_used += chunk
+            self._allocated += chunk
             if req.computed < req.prompt_tokens + req.generated:
                 continue
             req.generated += 1
@@ -343,6 +360,36 @@ class SimInstance:
                 tokens += self._step.steps_by(now_s)
         req.state = ReqState.ABORTED
         return tokens
+
+    def evict(self, req: SimRequest, now_s: float) -> int:
+        """Abort ``req`` for eviction: as :meth:`remove`, its KV staying in the prefix cache."""
+        held = self._kv_held(req, now_s)
+        tokens = self.remove(req, now_s)
+        if held and self.perf is not None:
+            ahead = self.perf.kv_capacity_tokens - self._kv_used - held
+            self._cached[req.id] = (held, self._allocated, max(0, ahead))
+        return tokens
+
+    def _kv_held(self, req: SimRequest, now_s: float) -> int:
+        """KV tokens ``req`` holds now (what an eviction would leave in the prefix cache)."""
+        if req.state is ReqState.PREFILL:
+            return req.computed
+        if req.state is ReqState.DECODE:
+            done = self._step.steps_by(now_s) if self._step is not None else 0
+            return req.prompt_tokens + self.generated(req) + done - 1
+        return 0
+
+    def _cache_hit(self, req: SimRequest, length: int) -> int:
+        """Tokens of ``req``'s sequence (``length``) its evicted KV still serves; at most
+        ``length - 1`` (vLLM always computes the last token)."""
+        entry = self._cached.pop(req.id, None)
+        if entry is None or req.computed:
+            return 0
+        held, mark, ahead = entry
+        overwritten = max(0, self._allocated - mark - ahead)
+        hit = max(0, min(held - overwritten, length - 1))
+        self.cache_hits[req.id] = hit
+        return hit
 
     def drain(self, now_s: float, reason: str, out: list[EngineEvent]) -> None:
         """Abort every request on the instance (failure or swap) and empty it."""

@@ -4,7 +4,11 @@ How it works: :func:`stream_completion` posts to ``/v1/completions`` with ``stre
 and reads the server-sent events line by line, stamping each token's arrival with
 ``time.perf_counter()`` (this is an I/O driver, so it may read the clock). Chunks carry
 ``token_ids`` (we ask for ``return_token_ids``), so a chunk that holds several tokens
-counts as several arrivals. The final usage chunk gives the authoritative token count.
+counts as several arrivals. The final usage chunk gives the authoritative token count
+and, on servers started with ``--enable-prompt-tokens-details``, the prompt tokens served
+from the prefix cache. The first chunk carries the prompt's token ids; with the output ids
+so far (kept in a :class:`StreamProgress` the caller owns, so they survive a cancelled
+stream) they make the prompt of a resumed attempt (evict-and-resume, see the real driver).
 
 Rules: cancelling the awaiting task leaves the ``async with`` stream block, which closes
 the connection; vLLM aborts a request whose stream is closed and frees its KV blocks (this
@@ -26,7 +30,7 @@ import json
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -78,6 +82,15 @@ class RequestRejected(EngineError):
         self.detail = detail or message  # the server's message alone (no URL)
 
 
+@dataclass(slots=True)
+class StreamProgress:
+    """What a stream delivered so far; filled while it runs, readable after a cancel."""
+
+    prompt_token_ids: list[int] | None = None  # as the server tokenized the prompt
+    output_token_ids: list[int] = field(default_factory=list)
+    cached_tokens: int | None = None  # prompt tokens served from the prefix cache
+
+
 @dataclass(frozen=True, slots=True)
 class CompletionResult:
     """Timing of one streamed completion; times are seconds from sending the request."""
@@ -87,6 +100,7 @@ class CompletionResult:
     output_tokens: int
     finish_reason: str | None  # "length", "stop", ... as the server reports it
     e2e_s: float
+    cached_tokens: int | None = None  # prompt tokens from the prefix cache (if reported)
 
     @property
     def inter_token_s(self) -> tuple[float, ...]:
@@ -117,6 +131,7 @@ async def stream_completion(
     temperature: float = 0.8,
     timeouts: StreamTimeouts | None = None,
     headers: Headers = None,
+    progress: StreamProgress | None = None,
 ) -> CompletionResult:
     """Stream one completion and time every token.
 
@@ -132,6 +147,9 @@ async def stream_completion(
         temperature: sampling temperature.
         timeouts: connect, first-token and between-token limits (default: StreamTimeouts()).
         headers: extra request headers (an API key).
+        progress: filled with the prompt's and the output's token ids as they arrive
+            (and the cached prompt tokens at the end); it keeps them if the stream is
+            cancelled.
 
     Returns:
         The timings; ``output_tokens`` is the server's usage count when it reports one.
@@ -157,13 +175,19 @@ async def stream_completion(
     times: list[float] = []
     finish: str | None = None
     usage_tokens: int | None = None
+    got = progress if progress is not None else StreamProgress()
     start = time.perf_counter()
     async for chunk in stream_chunks(client, url, body, timeouts=timeouts, headers=headers):
         now = time.perf_counter() - start
         usage = chunk.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-            usage_tokens = usage["completion_tokens"]
+        if isinstance(usage, dict):
+            if isinstance(usage.get("completion_tokens"), int):
+                usage_tokens = usage["completion_tokens"]
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                got.cached_tokens = details["cached_tokens"]
         for choice in chunk["choices"]:
+            _take_ids(choice, got)
             count = _tokens_in(choice)
             if count and not times and on_first_token is not None:
                 on_first_token(now)
@@ -177,7 +201,18 @@ async def stream_completion(
         output_tokens=usage_tokens if usage_tokens is not None else len(times),
         finish_reason=finish,
         e2e_s=time.perf_counter() - start,
+        cached_tokens=got.cached_tokens,
     )
+
+
+def _take_ids(choice: dict[str, Any], progress: StreamProgress) -> None:
+    """Record a streamed choice's prompt ids (first chunk) and output ids."""
+    prompt_ids = choice.get("prompt_token_ids")
+    if progress.prompt_token_ids is None and isinstance(prompt_ids, list):
+        progress.prompt_token_ids = [int(t) for t in prompt_ids]
+    ids = choice.get("token_ids")
+    if isinstance(ids, list):
+        progress.output_token_ids.extend(int(t) for t in ids)
 
 
 async def stream_chunks(

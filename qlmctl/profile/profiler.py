@@ -93,7 +93,8 @@ def run_profile(
             "/", "_"
         )
         cpu = cpu_only()
-        launcher = VllmLauncher(model, launch, log, cpu=cpu, die_with_parent=True)
+        # sleep_mode: the dev endpoints, so sleep and wake can be timed (on CPU too)
+        launcher = VllmLauncher(model, launch, log, cpu=cpu, die_with_parent=True, sleep_mode=True)
         seqs, batched = (
             flag_value(launch.extra_args, f) for f in ("--max-num-seqs", "--max-num-batched-tokens")
         )

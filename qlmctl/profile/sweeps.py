@@ -10,8 +10,11 @@ prefix cache never shortens a prefill), drawn from one seeded generator:
    median of a few runs, over concurrency levels x prompt lengths;
 3. KV saturation: N long requests at once while sampling ``/metrics``; stops at the first
    level where requests wait, the KV cache is (nearly) full or preemptions happen;
-4. sleep/wake, only where the server supports sleep mode (never on CPU, where vLLM
-   refuses ``--enable-sleep-mode``: recorded as None with a note, never a made-up time);
+4. sleep/wake, where the server has the ``/sleep`` and ``/wake_up`` endpoints (started
+   with ``VLLM_SERVER_DEV_MODE=1``, as ``qlmctl profile`` does); a refusal is recorded as
+   None with a note, never a made-up time. On CPU vLLM refuses ``--enable-sleep-mode`` and
+   the endpoints only pause and resume the scheduler: the times are those of that pause
+   and resume (what a warm start costs there), and a note says so;
 5. optionally, natural output lengths (no ``ignore_eos``) for the estimator's prior.
 
 Cold start and stop belong to the launcher, so :func:`measure` leaves them at 0.
@@ -325,10 +328,7 @@ async def _max_model_len(client: httpx.AsyncClient, base_url: str, model: str) -
 async def _sleep_wake(
     client: httpx.AsyncClient, base_url: str, gpu: str, cpu: bool | None, notes: list[str]
 ) -> tuple[float | None, float | None]:
-    """Time sleep level 1 and wake-up where the server really supports sleep mode."""
-    if cpu or gpu.lower() == "cpu":
-        notes.append("sleep/wake not measured: vLLM refuses --enable-sleep-mode on CPU")
-        return None, None
+    """Time sleep level 1 and wake-up where the server has the endpoints (see step 4)."""
     slept = await vllm.sleep(client, base_url, level=1)
     if not slept.supported:
         notes.append(f"sleep/wake not measured: server refused /sleep ({slept.detail})")
@@ -336,6 +336,11 @@ async def _sleep_wake(
     woke = await vllm.wake_up(client, base_url)
     if not woke.supported:
         raise EngineError(f"{base_url}: slept but refused /wake_up ({woke.detail})")
+    if cpu or gpu.lower() == "cpu":
+        notes.append(
+            "sleep/wake on CPU: vLLM refuses --enable-sleep-mode, so /sleep and /wake_up only "
+            "pause and resume the scheduler (memory stays taken)"
+        )
     return slept.elapsed_s, woke.elapsed_s
 
 

@@ -152,6 +152,8 @@ def compare(
             True,
         ),
     )
+    lost = [next((o.tokens_lost for o in r.per_operation if o.kind == "evict"), 0) for r in runs]
+    rows.append(_row("tokens_lost_to_evictions", None, [float(x or 0) for x in lost], base, False))
     classes = list(dict.fromkeys(c for r in runs for c in r.by_class))
     for cls in classes:
         for name, get, higher in _GROUP_METRICS:

@@ -91,6 +91,7 @@ def run_json(m: RunMetrics) -> dict[str, Any]:
         "per_model": {k: group_json(g, m.duration_s) for k, g in m.by_model.items()},
         "instances": [asdict(i) for i in m.instances],
         "operations": asdict(m.operations),
+        "per_operation": [asdict(o) for o in m.per_operation],
         "predictions": None if m.predictions is None else asdict(m.predictions),
     }
 

@@ -21,7 +21,14 @@ Every metric is a pure, vectorised (pandas) function of a :class:`RunLog`. Defin
   [dispatch, finish] intervals / duration (share of the run with ≥1 request in flight).
 * **operations**: swaps, wakes, sleeps, evictions, re-plans, instance downs from
   operations.parquet (solver time = Σ replan ``duration_s``); failed and rejected
-  *attempts* from requests.parquet.
+  *attempts* from requests.parquet. **Per operation** (:class:`OperationStat`): its
+  count, Σ ``duration_s`` (load time of swaps and wakes, call time of sleeps, solver
+  time of re-plans), and for evictions the tokens they cost: **kept** = output tokens
+  the evicted attempts handed to their next attempt (``kept_tokens``); **lost** = output
+  tokens generated and thrown away (``output_tokens − kept_tokens``; all of them without
+  evict-and-resume); **recomputed** = prompt tokens (original prompt plus resumed output)
+  the next attempts prefilled again, i.e. not served by the prefix cache (``prompt_tokens
+  + resumed_tokens − cached_tokens``; a null ``cached_tokens`` counts as no hit).
 * **predictions**: start error = dispatch − ``predicted_start_s`` per attempt; the miss
   forecast of a request is the ``predicted_miss_prob`` of its first attempt that has one,
   scored against its final outcome (Brier score; mean forecast vs observed miss rate).
@@ -111,6 +118,18 @@ class OperationCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class OperationStat:
+    """One kind of serving operation in a run: how often, how long, what it cost in tokens."""
+
+    kind: str  # swap | wake | sleep | evict | replan | instance_down | instance_up
+    count: int
+    seconds: float  # Σ duration_s (0 for kinds that have none)
+    tokens_kept: int | None  # evict only: output tokens resumed after, not regenerated
+    tokens_lost: int | None  # evict only: output tokens generated and thrown away
+    tokens_recomputed: int | None  # evict only: prompt tokens prefilled again (cache misses)
+
+
+@dataclass(frozen=True, slots=True)
 class Calibration:
     """Predicted miss probability against the observed miss rate for a set of requests."""
 
@@ -150,6 +169,7 @@ class RunMetrics:
     instances: tuple[InstanceMetrics, ...]
     operations: OperationCounts
     predictions: PredictionMetrics | None
+    per_operation: tuple[OperationStat, ...] = ()
 
 
 def run_duration_s(run: RunLog) -> float:
@@ -281,6 +301,46 @@ def operation_counts(run: RunLog) -> OperationCounts:
     )
 
 
+_OP_ORDER = ("swap", "wake", "sleep", "evict", "replan", "instance_down", "instance_up")
+
+
+def eviction_tokens(run: RunLog) -> tuple[int, int, int]:
+    """(kept, lost, recomputed) output/prompt tokens of a run's evictions (module docstring)."""
+    att = run.requests
+    if att.empty:
+        return 0, 0, 0
+    evicted = att[att["outcome"] == EVICTED]
+    out = evicted["output_tokens"].fillna(0)
+    kept_col = evicted["kept_tokens"] if "kept_tokens" in evicted else pd.Series(dtype=float)
+    kept = kept_col.reindex(evicted.index).fillna(0)
+    lost = (out - kept).clip(lower=0)
+    # the attempt after each evicted one re-prefills its prompt (plus the output resumed)
+    key = pd.MultiIndex.from_arrays([evicted["request_id"], evicted["attempt"] + 1])
+    nxt = att.set_index(["request_id", "attempt"]).reindex(key).dropna(subset=["prompt_tokens"])
+    resumed = nxt["resumed_tokens"].fillna(0) if "resumed_tokens" in nxt else 0
+    cached = nxt["cached_tokens"].fillna(0) if "cached_tokens" in nxt else 0
+    recomputed = (nxt["prompt_tokens"] + resumed - cached).clip(lower=0)
+    return int(kept.sum()), int(lost.sum()), int(recomputed.sum())
+
+
+def operation_stats(run: RunLog) -> tuple[OperationStat, ...]:
+    """Count, seconds and (evictions) tokens of every operation kind in the run."""
+    ops = run.operations
+    kinds = list(dict.fromkeys([*_OP_ORDER, *sorted(ops["kind"].dropna().unique())]))
+    out = []
+    for kind in kinds:
+        rows = ops[ops["kind"] == kind]
+        if rows.empty:
+            continue
+        tokens: tuple[int | None, int | None, int | None] = (None, None, None)
+        if kind == "evict":
+            tokens = eviction_tokens(run)
+        out.append(
+            OperationStat(kind, len(rows), float(rows["duration_s"].fillna(0.0).sum()), *tokens)
+        )
+    return tuple(out)
+
+
 def _calibration(forecast: pd.Series, missed: pd.Series) -> Calibration:
     return Calibration(
         requests=len(forecast),
@@ -346,4 +406,5 @@ def run_metrics(run: RunLog) -> RunMetrics:
         instances=instance_metrics(run, duration),
         operations=operation_counts(run),
         predictions=prediction_metrics(run, req),
+        per_operation=operation_stats(run),
     )

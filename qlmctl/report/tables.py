@@ -8,7 +8,6 @@ latencies in seconds, TPOT (a per-token time) in milliseconds, units in the titl
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +81,20 @@ def print_run(m: RunMetrics) -> None:
         [escape(i.instance_id), i.gpu or "-", i.attempts, _pct(i.utilisation)] for i in m.instances
     ]
     print_table("instances", ["instance", "gpu", "attempts", "busy"], inst)
-    ops = [[k.replace("_", " "), v] for k, v in asdict(m.operations).items()]
-    print_table("operations", ["operation", "count or seconds"], ops)
+    ops = [
+        [o.kind.replace("_", " "), o.count, o.seconds, o.tokens_kept, o.tokens_recomputed,
+         o.tokens_lost]
+        for o in m.per_operation
+    ]  # fmt: skip
+    c = m.operations
+    ops += [["failed attempt", c.failed_attempts, None, None, None, None]]
+    ops += [["rejected attempt", c.rejected_attempts, None, None, None, None]]
+    print_table(
+        "operations (seconds: load, call or solver time; tokens: what evictions kept, "
+        "prefilled again, lost)",
+        ["operation", "count", "seconds", "tokens kept", "recomputed", "lost"],
+        ops,
+    )
     p = m.predictions
     if p is not None:
         calib = {"all": p.overall, **p.by_class}

@@ -51,6 +51,9 @@ class CoreConfig:
     improve: bool = True  # offer snapshots to the policy's background improver
     improve_min_interval_s: float = 10.0
     calibrate_speed: bool = True  # scale profiles by the decode speed observed (calibration.py)
+    # an evicted (or failed) request keeps what it generated and resumes after it; off:
+    # it starts again from nothing
+    resume_evicted: bool = True
 
     def __post_init__(self) -> None:
         if (self.max_inflight or 1) < 1 or self.max_attempts < 1 or self.evict_batch < 0:

@@ -114,6 +114,8 @@ class ServeCore:
         # the slow improvement (the MILP) the driver runs on wants_improvement() snapshots
         self.improver: ImproveFn | None = improver if self.config.improve else None
         self._insts = {i.id: InstanceRecord(i, i.model) for i in cluster.instances}
+        for i in cluster.instances:  # models kept warm start asleep beside the resident one
+            self._insts[i.id].sleeping.update(m for m in i.warm or () if m != i.model)
         self._vq: dict[str, deque[QueuedGroup]] = {i: deque() for i in self._insts}
         self._reqs: dict[str, Tracked] = {}
         self._waiting: dict[str, Tracked] = {}  # id -> record, every WAITING request
@@ -181,15 +183,18 @@ class ServeCore:
                 tr.move("start")
                 tr.first_token_s = event.time_s
                 inst = self._insts[event.instance_id]
+                if inst.engine_waiting:  # it runs: no longer in the engine's queue
+                    inst.engine_waiting -= 1
                 p = tr.request.prompt_tokens
                 inst.prefilled = (inst.prefilled[0] + p, inst.prefilled[1] + p * p)
                 tr.prefilled_mark = inst.prefilled
         elif isinstance(event, Finished):
             inst = self._insts[event.instance_id]
             self._observe_speed(tr, inst, event)
-            self._end(tr, event.time_s, "finish", event.output_tokens, "")
+            total = tr.kept_tokens + event.output_tokens  # a resumed attempt adds to its kept
+            self._end(tr, event.time_s, "finish", total, "")
             if self._observe is not None:
-                self._observe(tr.request.model, tr.request.slo_class, event.output_tokens)
+                self._observe(tr.request.model, tr.request.slo_class, total)
             if not self._vq[inst.spec.id] and self._waiting:
                 self._replan_due = True  # an instance ran dry while work waits elsewhere
         elif isinstance(event, Aborted):
@@ -360,7 +365,7 @@ class ServeCore:
             self._recent.popleft()
         return QueueSnapshot(
             now_s=now_s,
-            waiting=tuple(t.request for t in waiting),
+            waiting=tuple(_what_is_left(t) for t in waiting),
             instances=tuple(self._instance_state(i, now_s) for i in self._insts.values()),
             slo_classes=self._slo,
             perf=dict(self._perf),  # a copy: calibration must not move it under a planner
@@ -386,7 +391,10 @@ class ServeCore:
                     t.request,
                     t.dispatch_s or now_s,
                     t.first_token_s,
-                    self._generated(t, inst, now_s),
+                    min(
+                        t.kept_tokens + self._generated(t, inst, now_s),
+                        max(0, t.request.max_output_tokens - 1),
+                    ),
                 )
                 for t in running
             ),
@@ -548,7 +556,7 @@ class ServeCore:
         inst.add_inflight(tr)
         if inst.engine_waiting is not None:
             inst.engine_waiting += 1  # waits in the engine until its next report says otherwise
-        actions.append(Dispatch(tr.id, inst.spec.id, tr.priority))
+        actions.append(Dispatch(tr.id, inst.spec.id, tr.priority, tr.kept_tokens))
 
     def _maybe_evict(
         self,
@@ -612,7 +620,9 @@ class ServeCore:
         """Start loading ``model`` on a drained instance."""
         gpu = inst.spec.gpu
         from_perf = self._perf.get((inst.model, gpu)) if inst.model else None
-        sleep_current = from_perf is not None and from_perf.supports_sleep
+        sleep_current = (
+            from_perf is not None and from_perf.supports_sleep and inst.spec.keeps_warm(inst.model)
+        )
         asleep = model in inst.sleeping
         inst.ready_at_s = now_s + self._load_time(inst, model)
         inst.load_kind = "wake" if asleep and self._perf[(model, gpu)].supports_sleep else "swap"
@@ -628,7 +638,9 @@ class ServeCore:
     def _load_time(self, inst: InstanceRecord, model: str) -> float:
         gpu = inst.spec.gpu
         from_perf = self._perf.get((inst.model, gpu)) if inst.model else None
-        sleep = from_perf is not None and from_perf.supports_sleep
+        sleep = (
+            from_perf is not None and from_perf.supports_sleep and inst.spec.keeps_warm(inst.model)
+        )
         return swap_time_s(
             self._perf[(model, gpu)], from_perf, model in inst.sleeping, sleep_current=sleep
         )
@@ -642,7 +654,7 @@ class ServeCore:
     def _service_s(self, tr: Tracked, inst: InstanceRecord) -> float:
         """Estimated time from dispatch to finish of ``tr`` at the instance's current load."""
         perf = self._perf[(tr.request.model, inst.spec.gpu)]
-        out = tr.expected_output_tokens
+        out = tr.remaining_output_tokens  # a resumed request only generates the rest
         step_s = perf.decode_step_s(*self._decode_load(tr, inst))
         return perf.prefill_time_s(tr.request.prompt_tokens) + out * step_s
 
@@ -666,13 +678,14 @@ class ServeCore:
     # ---- ends of attempts -------------------------------------------------------------
 
     def _on_aborted(self, tr: Tracked, ev: Aborted) -> None:
+        tokens = tr.kept_tokens + ev.output_tokens  # the request's output so far
         if tr.state is ReqState.EVICTED or ev.reason in ("evicted", "swap"):
             reason = tr.evict_reason or ev.reason
-            self._end(tr, ev.time_s, "requeue", ev.output_tokens, reason, outcome="evicted")
+            self._end(tr, ev.time_s, "requeue", tokens, reason, outcome="evicted")
         elif not ev.retryable:
-            self._end(tr, ev.time_s, "reject", ev.output_tokens, ev.reason)
+            self._end(tr, ev.time_s, "reject", tokens, ev.reason)
         else:
-            self._fail_attempt(tr, ev.time_s, ev.output_tokens, ev.reason)
+            self._fail_attempt(tr, ev.time_s, tokens, ev.reason)
 
     def _fail_attempt(self, tr: Tracked, now_s: float, tokens: int | None, reason: str) -> None:
         tr.failures += 1
@@ -709,6 +722,13 @@ class ServeCore:
         )
         self._attempt_rows.append(tr.attempt_row(now_s, outcome, tokens, reason))
         if verb == "requeue":
+            # evict-and-resume: the next attempt starts after the output kept (unknown
+            # progress, e.g. an instance that died: what was kept before)
+            if not self.config.resume_evicted:
+                tr.kept_tokens = 0
+            elif tokens is not None:
+                tr.kept_tokens = tokens
+            self._attempt_rows[-1]["kept_tokens"] = tr.kept_tokens
             tr.reset_attempt()
             self._waiting[tr.id] = tr
             self._replan_due = True
@@ -795,6 +815,23 @@ class ServeCore:
                 "detail": json.dumps(detail, sort_keys=True, default=str) if detail else None,
             }
         )
+
+
+def _what_is_left(tr: Tracked) -> Request:
+    """The request as a planner prices it: a resumed one by what is left (its prompt grown
+    by the output kept, its output shortened by it; same KV footprint)."""
+    kept = tr.kept_tokens
+    if not kept:
+        return tr.request
+    req = tr.request
+    out = req.output_tokens
+    return req.model_copy(
+        update={
+            "prompt_tokens": req.prompt_tokens + kept,
+            "max_output_tokens": max(1, req.max_output_tokens - kept),
+            "output_tokens": None if out is None else max(1, out - kept),
+        }
+    )
 
 
 def _late_by_plan(group: PlannedGroup, request_id: str, now_s: float) -> bool:

@@ -11,9 +11,20 @@ backpressure, improved plans), asks the core to decide and applies the actions:
   become engine events. Whatever the task raises (a malformed or truncated stream, a
   timeout of :class:`~qlmctl.engine.vllm.StreamTimeouts`, any bug) ends in exactly one
   event, so no request stays in flight and no task exception goes unheard;
-* Evict: cancel the request's task, which closes the stream (vLLM aborts the request);
-* LoadModel: stop the server and start it with the other model; InstanceReady when up
-  (a restart: sleep-mode warm start is not driven yet, so sleep costs are dropped).
+* Evict: cancel the request's task, which closes the stream (vLLM aborts the request).
+  The request keeps what it generated (evict-and-resume): every attempt's prompt and
+  output token ids are kept per request (:class:`~qlmctl.engine.vllm.StreamProgress`),
+  the Aborted event says how many output tokens the attempt got, and when the core
+  dispatches it again with ``kept_tokens`` it is sent the prompt ids followed by the kept
+  output ids, asking for the rest of ``max_tokens``. With prefix caching (on by default
+  in vLLM V1) the resumed prompt is served from the KV cache while its blocks are still
+  there; on GPUs, ``--kv-offloading-size`` keeps them in host memory after eviction
+  (QLM's GPU-CPU state swap on stock vLLM). Each attempt's cached prompt tokens are logged;
+* LoadModel: a warm start where the instance keeps the target model warm (sleep the
+  awake server, wake the target: see :mod:`~qlmctl.serve.instances`), else stop the
+  server and start it with the other model; InstanceReady when up. Sleep and wake times
+  missing from a profile are measured on the instance's servers when the run starts
+  (recorded in run.json ``sleep_wake_measured``), so the core prices what it will get.
 
 A poller per instance reads ``/metrics`` (waiting requests, KV usage) and watches the
 process: a launched server that exited, or an endpoint unreachable three polls in a
@@ -46,7 +57,7 @@ import httpx
 import numpy as np
 
 from qlmctl.clock import WallClock
-from qlmctl.domain import ClusterSpec, Request, check_models_served
+from qlmctl.domain import ClusterSpec, InstanceSpec, Request, check_models_served
 from qlmctl.engine.events import (
     Aborted,
     Action,
@@ -63,6 +74,7 @@ from qlmctl.engine.vllm import (
     CompletionResult,
     Headers,
     RequestRejected,
+    StreamProgress,
     StreamTimeouts,
     fetch_metrics,
     stream_completion,
@@ -97,6 +109,7 @@ class RealOptions:
     stream: StreamTimeouts = field(default_factory=StreamTimeouts)  # per attempt
     metrics_interval_s: float = 0.5
     cpu: bool | None = None  # CPU-safe launch flags; None: detect
+    temperature: float = 0.8  # sampling of replayed requests (0: greedy)
     kill_at: tuple[tuple[float, str], ...] = ()  # tests: (run time, instance) to kill
     transport: httpx.AsyncBaseTransport | None = None  # tests: a fake HTTP transport
 
@@ -195,15 +208,19 @@ class RealDriver:
         self.workload, self.policy, self.config, self.seed = workload, policy, config, seed
         self.options = options or RealOptions()
         self.cluster = cluster
-        # NOTE: warm start (vLLM sleep mode: one server per model, the idle one asleep) is
-        # not driven yet; a swap here always restarts the server, so the core must plan
-        # with restart costs, never with wake times it would not get.
-        self.perf = {k: replace(p, sleep_s=None, wake_s=None) for k, p in perf.items()}
+        # Sleep and wake times missing from a profile are measured when the run starts.
+        self.perf = dict(perf)
+        self.sleep_wake_measured: dict[str, dict[str, float]] = {}  # model@gpu -> times
         self.by_id: dict[str, Request] = {r.id: r for r in workload.requests}
         self.queue: asyncio.Queue[_Item] = asyncio.Queue()
         # request id -> (task, instance) of its current attempt
         self.tasks: dict[str, tuple[asyncio.Task[None], str]] = {}
         self.itl_max: dict[str, float] = {}  # request id -> longest gap, last finished attempt
+        # request id -> token ids its attempts produced (evict-and-resume); dropped at its end
+        self.progress: dict[str, StreamProgress] = {}
+        self.cached: dict[str, int | None] = {}  # request id -> cached prompt tokens, last attempt
+        self.keep_outputs = False  # tests: keep each finished request's output token ids
+        self.outputs: dict[str, list[int]] = {}  # request id -> output ids (keep_outputs)
         self.background: set[asyncio.Task[Any]] = set()
         self.clock = WallClock()
         self.stop = asyncio.Event()
@@ -285,15 +302,17 @@ class RealDriver:
     async def _serve(
         self, run_dir: Path, log: RunLogWriter, on_progress: ProgressFn | None
     ) -> RunSummary:
-        # The core hears only of models an instance can serve: attached ones can't swap.
+        # The core hears only of models an instance can serve (attached ones can't swap; a
+        # warm one changes among its warm models) and which it keeps warm (none: restarts).
         core_cluster = self.cluster.model_copy(
             update={
                 "instances": [
-                    s if s.launch is not None else s.model_copy(update={"models": [i.model]})
+                    _as_driven(s, i)
                     for s, i in zip(self.cluster.instances, self.instances.values(), strict=True)
                 ]
             }
         )
+        await self._measure_sleep_wake()
         core = ServeCore(
             core_cluster, self.workload.slo_classes, self.perf, self.policy, self.config,
             np.random.default_rng(self.seed),
@@ -334,7 +353,8 @@ class RealDriver:
             )
             await self._next_items(max(0.0, next_t - self.clock.now()))
         duration = self.clock.now()
-        log.close(duration_s=duration, interrupted=interrupted, speed_factors=core.speed_factors())
+        log.close(duration_s=duration, interrupted=interrupted, speed_factors=core.speed_factors(),
+                  sleep_wake_measured=self.sleep_wake_measured)  # fmt: skip
         summary = RunSummary.from_stats(core.stats(), run_dir, self.policy.name, "vllm", duration)
         return summary.with_interrupted(interrupted)
 
@@ -393,7 +413,22 @@ class RealDriver:
 
         priority = a.priority if self.config.vllm_priority else None
         live = self.live.get(rid)
+        got = self.progress.setdefault(rid, StreamProgress())
+        kept = a.kept_tokens
         try:
+            if kept and (got.prompt_token_ids is None or len(got.output_token_ids) < kept):
+                raise RuntimeError(f"asked to resume after {kept} tokens it does not have")
+            del got.output_token_ids[kept:]  # what the core kept; later ids were not counted
+            prompt: str | list[int] = ""
+            if kept and got.prompt_token_ids is not None:
+                prompt = [*got.prompt_token_ids, *got.output_token_ids]
+            elif live is None:
+                prompt = prompt_for(req)
+            left = req.target_output_tokens - kept
+            if live is None and left <= 0:  # it had everything when it was evicted
+                push(FirstToken(rid, iid, self.clock.now()))
+                push(Finished(rid, iid, self.clock.now(), 0))
+                return
             if live is not None:
                 result = await live.attempt(
                     self.client, inst.base_url, priority,
@@ -402,29 +437,63 @@ class RealDriver:
                 )  # fmt: skip
             else:
                 result = await stream_completion(
-                    self.client, inst.base_url, req.model, prompt_for(req),
-                    req.target_output_tokens, priority=priority,
+                    self.client, inst.base_url, req.model, prompt, left, priority=priority,
                     ignore_eos=req.output_tokens is not None,
                     on_first_token=lambda _t: push(FirstToken(rid, iid, self.clock.now())),
-                    timeouts=self.options.stream, headers=inst.headers,
+                    temperature=self.options.temperature,
+                    timeouts=self.options.stream, headers=inst.headers, progress=got,
                 )  # fmt: skip
         except asyncio.CancelledError:
-            push(Aborted(rid, iid, self.clock.now(), 0, "evicted"))
+            push(Aborted(rid, iid, self.clock.now(), self._made(got, kept, live), "evicted"))
         except RequestRejected as exc:
-            push(Aborted(rid, iid, self.clock.now(), 0, f"HTTP {exc.status_code}: {exc}", False))
+            why = f"HTTP {exc.status_code}: {exc}"
+            push(Aborted(rid, iid, self.clock.now(), self._made(got, kept, live), why, False))
         except EngineError as exc:
-            push(Aborted(rid, iid, self.clock.now(), 0, str(exc)[:300]))
+            push(Aborted(rid, iid, self.clock.now(), self._made(got, kept, live), str(exc)[:300]))
             if inst.launched and not inst.alive() and not inst.swapping:
                 self._report_down(inst, "process exited")
         except Exception as exc:  # a bug must not leave the request in flight forever
-            push(Aborted(rid, iid, self.clock.now(), 0, f"{type(exc).__name__}: {exc}"[:300]))
+            why = f"{type(exc).__name__}: {exc}"[:300]
+            push(Aborted(rid, iid, self.clock.now(), self._made(got, kept, live), why))
         else:
             gaps = result.inter_token_s
             self.itl_max[rid] = max(gaps) if gaps else 0.0
+            if mine():
+                self.cached[rid] = result.cached_tokens
             push(Finished(rid, iid, self.clock.now(), result.output_tokens))
         finally:
             if mine():
                 del self.tasks[rid]
+
+    @staticmethod
+    def _made(got: StreamProgress, kept: int, live: LiveRequest | None) -> int:
+        """Output tokens an ended attempt produced that a resume can keep: none for a live
+        client's request (it streams its own body) or without the prompt's token ids."""
+        if live is not None or got.prompt_token_ids is None:
+            del got.output_token_ids[kept:]
+            return 0
+        return max(0, len(got.output_token_ids) - kept)
+
+    async def _measure_sleep_wake(self) -> None:
+        """Time a sleep and a wake of every warm server whose profile lacks them."""
+        for inst in self.instances.values():
+            if not inst.warm:
+                continue
+            for model in inst.spec.warm_models:
+                key = (model, inst.spec.gpu)
+                perf = self.perf.get(key)
+                if perf is None or perf.supports_sleep:
+                    continue
+                if model == inst.model:  # awake: sleep it, then wake it
+                    slept = await inst._sleep(model)
+                    woke = await inst._wake(model)
+                else:
+                    slept, woke = await inst.measure_sleep_wake(model)
+                self.perf[key] = replace(perf, sleep_s=slept, wake_s=woke)
+                self.sleep_wake_measured[f"{model}@{inst.spec.gpu}"] = {
+                    "sleep_s": slept,
+                    "wake_s": woke,
+                }
 
     async def _load(self, iid: str, model: str) -> None:
         inst = self.instances[iid]
@@ -504,11 +573,16 @@ class RealDriver:
         rid = row["request_id"]
         if row["outcome"] == "finished":
             row["itl_max_s"] = self.itl_max.pop(rid, None)
-        else:
-            row["output_tokens"] = None  # a cancelled stream does not say how far it got
+            row["cached_tokens"] = self.cached.pop(rid, None)
+        elif rid in self.live:
+            row["output_tokens"] = None  # a client's own stream: we do not count its tokens
         final = row["outcome"] in FINAL_OUTCOMES or (
             row["outcome"] == FAILED and self.core.state_of(rid) is ReqState.FAILED
         )
+        if final:
+            got = self.progress.pop(rid, None)
+            if self.keep_outputs and got is not None and row["outcome"] == "finished":
+                self.outputs[rid] = got.output_token_ids
         live = self.live.pop(rid, None) if final else None
         if live is not None:
             live.ended(row["outcome"], row["reason"])
@@ -523,4 +597,14 @@ def _options_dict(options: RealOptions) -> dict[str, Any]:
         "first_token_timeout_s": options.stream.first_token_s,
         "token_timeout_s": options.stream.token_s,
         "metrics_interval_s": options.metrics_interval_s,
+        "temperature": options.temperature,
     }
+
+
+def _as_driven(spec: InstanceSpec, inst: RealInstance) -> InstanceSpec:
+    """The instance as the core must see it: what it can serve and keep warm here."""
+    if not inst.launched:
+        return spec.model_copy(update={"models": [inst.model], "warm": []})
+    if inst.warm:
+        return spec.model_copy(update={"models": spec.warm_models, "warm": spec.warm_models})
+    return spec.model_copy(update={"warm": []})  # a model change restarts the server

@@ -6,7 +6,11 @@ A run is a directory ``RUN/`` holding
   at the end the duration and the speed the profiles were calibrated to
   (``speed_factors``: observed / profiled step time per ``model@gpu``);
 * ``requests.parquet``: one row per request *attempt* (an evicted request that is
-  re-queued and finishes elsewhere has two rows: ``evicted`` then ``finished``);
+  re-queued and finishes elsewhere has two rows: ``evicted`` then ``finished``). An
+  evicted request keeps its output (evict-and-resume): the evicted row's ``kept_tokens``
+  is what the next attempt resumes after, that attempt's ``resumed_tokens``; its
+  ``output_tokens`` count the whole output so far and ``cached_tokens`` the prompt tokens
+  (original prompt plus resumed output) the engine's prefix cache served;
 * ``operations.parquet``: swaps, wakes, sleeps, evictions, re-plans (solver stats in
   ``detail`` as JSON), instances going down or up.
 
@@ -65,7 +69,7 @@ REQUESTS_SCHEMA = pa.schema(
         ("first_token_s", pa.float64()),  # null if no token arrived
         ("finish_s", pa.float64()),  # end of the attempt, whatever its outcome
         ("prompt_tokens", pa.int32()),
-        ("output_tokens", pa.int32()),  # tokens generated in this attempt
+        ("output_tokens", pa.int32()),  # the request's output at the end of this attempt
         ("target_output_tokens", pa.int32()),
         ("ttft_slo_s", pa.float64()),
         ("e2e_slo_s", pa.float64()),  # null if the class has none
@@ -76,6 +80,13 @@ REQUESTS_SCHEMA = pa.schema(
         ("reason", pa.string()),  # why it was evicted, failed, rejected or cancelled
         ("predicted_start_s", pa.float64()),  # first forecast of dispatch in this attempt
         ("predicted_miss_prob", pa.float64()),
+        # evict-and-resume (columns added in place of a new version: null in older logs)
+        (
+            "resumed_tokens",
+            pa.int32(),
+        ),  # output tokens kept from earlier attempts (in output_tokens)
+        ("kept_tokens", pa.int32()),  # re-queued attempt: output tokens the next one resumes after
+        ("cached_tokens", pa.int32()),  # prompt tokens the prefix cache served (if reported)
     ]
 )
 

@@ -86,11 +86,16 @@ def run_simulated(
     pending_failures = sorted(failures)
     meta = run_meta(workload, cluster, policy.name, "sim", config, seed, meta)
     k, idle, steps = 0, 0, 0
+
+    def enrich(row: dict[str, Any]) -> None:  # what the engine's prefix cache served
+        if row["outcome"] == "finished":
+            row["cached_tokens"] = engine.cached_tokens(row["request_id"])
+
     with sigint_flag() as interrupted, open_log(run_dir, meta) as log:
         while True:
             if interrupted.is_set():  # Ctrl-C: as the real driver does (see serve/run.py)
                 core.cancel_all(clock.now(), INTERRUPTED)
-                write_rows(core, log)
+                write_rows(core, log, enrich)
                 break
             t = min(
                 requests[k].arrival_s if k < len(requests) else math.inf,
@@ -120,13 +125,13 @@ def run_simulated(
                 actions += core.decide(t)
             _apply(engine, actions, by_id, t)
             idle = 0 if (events or actions or k > arrived) else idle + 1
-            write_rows(core, log)
+            write_rows(core, log, enrich)
             steps += 1
             if on_progress is not None and steps % 500 == 0:
                 on_progress(core.stats(), t)
         if not core.done:
             core.cancel_all(clock.now(), "simulation stalled")  # the engine is dropped anyway
-            write_rows(core, log)
+            write_rows(core, log, enrich)
         stats = core.stats()
         if on_progress is not None:
             on_progress(stats, clock.now())
@@ -141,7 +146,7 @@ def _apply(
 ) -> None:
     for a in actions:
         if isinstance(a, Dispatch):
-            engine.submit(by_id[a.request_id], a.instance_id, a.priority, now_s)
+            engine.submit(by_id[a.request_id], a.instance_id, a.priority, now_s, a.kept_tokens)
         elif isinstance(a, Evict):
             engine.abort(a.request_id, now_s)
         elif isinstance(a, LoadModel):

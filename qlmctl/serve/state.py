@@ -88,6 +88,9 @@ class Tracked:
     predicted_start_s: float | None = None
     predicted_miss_prob: float | None = None
     evict_reason: str = ""
+    # output tokens kept from ended attempts: the next attempt resumes after them
+    # (evict-and-resume), so it is sent prompt + these and asked only for the rest
+    kept_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -98,6 +101,11 @@ class Tracked:
     def kv_tokens(self) -> int:
         """KV tokens the request is expected to hold at its end: prompt plus output."""
         return self.request.prompt_tokens + self.expected_output_tokens
+
+    @property
+    def remaining_output_tokens(self) -> int:
+        """Output tokens the request is still expected to generate (at least 1)."""
+        return max(1, self.expected_output_tokens - self.kept_tokens)
 
     @property
     def deadline_s(self) -> float:
@@ -124,8 +132,9 @@ class Tracked:
             and (self.slo.e2e_s is None or finish_s - req.arrival_s <= self.slo.e2e_s)
         )
         tpot = None
-        if self.first_token_s is not None and output_tokens and output_tokens > 1:
-            tpot = (finish_s - self.first_token_s) / (output_tokens - 1)
+        new_tokens = (output_tokens or 0) - self.kept_tokens  # generated in this attempt
+        if self.first_token_s is not None and new_tokens > 1:
+            tpot = (finish_s - self.first_token_s) / (new_tokens - 1)
         return {
             "request_id": req.id,
             "attempt": self.attempt,
@@ -149,6 +158,7 @@ class Tracked:
             "reason": reason or None,
             "predicted_start_s": self.predicted_start_s,
             "predicted_miss_prob": self.predicted_miss_prob,
+            "resumed_tokens": self.kept_tokens,
         }
 
     def reset_attempt(self) -> None:
