@@ -54,6 +54,13 @@ class _Placement:
         self.loaded = problem.init_model.copy()
         self.first_token_s: dict[int, np.ndarray] = {}  # group -> [n] first-token times
         self.prefill_s = problem.group_prefill_s()
+        # per instance: the work queued on its engine (slot and pipeline free times summed);
+        # NOTE: kept up to date by add/remove, so best() does not re-sum every engine
+        self.queued = [self._work(i) for i in range(problem.num_instances)]
+
+    def _work(self, i: int) -> float:
+        e = self.engines[i]
+        return float(e.slots.sum() + e.pipeline_s.sum())
 
     def finish_s(self, g: int, i: int) -> float:
         """When ``g``'s last request would finish if queued next on ``i`` (inf: ineligible)."""
@@ -87,6 +94,7 @@ class _Placement:
         decode = np.full((1, int(pb.size[g])), self.mean.decode_s[g, i, 0])
         self.first_token_s[g] = first_tokens(pb, self.engines[i], g, i, decode)[2][0]
         self.queues[i].append(g)
+        self.queued[i] = self._work(i)
 
     def late(self, g: int) -> bool:
         """Whether a request of ``g`` (queued) gets its first token after its deadline."""
@@ -100,6 +108,7 @@ class _Placement:
         self.queues[i] = []
         self.engines[i] = self.mean.engines[i].copy()
         self.loaded[i] = self.problem.init_model[i]
+        self.queued[i] = self._work(i)
         for h in rest:
             self.add(h, i)
 
@@ -107,8 +116,7 @@ class _Placement:
         """The eligible instance where ``g`` would finish first; among equals (free slots
         on several), the one with the least work queued, so load spreads."""
         finish = [self.finish_s(g, i) for i in range(self.problem.num_instances)]
-        queued = [float(e.slots.sum() + e.pipeline_s.sum()) for e in self.engines]
-        return int(np.lexsort((queued, finish))[0])
+        return int(np.lexsort((self.queued, finish))[0])
 
 
 def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
