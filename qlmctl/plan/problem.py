@@ -154,6 +154,7 @@ def build_problem(
     n_g, n_i, n_m = len(groups), len(insts), len(models)
 
     reqs = [r for g in groups for r in g.requests]
+    ttft_of = {c: snapshot.slo_classes[c].ttft_s for c in classes}  # as snapshot.deadline_s
     offsets = np.cumsum([0, *(g.size for g in groups)])
     prompts = np.array([r.prompt_tokens for r in reqs], float)
     outputs = np.array([expected_output(r) for r in reqs], float)
@@ -220,17 +221,18 @@ def build_problem(
                 swap[i, f, t] = 0.0 if f == t else swap_time_s(perf_to, perf_from, asleep)
 
     running, run_inst, run_step, run_prefill = [], [], [], []
+    step_of, rate_of_model = step.tolist(), rate.tolist()  # NOTE: per running request below
     for i, inst in enumerate(insts):
         for rr in inst.running:
-            perf = snapshot.perf.get((rr.request.model, inst.gpu))
-            if perf is None or rr.request.model not in midx:
+            req = rr.request
+            k = midx.get(req.model)
+            if k is None or (req.model, inst.gpu) not in snapshot.perf:
                 continue  # a model without profile here: nothing to predict, no delay
             running.append(rr)
             run_inst.append(i)
-            run_step.append(step[midx[rr.request.model], i])
+            run_step.append(step_of[k][i])
             started = rr.first_token_s is not None
-            prompt_s = rr.request.prompt_tokens * rate[midx[rr.request.model], i]
-            run_prefill.append(0.0 if started else prompt_s)
+            run_prefill.append(0.0 if started else req.prompt_tokens * rate_of_model[k][i])
 
     return Problem(
         now_s=snapshot.now_s,
@@ -248,7 +250,7 @@ def build_problem(
         batch=batch,
         step_s=group_step,
         req_offsets=offsets,
-        req_deadline_s=np.array([snapshot.deadline_s(r) for r in reqs]),
+        req_deadline_s=np.array([r.arrival_s + ttft_of[r.slo_class] for r in reqs]),
         req_ttft_s=ttft,
         req_prefill_s=pipeline,
         overhead_s=overhead,
@@ -279,13 +281,16 @@ def _engine_params(
     prompt_sum = np.bincount(req_model, weights=prompts, minlength=n_m)
     output_sum = np.bincount(req_model, weights=outputs, minlength=n_m)
     count = np.bincount(req_model, minlength=n_m).astype(float)
+    # NOTE: summed in Python floats in the same order as before (identical sums)
+    prompts_k, outputs_k, count_k = prompt_sum.tolist(), output_sum.tolist(), count.tolist()
     for inst in snapshot.instances:
         for rr in inst.running:
             k = index.get(rr.request.model)
             if k is not None:
-                prompt_sum[k] += rr.request.prompt_tokens
-                output_sum[k] += expected_output(rr.request)
-                count[k] += 1
+                prompts_k[k] += rr.request.prompt_tokens
+                outputs_k[k] += expected_output(rr.request)
+                count_k[k] += 1
+    prompt_sum, output_sum, count = np.array(prompts_k), np.array(outputs_k), np.array(count_k)
     batch = np.zeros((n_m, len(snapshot.instances)), int)
     step = np.full((n_m, len(snapshot.instances)), np.inf)
     rate = np.full((n_m, len(snapshot.instances)), np.inf)
