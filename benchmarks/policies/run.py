@@ -15,6 +15,7 @@ bound on what better length estimates could buy.
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
@@ -33,6 +34,7 @@ from qlmctl.report.metrics import run_metrics
 from qlmctl.report.runs import load_run
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.sim_driver import run_simulated
+from qlmctl.workload import Workload
 
 # label -> (registry name, options, run the MILP improver)
 POLICY_RUNS: dict[str, tuple[str, dict[str, Any], bool]] = {
@@ -64,8 +66,8 @@ def run_point(point: Point) -> dict[str, Any]:
     scenario = SCENARIOS[point.scenario]
     cluster = scenario.cluster(point.instances)
     perf = ProfileStore.load().for_cluster(cluster)
-    workload, scale, offered = build_point(
-        scenario, cluster, perf, point.load, point.span_s, slo_classes(*point.slo_s)
+    workload, scale, offered = _workload(
+        point.scenario, point.instances, point.load, point.span_s, point.slo_s
     )
     name, options, improve = POLICY_RUNS[point.policy]
     policy = make_policy(name, **options)
@@ -115,6 +117,17 @@ def run_point(point: Point) -> dict[str, Any]:
         for key, value in forecasts.get(c, {}).items():
             row[f"{key}_{c}"] = value
     return row
+
+
+@functools.lru_cache(maxsize=2)
+def _workload(
+    scenario: str, instances: int, load: float, span_s: float, slo_s: tuple[float, float, float]
+) -> tuple[Workload, float, float]:
+    """:func:`build_point` once per cell and load in a worker process: the policies of one
+    cell run one after another and replay the same workload (it took 1-3 s to build)."""
+    cluster = SCENARIOS[scenario].cluster(instances)
+    perf = ProfileStore.load().for_cluster(cluster)
+    return build_point(SCENARIOS[scenario], cluster, perf, load, span_s, slo_classes(*slo_s))
 
 
 def forecast_errors(requests: pd.DataFrame) -> dict[str, dict[str, float]]:
