@@ -225,14 +225,14 @@ def build_problem(
     for i, inst in enumerate(insts):
         for rr in inst.running:
             req = rr.request
-            k = midx.get(req.model)
-            if k is None or (req.model, inst.gpu) not in snapshot.perf:
+            m = midx.get(req.model)
+            if m is None or (req.model, inst.gpu) not in snapshot.perf:
                 continue  # a model without profile here: nothing to predict, no delay
             running.append(rr)
             run_inst.append(i)
-            run_step.append(step_of[k][i])
+            run_step.append(step_of[m][i])
             started = rr.first_token_s is not None
-            run_prefill.append(0.0 if started else req.prompt_tokens * rate_of_model[k][i])
+            run_prefill.append(0.0 if started else req.prompt_tokens * rate_of_model[m][i])
 
     return Problem(
         now_s=snapshot.now_s,
