@@ -25,8 +25,12 @@ request outcomes; ``--check DIR`` compares against outcomes saved earlier (by an
 checkout: ``PYTHONPATH=OLD python benchmarks/sim_speed.py --outcomes DIR``) and fails on
 any difference.
 
+By default (a few minutes) the overload leg replays the trace's first 5,000 requests
+and the policies are fcfs, heuristic and qlm; ``--full`` runs what the targets name:
+every policy, the whole trace at overload, and the big leg (long: see the results file).
+
 Usage: .venv/bin/python benchmarks/sim_speed.py [TRACE_CSV] [--instances N] [--profile]
-       [--legs engine,trace,overload] [--policies fcfs,heuristic,qlm] [--big]
+       [--legs engine,trace,overload] [--policies fcfs,heuristic,qlm] [--big] [--full]
 (default trace: the azure-2023-conv dataset, installed by ``qlmctl workload fetch``)
 """
 
@@ -95,7 +99,12 @@ def make_cluster(num_instances: int) -> ClusterSpec:
             "gpu_types": [{"name": GPU}],
             "models": [{"name": MODEL, "path": "meta-llama/Llama-3.1-8B-Instruct"}],
             "instances": [
-                {"id": f"a100-{k}", "gpu": GPU, "endpoint": f"http://sim:{k}", "model": MODEL}
+                {
+                    "id": f"a100-{k}",
+                    "gpu": GPU,
+                    "endpoint": f"http://sim:{k}",
+                    "model": MODEL,
+                }
                 for k in range(num_instances)
             ],
         }
@@ -168,7 +177,11 @@ def capacity_scale(requests: list[Request], cluster: ClusterSpec, load: float) -
 
 
 def run_full(
-    workload: Workload, cluster: ClusterSpec, policy: str, outcomes: Path | None, profile: bool
+    workload: Workload,
+    cluster: ClusterSpec,
+    policy: str,
+    outcomes: Path | None,
+    profile: bool,
 ) -> dict[str, Any]:
     """``serve --engine sim`` on ``workload``: wall time, virtual span, peak RSS, outcome.
 
@@ -236,7 +249,18 @@ def main() -> int:
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--profile", action="store_true", help="print cProfile tops")
     parser.add_argument("--legs", default="engine,trace,overload")
-    parser.add_argument("--policies", default="fcfs,edf,priority,heuristic,qlm")
+    parser.add_argument("--policies", default="fcfs,heuristic,qlm")
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="the done-when runs: every policy, the whole trace at overload, the big leg",
+    )
+    parser.add_argument(
+        "--overload-limit",
+        type=int,
+        default=5000,
+        help="the overload leg replays the trace's first N requests (default 5000; --full: all)",
+    )
     parser.add_argument("--overload", type=float, default=2.5, help="x estimated capacity")
     parser.add_argument("--big", action="store_true", help="add the ~100k-request leg")
     parser.add_argument("--big-copies", type=int, default=5)
@@ -246,6 +270,12 @@ def main() -> int:
     parser.add_argument("--limit", type=int, help="only the trace's first LIMIT requests")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.full:
+        args.policies, args.big, args.overload_limit = (
+            "fcfs,edf,priority,heuristic,qlm",
+            True,
+            0,
+        )
     args.trace = args.trace or installed_path("azure-2023-conv")
     legs = args.legs.split(",") + (["big"] if args.big else [])
     policies = args.policies.split(",")
@@ -289,7 +319,11 @@ def main() -> int:
     failed: list[str] = []
     for leg in [g for g in legs if g in scales]:
         scale, copies, what, target = scales[leg]
-        workload = trace_workload(requests, scale, copies)
+        part = requests[: args.overload_limit or None] if leg == "overload" else requests
+        if leg == "overload" and len(part) < len(requests):
+            scale = capacity_scale(part, cluster, args.overload)
+            what += f", first {len(part)} requests"
+        workload = trace_workload(part, scale, copies)
         print(
             f"full stack, {leg} ({what}, time scale {scale:.4g}): {len(workload.requests)} requests"
         )
