@@ -256,3 +256,33 @@ def test_scores_are_reproducible_and_match_simulation() -> None:
     assert score.expected_misses == pytest.approx(
         float(np.sum(score.miss.mean(1) * ctx.problem.size))
     )
+
+
+# ---- placement --------------------------------------------------------------------
+
+
+def test_removal_from_a_checkpoint_equals_a_full_replay() -> None:
+    """Shedding removes groups from checkpoints; the state must be what a replay of the
+    whole queue gives (same engines, first tokens and queued work)."""
+    from qlmctl.plan.heuristics import _Placement, edf_order
+
+    reqs = mixed_requests([("m1", "interactive", 40), ("m2", "batch", 40), ("m1", "batch", 30)])
+    ctx = prepare(snapshot(reqs), LengthModel(), np.random.default_rng(0), max_group_size=4)
+    pb, mean = ctx.problem, ctx.mean
+    order = edf_order(pb)
+    places = [_Placement(pb, mean, checkpoints=c) for c in (False, True)]
+    for place in places:
+        for g in order:
+            place.add(g, place.best(g))
+        for i, queue in enumerate(list(place.queues)):
+            if len(queue) > 2:
+                place.remove(queue[len(queue) // 2], i)
+                place.remove(queue[0], i)
+    full, fast = places
+    assert full.queues == fast.queues and full.queued == fast.queued
+    for a, b in zip(full.engines, fast.engines, strict=True):
+        assert np.array_equal(a.slots, b.slots) and np.array_equal(a.pipeline_s, b.pipeline_s)
+    assert list(full.loaded) == list(fast.loaded)
+    for q in full.queues:
+        for g in q:
+            assert np.array_equal(full.first_token_s[g], fast.first_token_s[g])

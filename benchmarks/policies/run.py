@@ -16,6 +16,7 @@ program's bound given the whole run (:mod:`.bound`), one row per point.
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 import time
@@ -35,6 +36,7 @@ from qlmctl.report.metrics import run_metrics
 from qlmctl.report.runs import load_run
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.sim_driver import run_simulated
+from qlmctl.workload import Workload
 
 # label -> (registry name, options, run the MILP improver)
 POLICY_RUNS: dict[str, tuple[str, dict[str, Any], bool]] = {
@@ -67,8 +69,8 @@ def run_point(point: Point) -> dict[str, Any]:
     scenario = SCENARIOS[point.scenario]
     cluster = scenario.cluster(point.instances)
     perf = ProfileStore.load().for_cluster(cluster)
-    workload, scale, offered = build_point(
-        scenario, cluster, perf, point.load, point.span_s, slo_classes(*point.slo_s)
+    workload, scale, offered = _workload(
+        point.scenario, point.instances, point.load, point.span_s, point.slo_s
     )
     if point.policy == HINDSIGHT:
         t0 = time.perf_counter()
@@ -131,6 +133,17 @@ def run_point(point: Point) -> dict[str, Any]:
         for key, value in forecasts.get(c, {}).items():
             row[f"{key}_{c}"] = value
     return row
+
+
+@functools.lru_cache(maxsize=2)
+def _workload(
+    scenario: str, instances: int, load: float, span_s: float, slo_s: tuple[float, float, float]
+) -> tuple[Workload, float, float]:
+    """:func:`build_point` once per cell and load in a worker process: the policies of one
+    cell run one after another and replay the same workload (it took 1-3 s to build)."""
+    cluster = SCENARIOS[scenario].cluster(instances)
+    perf = ProfileStore.load().for_cluster(cluster)
+    return build_point(SCENARIOS[scenario], cluster, perf, load, span_s, slo_classes(*slo_s))
 
 
 def forecast_errors(requests: pd.DataFrame) -> dict[str, dict[str, float]]:

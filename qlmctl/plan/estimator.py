@@ -74,6 +74,7 @@ class LengthModel:
         self._prior: dict[str, tuple[float, float]] = {}  # model -> (mu0, sigma)
         self._obs: dict[tuple[str, str], tuple[int, float]] = {}  # key -> (n, sum log L)
         self._memo: dict[tuple[str, str], tuple[float, float, float]] = {}  # posterior cache
+        self._mean_memo: dict[tuple[str, str], float] = {}  # key -> uncapped predictive mean
 
     def set_priors(self, perf: Mapping[tuple[str, str], PerfModel]) -> None:
         """Take priors from the profiles' length samples for models without one yet."""
@@ -85,6 +86,7 @@ class LengthModel:
                 if model in self._prior:
                     continue
                 self._memo.clear()
+                self._mean_memo.clear()
                 logs = np.log(np.maximum(np.array(sample, float), 1.0))
                 if len(logs) >= 2:
                     self._prior[model] = (float(logs.mean()), max(float(logs.std()), 0.05))
@@ -97,6 +99,7 @@ class LengthModel:
             n, s = self._obs.get((model, slo_class), (0, 0.0))
             self._obs[(model, slo_class)] = (n + 1, s + math.log(max(output_tokens, 1)))
             self._memo.pop((model, slo_class), None)
+            self._mean_memo.pop((model, slo_class), None)
 
     def posterior(self, model: str, slo_class: str) -> tuple[float, float, float]:
         """``(mu_n, tau_n, sigma)``: posterior mean and sd of ``mu``, and the log-sd."""
@@ -115,8 +118,15 @@ class LengthModel:
 
     def expected(self, request: Request) -> float:
         """Expected output tokens of ``request`` (posterior predictive mean, capped)."""
-        mu, tau, sigma = self.posterior(request.model, request.slo_class)
-        return min(math.exp(mu + (sigma**2 + tau**2) / 2), float(request.max_output_tokens))
+        key = (request.model, request.slo_class)
+        mean = self._mean_memo.get(key)  # NOTE: per request on the hot path: one lookup
+        if mean is None:
+            with self._lock:
+                if key not in self._memo:
+                    self._memo[key] = self._posterior(*key)
+                mu, tau, sigma = self._memo[key]
+                mean = self._mean_memo[key] = math.exp(mu + (sigma**2 + tau**2) / 2)
+        return min(mean, float(request.max_output_tokens))
 
 
 def sample_scenarios(
@@ -236,14 +246,17 @@ def _running_left(
     n = len(problem.running)
     if n == 0:
         return np.empty((0, count))
-    post = np.array(
-        [lengths.posterior(rr.request.model, rr.request.slo_class) for rr in problem.running]
-    )
+    memo: dict[tuple[str, str], tuple[float, float, float]] = {}
+    for rr in problem.running:
+        key = (rr.request.model, rr.request.slo_class)
+        if key not in memo:
+            memo[key] = lengths.posterior(*key)
+    post = np.array([memo[rr.request.model, rr.request.slo_class] for rr in problem.running])
     mu, sd = post[:, 0], np.hypot(post[:, 1], post[:, 2])
     generated = np.array([rr.generated_tokens for rr in problem.running], float)
     cap = np.array([rr.request.max_output_tokens for rr in problem.running], float)
     z = (np.log(np.maximum(generated, 1.0)) - mu) / (sd * math.sqrt(2))
-    lo = np.array([0.5 * math.erfc(-x) for x in z])  # P(L <= done)
+    lo = np.array([0.5 * math.erfc(-x) for x in z.tolist()])  # P(L <= done)
     u = rng.uniform(np.minimum(lo, 1 - 1e-9)[:, None], 1.0, (n, count))
     total = np.minimum(np.exp(mu[:, None] + sd[:, None] * _norm_ppf(u)), cap[:, None])
     return np.maximum(total - generated[:, None], 1.0)

@@ -23,6 +23,7 @@ import numpy as np
 from qlmctl.plan.estimator import Scenarios
 from qlmctl.plan.problem import Problem
 from qlmctl.plan.simulate import Queues, first_tokens
+from qlmctl.plan.slots import EngineState
 
 Order = list[int]
 
@@ -46,7 +47,9 @@ def priority_order(problem: Problem) -> Order:
 class _Placement:
     """Each instance's queue and its engine in the mean scenario, as groups are added."""
 
-    def __init__(self, problem: Problem, mean: Scenarios) -> None:
+    def __init__(self, problem: Problem, mean: Scenarios, checkpoints: bool = False) -> None:
+        """``checkpoints``: keep each instance's engine before every group added, so
+        :meth:`remove` replays only the groups after the one removed."""
         self.problem = problem
         self.mean = mean
         self.queues: list[list[int]] = [[] for _ in range(problem.num_instances)]
@@ -54,6 +57,17 @@ class _Placement:
         self.loaded = problem.init_model.copy()
         self.first_token_s: dict[int, np.ndarray] = {}  # group -> [n] first-token times
         self.prefill_s = problem.group_prefill_s()
+        # per instance: the work queued on its engine (slot and pipeline free times summed);
+        # NOTE: kept up to date by add/remove, so best() does not re-sum every engine
+        self.queued = [self._work(i) for i in range(problem.num_instances)]
+        # per instance, per queue position: (engine, loaded model) before that group
+        self.before: list[list[tuple[EngineState, int]]] | None = (
+            [[] for _ in range(problem.num_instances)] if checkpoints else None
+        )
+
+    def _work(self, i: int) -> float:
+        e = self.engines[i]
+        return float(e.slots.sum() + e.pipeline_s.sum())
 
     def finish_s(self, g: int, i: int) -> float:
         """When ``g``'s last request would finish if queued next on ``i`` (inf: ineligible),
@@ -84,6 +98,8 @@ class _Placement:
         """Queue ``g`` on ``i`` and predict its requests' first tokens."""
         pb = self.problem
         m = pb.group_model[g]
+        if self.before is not None:
+            self.before[i].append((self.engines[i].copy(), self.loaded[i]))
         if m != self.loaded[i]:
             self.engines[i].drain(float(pb.swap_s[i, self.loaded[i], m]), pb.group_batch(g, i))
             self.loaded[i] = m
@@ -91,6 +107,7 @@ class _Placement:
         urgent = self.mean.urgent_load[g, i]
         self.first_token_s[g] = first_tokens(pb, self.engines[i], g, i, decode, urgent)[2][0]
         self.queues[i].append(g)
+        self.queued[i] = self._work(i)
 
     def late(self, g: int) -> bool:
         """Whether a request of ``g`` (queued) gets its first token after its deadline."""
@@ -99,11 +116,19 @@ class _Placement:
         return bool((self.first_token_s[g] > pb.req_deadline_s[rows]).any())
 
     def remove(self, g: int, i: int) -> None:
-        """Take ``g`` off ``i`` and replay the rest of its queue from the start."""
-        rest = [h for h in self.queues[i] if h != g]
-        self.queues[i] = []
-        self.engines[i] = self.mean.engines[i].copy()
-        self.loaded[i] = self.problem.init_model[i]
+        """Take ``g`` off ``i`` and replay the rest of its queue (from the start, or with
+        checkpoints from just before ``g``: the same state, the replay is deterministic)."""
+        k = self.queues[i].index(g) if self.before is not None else 0
+        rest = [h for h in self.queues[i][k:] if h != g]
+        del self.queues[i][k:]
+        if self.before is not None:
+            engine, self.loaded[i] = self.before[i][k]
+            self.engines[i] = engine.copy()
+            del self.before[i][k:]
+        else:
+            self.engines[i] = self.mean.engines[i].copy()
+            self.loaded[i] = self.problem.init_model[i]
+        self.queued[i] = self._work(i)
         for h in rest:
             self.add(h, i)
 
@@ -111,8 +136,7 @@ class _Placement:
         """The eligible instance where ``g`` would finish first; among equals (free slots
         on several), the one with the least work queued, so load spreads."""
         finish = [self.finish_s(g, i) for i in range(self.problem.num_instances)]
-        queued = [float(e.slots.sum() + e.pipeline_s.sum()) for e in self.engines]
-        return int(np.lexsort((queued, finish))[0])
+        return int(np.lexsort((self.queued, finish))[0])
 
 
 def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
@@ -127,7 +151,7 @@ def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
     work delays it, and the core may evict that). A group whose first request is lost
     even on an instance emptied for it is shed at once.
     """
-    place = _Placement(problem, mean)
+    place = _Placement(problem, mean, checkpoints=True)
     hold = mean.decode_s[:, :, 0] + problem.req_prefill_s[problem.req_offsets[:-1]]
     cost = hold / problem.weight[:, None]
     shed: set[int] = set()

@@ -89,9 +89,10 @@ def prepare(
     known: dict[str, float] = {}  # request id -> expected output, once per snapshot
 
     def expected(request: Request) -> float:
-        if request.id not in known:
-            known[request.id] = estimate(request)
-        return known[request.id]
+        value = known.get(request.id)
+        if value is None:
+            value = known[request.id] = estimate(request)
+        return value
 
     groups = build_groups(snapshot.waiting, snapshot.slo_classes, expected, max_group_size)
     problem = build_problem(snapshot, groups, expected)
@@ -213,9 +214,15 @@ def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order
     shed = H.shed_order(pb, ctx.mean, edf)
     if shed != edf:
         orders["edf-shed"] = (shed, [0] * len(edf))
+    placed: dict[tuple[int, ...], tuple[Queues, Score]] = {}  # order -> queues, score
     for name, (order, blocks) in orders.items():
-        queues = H.greedy_place(pb, ctx.mean, order)
-        out[name] = (queues, simulate(pb, ctx.scen, queues), order, blocks)
+        # NOTE: orders often coincide (one class and one model: every block order is EDF);
+        # placement and scoring are deterministic, so each distinct order is done once
+        key = tuple(order)
+        if key not in placed:
+            queues = H.greedy_place(pb, ctx.mean, order)
+            placed[key] = (queues, simulate(pb, ctx.scen, queues))
+        out[name] = (*placed[key], order, blocks)
     return out
 
 

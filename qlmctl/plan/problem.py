@@ -160,6 +160,7 @@ def build_problem(
     n_g, n_i, n_m = len(groups), len(insts), len(models)
 
     reqs = [r for g in groups for r in g.requests]
+    ttft_of = {c: snapshot.slo_classes[c].ttft_s for c in classes}  # as snapshot.deadline_s
     offsets = np.cumsum([0, *(g.size for g in groups)])
     prompts = np.array([r.prompt_tokens for r in reqs], float)
     outputs = np.array([expected_output(r) for r in reqs], float)
@@ -178,22 +179,32 @@ def build_problem(
     mean_prompt = sum_p / size
     mean_output = np.add.reduceat(outputs, offsets[:-1]) / size
     overhead = np.zeros((n_m, n_i))
-    for i, inst in enumerate(insts):
-        for k, model in enumerate(models):
+    group_models = np.array([midx[g.model] for g in groups], int)
+    # NOTE: instances of one GPU type (and batch) get the same columns: computed once
+    columns: dict[tuple[str, str, float], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for k, model in enumerate(models):
+        mine = np.flatnonzero(group_models == k)
+        if not mine.size:
+            continue
+        rows = req_model == k
+        for i, inst in enumerate(insts):
             perf = snapshot.perf.get((model, inst.gpu))
-            mine = np.flatnonzero([g.model == model for g in groups])
-            if perf is None or not inst.can_serve(model) or not mine.size:
+            if perf is None or not inst.can_serve(model):
                 continue
             b = float(batch[k, i])
             eligible[mine, i] = True
-            rows = req_model == k
-            mean_ctx = float(np.mean(prompts[rows] + outputs[rows] / 2))
-            ttft[rows, i] = first_token_s(perf, prompts[rows], b, mean_ctx)
-            busy_step, busy_rate = busy_step_s(perf, b, mean_prompt[mine], mean_output[mine])
-            group_step[mine, i] = busy_step
-            rate_of = np.zeros(n_g)
-            rate_of[mine] = busy_rate
-            pipeline[rows, i] = prompts[rows] * rate_of[group_of[rows]]
+            key = (model, inst.gpu, b)
+            if key not in columns:
+                mean_ctx = float(np.mean(prompts[rows] + outputs[rows] / 2))
+                busy_step, busy_rate = busy_step_s(perf, b, mean_prompt[mine], mean_output[mine])
+                rate_of = np.zeros(n_g)
+                rate_of[mine] = busy_rate
+                columns[key] = (
+                    first_token_s(perf, prompts[rows], b, mean_ctx),
+                    busy_step,
+                    prompts[rows] * rate_of[group_of[rows]],
+                )
+            ttft[rows, i], group_step[mine, i], pipeline[rows, i] = columns[key]
             overhead[k, i] = perf.ttft_overhead_s
     for g in np.flatnonzero(~eligible.any(axis=1)):
         grp = groups[g]
@@ -216,17 +227,18 @@ def build_problem(
                 swap[i, f, t] = 0.0 if f == t else swap_time_s(perf_to, perf_from, asleep)
 
     running, run_inst, run_step, run_prefill = [], [], [], []
+    step_of, rate_of_model = step.tolist(), rate.tolist()  # NOTE: per running request below
     for i, inst in enumerate(insts):
         for rr in inst.running:
-            perf = snapshot.perf.get((rr.request.model, inst.gpu))
-            if perf is None or rr.request.model not in midx:
+            req = rr.request
+            m = midx.get(req.model)
+            if m is None or (req.model, inst.gpu) not in snapshot.perf:
                 continue  # a model without profile here: nothing to predict, no delay
             running.append(rr)
             run_inst.append(i)
-            run_step.append(step[midx[rr.request.model], i])
+            run_step.append(step_of[m][i])
             started = rr.first_token_s is not None
-            prompt_s = rr.request.prompt_tokens * rate[midx[rr.request.model], i]
-            run_prefill.append(0.0 if started else prompt_s)
+            run_prefill.append(0.0 if started else req.prompt_tokens * rate_of_model[m][i])
 
     return Problem(
         now_s=snapshot.now_s,
@@ -234,7 +246,7 @@ def build_problem(
         instance_ids=tuple(i.instance_id for i in insts),
         models=models,
         class_names=classes,
-        group_model=np.array([midx[g.model] for g in groups], int),
+        group_model=group_models,
         group_class=np.array([classes.index(g.slo_class) for g in groups], int),
         size=size.astype(float),
         weight=np.array([g.weight for g in groups], float),
@@ -244,7 +256,7 @@ def build_problem(
         batch=batch,
         step_s=group_step,
         req_offsets=offsets,
-        req_deadline_s=np.array([snapshot.deadline_s(r) for r in reqs]),
+        req_deadline_s=np.array([r.arrival_s + ttft_of[r.slo_class] for r in reqs]),
         req_ttft_s=ttft,
         req_prefill_s=pipeline,
         overhead_s=overhead,
@@ -324,13 +336,16 @@ def _engine_params(
     prompt_sum = np.bincount(req_model, weights=prompts, minlength=n_m)
     output_sum = np.bincount(req_model, weights=outputs, minlength=n_m)
     count = np.bincount(req_model, minlength=n_m).astype(float)
+    # NOTE: summed in Python floats in the same order as before (identical sums)
+    prompts_k, outputs_k, count_k = prompt_sum.tolist(), output_sum.tolist(), count.tolist()
     for inst in snapshot.instances:
         for rr in inst.running:
             k = index.get(rr.request.model)
             if k is not None:
-                prompt_sum[k] += rr.request.prompt_tokens
-                output_sum[k] += expected_output(rr.request)
-                count[k] += 1
+                prompts_k[k] += rr.request.prompt_tokens
+                outputs_k[k] += expected_output(rr.request)
+                count_k[k] += 1
+    prompt_sum, output_sum, count = np.array(prompts_k), np.array(outputs_k), np.array(count_k)
     batch = np.zeros((n_m, len(snapshot.instances)), int)
     step = np.full((n_m, len(snapshot.instances)), np.inf)
     rate = np.full((n_m, len(snapshot.instances)), np.inf)
@@ -338,11 +353,15 @@ def _engine_params(
         seen = max(count[k], 1.0)
         prompt = np.array([max(prompt_sum[k] / seen, 1.0)])
         output = np.array([max(output_sum[k] / seen, 1.0)])
+        done: dict[tuple[str, int | None], tuple[int, float, float]] = {}  # same GPU: once
         for i, inst in enumerate(snapshot.instances):
             perf = snapshot.perf.get((m, inst.gpu))
             if perf is not None:
-                fits = int(perf.full_batch(float(prompt[0] + output[0])))
-                batch[k, i] = min(fits, inst.max_running or fits)
-                busy = busy_step_s(perf, batch[k, i], prompt, output)
-                step[k, i], rate[k, i] = busy[0][0], busy[1][0]
+                key = (inst.gpu, inst.max_running)
+                if key not in done:
+                    fits = int(perf.full_batch(float(prompt[0] + output[0])))
+                    b = min(fits, inst.max_running or fits)
+                    busy = busy_step_s(perf, b, prompt, output)
+                    done[key] = (b, busy[0][0], busy[1][0])
+                batch[k, i], step[k, i], rate[k, i] = done[key]
     return batch, step, rate
