@@ -29,7 +29,7 @@ from typing import Any
 
 from qlmctl.domain import SLOClass
 from qlmctl.fileio import atomic_write_text
-from qlmctl.gateway.batchplan import matches_plan
+from qlmctl.gateway.batchplan import line_id_problem, matches_plan
 from qlmctl.gateway.bodies import check_body, new_request
 from qlmctl.gateway.exchange import CHAT, COMPLETIONS, Exchange
 from qlmctl.gateway.options import GatewayOptions
@@ -232,16 +232,11 @@ class BatchStore:
 
 
 def _check_line(line: Any, endpoint: str, seen: set[str], served: list[str]) -> str | None:
-    if not isinstance(line, dict):
-        return "expected a JSON object"
-    custom_id = line.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        return "'custom_id' must be a non-empty string"
-    if custom_id in seen:
-        return f"duplicate custom_id {custom_id!r}"
+    if (problem := line_id_problem(line, seen)) is not None:
+        return problem
     if line.get("method", "POST") != "POST":
         return "'method' must be POST"
     if line.get("url") != endpoint:
         return f"'url' {line.get('url')!r} is not the batch's endpoint {endpoint}"
-    problem = check_body(line.get("body"), endpoint, served)
-    return None if problem is None else problem[1]
+    body_problem = check_body(line.get("body"), endpoint, served)
+    return None if body_problem is None else body_problem[1]

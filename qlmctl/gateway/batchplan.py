@@ -108,7 +108,8 @@ def batch_workload(path: Path, window: str = DEFAULT_WINDOW) -> Workload:
     return batch_requests(lines, endpoints.pop(), window, source=str(path))
 
 
-def _problem(line: Any, seen: set[str]) -> str | None:
+def line_id_problem(line: Any, seen: set[str]) -> str | None:
+    """What is wrong with a Batch input line as an object with a new ``custom_id``."""
     if not isinstance(line, dict):
         return "expected a JSON object"
     custom_id = line.get("custom_id")
@@ -116,6 +117,12 @@ def _problem(line: Any, seen: set[str]) -> str | None:
         return "'custom_id' must be a non-empty string"
     if custom_id in seen:
         return f"duplicate custom_id {custom_id!r}"
+    return None
+
+
+def _problem(line: Any, seen: set[str]) -> str | None:
+    if (problem := line_id_problem(line, seen)) is not None:
+        return problem
     if line.get("url") not in (COMPLETIONS, CHAT):
         return f"'url' must be {COMPLETIONS} or {CHAT}"
     body = line.get("body")
