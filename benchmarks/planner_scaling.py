@@ -28,6 +28,7 @@ import numpy as np
 
 from qlmctl.domain import Request, SLOClass
 from qlmctl.fileio import atomic_write_text
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.edf_program import ProgramResult, solve
 from qlmctl.plan.estimator import (
     LengthModel,
@@ -45,7 +46,6 @@ from qlmctl.plan.policies import (
 )
 from qlmctl.plan.simulate import Queues, simulate
 from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot
-from qlmctl.profile.perfmodel import PerfModel
 
 MODELS = {"m0": 0.7, "m1": 1.0, "m2": 1.5}  # model -> cost factor
 GPUS = {"slow": 1.0, "mid": 1.5, "fast": 2.5}  # gpu -> speed

@@ -20,8 +20,8 @@ import numpy as np
 
 from qlmctl.domain import ClusterSpec, Request, SLOClass
 from qlmctl.engine.events import Dispatch, EngineEvent, Finished, FirstToken
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.policies import make_policy
-from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
 

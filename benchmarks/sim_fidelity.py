@@ -40,7 +40,7 @@ from qlmctl.demo import free_ports, run_demo
 from qlmctl.domain import ClusterSpec
 from qlmctl.engine.tiny_model import build_tiny_model
 from qlmctl.fileio import atomic_write_text
-from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.perfmodel import PerfModel
 from qlmctl.profile.profiler import profile_cluster_model, profile_path
 from qlmctl.profile.sweeps import SweepConfig
 from qlmctl.report.metrics import request_table

@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from qlmctl.domain import ClusterSpec
-from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.perfmodel import PerfModel
 from qlmctl.profile.store import ProfileStore
 from qlmctl.report.runs import Report, build_report
 from qlmctl.serve.command import ServeJob, prepare_serve

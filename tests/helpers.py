@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from qlmctl.domain import ClusterSpec, Request, SLOClass
-from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.perfmodel import PerfModel
 
 SLO_CLASSES = {
     "interactive": SLOClass(name="interactive", ttft_s=20, weight=1.0, priority=0),

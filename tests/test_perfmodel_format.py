@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from qlmctl.errors import BadInput
-from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.perfmodel import PerfModel
 from tests.helpers import make_perf
 
 

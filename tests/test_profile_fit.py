@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from qlmctl.errors import EngineError
+from qlmctl.perfmodel import PerfModel
 from qlmctl.profile.fit import (
     DecodeSample,
     Measurements,
@@ -15,7 +16,6 @@ from qlmctl.profile.fit import (
     fit_perf_model,
     predict_batch,
 )
-from qlmctl.profile.perfmodel import PerfModel
 from tests.helpers import make_perf
 
 TRUE = make_perf(

@@ -27,8 +27,8 @@ import pytest
 import yaml
 
 from qlmctl.engine import vllm
+from qlmctl.perfmodel import PerfModel
 from qlmctl.profile.fit import predict_batch
-from qlmctl.profile.perfmodel import PerfModel
 from tests.conftest import VllmServer, free_port
 
 TTFT_TOLERANCE = 0.35

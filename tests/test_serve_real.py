@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from qlmctl.domain import ClusterSpec, Request, SLOClass
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.estimator import LengthModel
 from qlmctl.plan.policies import make_policy
-from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import ProfileStore
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.real_driver import RealOptions, run_real

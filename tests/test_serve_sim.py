@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from qlmctl.cli import app
 from qlmctl.domain import ClusterSpec, SLOClass
 from qlmctl.errors import BadInput
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.policies import make_policy
-from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.runlog import read_run
 from qlmctl.serve.sim_driver import run_simulated

@@ -15,8 +15,8 @@ from qlmctl.engine.events import (
 )
 from qlmctl.engine.sim import SimEngine
 from qlmctl.errors import BadInput, EngineError
+from qlmctl.perfmodel import PerfModel
 from qlmctl.profile.fit import predict_batch
-from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import ProfileStore
 from tests.helpers import make_cluster, make_perf, make_requests
 

@@ -22,11 +22,11 @@ from collections.abc import Mapping
 import numpy as np
 
 from qlmctl.domain import ClusterSpec
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.edf_program import solve
 from qlmctl.plan.estimator import LengthModel
 from qlmctl.plan.policies import prepare
 from qlmctl.plan.types import InstanceState, QueueSnapshot
-from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.workload import Workload
 
 TIME_LIMIT_S = 120.0  # the LP of a 5,000-request run on 8 instances takes ~20 s

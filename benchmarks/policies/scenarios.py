@@ -40,8 +40,8 @@ import highspy
 import numpy as np
 
 from qlmctl.domain import ClusterSpec, SLOClass
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.highs import new_highs
-from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.workload import Workload, WorkloadSpec, build_workload
 
 REPO = Path(__file__).resolve().parents[2]

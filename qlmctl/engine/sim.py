@@ -4,7 +4,7 @@
 the core calls its verbs (``submit``, ``abort``, ``load_model``, ``fail``) at a time
 ``now_s`` and collects what happened with ``advance(until_s)``. Each instance is a
 :class:`~qlmctl.engine.sim_instance.SimInstance` (vLLM V1 batching, KV cache, preemption);
-step durations come from the instance's :class:`~qlmctl.profile.perfmodel.PerfModel`.
+step durations come from the instance's :class:`~qlmctl.perfmodel.PerfModel`.
 
 Rules of time, which make a run deterministic:
 
@@ -23,7 +23,7 @@ Rules of time, which make a run deterministic:
   request, skipped when the request was aborted meanwhile.
 
 What real ``vllm serve`` adds around the engine (measured by ``qlmctl profile``, see
-``profile/perfmodel.py``; both 0 in older profiles, which then behave as before):
+``perfmodel.py``; both 0 in older profiles, which then behave as before):
 
 - the API server takes requests in one at a time: on each instance, requests reach the
   engine's waiting queue ``admission_gap_s`` apart (the k-th of a burst sent at t enters
@@ -55,8 +55,7 @@ from qlmctl.engine.events import (
 )
 from qlmctl.engine.sim_instance import InstanceState, ReqState, SimInstance, SimRequest
 from qlmctl.errors import BadInput, EngineError
-from qlmctl.profile.perfmodel import PerfModel
-from qlmctl.profile.store import swap_time_s
+from qlmctl.perfmodel import PerfModel, swap_time_s
 
 SCHEDULING = ("fcfs", "priority")
 # Event kinds, in tie order: reports; entries before a step ends at the same instant, so
@@ -199,7 +198,7 @@ class SimEngine:
     ) -> None:
         """Swap ``instance_id`` to ``model``: InstanceDown(``swap``) now, InstanceReady later.
 
-        The delay is :func:`~qlmctl.profile.store.swap_time_s` (a wake if ``model`` sleeps
+        The delay is :func:`~qlmctl.perfmodel.swap_time_s` (a wake if ``model`` sleeps
         here); ``sleep_current`` puts the resident model to sleep where supported. Requests
         on the instance are aborted (reason ``swap``). Loading the model already served
         only reports InstanceReady now; a failed instance cold-starts.

@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from qlmctl.engine.events import Aborted, EngineEvent, Finished, FirstToken
-from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.perfmodel import PerfModel
 
 
 class ReqState(IntEnum):

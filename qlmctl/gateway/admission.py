@@ -19,8 +19,8 @@ import math
 from dataclasses import dataclass
 
 from qlmctl.domain import Request
+from qlmctl.perfmodel import swap_time_s
 from qlmctl.plan.types import InstanceState, QueueSnapshot
-from qlmctl.profile.store import swap_time_s
 
 
 @dataclass(frozen=True, slots=True)

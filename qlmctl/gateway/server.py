@@ -29,7 +29,7 @@ from qlmctl.gateway.app import build_app
 from qlmctl.gateway.batches import BatchStore
 from qlmctl.gateway.metrics import GatewayMetrics
 from qlmctl.gateway.options import GatewayOptions
-from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.perfmodel import PerfModel
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.real_driver import RealDriver, RealOptions
 from qlmctl.serve.run import ProgressFn, RunSummary

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from qlmctl.domain import Request
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.problem import Problem
 from qlmctl.plan.slots import EngineState
-from qlmctl.profile.perfmodel import PerfModel
 
 DEFAULT_MEDIAN_TOKENS = 200.0
 DEFAULT_LOG_SD = 1.0

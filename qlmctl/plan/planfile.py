@@ -18,8 +18,8 @@ from typing import Any
 
 from qlmctl.domain import ClusterSpec
 from qlmctl.errors import BadInput
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.types import Plan
-from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.workload import Workload
 
 # policy options that are plain values (recorded, and passed back to make_policy)

@@ -20,12 +20,12 @@ import numpy as np
 
 from qlmctl.domain import ClusterSpec, SLOClass
 from qlmctl.errors import BadInput
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.estimator import LengthModel, sample_scenarios
 from qlmctl.plan.groups import DEFAULT_MAX_GROUP_SIZE
 from qlmctl.plan.policies import make_policy, prepare
 from qlmctl.plan.simulate import Score, check_queues, simulate
 from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot
-from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.workload import Workload
 
 HELD_OUT_SCENARIOS = 200

@@ -28,10 +28,9 @@ import numpy as np
 
 from qlmctl.domain import Request
 from qlmctl.errors import BadInput
+from qlmctl.perfmodel import PerfModel, swap_time_s
 from qlmctl.plan.groups import RequestGroup
 from qlmctl.plan.types import QueueSnapshot, RunningRequest
-from qlmctl.profile.perfmodel import PerfModel
-from qlmctl.profile.store import swap_time_s
 
 
 def busy_step_s(

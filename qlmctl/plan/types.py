@@ -19,7 +19,7 @@ import numpy as np
 from qlmctl.domain import Request, SLOClass
 from qlmctl.errors import BadInput
 from qlmctl.fileio import atomic_write_text
-from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.perfmodel import PerfModel
 
 PLAN_VERSION = 1
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from qlmctl.errors import EngineError
-from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.perfmodel import PerfModel
 
 QUADRATIC_GAIN = 0.8  # keep the quadratic prefill term only if it cuts the residual by 20 %
 GAP_GRID = 41  # candidate admission gaps, 0 to GAP_RANGE_OVERHEADS x the TTFT overhead

@@ -21,8 +21,8 @@ from typing import Any
 from qlmctl.domain import ClusterSpec, InstanceSpec, LaunchSpec, ModelSpec
 from qlmctl.engine.launcher import VllmLauncher, cpu_only, flag_value
 from qlmctl.errors import BadInput, EngineError
+from qlmctl.perfmodel import PerfModel
 from qlmctl.profile.fit import Measurements, fit_perf_model
-from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.sweeps import SweepConfig, measure
 
 # Attach mode cannot time a start or stop; these placeholders are named in the provenance.

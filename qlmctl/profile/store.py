@@ -3,8 +3,7 @@
 :meth:`ProfileStore.load` reads the shipped defaults (``qlmctl/profile/defaults/*.json``,
 estimates with their provenance) and then every ``*.json`` in a directory of measured
 profiles, which replace a default for the same ``(model, gpu)`` pair. Lookups name what
-is missing and list what exists. :func:`swap_time_s` prices a model swap on one instance
-from the two profiles involved.
+is missing and list what exists.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from qlmctl.domain import ClusterSpec
 from qlmctl.errors import BadInput
-from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.perfmodel import PerfModel
 
 Pair = tuple[str, str]  # (model, gpu)
 
@@ -111,35 +110,3 @@ class ProfileStore:
 
     def _listing(self) -> str:
         return ", ".join(f"{m}@{g}" for m, g in self.pairs) or "none"
-
-
-def swap_time_s(
-    perf_to: PerfModel,
-    perf_from: PerfModel | None,
-    asleep: bool,
-    *,
-    sleep_current: bool = False,
-) -> float:
-    """Seconds from starting a model swap on an instance until the target model serves.
-
-    Args:
-        perf_to: profile of the target model on the instance's GPU.
-        perf_from: profile of the resident model, None if the instance holds none.
-        asleep: whether the target model is asleep on the instance (warm).
-        sleep_current: put the resident model to sleep rather than stop it (only where its
-            profile supports sleep; otherwise it is stopped).
-
-    Returns:
-        The wake time when the target is asleep and its profile supports sleep; otherwise
-        the release of the resident model (stop, or sleep when asked) plus a cold start.
-    """
-    if asleep and perf_to.supports_sleep:
-        assert perf_to.wake_s is not None
-        return perf_to.wake_s
-    release_s = 0.0
-    if perf_from is not None:
-        if sleep_current and perf_from.supports_sleep and perf_from.sleep_s is not None:
-            release_s = perf_from.sleep_s
-        else:
-            release_s = perf_from.stop_s
-    return release_s + perf_to.cold_start_s

@@ -17,9 +17,9 @@ from typing import Any
 from qlmctl.domain import MAX_SEED, ClusterSpec, check_models_served
 from qlmctl.engine.vllm import StreamTimeouts
 from qlmctl.errors import BadInput
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.planfile import check_plan, load_plan, policy_options
 from qlmctl.plan.policies import make_policy
-from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.profile.store import ProfileStore
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.follow import DEFAULT_MARGIN, PlanFollower

@@ -55,6 +55,7 @@ from qlmctl.engine.events import (
     LoadModel,
 )
 from qlmctl.errors import BadInput
+from qlmctl.perfmodel import PerfModel, swap_time_s
 from qlmctl.plan.types import (
     InstanceState,
     Plan,
@@ -63,8 +64,6 @@ from qlmctl.plan.types import (
     RecentArrivals,
     RunningRequest,
 )
-from qlmctl.profile.perfmodel import PerfModel
-from qlmctl.profile.store import swap_time_s
 from qlmctl.serve.calibration import SpeedCalibration
 from qlmctl.serve.config import (
     CoreConfig,

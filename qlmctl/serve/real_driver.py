@@ -80,8 +80,8 @@ from qlmctl.engine.vllm import (
     stream_completion,
 )
 from qlmctl.errors import EngineError
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.types import Plan
-from qlmctl.profile.perfmodel import PerfModel
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.instances import RealInstance

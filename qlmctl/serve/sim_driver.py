@@ -25,7 +25,7 @@ from qlmctl.clock import VirtualClock
 from qlmctl.domain import ClusterSpec, Request, check_models_served
 from qlmctl.engine.events import Action, Dispatch, Evict, LoadModel
 from qlmctl.engine.sim import SimEngine
-from qlmctl.profile.perfmodel import PerfModel
+from qlmctl.perfmodel import PerfModel
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.run import (

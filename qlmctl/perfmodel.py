@@ -2,8 +2,11 @@
 
 It answers the questions the planner and the simulator ask: how long a prefill of N
 tokens takes, how long one decode step of a batch takes, how many KV tokens fit, how long
-a cold start, sleep or wake takes. Its coefficients come from a profile (measured by
-``qlmctl profile``) or from a shipped default whose ``provenance`` says where it came from.
+a cold start, sleep or wake takes (:func:`swap_time_s` prices a model swap from the two
+profiles involved). Its coefficients come from a profile (measured by ``qlmctl profile``)
+or from a shipped default whose ``provenance`` says where it came from. It sits outside
+``profile/`` and ``engine/`` because both use it: the simulator runs on it and the
+profiler fits it.
 
 Step time (vLLM V1 runs prefill chunks and decodes in one batch per step)::
 
@@ -198,3 +201,35 @@ class PerfModel:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def swap_time_s(
+    perf_to: PerfModel,
+    perf_from: PerfModel | None,
+    asleep: bool,
+    *,
+    sleep_current: bool = False,
+) -> float:
+    """Seconds from starting a model swap on an instance until the target model serves.
+
+    Args:
+        perf_to: profile of the target model on the instance's GPU.
+        perf_from: profile of the resident model, None if the instance holds none.
+        asleep: whether the target model is asleep on the instance (warm).
+        sleep_current: put the resident model to sleep rather than stop it (only where its
+            profile supports sleep; otherwise it is stopped).
+
+    Returns:
+        The wake time when the target is asleep and its profile supports sleep; otherwise
+        the release of the resident model (stop, or sleep when asked) plus a cold start.
+    """
+    if asleep and perf_to.supports_sleep:
+        assert perf_to.wake_s is not None
+        return perf_to.wake_s
+    release_s = 0.0
+    if perf_from is not None:
+        if sleep_current and perf_from.supports_sleep and perf_from.sleep_s is not None:
+            release_s = perf_from.sleep_s
+        else:
+            release_s = perf_from.stop_s
+    return release_s + perf_to.cold_start_s
