@@ -5,7 +5,8 @@ import pytest
 
 from qlmctl.domain import ClusterSpec
 from qlmctl.errors import BadInput
-from qlmctl.profile.store import ProfileStore, swap_time_s
+from qlmctl.perfmodel import swap_time_s
+from qlmctl.profile.store import ProfileStore
 from qlmctl.specs import load_cluster
 from tests.helpers import make_cluster, make_perf
 
