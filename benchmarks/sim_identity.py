@@ -44,9 +44,10 @@ def save_runs(out: Path) -> list[str]:
         perf = ProfileStore.load().for_cluster(cluster)
         workload, _, _ = build_point(sc, cluster, perf, load, SPAN_S, slo_classes())
         for name in POLICIES:
-            config = CoreConfig.for_policy(name, improve=False)
+            policy = make_policy(name)
+            config = CoreConfig.for_policy(policy, improve=False)
             with tempfile.TemporaryDirectory(prefix="qlmctl-identity-") as tmp:
-                run_simulated(workload, cluster, perf, make_policy(name), config, Path(tmp) / "r")
+                run_simulated(workload, cluster, perf, policy, config, Path(tmp) / "r")
                 log = read_run(Path(tmp) / "r")
             base = f"{scenario}-{name}"
             requests = log.requests.sort_values(["request_id", "attempt"])

@@ -188,14 +188,15 @@ def run_full(
     Meant to run in a fresh process (see :func:`in_child`): the peak RSS is the process's.
     """
     perf = ProfileStore.load(None).for_cluster(cluster)
-    config = CoreConfig.for_policy(policy, improve=False)
+    chosen = make_policy(policy)
+    config = CoreConfig.for_policy(chosen, improve=False)
     profiler = cProfile.Profile() if profile else None
     with tempfile.TemporaryDirectory(prefix="qlmctl-speed-") as tmp:
         run_dir = Path(tmp) / "run"
         start, cpu_start = time.perf_counter(), time.process_time()
         if profiler:
             profiler.enable()
-        summary = run_simulated(workload, cluster, perf, make_policy(policy), config, run_dir)
+        summary = run_simulated(workload, cluster, perf, chosen, config, run_dir)
         if profiler:
             profiler.disable()
         wall_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start

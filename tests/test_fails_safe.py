@@ -64,8 +64,9 @@ def test_run_json_is_standard_json_with_null_for_non_finite(tmp_path: Path) -> N
     # a router policy really has infinite knobs (kv_budget): its run.json stays standard
     work = Workload.from_requests(make_requests(5, gap_s=0.1), SLO_CLASSES, "w")
     perf = {(m, "G"): make_perf(m) for m in ("m1", "m2")}
-    run_simulated(work, make_cluster(2), perf, make_policy("fcfs"),
-                  CoreConfig.for_policy("fcfs", improve=False), tmp_path / "fcfs")  # fmt: skip
+    fcfs = make_policy("fcfs")
+    run_simulated(work, make_cluster(2), perf, fcfs,
+                  CoreConfig.for_policy(fcfs, improve=False), tmp_path / "fcfs")  # fmt: skip
     assert strict_json(tmp_path / "fcfs" / "run.json")["config"]["kv_budget"] is None
 
 

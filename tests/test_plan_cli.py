@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from qlmctl.cli import app
-from qlmctl.plan.types import Plan
+from qlmctl.plan import heuristics as H
+from qlmctl.plan.policies import POLICIES, BasePolicy, to_plan
+from qlmctl.plan.simulate import simulate
+from qlmctl.plan.types import Plan, QueueSnapshot, ServingStyle, SolverStats
 
 REPO = Path(__file__).resolve().parents[1]
 WORKLOAD = REPO / "workloads" / "synthetic-bursty.yaml"
@@ -40,3 +45,36 @@ def test_plan_bad_policy_is_one_line(tmp_path: Path) -> None:
     result = runner.invoke(app, [*args, "--policy", "sjf", "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "unknown policy 'sjf'" in str(result.exception)
+
+
+class NewestFirst(BasePolicy):
+    """A policy added the way the README says: one class (here, newest group first)."""
+
+    name = "newest-first"
+    serving = ServingStyle(evicts=False)
+
+    def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
+        ctx = self.prepare(snapshot, rng)
+        order = sorted(range(ctx.problem.num_groups), key=lambda g: -ctx.problem.release_s[g])
+        queues = H.greedy_place(ctx.problem, ctx.mean, order)
+        score = simulate(ctx.problem, ctx.scen, queues)
+        return to_plan(ctx, self.name, queues, score, SolverStats(chosen=self.name))
+
+
+def test_a_new_policy_is_one_class_and_one_registry_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(POLICIES, "newest-first", NewestFirst)  # the registry line
+    profiles, plans, runs = tmp_path / "profiles", tmp_path / "plans", tmp_path / "runs"
+    profiles.mkdir()
+    common = [str(WORKLOAD), "-c", str(CLUSTER), "--profiles", str(profiles)]
+    result = runner.invoke(app, ["plan", *common, "--policy", "newest-first", "--out", str(plans)])
+    assert result.exit_code == 0, result.output
+    plan = Plan.from_dict(json.loads((plans / "synthetic-bursty-newest-first.json").read_text()))
+    assert plan.policy == "newest-first" and plan.request_ids()
+    serve = [*common, "--engine", "sim", "--policy", "newest-first", "--runs", str(runs)]
+    result = runner.invoke(app, ["serve", *serve])
+    assert result.exit_code == 0, result.output
+    (run,) = runs.iterdir()
+    data = json.loads((run / "run.json").read_text())
+    assert data["policy"] == "newest-first" and data["config"]["evict_batch"] == 0

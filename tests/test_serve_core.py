@@ -19,7 +19,7 @@ from qlmctl.engine.events import (
     InstanceReady,
     LoadModel,
 )
-from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, QueueSnapshot
+from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, QueueSnapshot, ServingStyle
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.state import IllegalTransition, InstStatus, ReqState, Tracked
@@ -36,6 +36,8 @@ class TinyPolicy:
     """
 
     name = "tiny"
+    serving = ServingStyle()
+    lengths = None  # plan with each request's max_tokens
 
     def __init__(
         self, by_priority: bool = False, route: dict[str, str] | None = None, wait_s: float = 0.0

@@ -90,7 +90,7 @@ def run_point(point: Point) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qlmctl-bench-") as tmp:
         run_dir = Path(tmp) / "run"
-        config = CoreConfig.for_policy(name, improve=improve)
+        config = CoreConfig.for_policy(policy, improve=improve)
         run_simulated(workload, cluster, perf, policy, config, run_dir, point.seed)
         log = load_run(run_dir)
         m = run_metrics(log)

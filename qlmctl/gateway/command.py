@@ -18,6 +18,7 @@ from qlmctl.gateway.options import GatewayOptions, api_key_from_env
 from qlmctl.gateway.server import GatewayJob, served_models
 from qlmctl.plan.planfile import check_plan_cluster, load_plan, policy_options
 from qlmctl.plan.policies import make_policy
+from qlmctl.plan.types import Policy
 from qlmctl.profile.store import ProfileStore
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.follow import PlanFollower
@@ -68,7 +69,8 @@ def prepare_gateway(
     committed = load_plan(plan) if plan is not None else None
     if committed is not None:
         policy = committed.policy
-    chosen: Any = make_policy(policy, **(policy_options(committed) if committed else {}))
+    inner = make_policy(policy, **(policy_options(committed) if committed else {}))
+    chosen: Policy = inner
     classes = _load_classes(slo_classes)
     models = served_models(cluster)
     fallback, by_model = _default_classes(default_class, classes, models)
@@ -90,13 +92,13 @@ def prepare_gateway(
     meta: dict[str, Any] = {"cluster": str(cluster_path)}
     if committed is not None and plan is not None:
         check_plan_cluster(committed, str(plan), cluster, perf)
-        chosen = PlanFollower(chosen, committed)
+        chosen = PlanFollower(inner, committed)
         meta["batch_plan"] = str(Path(plan).resolve())
     return GatewayJob(
         cluster=cluster,
         perf=perf,
         policy=chosen,
-        config=CoreConfig.for_policy(policy),
+        config=CoreConfig.for_policy(chosen),
         classes=classes,
         options=options,
         run_dir=run_dir,

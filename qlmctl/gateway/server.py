@@ -30,6 +30,7 @@ from qlmctl.gateway.batches import BatchStore
 from qlmctl.gateway.metrics import GatewayMetrics
 from qlmctl.gateway.options import GatewayOptions
 from qlmctl.perfmodel import PerfModel
+from qlmctl.plan.types import Policy
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.real_driver import RealDriver, RealOptions
 from qlmctl.serve.run import ProgressFn, RunSummary
@@ -42,7 +43,7 @@ class GatewayJob:
 
     cluster: ClusterSpec
     perf: Mapping[tuple[str, str], PerfModel]
-    policy: Any
+    policy: Policy
     config: CoreConfig
     classes: Mapping[str, SLOClass]
     options: GatewayOptions

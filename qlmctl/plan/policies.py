@@ -1,11 +1,14 @@
 """Policies behind one interface, and the registry the core and the CLI use.
 
-How it works: every policy prepares the snapshot the same way (:func:`prepare`: groups,
-problem arrays, S held-out scoring scenarios), builds one or more candidate queue sets,
-scores them on the scoring scenarios and returns the best as a :class:`Plan` with
-per-group predicted start/finish and miss probability.
+How it works: every policy is a :class:`BasePolicy` (a ``plan`` and a
+:class:`~qlmctl.plan.types.ServingStyle`, one line in :data:`POLICIES`). It prepares the
+snapshot the same way (:func:`prepare`: groups, problem arrays, S held-out scoring
+scenarios), builds one or more candidate queue sets, scores them on the scoring
+scenarios and returns the best as a :class:`Plan` with per-group predicted start/finish
+and miss probability.
 
-- ``fcfs``: global arrival order, least predicted finish placement.
+- ``fcfs``: global arrival order, least predicted finish placement; served as a router
+  (every request forwarded at once to vLLM's queue), like ``priority``.
 - ``edf``: absolute-deadline order, same placement.
 - ``priority``: what vLLM's priority scheduling does (class priority, then arrival);
   groups carry their class's priority for the engine.
@@ -34,9 +37,10 @@ lengths a real deployment does not know.
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -59,7 +63,14 @@ from qlmctl.plan.simulate import (
     Score,
     simulate,
 )
-from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, Policy, QueueSnapshot, SolverStats
+from qlmctl.plan.types import (
+    InstancePlan,
+    Plan,
+    PlannedGroup,
+    QueueSnapshot,
+    ServingStyle,
+    SolverStats,
+)
 
 
 @dataclass(frozen=True)
@@ -149,11 +160,13 @@ def to_plan(
     )
 
 
-class _Base:
+class BasePolicy(ABC):
     """Shared options: scoring scenarios, group size, the (shared, mutable) length model,
-    and whether the true output lengths are known (``clairvoyant``)."""
+    and whether the true output lengths are known (``clairvoyant``). Plans are served
+    from qlmctl's queue with backpressure and eviction unless a policy says otherwise."""
 
     name = "base"
+    serving = ServingStyle()
 
     def __init__(
         self,
@@ -167,6 +180,10 @@ class _Base:
         self.lengths = lengths if lengths is not None else LengthModel()
         self.clairvoyant = clairvoyant
 
+    @abstractmethod
+    def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
+        """The virtual queues for ``snapshot`` (see :class:`~qlmctl.plan.types.Policy`)."""
+
     def prepare(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Context:
         """See :func:`prepare`."""
         return prepare(
@@ -174,16 +191,21 @@ class _Base:
         )
 
 
-class OrderPolicy(_Base):
-    """One fixed order plus least-predicted-finish placement (fcfs, edf, priority)."""
+class OrderPolicy(BasePolicy):
+    """One fixed order plus least-predicted-finish placement (fcfs, edf, priority),
+    served as ``serving`` says (groups carry class priorities when it sends them)."""
 
     def __init__(
-        self, name: str, order: Callable[[Problem], H.Order], with_priority: bool, **options: Any
+        self,
+        name: str,
+        order: Callable[[Problem], H.Order],
+        serving: ServingStyle,
+        **options: Any,
     ) -> None:
         super().__init__(**options)
         self.name = name
+        self.serving = serving
         self._order = order
-        self._with_priority = with_priority
 
     def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
         """Place groups in this policy's order."""
@@ -197,7 +219,7 @@ class OrderPolicy(_Base):
             chosen=self.name,
             scores={self.name: score.attainment},
         )
-        return to_plan(ctx, self.name, queues, score, stats, self._with_priority)
+        return to_plan(ctx, self.name, queues, score, stats, self.serving.vllm_priority)
 
 
 def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order, list[int]]]:
@@ -276,7 +298,7 @@ def _best(cands: dict[str, Any]) -> str:
     return max(cands, key=lambda k: cands[k][1].attainment)
 
 
-class HeuristicPolicy(_Base):
+class HeuristicPolicy(BasePolicy):
     """EDF + model batching + swap-aware least-finish-time placement."""
 
     name = "heuristic"
@@ -296,7 +318,7 @@ class HeuristicPolicy(_Base):
         return to_plan(ctx, self.name, cands[best][0], cands[best][1], stats)
 
 
-class QlmPolicy(_Base):
+class QlmPolicy(BasePolicy):
     """The stochastic program, never worse than the heuristic on the scoring scenarios."""
 
     name = "qlm"
@@ -414,17 +436,21 @@ class QlmPolicy(_Base):
 
 
 _SHARED_OPTIONS = ("scenarios", "max_group_size", "lengths", "clairvoyant")
+ROUTER = ServingStyle(router=True, evicts=False)
 
-POLICIES: dict[str, Callable[..., Policy]] = {
-    "fcfs": lambda **o: OrderPolicy("fcfs", H.fcfs_order, False, **o),
-    "edf": lambda **o: OrderPolicy("edf", H.edf_order, False, **o),
-    "priority": lambda **o: OrderPolicy("priority", H.priority_order, True, **o),
+POLICIES: dict[str, Callable[..., BasePolicy]] = {
+    # what users run today: a router forwarding at once to vLLM's FCFS (or priority) queue
+    "fcfs": lambda **o: OrderPolicy("fcfs", H.fcfs_order, ROUTER, **o),
+    "edf": lambda **o: OrderPolicy("edf", H.edf_order, ServingStyle(evicts=False), **o),
+    "priority": lambda **o: OrderPolicy(
+        "priority", H.priority_order, replace(ROUTER, vllm_priority=True), **o
+    ),
     "heuristic": HeuristicPolicy,
     "qlm": QlmPolicy,
 }
 
 
-def make_policy(name: str, **options: Any) -> Policy:
+def make_policy(name: str, **options: Any) -> BasePolicy:
     """The policy called ``name``; :class:`BadInput` listing the valid names otherwise.
 
     Every policy takes the options of ``_SHARED_OPTIONS`` (scenarios, max_group_size,

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -192,17 +192,70 @@ class Plan:
 _PER_REQUEST = ("request_ids", "request_start_s", "request_miss_probability")
 
 
+@dataclass(frozen=True, slots=True)
+class ServingStyle:
+    """How the serving core runs a policy's plans."""
+
+    # forward every request to vLLM at once, without backpressure (what routers do today)
+    router: bool = False
+    evicts: bool = True  # evict running work when the plan says a more urgent head misses
+    vllm_priority: bool = False  # send each group's class priority to vLLM's scheduler
+
+
+class LengthEstimates(Protocol):
+    """A policy's model of output lengths: what it expects, and what it learns from."""
+
+    def expected(self, request: Request) -> float:
+        """Expected output tokens of ``request``."""
+        ...
+
+    def observe(self, model: str, slo_class: str, output_tokens: int) -> None:
+        """A request of this (model, class) finished with ``output_tokens``."""
+        ...
+
+
 class Policy(Protocol):
-    """A way of turning a queue snapshot into a plan. One name per policy.
+    """A way of turning a queue snapshot into a plan, and of having it served.
 
     ``plan`` is called by the core on every re-plan (arrivals, completions, predicted
     violations; rate-limited) and by ``qlmctl plan``. It must not mutate the snapshot,
     must place every waiting request on an instance that can serve its model (raise
     :class:`~qlmctl.errors.BadInput` if none can), and draws all randomness from ``rng``.
+    ``serving`` says how the core serves its plans; ``lengths`` is its length model (the
+    core's estimates of running requests; None: each request's ``max_tokens``).
     """
 
     name: str
 
+    @property
+    def serving(self) -> ServingStyle:
+        """How the core serves this policy's plans."""
+        ...
+
+    @property
+    def lengths(self) -> LengthEstimates | None:
+        """Its length model (None: each request's ``max_tokens``)."""
+        ...
+
     def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
         """Return the virtual queues for ``snapshot``."""
+        ...
+
+
+@runtime_checkable
+class Improver(Protocol):
+    """A policy with a slow improvement (``qlm``'s MILP): a fast answer for the hot path
+    (``quick``), and ``improve``, run beside the event loop within ``time_limit_s``,
+    which returns a better plan or None."""
+
+    time_limit_s: float
+
+    def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
+        """The fast answer."""
+        ...
+
+    def improve(
+        self, snapshot: QueueSnapshot, budget_s: float, rng: np.random.Generator
+    ) -> Plan | None:
+        """A better plan than the fast answer within ``budget_s``, or None."""
         ...

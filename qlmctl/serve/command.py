@@ -20,6 +20,7 @@ from qlmctl.errors import BadInput
 from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.planfile import check_plan, load_plan, policy_options
 from qlmctl.plan.policies import make_policy
+from qlmctl.plan.types import Policy
 from qlmctl.profile.store import ProfileStore
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.follow import DEFAULT_MARGIN, PlanFollower
@@ -40,7 +41,7 @@ class ServeJob:
     workload: Workload
     cluster: ClusterSpec
     perf: Mapping[tuple[str, str], PerfModel]
-    policy: Any
+    policy: Policy
     engine: str
     config: CoreConfig
     run_dir: Path
@@ -101,7 +102,8 @@ def prepare_serve(
             "drop --policy to run it"
         )
     policy = committed.policy if committed is not None else (policy or "qlm")
-    chosen = make_policy(policy, **(policy_options(committed) if committed else {}))
+    inner = make_policy(policy, **(policy_options(committed) if committed else {}))
+    chosen: Policy = inner
     workload = load_workload(workload_path)
     cluster = load_cluster(cluster_path)
     check_models_served(cluster, workload.models)
@@ -109,7 +111,7 @@ def prepare_serve(
     meta: dict[str, Any] = {"workload": str(workload_path), "cluster": str(cluster_path)}
     if committed is not None and plan is not None:
         check_plan(committed, str(plan), workload, cluster, perf)
-        chosen = PlanFollower(chosen, committed, plan_margin)
+        chosen = PlanFollower(inner, committed, plan_margin)
         meta |= {"plan": str(Path(plan).resolve()), "plan_margin": plan_margin}
     run_dir = check_run_dir(Path(runs), name or default_run_name(workload, policy, engine))
     return ServeJob(
@@ -118,7 +120,7 @@ def prepare_serve(
         perf=perf,
         policy=chosen,
         engine=engine,
-        config=CoreConfig.for_policy(policy, improve=engine == "vllm"),
+        config=CoreConfig.for_policy(chosen, improve=engine == "vllm"),
         run_dir=run_dir,
         seed=seed,
         meta=meta,

@@ -1,9 +1,11 @@
 """The serving core's seams to the outside: its knobs, its counts, and the policy split.
 
-:class:`CoreConfig` is recorded in run.json; :class:`CoreStats` feeds the live view and
-the final summary; :func:`split_policy` finds a policy's fast answer and its optional
-background improvement (the MILP) so the core can use the first at once and let the
-driver run the second beside the event loop.
+:class:`CoreConfig` is recorded in run.json (:meth:`CoreConfig.for_policy` reads the
+policy's :class:`~qlmctl.plan.types.ServingStyle`); :class:`CoreStats` feeds the live
+view and the final summary; :func:`split_policy` finds a policy's fast answer and its
+optional background improvement (an :class:`~qlmctl.plan.types.Improver`, the MILP) so
+the core can use the first at once and let the driver run the second beside the event
+loop.
 """
 
 from __future__ import annotations
@@ -17,13 +19,7 @@ import numpy as np
 
 from qlmctl.domain import Request
 from qlmctl.errors import BadInput
-from qlmctl.plan.types import Plan, QueueSnapshot
-
-# Baselines that model what users run today: a router that forwards every request at once
-# to an instance serving its model, where vLLM queues it (FCFS, or by priority).
-ROUTER_POLICIES = frozenset({"fcfs", "priority"})
-# Baselines that only order the queue: they never evict running work.
-ORDER_ONLY_POLICIES = frozenset({"fcfs", "edf", "priority"})
+from qlmctl.plan.types import Improver, Plan, Policy, QueueSnapshot
 
 PlanFn = Callable[[QueueSnapshot, np.random.Generator], Plan]
 ImproveFn = Callable[[QueueSnapshot, np.random.Generator], Plan | None]
@@ -64,23 +60,23 @@ class CoreConfig:
             raise BadInput("core config: kv_budget must be > 0")
 
     @classmethod
-    def for_policy(cls, policy: str, **overrides: Any) -> CoreConfig:
-        """The knobs that make the core serve the way ``policy`` describes.
+    def for_policy(cls, policy: Policy, **overrides: Any) -> CoreConfig:
+        """The knobs that make the core serve the way ``policy.serving`` says.
 
-        Router baselines (:data:`ROUTER_POLICIES`) push every request to vLLM at once, with
-        no backpressure; order-only baselines never evict; ``priority`` sends the class
-        priorities (vLLM is then started with ``--scheduling-policy priority``). The other
-        policies pull with backpressure and evict. ``overrides`` win.
+        A router pushes every request to vLLM at once, with no backpressure; a policy that
+        does not evict never evicts; ``vllm_priority`` sends the class priorities (vLLM is
+        then started with ``--scheduling-policy priority``). ``overrides`` win.
         """
-        knobs: dict[str, Any] = {"vllm_priority": policy == "priority"}
-        if policy in ROUTER_POLICIES:
+        style = policy.serving
+        knobs: dict[str, Any] = {"vllm_priority": style.vllm_priority}
+        if style.router:
             knobs |= {
                 "max_inflight": 1 << 30,
                 "kv_budget": math.inf,
                 "max_engine_waiting": None,
                 "max_kv_usage": math.inf,
             }
-        if policy in ORDER_ONLY_POLICIES:
+        if not style.evicts:
             knobs["evict_batch"] = 0
         return cls(**{**knobs, **overrides})
 
@@ -116,36 +112,29 @@ class CoreStats:
         return self.slo_met / self.final if self.final else None
 
 
-def split_policy(policy: Any) -> tuple[PlanFn, ImproveFn | None]:
-    """(fast plan, background improvement or None) of a policy.
-
-    A policy with an improver (the ``qlm`` policy) exposes ``quick(snapshot, rng)`` and
-    ``improve(snapshot, budget_s, rng) -> Plan | None`` (None: nothing better than the
-    quick answer) with its budget in ``time_limit_s``; any other policy is its own fast
-    plan and has no improvement.
-    """
-    quick = getattr(policy, "quick", None)
-    improve = getattr(policy, "improve", None)
-    if not (callable(quick) and callable(improve)):
+def split_policy(policy: Policy) -> tuple[PlanFn, ImproveFn | None]:
+    """(fast plan, background improvement or None) of a policy: an
+    :class:`~qlmctl.plan.types.Improver` splits into ``quick`` and ``improve`` (with its
+    budget ``time_limit_s``); any other policy is its own fast plan."""
+    if not isinstance(policy, Improver):
         return policy.plan, None
-    budget_s = float(getattr(policy, "time_limit_s", 2.0))
+    budget_s = float(policy.time_limit_s)
+    improve = policy.improve
 
     def improvement(snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan | None:
-        plan: Plan | None = improve(snapshot, budget_s, rng)
-        return plan
+        return improve(snapshot, budget_s, rng)
 
-    return quick, improvement
+    return policy.quick, improvement
 
 
-def length_estimator(policy: Any) -> Callable[[Request], int]:
+def length_estimator(policy: Policy) -> Callable[[Request], int]:
     """Expected output tokens of a request: the policy's length model, else the cap."""
-    expected = getattr(getattr(policy, "lengths", None), "expected", None)
-    if callable(expected):
-        return lambda request: max(1, round(expected(request)))
-    return lambda request: request.max_output_tokens
+    lengths = policy.lengths
+    if lengths is None:
+        return lambda request: request.max_output_tokens
+    return lambda request: max(1, round(lengths.expected(request)))
 
 
-def length_observer(policy: Any) -> Callable[[str, str, int], None] | None:
+def length_observer(policy: Policy) -> Callable[[str, str, int], None] | None:
     """The policy's ``lengths.observe(model, slo_class, output_tokens)``, if it learns lengths."""
-    observe = getattr(getattr(policy, "lengths", None), "observe", None)
-    return observe if callable(observe) else None
+    return policy.lengths.observe if policy.lengths is not None else None

@@ -60,6 +60,7 @@ from qlmctl.plan.types import (
     InstanceState,
     Plan,
     PlannedGroup,
+    Policy,
     QueueSnapshot,
     RecentArrivals,
     RunningRequest,
@@ -86,7 +87,7 @@ class ServeCore:
         cluster: ClusterSpec,
         slo_classes: Mapping[str, SLOClass],
         perf: Mapping[tuple[str, str], PerfModel],
-        policy: Any,
+        policy: Policy,
         config: CoreConfig | None = None,
         rng: np.random.Generator | None = None,
     ) -> None:

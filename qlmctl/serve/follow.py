@@ -24,12 +24,11 @@ import math
 import time
 from collections import Counter
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 
 from qlmctl.plan import heuristics as H
-from qlmctl.plan.policies import Context
+from qlmctl.plan.policies import BasePolicy, Context
 from qlmctl.plan.simulate import Queues, Score, simulate
 from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, QueueSnapshot, SolverStats
 from qlmctl.serve.config import split_policy
@@ -47,10 +46,11 @@ class PlanFollower:
         margin: how much more predicted attainment a fresh plan needs to replace it.
     """
 
-    def __init__(self, inner: Any, plan: Plan, margin: float = DEFAULT_MARGIN) -> None:
+    def __init__(self, inner: BasePolicy, plan: Plan, margin: float = DEFAULT_MARGIN) -> None:
         self.name: str = inner.name
         self.inner = inner
-        self.lengths = getattr(inner, "lengths", None)  # the core's length estimates
+        self.serving = inner.serving
+        self.lengths = inner.lengths  # the core's length estimates
         self.committed = plan
         self.margin = margin
         self._fresh, _ = split_policy(inner)

@@ -81,7 +81,7 @@ from qlmctl.engine.vllm import (
 )
 from qlmctl.errors import EngineError
 from qlmctl.perfmodel import PerfModel
-from qlmctl.plan.types import Plan
+from qlmctl.plan.types import Plan, Policy
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.instances import RealInstance
@@ -173,7 +173,7 @@ def run_real(
     workload: Workload,
     cluster: ClusterSpec,
     perf: Mapping[tuple[str, str], PerfModel],
-    policy: Any,
+    policy: Policy,
     config: CoreConfig | None,
     run_dir: Path,
     seed: int = 0,
@@ -199,7 +199,7 @@ class RealDriver:
         workload: Workload,
         cluster: ClusterSpec,
         perf: Mapping[tuple[str, str], PerfModel],
-        policy: Any,
+        policy: Policy,
         config: CoreConfig,
         seed: int,
         options: RealOptions | None,

@@ -26,6 +26,7 @@ from qlmctl.domain import ClusterSpec, Request, check_models_served
 from qlmctl.engine.events import Action, Dispatch, Evict, LoadModel
 from qlmctl.engine.sim import SimEngine
 from qlmctl.perfmodel import PerfModel
+from qlmctl.plan.types import Policy
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.run import (
@@ -47,7 +48,7 @@ def run_simulated(
     workload: Workload,
     cluster: ClusterSpec,
     perf: Mapping[tuple[str, str], PerfModel],
-    policy: Any,
+    policy: Policy,
     config: CoreConfig | None,
     run_dir: Path,
     seed: int = 0,
