@@ -64,6 +64,13 @@ def test_full_queue_answers_429_with_retry_after_and_logs_it(tmp_path: Path) -> 
                 refused = client.post("/v1/completions", json=body)
                 assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
                 assert "queue full" in refused.json()["error"]["message"]
+        # both clients hung up: the gateway must see it before it is stopped
+        _wait_for(
+            lambda: (
+                _gauge(client, "qlmctl:num_requests_running") == 0
+                and _gauge(client, "qlmctl:num_requests_waiting") == 0
+            )
+        )
     df = read_run(tmp_path / "run").requests
     assert sorted(df.outcome) == ["cancelled", "cancelled", "rejected"]
     assert df[df.outcome == "rejected"].reason.iloc[0].startswith("admission: queue full")
