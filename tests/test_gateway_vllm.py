@@ -127,9 +127,13 @@ def test_interactive_request_overtakes_a_batch_burst(
     inter = final[final.slo_class == "interactive"].iloc[0]
     assert inter.slo_met and inter.first_token_s - inter.arrival_s <= 2.0
     batch = final[final.slo_class == "batch"]
-    # the burst arrived first, yet most of it started after the interactive request
-    waited = batch[(batch.arrival_s < inter.arrival_s) & (batch.dispatch_s > inter.dispatch_s)]
-    assert len(waited) >= 10, df[["request_id", "slo_class", "arrival_s", "dispatch_s"]]
+    # of the burst still queued when the interactive request arrived (how much that is
+    # depends on the host's speed), FIFO would have started all before it; here at most
+    # the slots that freed before the next re-plan (3 in flight) did, and 4 or more after
+    queued = batch[(batch.arrival_s < inter.arrival_s) & (batch.dispatch_s > inter.arrival_s)]
+    after = queued[queued.dispatch_s > inter.dispatch_s]
+    columns = ["request_id", "slo_class", "arrival_s", "dispatch_s"]
+    assert len(after) >= 4 and len(queued) - len(after) <= 3, df[columns]
 
 
 def test_killing_a_server_mid_stream_continues_or_ends_cleanly(
