@@ -54,7 +54,7 @@ DEFAULT_SWAP_COST = 0.01  # weighted requests per second of swap (breaks ties ag
 def scenario_data(problem: Problem, scen: Scenarios, swap_cost: float = DEFAULT_SWAP_COST) -> dict:
     """Everything the model needs, as plain Python containers."""
     pb = problem
-    n_m, n_s = len(pb.models), scen.count
+    n_s = scen.count
     pairs = [
         (g, i) for g in range(pb.num_groups) for i in range(pb.num_instances) if pb.eligible[g, i]
     ]
@@ -103,7 +103,6 @@ def scenario_data(problem: Problem, scen: Scenarios, swap_cost: float = DEFAULT_
         "wn": [float(w * n) for w, n in zip(pb.weight, pb.size, strict=True)],
         "prob": 1.0 / n_s,
         "swap_cost": swap_cost,
-        "num_models": n_m,
     }
 
 
