@@ -619,10 +619,7 @@ class ServeCore:
     def _load(self, inst: InstanceRecord, model: str, now_s: float, actions: list[Action]) -> None:
         """Start loading ``model`` on a drained instance."""
         gpu = inst.spec.gpu
-        from_perf = self._perf.get((inst.model, gpu)) if inst.model else None
-        sleep_current = (
-            from_perf is not None and from_perf.supports_sleep and inst.spec.keeps_warm(inst.model)
-        )
+        sleep_current = self._release(inst)[1]
         asleep = model in inst.sleeping
         inst.ready_at_s = now_s + self._load_time(inst, model)
         inst.load_kind = "wake" if asleep and self._perf[(model, gpu)].supports_sleep else "swap"
@@ -636,14 +633,18 @@ class ServeCore:
         actions.append(LoadModel(inst.spec.id, model, sleep_current))
 
     def _load_time(self, inst: InstanceRecord, model: str) -> float:
-        gpu = inst.spec.gpu
-        from_perf = self._perf.get((inst.model, gpu)) if inst.model else None
-        sleep = (
+        from_perf, sleep = self._release(inst)
+        to_perf = self._perf[(model, inst.spec.gpu)]
+        return swap_time_s(to_perf, from_perf, model in inst.sleeping, sleep_current=sleep)
+
+    def _release(self, inst: InstanceRecord) -> tuple[PerfModel | None, bool]:
+        """(profile of the resident model or None, whether a swap puts it to sleep: only
+        where its profile supports sleep and the instance keeps it warm)."""
+        from_perf = self._perf.get((inst.model, inst.spec.gpu)) if inst.model else None
+        sleeps = (
             from_perf is not None and from_perf.supports_sleep and inst.spec.keeps_warm(inst.model)
         )
-        return swap_time_s(
-            self._perf[(model, gpu)], from_perf, model in inst.sleeping, sleep_current=sleep
-        )
+        return from_perf, sleeps
 
     @staticmethod
     def _decode_load(tr: Tracked, inst: InstanceRecord) -> tuple[int, int]:
