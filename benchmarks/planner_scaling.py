@@ -39,12 +39,13 @@ from qlmctl.plan.estimator import (
 )
 from qlmctl.plan.policies import (
     QlmPolicy,
+    best_candidate,
     heuristic_candidates,
     make_policy,
     prepare,
     program_queues,
 )
-from qlmctl.plan.simulate import Queues, simulate
+from qlmctl.plan.simulate import Queues, instance_of, simulate
 from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot
 
 MODELS = {"m0": 0.7, "m1": 1.0, "m2": 1.5}  # model -> cost factor
@@ -198,11 +199,7 @@ def gap_run(g: int, i: int, seed: int, time_limit: float) -> dict[str, float]:
     snap = make_snapshot(g, i, 1000 + seed)
     ctx = prepare(snap, LengthModel(), np.random.default_rng(seed), 50, GROUP_SIZE)
     cands = heuristic_candidates(ctx)
-    best = max(cands, key=lambda k: cands[k][1].attainment)
-    warm = [0] * ctx.problem.num_groups
-    for k, queue in enumerate(cands[best][0]):
-        for grp in queue:
-            warm[grp] = k
+    warm = instance_of(cands[best_candidate(cands)][0], ctx.problem.num_groups)
     scen = sample_scenarios(ctx.problem, LengthModel(), np.random.default_rng(seed + 1), 10)
     res = solve(ctx.problem, scen, warm, time_limit_s=time_limit)
     return {
@@ -221,11 +218,8 @@ def program_cell(g: int, i: int, seed: int, time_limit: float) -> dict[str, floa
     held = sample_scenarios(pb, LengthModel(), np.random.default_rng(20_000 + seed), 300)
     truth = known_scenario(pb)
     cands = heuristic_candidates(ctx)
-    best = max(cands, key=lambda k: cands[k][1].attainment)
-    warm = [0] * pb.num_groups
-    for k, queue in enumerate(cands[best][0]):
-        for grp in queue:
-            warm[grp] = k
+    best = best_candidate(cands)
+    warm = instance_of(cands[best][0], pb.num_groups)
     order = cands[best][2]
 
     def program_plan(in_sample: Scenarios) -> tuple[Queues, ProgramResult]:

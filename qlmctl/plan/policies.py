@@ -61,6 +61,7 @@ from qlmctl.plan.problem import Problem, build_problem
 from qlmctl.plan.simulate import (
     Queues,
     Score,
+    instance_of,
     simulate,
 )
 from qlmctl.plan.types import (
@@ -251,7 +252,7 @@ def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order
 def _milp_sequence(ctx: Context, cands: dict[str, Any]) -> tuple[H.Order, list[int]]:
     """The MILP's fixed sequence: the best candidate's order, after shedding."""
     pb = ctx.problem
-    order = cands[_best(cands)][2]
+    order = cands[best_candidate(cands)][2]
     models = [int(pb.group_model[g]) for g in order]
     return H.shed_blocks(pb, ctx.mean, order, models)
 
@@ -293,7 +294,7 @@ def program_queues(ctx: Context, res: ProgramResult, sequence: H.Order) -> dict[
     }
 
 
-def _best(cands: dict[str, Any]) -> str:
+def best_candidate(cands: dict[str, Any]) -> str:
     """Candidate with the highest score; ties go to the first listed."""
     return max(cands, key=lambda k: cands[k][1].attainment)
 
@@ -308,7 +309,7 @@ class HeuristicPolicy(BasePolicy):
         t0 = time.perf_counter()
         ctx = self.prepare(snapshot, rng)
         cands = heuristic_candidates(ctx)
-        best = _best(cands)
+        best = best_candidate(cands)
         stats = SolverStats(
             build_s=time.perf_counter() - t0,
             status="heuristic",
@@ -355,7 +356,7 @@ class QlmPolicy(BasePolicy):
             if queues is not None:
                 score = simulate(ctx.problem, ctx.scen, queues)
                 cands["milp-kept"] = (queues, score, sequence, blocks)
-        best = _best(cands)
+        best = best_candidate(cands)
         if best != "milp-kept":
             self._kept = None
         stats = SolverStats(
@@ -385,7 +386,7 @@ class QlmPolicy(BasePolicy):
         ctx = self.prepare(snapshot, eval_rng)
         pb = ctx.problem
         cands = heuristic_candidates(ctx)
-        best = _best(cands)
+        best = best_candidate(cands)
         order, _blocks = _milp_sequence(ctx, cands)
         if self.clairvoyant:
             in_sample = known_scenario(pb, milp_rng, self.milp_scenarios)
@@ -393,10 +394,7 @@ class QlmPolicy(BasePolicy):
             in_sample = mean_scenario(pb, self.lengths)
         else:
             in_sample = sample_scenarios(pb, self.lengths, milp_rng, self.milp_scenarios)
-        warm = [0] * pb.num_groups
-        for i, queue in enumerate(cands[best][0]):
-            for g in queue:
-                warm[g] = i
+        warm = instance_of(cands[best][0], pb.num_groups)
         scores = {k: v[1].attainment for k, v in cands.items()}
         note = ""
         try:

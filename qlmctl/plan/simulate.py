@@ -27,6 +27,15 @@ from qlmctl.plan.slots import EngineState
 Queues = tuple[tuple[int, ...], ...]  # per instance: group indices in execution order
 
 
+def instance_of(queues: Queues, num_groups: int) -> list[int]:
+    """The instance each group is queued on (-1: none)."""
+    out = [-1] * num_groups
+    for i, queue in enumerate(queues):
+        for g in queue:
+            out[g] = i
+    return out
+
+
 @dataclass(frozen=True)
 class Score:
     """A candidate's predicted outcome on a scenario set."""
