@@ -123,11 +123,8 @@ def _gantt(run: RunLog, label: str) -> Draw:
         mark(ax, "sleep", marker="^", color="grey", label="sleep")
         mark(ax, "evict", marker="x", color="tab:red", label="eviction")
         mark(ax, "instance_down", marker="|", s=200, color="red", label="instance down")
-        ax.set_yticks(range(len(instances)), instances)
-        ax.set(xlabel="time (s)", ylim=(-0.7, len(instances) - 0.2))
-        ax.set_title(f"{label}: work per instance (attempts), swaps and evictions")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-        ax.grid(alpha=0.3, axis="x")
+        title = f"{label}: work per instance (attempts), swaps and evictions"
+        _instance_axes(ax, instances, title, top=len(instances) - 0.2)
 
     return draw
 
@@ -160,13 +157,19 @@ def _plan_vs_run(p: PlanComparison, label: str) -> Draw:
                        color="tab:red", zorder=3, label="departure")  # fmt: skip
         for t in p.departures[p.departures["kind"] == "replan"]["time_s"]:
             ax.axvline(t, color="grey", lw=0.6, ls=":")
-        ax.set_yticks(range(len(instances)), instances)
-        ax.set(xlabel="time (s)", ylim=(-0.7, len(instances) - 0.3))
-        ax.set_title(f"{label}: planned (outline, above) against actual (filled, below)")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-        ax.grid(alpha=0.3, axis="x")
+        title = f"{label}: planned (outline, above) against actual (filled, below)"
+        _instance_axes(ax, instances, title, top=len(instances) - 0.3)
 
     return draw
+
+
+def _instance_axes(ax: Any, instances: list[str], title: str, top: float) -> None:
+    """Time on x, one row per instance, the legend outside on the right."""
+    ax.set_yticks(range(len(instances)), instances)
+    ax.set(xlabel="time (s)", ylim=(-0.7, top))
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+    ax.grid(alpha=0.3, axis="x")
 
 
 def _ttft_cdf(report: Report, labels: tuple[str, ...]) -> tuple[Draw, int]:
