@@ -441,3 +441,17 @@ def test_a_request_that_started_no_longer_counts_as_waiting_in_the_engine() -> N
     assert core.decide(0.1) == []  # two sent, none reported running yet
     core.on_event(FirstToken("r0", "i0", 0.2), 0.2)  # r0 runs: a place in the queue freed
     assert dispatched(core.decide(0.2)) == ["r2"]
+
+
+@pytest.mark.parametrize("defer_late", [True, False])
+def test_a_head_too_late_for_its_deadline_waits_behind_the_queue(defer_late: bool) -> None:
+    # x0 holds the only slot until t=30; by then x1 and x2 (deadline 20) are lost, while
+    # f0 (arrived at 25, deadline 45) can still make it if it goes first
+    core = make_core(max_inflight=1, defer_late=defer_late)
+    assert dispatched(arrive(core, make_requests(3, gap_s=0.0, prefix="x"))) == ["x0"]
+    arrive(core, make_requests(1, start_s=25.0, prefix="f"), now_s=25.0)
+    order = dispatched(finish(core, "x0", "i0", 30.0))
+    for t in (31.0, 32.0):
+        order += dispatched(finish(core, order[-1], "i0", t))
+    assert order == (["f0", "x1", "x2"] if defer_late else ["x1", "x2", "f0"])
+    assert core.stats().waiting == 0

@@ -8,6 +8,8 @@ each due date ``D``, the kept work due by ``D`` fits in the capacity before ``D`
 - First stage (shared by all scenarios): ``x[g,i]`` puts group g on instance i (binary);
   ``u[i,m,q]`` says model m is needed on i by i's q-th due date (it charges one swap
   into m, from the first due date a group of m has there; the resident model is free).
+  A swap costs its load time plus the drain of a busy batch (the slots idle until the
+  longest running request ends).
 - Second stage, per scenario s: ``z[g,i,s]`` in [0, 1] is the share of g's requests
   that miss (continuous: a group's requests are served in order, so any share of them
   can be late). ``W[i,s,q]`` is the kept work on i due by its q-th due date (in
@@ -65,11 +67,13 @@ def scenario_data(problem: Problem, scen: Scenarios, swap_cost: float = DEFAULT_
     p = {}
     insts = sorted({i for _g, i in pairs})
     mine = {i: [g for g, j in pairs if j == i] for i in insts}
+    drain_s = {}
     for i in insts:
         gs = np.array(mine[i])
         svc = scen.service_s[gs, i, :]  # [n, S]
+        done_by, drain_s[i] = _dispatch_capacity(pb, scen, i, gs)
         # arrivals going ahead of a group take their share of the capacity before it
-        done_by = _dispatch_capacity(pb, scen, i, gs) * (1.0 - scen.urgent_load[gs, i])
+        done_by *= 1.0 - scen.urgent_load[gs, i]
         for s in range(n_s):
             for q, k in enumerate(np.argsort(done_by[:, s], kind="stable")):
                 g = int(gs[k])
@@ -86,7 +90,7 @@ def scenario_data(problem: Problem, scen: Scenarios, swap_cost: float = DEFAULT_
         for m in models_on[i]:
             if m != init:
                 froms = [pb.swap_s[i, f, m] for f in [*models_on[i], init] if f != m]
-                swap[(i, m)] = float(max(x for x in froms if np.isfinite(x)))
+                swap[(i, m)] = float(max(x for x in froms if np.isfinite(x))) + drain_s[i]
     n_q = {i: len(mine[i]) for i in insts}
     return {
         "G": list(range(pb.num_groups)),
@@ -96,7 +100,7 @@ def scenario_data(problem: Problem, scen: Scenarios, swap_cost: float = DEFAULT_
         "row_group": row_group,
         "cap": cap,
         "p": p,
-        "swap": swap,  # (i, m) -> seconds, for non-resident models only
+        "swap": swap,  # (i, m) -> seconds (load and drain), for non-resident models only
         "IMQ": [(i, m, q) for (i, m) in swap for q in range(n_q[i])],
         "due_rank": due_rank,
         "group_model": [int(m) for m in pb.group_model],
@@ -106,11 +110,15 @@ def scenario_data(problem: Problem, scen: Scenarios, swap_cost: float = DEFAULT_
     }
 
 
-def _dispatch_capacity(problem: Problem, scen: Scenarios, i: int, gs: np.ndarray) -> np.ndarray:
-    """[n, S] work (fluid seconds) instance ``i`` has dispatched by each of the groups
-    ``gs``'s dispatch deadlines, read off the slot model: the groups' requests, in
-    deadline order, run through a copy of the instance's engine; each request counts its
-    share of its group's time at its dispatch; past the last, work accrues at 1 per s."""
+def _dispatch_capacity(
+    problem: Problem, scen: Scenarios, i: int, gs: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """([n, S] work (fluid seconds) instance ``i`` has dispatched by each of the groups
+    ``gs``'s dispatch deadlines, the seconds a model change idles it), read off the slot
+    model: the groups' requests, in deadline order, run through a copy of the
+    instance's engine; each request counts its share of its group's time at its
+    dispatch; past the last, work accrues at 1 per s. A model change drains the busy
+    batch: the engine idles, on average, from each slot's end to the last one's."""
     due = problem.dispatch_deadline_s()[gs, i]
     engine = scen.engines[i].copy()
     starts, shares = [], []
@@ -131,7 +139,8 @@ def _dispatch_capacity(problem: Problem, scen: Scenarios, i: int, gs: np.ndarray
         done = np.where(k > 0, work[s, np.maximum(k - 1, 0)], 0.0)
         beyond = k == start.shape[1]
         out[:, s] = done + np.where(beyond, due - start[s, -1], 0.0)
-    return out
+    drain_s = float(np.mean(engine.slots.max(axis=1) - engine.slots.mean(axis=1)))
+    return out, drain_s
 
 
 def build_model(data: dict[str, Any]) -> pe.ConcreteModel:

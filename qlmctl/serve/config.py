@@ -50,6 +50,9 @@ class CoreConfig:
     # an evicted (or failed) request keeps what it generated and resumes after it; off:
     # it starts again from nothing
     resume_evicted: bool = True
+    # a request that can no longer make its deadline when it reaches the head of its
+    # virtual queue is served after the rest of that queue (requests mid-stream never)
+    defer_late: bool = True
 
     def __post_init__(self) -> None:
         if (self.max_inflight or 1) < 1 or self.max_attempts < 1 or self.evict_batch < 0:
@@ -68,7 +71,10 @@ class CoreConfig:
         then started with ``--scheduling-policy priority``). ``overrides`` win.
         """
         style = policy.serving
-        knobs: dict[str, Any] = {"vllm_priority": style.vllm_priority}
+        knobs: dict[str, Any] = {
+            "vllm_priority": style.vllm_priority,
+            "defer_late": style.defers_late,
+        }
         if style.router:
             knobs |= {
                 "max_inflight": 1 << 30,

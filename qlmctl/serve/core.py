@@ -15,6 +15,9 @@ How it works:
   plan later through :meth:`~ServeCore.on_plan`.
 * **Pulling.** An up instance dispatches the head of its virtual queue while its
   in-flight count (and the engine's reported waiting count and KV usage) is under limits.
+  A head that can no longer get its first token by its deadline (``defer_late``, as the
+  policy's serving style says) goes behind the rest of that queue: it misses either way,
+  and served first it would make the requests behind it miss too (EDF's domino effect).
 * **Eviction.** When the plan in force says the head would miss its deadline waiting for
   a slot (or the start it forecast for the head has passed), the head can still make it,
   and less urgent work (a higher class ``priority`` number) fills the instance, the newest
@@ -484,7 +487,7 @@ class ServeCore:
     # ---- serving operations -----------------------------------------------------------
 
     def _serve(self, inst: InstanceRecord, now_s: float, actions: list[Action]) -> None:
-        head = self._head(inst)
+        head = self._head(inst, now_s)
         if head is None:
             return
         group, tr = head
@@ -497,24 +500,48 @@ class ServeCore:
             return
         while self._can_pull(inst, tr):
             self._dispatch(inst, group, tr, now_s, actions)
-            head = self._head(inst)
+            head = self._head(inst, now_s)
             if head is None or head[0].plan.model != inst.model:
                 return
             group, tr = head
         self._maybe_evict(inst, group, tr, now_s, actions, for_swap=False)
 
-    def _head(self, inst: InstanceRecord) -> tuple[QueuedGroup, Tracked] | None:
-        """The first still-waiting request of the instance's virtual queue and its group."""
+    def _head(self, inst: InstanceRecord, now_s: float) -> tuple[QueuedGroup, Tracked] | None:
+        """The first still-waiting request of the instance's virtual queue and its group;
+        heads too late for their deadline move behind the queue on the way."""
         vq = self._vq[inst.spec.id]
         while vq:
             g = vq[0]
             while g.ids:
                 tr = self._reqs[g.ids[0]]
                 if tr.state is ReqState.WAITING and tr.vq_instance == inst.spec.id:
-                    return g, tr
+                    if g.deferred or not self._defers(tr, inst, now_s):
+                        return g, tr
+                    self._defer(vq, g, tr.id)
                 g.ids.popleft()
             vq.popleft()
         return None
+
+    def _defers(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> bool:
+        """Whether the head ``tr`` goes behind the queue (never mid-stream)."""
+        return self.config.defer_late and not tr.kept_tokens and self._too_late(tr, inst, now_s)
+
+    def _too_late(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> bool:
+        """Whether ``tr``, dispatched now on ``inst``, gets its first token past its
+        deadline even alone."""
+        if now_s > tr.deadline_s:
+            return True
+        perf = self._perf[(tr.request.model, inst.spec.gpu)]
+        return now_s + perf.prefill_time_s(tr.request.prompt_tokens) > tr.deadline_s
+
+    @staticmethod
+    def _defer(vq: deque[QueuedGroup], group: QueuedGroup, request_id: str) -> None:
+        """Queue ``request_id`` of ``group`` behind the rest of ``vq``."""
+        tail = vq[-1]
+        if tail.deferred and tail.plan is group.plan:
+            tail.ids.append(request_id)
+        else:
+            vq.append(QueuedGroup(group.plan, deque([request_id]), deferred=True))
 
     def _can_pull(self, inst: InstanceRecord, head: Tracked) -> bool:
         """Backpressure: sequences, KV tokens, and what vLLM itself reports."""
@@ -578,8 +605,7 @@ class ServeCore:
         if now_s < inst.last_evict_s + cfg.evict_cooldown_s:
             self._hint_s = min(self._hint_s, inst.last_evict_s + cfg.evict_cooldown_s)
             return
-        perf = self._perf[(group.plan.model, inst.spec.gpu)]
-        if now_s + perf.prefill_time_s(head.request.prompt_tokens) > head.deadline_s:
+        if self._too_late(head, inst, now_s):
             return  # too late to save; evicting would only waste work
         if not _late_by_plan(group.plan, head.id, now_s):
             return  # the plan has the head on time by waiting (for a swap: by draining)

@@ -185,6 +185,7 @@ class QueuedGroup:
 
     plan: PlannedGroup
     ids: deque[str]  # FIFO; stale ids (no longer waiting here) are dropped at the head
+    deferred: bool = False  # requests too late for their deadline, behind the queue
 
 
 @dataclass(slots=True, eq=False)
