@@ -81,11 +81,6 @@ class Context:
     problem: Problem
     scen: Scenarios  # held-out scoring scenarios
     mean: Scenarios  # their mean: what greedy placement plans with
-    defer_late: bool = False  # the core serves hopeless requests last (ServingStyle)
-
-    def score(self, queues: Queues) -> Score:
-        """``queues`` scored on the scoring scenarios, served as the policy is."""
-        return simulate(self.problem, self.scen, queues, self.defer_late)
 
 
 def prepare(
@@ -95,7 +90,6 @@ def prepare(
     scenarios: int = 50,
     max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
     clairvoyant: bool = False,
-    defer_late: bool = False,
 ) -> Context:
     """Groups, problem arrays and ``scenarios`` scoring scenarios for ``snapshot``.
 
@@ -118,7 +112,7 @@ def prepare(
         scen = known_scenario(problem, rng, max(1, scenarios))
     else:
         scen = sample_scenarios(problem, lengths, rng, max(1, scenarios))
-    return Context(problem, scen, scen.mean(), defer_late)
+    return Context(problem, scen, scen.mean())
 
 
 def _true_length(request: Request) -> float:
@@ -194,13 +188,7 @@ class BasePolicy(ABC):
     def prepare(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Context:
         """See :func:`prepare`."""
         return prepare(
-            snapshot,
-            self.lengths,
-            rng,
-            self.scenarios,
-            self.max_group_size,
-            self.clairvoyant,
-            self.serving.defers_late,
+            snapshot, self.lengths, rng, self.scenarios, self.max_group_size, self.clairvoyant
         )
 
 
@@ -225,7 +213,7 @@ class OrderPolicy(BasePolicy):
         t0 = time.perf_counter()
         ctx = self.prepare(snapshot, rng)
         queues = H.greedy_place(ctx.problem, ctx.mean, self._order(ctx.problem))
-        score = ctx.score(queues)
+        score = simulate(ctx.problem, ctx.scen, queues)
         stats = SolverStats(
             build_s=time.perf_counter() - t0,
             status="heuristic",
@@ -256,7 +244,7 @@ def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order
         key = tuple(order)
         if key not in placed:
             queues = H.greedy_place(pb, ctx.mean, order)
-            placed[key] = (queues, ctx.score(queues))
+            placed[key] = (queues, simulate(pb, ctx.scen, queues))
         out[name] = (*placed[key], order, blocks)
     return out
 
@@ -366,7 +354,7 @@ class QlmPolicy(BasePolicy):
             sequence, blocks = _milp_sequence(ctx, cands)
             queues = _kept_queues(ctx, kept, sequence)
             if queues is not None:
-                score = ctx.score(queues)
+                score = simulate(ctx.problem, ctx.scen, queues)
                 cands["milp-kept"] = (queues, score, sequence, blocks)
         best = best_candidate(cands)
         if best != "milp-kept":
@@ -423,7 +411,7 @@ class QlmPolicy(BasePolicy):
             note = f"MILP found no plan ({res.status}); fell back to the heuristic"
         else:
             for name, q in program_queues(ctx, res, order).items():
-                sc = ctx.score(q)
+                sc = simulate(pb, ctx.scen, q)
                 scores[name] = sc.attainment
                 if sc.attainment > chosen_s.attainment:
                     chosen_q, chosen_s, chosen = q, sc, name
@@ -451,7 +439,7 @@ ROUTER = ServingStyle(router=True, evicts=False, defers_late=False)
 POLICIES: dict[str, Callable[..., BasePolicy]] = {
     # what users run today: a router forwarding at once to vLLM's FCFS (or priority) queue
     "fcfs": lambda **o: OrderPolicy("fcfs", H.fcfs_order, ROUTER, **o),
-    # textbook EDF: no eviction, and the late still go first (the domino effect)
+    # textbook EDF: no eviction, and requests already late still go first
     "edf": lambda **o: OrderPolicy(
         "edf", H.edf_order, ServingStyle(evicts=False, defers_late=False), **o
     ),

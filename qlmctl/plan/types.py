@@ -199,8 +199,9 @@ class ServingStyle:
     # forward every request to vLLM at once, without backpressure (what routers do today)
     router: bool = False
     evicts: bool = True  # evict running work when the plan says a more urgent head misses
-    # a request that can no longer get its first token in time when its turn comes is
-    # served after the rest of its instance's queue (it would only make others late)
+    # the core serves a request that can no longer get its first token in time when its
+    # turn comes after the rest of its instance's queue (it would only make others late);
+    # plans do not count on it: they shed what they foresee will miss
     defers_late: bool = True
     vllm_priority: bool = False  # send each group's class priority to vLLM's scheduler
 

@@ -18,6 +18,8 @@ How it works:
   A head that can no longer get its first token by its deadline (``defer_late``, as the
   policy's serving style says) goes behind the rest of that queue: it misses either way,
   and served first it would make the requests behind it miss too (EDF's domino effect).
+  Plans do not count on this safety net (scored as if it deferred, the planner shed
+  less and did worse in two of three shapes); they shed what they foresee will miss.
 * **Eviction.** When the plan in force says the head would miss its deadline waiting for
   a slot (or the start it forecast for the head has passed), the head can still make it,
   and less urgent work (a higher class ``priority`` number) fills the instance, the newest

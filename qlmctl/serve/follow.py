@@ -29,7 +29,7 @@ import numpy as np
 
 from qlmctl.plan import heuristics as H
 from qlmctl.plan.policies import BasePolicy, Context
-from qlmctl.plan.simulate import Queues, Score
+from qlmctl.plan.simulate import Queues, Score, simulate
 from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, QueueSnapshot, SolverStats
 from qlmctl.serve.config import split_policy
 
@@ -68,10 +68,10 @@ class PlanFollower:
         follow, moved = self._following(snapshot, fresh)
         ctx: Context = self.inner.prepare(snapshot, rng)
         kept_q, fresh_q = _queues(ctx, follow), _queues(ctx, fresh)
-        kept_s = ctx.score(kept_q)
+        kept_s = simulate(ctx.problem, ctx.scen, kept_q)
         if fresh_q == kept_q:
             return self._answer(follow, kept_s, kept_s, t0, moved)
-        fresh_s = ctx.score(fresh_q)
+        fresh_s = simulate(ctx.problem, ctx.scen, fresh_q)
         if fresh_s.attainment > kept_s.attainment + self.margin:
             self.departures += 1
             self.committed = _merge(fresh, self.committed)
