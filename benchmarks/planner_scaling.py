@@ -105,9 +105,13 @@ def make_snapshot(n_groups: int, n_inst: int, seed: int) -> QueueSnapshot:
     return QueueSnapshot(float(arrivals[-1]), reqs, insts, classes, perf)
 
 
-def held_out(plan: Plan, snap: QueueSnapshot, seed: int, count: int = 300) -> float:
-    """Attainment of ``plan`` on ``count`` scenarios independent of the planner's."""
-    ctx = prepare(snap, LengthModel(), np.random.default_rng(10_000 + seed), 1, GROUP_SIZE)
+def held_out(
+    plan: Plan, snap: QueueSnapshot, seed: int, defer_late: bool, count: int = 300
+) -> float:
+    """Attainment of ``plan`` on ``count`` scenarios independent of the planner's, served
+    deferring hopeless requests or not (as its policy's serving style says)."""
+    rng = np.random.default_rng(10_000 + seed)
+    ctx = prepare(snap, LengthModel(), rng, 1, GROUP_SIZE, defer_late=defer_late)
     scen = sample_scenarios(ctx.problem, LengthModel(), np.random.default_rng(20_000 + seed), count)
     return simulate(ctx.problem, scen, plan_queues(plan, ctx.problem)).attainment
 
@@ -123,9 +127,11 @@ def run_cell(g: int, i: int, s: int, seed: int, time_limit: float) -> dict[str, 
     snap = make_snapshot(g, i, seed)
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
-    heur = make_policy("heuristic", scenarios=50, max_group_size=GROUP_SIZE).plan(snap, rng)
+    heuristic = make_policy("heuristic", scenarios=50, max_group_size=GROUP_SIZE)
+    heur = heuristic.plan(snap, rng)
     fast_ms = (time.perf_counter() - t0) * 1000
-    edf = make_policy("edf", scenarios=50, max_group_size=GROUP_SIZE).plan(snap, rng)
+    edf_policy = make_policy("edf", scenarios=50, max_group_size=GROUP_SIZE)
+    edf = edf_policy.plan(snap, rng)
     qlm = QlmPolicy(time_limit_s=time_limit, milp_scenarios=s, max_group_size=GROUP_SIZE)
     q = qlm.plan(snap, np.random.default_rng(seed))
     st = q.solver
@@ -137,9 +143,9 @@ def run_cell(g: int, i: int, s: int, seed: int, time_limit: float) -> dict[str, 
         "gap": st.mip_gap if st.mip_gap is not None else float("nan"),
         "status": st.status,  # type: ignore[dict-item]
         "milp_won": float(st.chosen == "milp"),
-        "edf": held_out(edf, snap, seed),
-        "heuristic": held_out(heur, snap, seed),
-        "qlm": held_out(q, snap, seed),
+        "edf": held_out(edf, snap, seed, edf_policy.serving.defers_late),
+        "heuristic": held_out(heur, snap, seed, heuristic.serving.defers_late),
+        "qlm": held_out(q, snap, seed, qlm.serving.defers_late),
     }
 
 
@@ -197,7 +203,7 @@ def main() -> None:
 def gap_run(g: int, i: int, seed: int, time_limit: float) -> dict[str, float]:
     """One solve of the program as qlm runs it (S=10, warm-started from the heuristic)."""
     snap = make_snapshot(g, i, 1000 + seed)
-    ctx = prepare(snap, LengthModel(), np.random.default_rng(seed), 50, GROUP_SIZE)
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(seed), 50, GROUP_SIZE, defer_late=True)
     cands = heuristic_candidates(ctx)
     warm = instance_of(cands[best_candidate(cands)][0], ctx.problem.num_groups)
     scen = sample_scenarios(ctx.problem, LengthModel(), np.random.default_rng(seed + 1), 10)
@@ -213,7 +219,8 @@ def program_cell(g: int, i: int, seed: int, time_limit: float) -> dict[str, floa
     """The program's own plans (the better of its two on its in-sample scenarios) with
     S=1 (mean value), S=10 and the true lengths, scored held-out and on the truth."""
     snap = make_snapshot(g, i, seed)
-    ctx = prepare(snap, LengthModel(), np.random.default_rng(seed), 50, GROUP_SIZE)
+    # served as qlm serves its plans: hopeless requests deferred
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(seed), 50, GROUP_SIZE, defer_late=True)
     pb = ctx.problem
     held = sample_scenarios(pb, LengthModel(), np.random.default_rng(20_000 + seed), 300)
     truth = known_scenario(pb)

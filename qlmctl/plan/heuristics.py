@@ -22,7 +22,7 @@ import numpy as np
 
 from qlmctl.plan.estimator import Scenarios
 from qlmctl.plan.problem import Problem
-from qlmctl.plan.simulate import Queues, first_tokens
+from qlmctl.plan.simulate import Queues, serve_group
 from qlmctl.plan.slots import EngineState
 
 Order = list[int]
@@ -55,7 +55,7 @@ class _Placement:
         self.queues: list[list[int]] = [[] for _ in range(problem.num_instances)]
         self.engines = [e.copy() for e in mean.engines]
         self.loaded = problem.init_model.copy()
-        self.first_token_s: dict[int, np.ndarray] = {}  # group -> [n] first-token times
+        self.misses: dict[int, np.ndarray] = {}  # group -> [n] whether each request misses
         self.prefill_s = problem.group_prefill_s()
         # per instance: the work queued on its engine (slot and pipeline free times summed);
         # NOTE: kept up to date by add/remove, so best() does not re-sum every engine
@@ -105,15 +105,13 @@ class _Placement:
             self.loaded[i] = m
         decode = np.full((1, int(pb.size[g])), self.mean.decode_s[g, i, 0])
         urgent = self.mean.urgent_load[g, i]
-        self.first_token_s[g] = first_tokens(pb, self.engines[i], g, i, decode, urgent)[2][0]
+        self.misses[g] = serve_group(pb, self.engines[i], g, i, decode, urgent)[2][0]
         self.queues[i].append(g)
         self.queued[i] = self._work(i)
 
     def late(self, g: int) -> bool:
-        """Whether a request of ``g`` (queued) gets its first token after its deadline."""
-        pb = self.problem
-        rows = slice(pb.req_offsets[g], pb.req_offsets[g + 1])
-        return bool((self.first_token_s[g] > pb.req_deadline_s[rows]).any())
+        """Whether a request of ``g`` (queued) misses its deadline."""
+        return bool(self.misses[g].any())
 
     def remove(self, g: int, i: int) -> None:
         """Take ``g`` off ``i`` and replay the rest of its queue (from the start, or with

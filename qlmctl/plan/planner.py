@@ -79,22 +79,23 @@ def compare_policies(
     held_out: int = HELD_OUT_SCENARIOS,
 ) -> dict[str, Compared]:
     """Plan with each policy in ``names``; score all on the same held-out scenarios."""
-    out_plans: dict[str, tuple[Plan, float]] = {}
+    out_plans: dict[str, tuple[Plan, float, bool]] = {}  # plan, wall, served deferring late
     for name in names:
         policy = make_policy(name, **options)
         t0 = time.perf_counter()
         plan = policy.plan(snapshot, np.random.default_rng(seed))
-        out_plans[name] = (plan, time.perf_counter() - t0)
+        out_plans[name] = (plan, time.perf_counter() - t0, policy.serving.defers_late)
     ctx = prepare(snapshot, LengthModel(), np.random.default_rng(seed), 1, _group_size(options))
     scen = sample_scenarios(
         ctx.problem, LengthModel(), np.random.default_rng(seed + 7919), held_out
     )
     index = {g.group_id: k for k, g in enumerate(ctx.problem.groups)}
     result = {}
-    for name, (plan, wall) in out_plans.items():
+    for name, (plan, wall, defer_late) in out_plans.items():
         queues = tuple(tuple(index[g.group_id] for g in ip.groups) for ip in plan.instances)
         check_queues(ctx.problem, queues)
-        result[name] = Compared(plan, simulate(ctx.problem, scen, queues), wall)
+        served = replace(ctx.problem, defer_late=defer_late)
+        result[name] = Compared(plan, simulate(served, scen, queues), wall)
     return result
 
 

@@ -90,11 +90,13 @@ def prepare(
     scenarios: int = 50,
     max_group_size: int = DEFAULT_MAX_GROUP_SIZE,
     clairvoyant: bool = False,
+    defer_late: bool = False,
 ) -> Context:
     """Groups, problem arrays and ``scenarios`` scoring scenarios for ``snapshot``.
 
     With ``clairvoyant`` the true output lengths replace the estimates and the known
-    scenarios (true lengths, sampled arrivals) replace the sampled ones.
+    scenarios (true lengths, sampled arrivals) replace the sampled ones. ``defer_late``:
+    plans will be served deferring hopeless requests (:attr:`Problem.defer_late`).
     """
     lengths.set_priors(snapshot.perf)
     estimate = _true_length if clairvoyant else lengths.expected
@@ -107,7 +109,7 @@ def prepare(
         return value
 
     groups = build_groups(snapshot.waiting, snapshot.slo_classes, expected, max_group_size)
-    problem = build_problem(snapshot, groups, expected)
+    problem = replace(build_problem(snapshot, groups, expected), defer_late=defer_late)
     if clairvoyant:
         scen = known_scenario(problem, rng, max(1, scenarios))
     else:
@@ -188,7 +190,13 @@ class BasePolicy(ABC):
     def prepare(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Context:
         """See :func:`prepare`."""
         return prepare(
-            snapshot, self.lengths, rng, self.scenarios, self.max_group_size, self.clairvoyant
+            snapshot,
+            self.lengths,
+            rng,
+            self.scenarios,
+            self.max_group_size,
+            self.clairvoyant,
+            self.serving.defers_late,
         )
 
 

@@ -106,6 +106,9 @@ class Problem:
     stream_load: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [K, I]
     stream_seen: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [K] arrivals
     arrival_window_s: float = 0.0
+    # how its plans are served: a request that can no longer make its deadline when its
+    # turn comes goes behind its instance's queue (ServingStyle.defers_late)
+    defer_late: bool = False
 
     def group_prefill_s(self) -> np.ndarray:
         """[G, I] pipeline seconds of each group's prompts on each instance."""

@@ -90,8 +90,8 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
             n = int(problem.size[g])
             decode = np.broadcast_to(scen.decode_s[g, i][:, None], (n_s, n))
             urgent = scen.urgent_load[g, i]
-            starts, prefilled, tokens = first_tokens(problem, engine, g, i, decode, urgent)
-            req_late[:, rows] = tokens > problem.req_deadline_s[rows]
+            starts, prefilled, late = serve_group(problem, engine, g, i, decode, urgent)
+            req_late[:, rows] = late
             req_start[:, rows] = starts
             start[g], finish[g] = starts[:, 0], prefilled[:, -1] + decode[:, -1]
     first = problem.req_offsets[:-1]
@@ -102,8 +102,38 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
     )
 
 
-def first_tokens(
+def serve_group(
     problem: Problem, engine: EngineState, g: int, i: int, decode: np.ndarray, urgent: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Serve group ``g`` on instance ``i``'s ``engine`` (updated) as the core would;
+    its requests' ([S, n] dispatch times, [S, n] prefill ends, [S, n] whether each misses).
+
+    With ``problem.defer_late``, a request whose first token would be late even alone
+    when its turn comes goes behind the instance's queue: it misses and holds up no one
+    (its times are those it had before it was deferred).
+    """
+    rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
+    deadline = problem.req_deadline_s[rows]
+    before = engine.copy() if problem.defer_late else engine
+    starts, prefilled, tokens = first_tokens(problem, engine, g, i, decode, urgent)
+    late = tokens > deadline
+    if problem.defer_late:
+        hopeless = starts + problem.req_ttft_s[rows, i] > deadline
+        if hopeless.any():
+            engine.slots, engine.pipeline_s = before.slots, before.pipeline_s
+            tokens = first_tokens(problem, engine, g, i, decode, urgent, hopeless)[2]
+            late = hopeless | (tokens > deadline)
+    return starts, prefilled, late
+
+
+def first_tokens(
+    problem: Problem,
+    engine: EngineState,
+    g: int,
+    i: int,
+    decode: np.ndarray,
+    urgent: np.ndarray,
+    skip: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Serve group ``g`` on instance ``i``'s ``engine`` (updated); its requests'
     ([S, n] dispatch times, [S, n] prefill ends, [S, n] first-token times).
@@ -111,14 +141,44 @@ def first_tokens(
     Arrivals that will go ahead of the group take ``urgent`` ([S]) of the instance while
     it waits: its wait stretches by ``1 / (1 - urgent)`` (the engine's own state does
     not: every group is stretched from its unstretched start).
+
+    ``skip`` ([S, n] bool) marks requests deferred in each scenario: they take neither
+    slot time nor pipeline time here (their times are those of a zero-length request
+    behind the rest of the group; they are served after the instance's queue).
     """
     rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
-    starts, prefilled = engine.serve(decode, problem.req_prefill_s[rows, i], problem.release_s[g])
+    if skip is None:
+        starts, prefilled = engine.serve(
+            decode, problem.req_prefill_s[rows, i], problem.release_s[g]
+        )
+    else:
+        starts, prefilled = _serve_kept(problem, engine, g, i, decode, skip)
     overhead = problem.overhead_s[problem.group_model[g], i]
     tokens = np.maximum(prefilled + overhead, starts + problem.req_ttft_s[rows, i])
     stretch = (urgent / (1.0 - urgent))[:, None]
     delay = np.maximum(starts - problem.now_s, 0.0) * stretch
     return starts + delay, prefilled + delay, tokens + delay
+
+
+def _serve_kept(
+    problem: Problem, engine: EngineState, g: int, i: int, decode: np.ndarray, skip: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:meth:`EngineState.serve` of group ``g`` without the requests ``skip`` marks:
+    per scenario the kept ones run in queue order, the skipped ones cost nothing."""
+    rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
+    order = np.argsort(skip, axis=1, kind="stable")  # kept first, each in queue order
+    kept = ~np.take_along_axis(skip, order, axis=1)
+    prefill = np.broadcast_to(problem.req_prefill_s[rows, i], decode.shape)
+    pipeline = engine.pipeline_s.copy()
+    starts, prefilled = engine.serve(
+        np.take_along_axis(decode, order, axis=1) * kept,
+        np.take_along_axis(prefill, order, axis=1) * kept,
+        problem.release_s[g],
+    )
+    # the pipeline is free once the last kept prompt is in
+    engine.pipeline_s[:] = np.maximum(pipeline, np.where(kept, prefilled, -np.inf).max(axis=1))
+    back = np.argsort(order, axis=1)
+    return np.take_along_axis(starts, back, axis=1), np.take_along_axis(prefilled, back, axis=1)
 
 
 def _summarise(

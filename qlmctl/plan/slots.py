@@ -64,7 +64,7 @@ class EngineState:
 
         Args:
             decode: [S, n] seconds each request decodes once its prompt is in.
-            prefill: [n] pipeline seconds of each request's prompt.
+            prefill: [n] (or [S, n]) pipeline seconds of each request's prompt.
             not_before: no request starts earlier (the group's release time).
 
         Returns:
@@ -84,7 +84,7 @@ class EngineState:
             ready = (base + done - hold).reshape(n_s, rounds * b)[:, :n]
         # NOTE: pipeline recursion end_j = max(end_{j-1}, ready_j) + prefill_j, unrolled:
         # end_j = P_j + max(pipeline, max_{k<=j} (ready_k - P_{k-1})), P = cumsum(prefill)
-        total = np.cumsum(prefill)
+        total = np.cumsum(prefill, axis=-1)
         end = total + np.maximum(
             self.pipeline_s[:, None], np.maximum.accumulate(ready - (total - prefill), axis=1)
         )

@@ -61,6 +61,7 @@ from qlmctl.engine.events import (
 )
 from qlmctl.errors import BadInput
 from qlmctl.perfmodel import PerfModel, swap_time_s
+from qlmctl.plan.problem import first_token_s
 from qlmctl.plan.types import (
     InstanceState,
     Plan,
@@ -530,11 +531,14 @@ class ServeCore:
 
     def _too_late(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> bool:
         """Whether ``tr``, dispatched now on ``inst``, gets its first token past its
-        deadline even alone."""
+        deadline even with the pipeline to itself (beside the decodes running there:
+        the planner's ``req_ttft_s``)."""
         if now_s > tr.deadline_s:
             return True
         perf = self._perf[(tr.request.model, inst.spec.gpu)]
-        return now_s + perf.prefill_time_s(tr.request.prompt_tokens) > tr.deadline_s
+        batch, context = self._decode_load(tr, inst)
+        ttft = first_token_s(perf, np.array([float(tr.request.prompt_tokens)]), batch, context)
+        return now_s + float(ttft[0]) > tr.deadline_s
 
     @staticmethod
     def _defer(vq: deque[QueuedGroup], group: QueuedGroup, request_id: str) -> None:
