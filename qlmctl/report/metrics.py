@@ -20,7 +20,8 @@ Every metric is a pure, vectorised (pandas) function of a :class:`RunLog`. Defin
 * **utilisation** of an instance = length of the union of its attempts'
   [dispatch, finish] intervals / duration (share of the run with ≥1 request in flight).
 * **operations**: swaps, wakes, sleeps, evictions, re-plans, instance downs from
-  operations.parquet (solver time = Σ replan ``duration_s``); failed and rejected
+  operations.parquet (solver time = run.json ``solver_wall_s``, else Σ replan
+  ``duration_s``: a simulated run logs no wall-clock time per re-plan); failed and rejected
   *attempts* from requests.parquet. **Per operation** (:class:`OperationStat`): its
   count, Σ ``duration_s`` (load time of swaps and wakes, call time of sleeps, solver
   time of re-plans), and for evictions the tokens they cost: **kept** = output tokens
@@ -114,7 +115,7 @@ class OperationCounts:
     failed_attempts: int
     rejected_attempts: int
     swap_time_s: float  # Σ duration_s of swaps and wakes
-    solver_time_s: float  # Σ duration_s of replans
+    solver_time_s: float  # run.json solver_wall_s, else Σ duration_s of replans
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,8 +298,17 @@ def operation_counts(run: RunLog) -> OperationCounts:
         failed_attempts=int(outcomes.get(FAILED, 0)),
         rejected_attempts=int(outcomes.get(REJECTED, 0)),
         swap_time_s=float(duration[ops["kind"].isin(["swap", "wake"])].sum()),
-        solver_time_s=float(duration[ops["kind"] == "replan"].sum()),
+        solver_time_s=solver_time_s(run),
     )
+
+
+def solver_time_s(run: RunLog) -> float:
+    """The policy's wall-clock solve time: run.json ``solver_wall_s`` (the only record of
+    it in a simulated run), else Σ ``duration_s`` of the re-plans (older logs)."""
+    if run.meta.get("solver_wall_s") is not None:
+        return float(run.meta["solver_wall_s"])
+    ops = run.operations
+    return float(ops.loc[ops["kind"] == "replan", "duration_s"].fillna(0.0).sum())
 
 
 _OP_ORDER = ("swap", "wake", "sleep", "evict", "replan", "instance_down", "instance_up")
@@ -335,9 +345,10 @@ def operation_stats(run: RunLog) -> tuple[OperationStat, ...]:
         tokens: tuple[int | None, int | None, int | None] = (None, None, None)
         if kind == "evict":
             tokens = eviction_tokens(run)
-        out.append(
-            OperationStat(kind, len(rows), float(rows["duration_s"].fillna(0.0).sum()), *tokens)
+        seconds = (
+            solver_time_s(run) if kind == "replan" else float(rows["duration_s"].fillna(0.0).sum())
         )
+        out.append(OperationStat(kind, len(rows), seconds, *tokens))
     return tuple(out)
 
 

@@ -353,9 +353,11 @@ class RealDriver:
             )
             await self._next_items(max(0.0, next_t - self.clock.now()))
         duration = self.clock.now()
+        stats = core.stats()
         log.close(duration_s=duration, interrupted=interrupted, speed_factors=core.speed_factors(),
-                  sleep_wake_measured=self.sleep_wake_measured)  # fmt: skip
-        summary = RunSummary.from_stats(core.stats(), run_dir, self.policy.name, "vllm", duration)
+                  sleep_wake_measured=self.sleep_wake_measured,
+                  solver_wall_s=stats.solver_wall_s)  # fmt: skip
+        summary = RunSummary.from_stats(stats, run_dir, self.policy.name, "vllm", duration)
         return summary.with_interrupted(interrupted)
 
     async def _next_items(self, timeout_s: float) -> None:

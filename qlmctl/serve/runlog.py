@@ -3,8 +3,9 @@
 A run is a directory ``RUN/`` holding
 
 * ``run.json``: schema version, run id, policy, engine, workload fingerprint, config;
-  at the end the duration and the speed the profiles were calibrated to
-  (``speed_factors``: observed / profiled step time per ``model@gpu``);
+  at the end the duration, the speed the profiles were calibrated to
+  (``speed_factors``: observed / profiled step time per ``model@gpu``) and the policy's
+  wall-clock solve time (``solver_wall_s``);
 * ``requests.parquet``: one row per request *attempt* (an evicted request that is
   re-queued and finishes elsewhere has two rows: ``evicted`` then ``finished``). An
   evicted request keeps its output (evict-and-resume): the evicted row's ``kept_tokens``
@@ -12,7 +13,9 @@ A run is a directory ``RUN/`` holding
   ``output_tokens`` count the whole output so far and ``cached_tokens`` the prompt tokens
   (original prompt plus resumed output) the engine's prefix cache served;
 * ``operations.parquet``: swaps, wakes, sleeps, evictions, re-plans (solver stats in
-  ``detail`` as JSON), instances going down or up.
+  ``detail`` as JSON), instances going down or up. A simulated run's re-plans carry no
+  wall-clock time (``duration_s`` null, no ``build_s``/``solve_s`` in ``detail``), so its
+  two Parquet files depend only on its inputs and seed, byte for byte.
 
 Rows are written incrementally: every flush writes a numbered part file under
 ``RUN/parts/``; :meth:`RunLogWriter.close` merges the parts into the two files above and
@@ -98,7 +101,7 @@ OPERATIONS_SCHEMA = pa.schema(
         ("model", pa.string()),  # model loaded (swap, wake) or of the evicted request
         ("from_model", pa.string()),
         ("request_id", pa.string()),
-        ("duration_s", pa.float64()),  # swap/wake time, or solver wall time for replan
+        ("duration_s", pa.float64()),  # swap/wake time; replan: solver wall time (real runs)
         ("detail", pa.string()),  # JSON: solver stats, reasons
     ]
 )
@@ -183,7 +186,8 @@ class RunLogWriter:
             return
         self.flush()
         for name, schema in _TABLES.items():
-            table = _read_parts(self._parts, name, schema)
+            # one chunk per column: the bytes must not depend on when parts were flushed
+            table = _read_parts(self._parts, name, schema).combine_chunks()
             with atomic_path(self.path / f"{name}.parquet") as tmp:
                 pq.write_table(table, tmp)
         shutil.rmtree(self._parts)

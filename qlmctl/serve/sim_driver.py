@@ -4,7 +4,8 @@ A discrete-event loop: the next moment is the earliest of the next arrival, the 
 next event and the core's next timer; the clock jumps there, the engine's events up to
 it and the arrivals at it are fed to the core, and the core's actions are applied to the
 engine. Ties are broken in one fixed order (engine events, then arrivals, then
-decisions), so the same inputs and seed give identical request tables.
+decisions), so the same inputs and seed give byte-identical Parquet files: the policy's
+wall-clock solve times stay out of them (run.json's ``solver_wall_s`` has their total).
 
 The background improver (the ``qlm`` policy's MILP) runs synchronously at the re-plan
 that offers a snapshot, while virtual time stands still, only when ``improve=True``
@@ -79,7 +80,7 @@ def run_simulated(
     scheduling = "priority" if config.vllm_priority else "fcfs"
     engine = SimEngine(cluster, perf, scheduling=scheduling)
     rng = np.random.default_rng(seed)
-    core = ServeCore(cluster, workload.slo_classes, perf, policy, config, rng)
+    core = ServeCore(cluster, workload.slo_classes, perf, policy, config, rng, log_wall_times=False)
     improve_rng = np.random.default_rng([seed, 1])
     clock = VirtualClock()
     requests = workload.requests
@@ -137,7 +138,12 @@ def run_simulated(
         if on_progress is not None:
             on_progress(stats, clock.now())
         stopped = interrupted.is_set()
-        log.close(duration_s=clock.now(), interrupted=stopped, speed_factors=core.speed_factors())
+        log.close(
+            duration_s=clock.now(),
+            interrupted=stopped,
+            speed_factors=core.speed_factors(),
+            solver_wall_s=stats.solver_wall_s,
+        )
     summary = RunSummary.from_stats(stats, Path(run_dir), policy.name, "sim", clock.now())
     return summary.with_interrupted(stopped)
 
