@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from qlmctl.serve.runlog import CANCELLED, EVICTED, FAILED, FINISHED, REJECTED, RunLog
+from qlmctl.serve.runlog import Outcome, RunLog
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +200,7 @@ def request_table(run: RunLog) -> pd.DataFrame:
     out = run.final_attempts.set_index("request_id")
     out["arrival_s"] = by_req["arrival_s"].min()
     out["first_dispatch_s"] = by_req["dispatch_s"].min()
-    finished = out["outcome"] == FINISHED
+    finished = out["outcome"] == Outcome.FINISHED
     out["met"] = finished & out["slo_met"].eq(True)
     out["weight"] = out["slo_class"].map(class_weights(run)).fillna(1.0).astype(float)
     out["ttft_s"] = (out["first_token_s"] - out["arrival_s"]).where(finished)
@@ -212,7 +212,7 @@ def request_table(run: RunLog) -> pd.DataFrame:
 def group_metrics(req: pd.DataFrame, duration_s: float) -> GroupMetrics:
     """Metrics of the requests in ``req`` (rows of :func:`request_table`)."""
     outcome = req["outcome"]
-    finished = req[outcome == FINISHED]
+    finished = req[outcome == Outcome.FINISHED]
     n, met = len(req), int(req["met"].sum())
     per_s = 1.0 / duration_s if duration_s > 0 else 0.0
     prompt = int(finished["prompt_tokens"].fillna(0).sum())
@@ -222,10 +222,10 @@ def group_metrics(req: pd.DataFrame, duration_s: float) -> GroupMetrics:
         requests=n,
         met=met,
         finished=len(finished),
-        failed=int((outcome == FAILED).sum()),
-        rejected=int((outcome == REJECTED).sum()),
-        cancelled=int((outcome == CANCELLED).sum()),
-        unfinished=int((outcome == EVICTED).sum()),
+        failed=int((outcome == Outcome.FAILED).sum()),
+        rejected=int((outcome == Outcome.REJECTED).sum()),
+        cancelled=int((outcome == Outcome.CANCELLED).sum()),
+        unfinished=int((outcome == Outcome.EVICTED).sum()),
         attainment=met / n if n else None,
         weighted_attainment=float((req["weight"] * req["met"]).sum()) / weight if n else None,
         goodput_rps=met * per_s,
@@ -295,8 +295,8 @@ def operation_counts(run: RunLog) -> OperationCounts:
         evictions=int(kinds.get("evict", 0)),
         replans=int(kinds.get("replan", 0)),
         instance_downs=int(kinds.get("instance_down", 0)),
-        failed_attempts=int(outcomes.get(FAILED, 0)),
-        rejected_attempts=int(outcomes.get(REJECTED, 0)),
+        failed_attempts=int(outcomes.get(Outcome.FAILED, 0)),
+        rejected_attempts=int(outcomes.get(Outcome.REJECTED, 0)),
         swap_time_s=float(duration[ops["kind"].isin(["swap", "wake"])].sum()),
         solver_time_s=solver_time_s(run),
     )
@@ -319,7 +319,7 @@ def eviction_tokens(run: RunLog) -> tuple[int, int, int]:
     att = run.requests
     if att.empty:
         return 0, 0, 0
-    evicted = att[att["outcome"] == EVICTED]
+    evicted = att[att["outcome"] == Outcome.EVICTED]
     out = evicted["output_tokens"].fillna(0)
     kept_col = evicted["kept_tokens"] if "kept_tokens" in evicted else pd.Series(dtype=float)
     kept = kept_col.reindex(evicted.index).fillna(0)

@@ -74,9 +74,17 @@ from qlmctl.serve.config import (
     length_observer,
     split_policy,
 )
+from qlmctl.serve.runlog import Outcome
 from qlmctl.serve.state import InstanceRecord, InstStatus, QueuedGroup, ReqState, Tracked
 
 ARRIVAL_WINDOW_S = 60.0  # a snapshot carries this much arrival history (the rates' fit)
+# final verb -> the outcome it logs
+_FINAL_OUTCOME = {
+    "finish": Outcome.FINISHED,
+    "fail": Outcome.FAILED,
+    "reject": Outcome.REJECTED,
+    "cancel": Outcome.CANCELLED,
+}
 
 
 class ServeCore:
@@ -259,7 +267,7 @@ class ServeCore:
     def refuse(self, request: Request, now_s: float, reason: str) -> None:
         """Admission control turned ``request`` away: one final ``rejected`` row, never queued."""
         self.on_arrival(request, now_s)
-        self._end(self._reqs[request.id], now_s, "refuse", None, reason, outcome="rejected")
+        self._end(self._reqs[request.id], now_s, "refuse", None, reason, outcome=Outcome.REJECTED)
 
     # ---- decisions out --------------------------------------------------------------
 
@@ -690,7 +698,7 @@ class ServeCore:
         tokens = tr.kept_tokens + ev.output_tokens  # the request's output so far
         if tr.state is ReqState.EVICTED or ev.reason in ("evicted", "swap"):
             reason = tr.evict_reason or ev.reason
-            self._end(tr, ev.time_s, "requeue", tokens, reason, outcome="evicted")
+            self._end(tr, ev.time_s, "requeue", tokens, reason, outcome=Outcome.EVICTED)
         elif not ev.retryable:
             self._end(tr, ev.time_s, "reject", tokens, ev.reason)
         else:
@@ -702,7 +710,7 @@ class ServeCore:
             why = f"{reason} (gave up after {tr.failures} failed attempts)"
             self._end(tr, now_s, "fail", tokens, why)
         else:
-            self._end(tr, now_s, "requeue", tokens, reason, outcome="failed")
+            self._end(tr, now_s, "requeue", tokens, reason, outcome=Outcome.FAILED)
 
     def _end(
         self,
@@ -711,24 +719,17 @@ class ServeCore:
         verb: str,
         tokens: int | None,
         reason: str,
-        outcome: str | None = None,
+        outcome: Outcome | None = None,
     ) -> None:
-        """End the current attempt of ``tr`` with ``verb`` and log it."""
+        """End the current attempt of ``tr`` with ``verb`` and log it (the outcome a final
+        verb implies, unless given: a re-queue says why)."""
         was_waiting = tr.state is ReqState.WAITING
         if tr.instance_id is not None and not was_waiting:
             inst = self._insts[tr.instance_id]
             inst.remove_inflight(tr)
             inst.evicting.pop(tr.id, None)
         tr.move(verb)
-        outcome = (
-            outcome
-            or {
-                "finish": "finished",
-                "fail": "failed",
-                "reject": "rejected",
-                "cancel": "cancelled",
-            }[verb]
-        )
+        outcome = outcome or _FINAL_OUTCOME[verb]
         self._attempt_rows.append(tr.attempt_row(now_s, outcome, tokens, reason))
         if verb == "requeue":
             # evict-and-resume: the next attempt starts after the output kept (unknown
@@ -780,7 +781,7 @@ class ServeCore:
         self._log_op(now_s, "instance_down", inst.spec.id, inst.model, detail={"reason": ev.reason})
         for tr in [*inst.inflight.values(), *inst.evicting.values()]:
             if tr.state is ReqState.EVICTED:
-                self._end(tr, now_s, "requeue", None, tr.evict_reason, outcome="evicted")
+                self._end(tr, now_s, "requeue", None, tr.evict_reason, outcome=Outcome.EVICTED)
             else:
                 self._fail_attempt(tr, now_s, None, f"instance {inst.spec.id} down: {ev.reason}")
         self._replan_due = True

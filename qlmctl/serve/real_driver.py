@@ -93,7 +93,7 @@ from qlmctl.serve.run import (
     run_meta,
     write_rows,
 )
-from qlmctl.serve.runlog import FAILED, FINAL_OUTCOMES, RunLogWriter
+from qlmctl.serve.runlog import FINAL_OUTCOMES, Outcome, RunLogWriter
 from qlmctl.serve.state import ReqState
 from qlmctl.workload import Workload, prompt_for
 
@@ -149,7 +149,7 @@ class LiveRequest(Protocol):
         """
         ...
 
-    def ended(self, outcome: str, reason: str | None) -> None:
+    def ended(self, outcome: Outcome, reason: str | None) -> None:
         """The request ended for good (a final run-log outcome); called once."""
         ...
 
@@ -573,17 +573,17 @@ class RealDriver:
         A live request's client hears the final outcome here, once the core has logged it.
         """
         rid = row["request_id"]
-        if row["outcome"] == "finished":
+        if row["outcome"] == Outcome.FINISHED:
             row["itl_max_s"] = self.itl_max.pop(rid, None)
             row["cached_tokens"] = self.cached.pop(rid, None)
         elif rid in self.live:
             row["output_tokens"] = None  # a client's own stream: we do not count its tokens
         final = row["outcome"] in FINAL_OUTCOMES or (
-            row["outcome"] == FAILED and self.core.state_of(rid) is ReqState.FAILED
+            row["outcome"] == Outcome.FAILED and self.core.state_of(rid) is ReqState.FAILED
         )
         if final:
             got = self.progress.pop(rid, None)
-            if self.keep_outputs and got is not None and row["outcome"] == "finished":
+            if self.keep_outputs and got is not None and row["outcome"] == Outcome.FINISHED:
                 self.outputs[rid] = got.output_token_ids
         live = self.live.pop(rid, None) if final else None
         if live is not None:

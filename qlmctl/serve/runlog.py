@@ -37,6 +37,7 @@ import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +50,22 @@ from qlmctl.fileio import atomic_path, atomic_write_text
 
 RUNLOG_VERSION = 1
 
-# Outcomes of one attempt. Exactly one attempt per request ends in a final outcome.
-FINISHED, EVICTED, FAILED, REJECTED, CANCELLED = (
-    "finished",  # completed; slo_met says whether in time
-    "evicted",  # aborted by the planner and re-queued (not final)
-    "failed",  # the engine failed it; re-queued if retries remain, else final
-    "rejected",  # the server refused it (HTTP 4xx): final, never retried
-    "cancelled",  # the run stopped (Ctrl-C) before it finished: final
-)
-FINAL_OUTCOMES = frozenset({FINISHED, REJECTED, CANCELLED})
+
+class Outcome(StrEnum):
+    """How one attempt ended: the ``outcome`` column (its values are these strings).
+
+    Exactly one attempt per request ends in a final outcome.
+    """
+
+    FINISHED = "finished"  # completed; slo_met says whether in time
+    EVICTED = "evicted"  # aborted by the planner and re-queued (not final)
+    FAILED = "failed"  # the engine failed it; re-queued if retries remain, else final
+    REJECTED = "rejected"  # the server refused it (HTTP 4xx): final, never retried
+    CANCELLED = "cancelled"  # the run stopped (Ctrl-C) before it finished: final
+
+
+# always final (FAILED is final only on a request's last attempt)
+FINAL_OUTCOMES = frozenset({Outcome.FINISHED, Outcome.REJECTED, Outcome.CANCELLED})
 
 REQUESTS_SCHEMA = pa.schema(
     [
@@ -79,7 +87,7 @@ REQUESTS_SCHEMA = pa.schema(
         ("tpot_s", pa.float64()),  # mean time per output token after the first
         ("itl_max_s", pa.float64()),  # longest gap between two tokens
         ("slo_met", pa.bool_()),  # TTFT (and e2e if set) within target; false unless finished
-        ("outcome", pa.string()),  # one of FINISHED, EVICTED, FAILED, REJECTED, CANCELLED
+        ("outcome", pa.string()),  # an Outcome value
         ("reason", pa.string()),  # why it was evicted, failed, rejected or cancelled
         ("predicted_start_s", pa.float64()),  # first forecast of dispatch in this attempt
         ("predicted_miss_prob", pa.float64()),

@@ -39,6 +39,7 @@ from qlmctl.serve.run import (
     sigint_flag,
     write_rows,
 )
+from qlmctl.serve.runlog import Outcome
 from qlmctl.workload import Workload
 
 # core timers firing this many times in a row with nothing else happening: stalled
@@ -90,7 +91,7 @@ def run_simulated(
     k, idle, steps = 0, 0, 0
 
     def enrich(row: dict[str, Any]) -> None:  # what the engine's prefix cache served
-        if row["outcome"] == "finished":
+        if row["outcome"] == Outcome.FINISHED:
             row["cached_tokens"] = engine.cached_tokens(row["request_id"])
 
     with sigint_flag() as interrupted, open_log(run_dir, meta) as log:
