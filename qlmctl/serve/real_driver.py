@@ -81,17 +81,17 @@ from qlmctl.engine.vllm import (
 )
 from qlmctl.errors import EngineError
 from qlmctl.perfmodel import PerfModel
-from qlmctl.plan.types import Plan, Policy
-from qlmctl.serve.config import CoreConfig
+from qlmctl.plan.types import Plan, Policy, QueueSnapshot
+from qlmctl.serve.config import CoreConfig, ImproveFn
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.instances import RealInstance
 from qlmctl.serve.run import (
     INTERRUPTED,
+    DriverStep,
     ProgressFn,
     RunSummary,
     open_log,
     run_meta,
-    write_rows,
 )
 from qlmctl.serve.runlog import FINAL_OUTCOMES, Outcome, RunLogWriter
 from qlmctl.serve.state import ReqState
@@ -319,35 +319,33 @@ class RealDriver:
         )  # fmt: skip
         self.core = core
         improve_rng = np.random.default_rng([self.seed, 1])
+
+        def improve(improver: ImproveFn, snap: QueueSnapshot, _now_s: float) -> bool:
+            self._spawn(self._improve(improver, snap, improve_rng))
+            return False  # the answer comes back through the queue
+
+        step = DriverStep(
+            core, self.workload.requests, log, self._apply, improve,
+            enrich=self._enrich, on_operation=self.on_operation, on_progress=on_progress,
+        )  # fmt: skip
         self.clock = WallClock()
         self.serving.set()
         for inst in self.instances.values():
             self._spawn(self._poll(inst))
         for t_s, iid in self.options.kill_at:
             self._spawn(self._kill_later(t_s, iid))
-        requests, k = self.workload.requests, 0
         interrupted = False
         while True:
             now = self.clock.now()
-            while k < len(requests) and requests[k].arrival_s <= now:
-                core.on_arrival(requests[k], now)
-                k += 1
             if self.stop.is_set():
                 interrupted = True
-                self._apply(list(core.cancel_all(now, INTERRUPTED)))
-                self._write(log)
+                step.stop(now, INTERRUPTED)
                 break
-            self._apply(core.decide(now))
-            snap = core.wants_improvement()
-            if snap is not None and core.improver is not None:
-                self._spawn(self._improve(core.improver, snap, improve_rng))
-            self._write(log)
-            if on_progress is not None:
-                on_progress(core.stats(), now)
-            if k == len(requests) and core.done and not self.listening:
+            step(now)
+            if step.all_arrived and core.done and not self.listening:
                 break
             next_t = min(
-                requests[k].arrival_s if k < len(requests) else math.inf,
+                step.next_arrival_s,
                 core.next_wakeup_s() or math.inf,
                 now + 0.5,  # refresh the live view
             )
@@ -547,7 +545,9 @@ class RealDriver:
                 )
             )
 
-    async def _improve(self, improver: Any, snap: Any, rng: np.random.Generator) -> None:
+    async def _improve(
+        self, improver: ImproveFn, snap: QueueSnapshot, rng: np.random.Generator
+    ) -> None:
         try:
             plan = await asyncio.to_thread(improver, snap, rng)
         except Exception as exc:  # the improver is optional: any failure keeps the fast plan
@@ -563,9 +563,6 @@ class RealDriver:
         task = asyncio.create_task(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
-
-    def _write(self, log: RunLogWriter) -> None:
-        write_rows(self.core, log, self._enrich, self.on_operation)
 
     def _enrich(self, row: dict[str, Any]) -> None:
         """Driver-only fields: the longest inter-token gap; unknown tokens of aborted attempts.
