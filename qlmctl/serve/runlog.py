@@ -35,6 +35,7 @@ import json
 import math
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -115,6 +116,47 @@ OPERATIONS_SCHEMA = pa.schema(
 )
 
 _TABLES = {"requests": REQUESTS_SCHEMA, "operations": OPERATIONS_SCHEMA}
+
+
+class OperationLog:
+    """Operation rows (``OPERATIONS_SCHEMA``) made since they were last taken, and a
+    count of every kind so far."""
+
+    def __init__(self) -> None:
+        self._rows: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()  # kind -> operations so far
+
+    def add(
+        self,
+        now_s: float,
+        kind: str,
+        instance_id: str | None = None,
+        model: str | None = None,
+        from_model: str | None = None,
+        *,
+        request_id: str | None = None,
+        duration_s: float | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """One operation at ``now_s`` (``detail`` is stored as JSON with sorted keys)."""
+        self.counts[kind] += 1
+        self._rows.append(
+            {
+                "time_s": now_s,
+                "kind": kind,
+                "instance_id": instance_id,
+                "model": model,
+                "from_model": from_model,
+                "request_id": request_id,
+                "duration_s": duration_s,
+                "detail": json.dumps(detail, sort_keys=True, default=str) if detail else None,
+            }
+        )
+
+    def take(self) -> list[dict[str, Any]]:
+        """The rows added since the last call."""
+        rows, self._rows = self._rows, []
+        return rows
 
 
 @dataclass(frozen=True)

@@ -219,6 +219,12 @@ class InstanceRecord:
         self.prio_counts[tr.slo.priority] += 1
         self.kv_tokens += tr.kv_tokens
 
+    def decode_load(self, tr: Tracked) -> tuple[int, int]:
+        """(batch, context tokens) ``tr`` decodes with at the instance's current load: what
+        the service-time estimates and the speed calibration both assume."""
+        batch = max(1, len(self.inflight))
+        return batch, batch * (tr.request.prompt_tokens + tr.expected_output_tokens // 2)
+
     def remove_inflight(self, tr: Tracked) -> None:
         """Forget ``tr`` if it is in flight here (no-op otherwise)."""
         if self.inflight.pop(tr.id, None) is not None:
