@@ -2,9 +2,10 @@
 
 How it works: the instances are launched (``vllm serve`` argument lists) or attached
 (checked first); the run clock (:class:`~qlmctl.clock.WallClock`) starts when all are
-ready, so arrival times are seconds from then. One loop owns the core: it feeds arrivals
-when due and every item other tasks put on its queue (engine events, ``/metrics``
-backpressure, improved plans), asks the core to decide and applies the actions:
+ready, so arrival times are seconds from then. One loop owns the core: it feeds every
+item other tasks put on its queue (engine events, ``/metrics`` backpressure, improved
+plans), then takes the step both drivers share (:class:`~qlmctl.serve.run.DriverStep`:
+arrivals due, decide, apply the actions, start the improver, write rows):
 
 * Dispatch: one task per request streams ``/v1/completions`` (many at once, never one
   at a time); its first token, end, rejection (HTTP 4xx: not retryable) or failure

@@ -2,10 +2,12 @@
 
 A discrete-event loop: the next moment is the earliest of the next arrival, the engine's
 next event and the core's next timer; the clock jumps there, the engine's events up to
-it and the arrivals at it are fed to the core, and the core's actions are applied to the
-engine. Ties are broken in one fixed order (engine events, then arrivals, then
-decisions), so the same inputs and seed give byte-identical Parquet files: the policy's
-wall-clock solve times stay out of them (run.json's ``solver_wall_s`` has their total).
+it are fed to the core, then the step both drivers share
+(:class:`~qlmctl.serve.run.DriverStep`) feeds the arrivals at it, asks the core to decide
+and applies the actions to the engine. Ties are broken in one fixed order (engine
+events, then arrivals, then decisions), so the same inputs and seed give byte-identical
+Parquet files: the policy's wall-clock solve times stay out of them (run.json's
+``solver_wall_s`` has their total).
 
 The background improver (the ``qlm`` policy's MILP) runs synchronously at the re-plan
 that offers a snapshot, while virtual time stands still, only when ``improve=True``
