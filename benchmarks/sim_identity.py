@@ -3,7 +3,7 @@
 Replays three cells of the policy benchmark (A-mixed on 4 instances at 2x capacity,
 B-multimodel on 8 at 2x, C-longprompt on 4 at 2.5x; 45 s of arrivals each) with every
 policy through ``run_simulated`` (improver off, so every run is deterministic) and saves
-each run's requests table and its operations (without the solver's wall-clock fields).
+each run's requests table and its operations (without the solver's wall-clock times).
 ``--check DIR`` compares against tables saved by another checkout and exits 1 on any
 difference: a speed-up must leave them identical.
 
@@ -16,6 +16,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -52,11 +53,22 @@ def save_runs(out: Path) -> list[str]:
             base = f"{scenario}-{name}"
             requests = log.requests.sort_values(["request_id", "attempt"])
             requests.to_parquet(out / f"{base}.parquet", index=False)
-            ops = log.operations.drop(columns=["detail", "duration_s"])  # solver wall time
+            ops = log.operations.drop(columns=["duration_s"])  # solver wall time (older logs)
+            ops["detail"] = ops["detail"].map(_without_wall_times)
             ops.to_parquet(out / f"{base}-ops.parquet", index=False)
             names += [base, f"{base}-ops"]
             print(f"{base}: {len(requests)} attempts, {len(ops)} operations", flush=True)
     return names
+
+
+def _without_wall_times(detail: str | None) -> str | None:
+    """An operation's detail without the solver's wall-clock times (older logs have them)."""
+    if detail is None:
+        return None
+    d = json.loads(detail)
+    d.pop("build_s", None)
+    d.pop("solve_s", None)
+    return json.dumps(d, sort_keys=True)
 
 
 def differences(new: Path, old: Path) -> str | None:

@@ -67,6 +67,32 @@ def test_same_seed_gives_identical_request_tables(tmp_path: Path) -> None:
     pd.testing.assert_frame_equal(a, b)
 
 
+@pytest.mark.parametrize("policy", ["qlm", "heuristic"])
+def test_two_identical_serve_runs_write_identical_parquet_bytes(
+    tmp_path: Path, policy: str
+) -> None:
+    cluster, perf = small_cluster()
+    dump_spec(cluster, tmp_path / "cluster.yaml")
+    (tmp_path / "profiles").mkdir()
+    perf[("m1", "G")].save(tmp_path / "profiles" / "m1__G.json")
+    write_workload(hol_workload(), tmp_path / "wl.parquet")
+    for name in ("a", "b"):
+        args = ["serve", str(tmp_path / "wl.parquet"), "-c", str(tmp_path / "cluster.yaml"),
+                "--engine", "sim", "--profiles", str(tmp_path / "profiles"), "--policy", policy,
+                "--runs", str(tmp_path / "runs"), "--name", name, "--seed", "3"]  # fmt: skip
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+    a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    files = sorted(p.name for p in a.glob("*.parquet"))
+    assert files == ["operations.parquet", "requests.parquet"]
+    assert sorted(p.name for p in b.glob("*.parquet")) == files
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    replans = read_run(a).operations.query("kind == 'replan'")
+    assert len(replans) and replans["duration_s"].isna().all()  # no wall-clock time
+    assert json.loads((a / "run.json").read_text())["solver_wall_s"] >= 0  # the total
+
+
 def test_every_request_has_exactly_one_final_outcome(tmp_path: Path) -> None:
     reqs = run(tmp_path, "qlm", "q")
     counts = final_outcomes(reqs)

@@ -53,7 +53,7 @@ from qlmctl.engine.events import (
     InstanceDown,
     InstanceReady,
 )
-from qlmctl.engine.sim_instance import InstanceState, ReqState, SimInstance, SimRequest
+from qlmctl.engine.sim_instance import EnginePhase, SeqPhase, SimInstance, SimRequest
 from qlmctl.errors import BadInput, EngineError
 from qlmctl.perfmodel import PerfModel, swap_time_s
 
@@ -99,7 +99,7 @@ class SimEngine:
         for spec, inst in zip(cluster.instances, self._instances, strict=True):
             if spec.model is not None:
                 inst.perf = self._perf_for(spec, spec.model)
-                inst.model, inst.state = spec.model, InstanceState.READY
+                inst.model, inst.phase = spec.model, EnginePhase.READY
             inst.asleep.update(m for m in spec.warm or () if m != spec.model)
         self._priority = scheduling == "priority"
         # time, kind, seq, instance index, token (-1: an entry or report, see _payloads)
@@ -142,7 +142,7 @@ class SimEngine:
             )
         target = request.target_output_tokens - kept_tokens
         reason = None
-        if inst.state is not InstanceState.READY:
+        if inst.phase is not EnginePhase.READY:
             reason = "unavailable"
         elif request.model != inst.model:
             reason = "model-mismatch"
@@ -185,7 +185,7 @@ class SimEngine:
         or finished (its Finished may still be on its way: see the module docstring)."""
         self._sync(now_s)
         place = self._where.get(request_id)
-        if place is None or place[1].state is ReqState.DONE:
+        if place is None or place[1].phase is SeqPhase.DONE:
             return
         del self._where[request_id]
         inst, req = place
@@ -205,18 +205,18 @@ class SimEngine:
         """
         inst = self._enter(instance_id, now_s)
         perf_to = self._perf_for(self._specs[instance_id], model)
-        if inst.state is InstanceState.LOADING:
+        if inst.phase is EnginePhase.LOADING:
             raise EngineError(f"can't load a model on instance {instance_id!r} while it is loading")
-        if inst.state is InstanceState.READY and inst.model == model:
+        if inst.phase is EnginePhase.READY and inst.model == model:
             self._pending.append(InstanceReady(instance_id, now_s, model))
             return
-        perf_from = inst.perf if inst.state is InstanceState.READY else None
+        perf_from = inst.perf if inst.phase is EnginePhase.READY else None
         delay_s = swap_time_s(perf_to, perf_from, model in inst.asleep, sleep_current=sleep_current)
         self._take_down(inst, now_s, "swap")
         if perf_from is not None and sleep_current and perf_from.supports_sleep:
             inst.asleep.add(perf_from.model)
         inst.asleep.discard(model)
-        inst.model, inst.perf, inst.state = model, perf_to, InstanceState.LOADING
+        inst.model, inst.perf, inst.phase = model, perf_to, EnginePhase.LOADING
         self._push(now_s + delay_s, _READY, inst)
 
     def fail(self, instance_id: str, now_s: float) -> None:
@@ -225,10 +225,10 @@ class SimEngine:
         Sleeping models are lost; ``load_model`` restarts the instance with a cold start.
         """
         inst = self._enter(instance_id, now_s)
-        if inst.state is InstanceState.DOWN:
+        if inst.phase is EnginePhase.DOWN:
             return
         self._take_down(inst, now_s, "failed")
-        inst.state = InstanceState.DOWN
+        inst.phase = EnginePhase.DOWN
         inst.asleep.clear()
 
     # ---- time --------------------------------------------------------------------
@@ -296,7 +296,7 @@ class SimEngine:
                 self._start(inst, t)
             else:
                 inst.has_event = False
-                inst.state = InstanceState.READY
+                inst.phase = EnginePhase.READY
                 assert inst.model is not None
                 out.append(InstanceReady(inst.id, t, inst.model))
 
@@ -307,7 +307,7 @@ class SimEngine:
     def _enter_engine(self, inst: SimInstance, payload: _Payload, now_s: float) -> None:
         """The API server hands a request to the engine (unless it was aborted)."""
         assert isinstance(payload, SimRequest)
-        if payload.state is ReqState.ARRIVING:
+        if payload.phase is SeqPhase.ARRIVING:
             inst.enqueue(payload)
             self._touch(inst, now_s)
 
@@ -331,7 +331,7 @@ class SimEngine:
         """A delayed report reaches the client, unless its request was aborted since."""
         assert isinstance(payload, tuple)
         event, req = payload
-        if req.state is ReqState.ABORTED:
+        if req.phase is SeqPhase.ABORTED:
             return
         self._pending.append(event)
         if isinstance(event, Finished):

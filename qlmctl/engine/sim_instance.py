@@ -67,8 +67,9 @@ from qlmctl.engine.events import Aborted, EngineEvent, Finished, FirstToken
 from qlmctl.perfmodel import PerfModel
 
 
-class ReqState(IntEnum):
-    """Where a request is; DONE (finished) and ABORTED are final.
+class SeqPhase(IntEnum):
+    """Where a sequence is inside the simulated engine; DONE (finished) and ABORTED are
+    final. (The serving core's view of a request is :class:`qlmctl.serve.state.ReqState`.)
 
     ARRIVING: submitted, still in the API server on its way to the engine (see sim.py).
     """
@@ -81,8 +82,9 @@ class ReqState(IntEnum):
     ABORTED = 5
 
 
-class InstanceState(IntEnum):
-    """Whether the instance serves: READY, loading a model, or DOWN (failed or empty)."""
+class EnginePhase(IntEnum):
+    """Whether the simulated engine serves: READY, loading a model, or DOWN (failed or
+    empty). (A policy's picture of an instance is :class:`qlmctl.plan.types.InstanceState`.)"""
 
     READY = 0
     LOADING = 1
@@ -104,9 +106,9 @@ class SimRequest:
         "join_id",
         "join_step",
         "order",
+        "phase",
         "priority",
         "prompt_tokens",
-        "state",
         "target_tokens",
     )
 
@@ -118,7 +120,7 @@ class SimRequest:
         self.target_tokens = target_tokens
         self.priority = priority
         self.order = order  # submission order: FCFS key and priority tie-break
-        self.state = ReqState.ARRIVING
+        self.phase = SeqPhase.ARRIVING
         self.computed = 0  # tokens whose KV is computed (prefill progress)
         self.generated = 0
         self.join_step = 0
@@ -160,7 +162,7 @@ class SimInstance:
         self.priority_scheduling = priority_scheduling
         self.model: str | None = None
         self.perf: PerfModel | None = None
-        self.state = InstanceState.DOWN
+        self.phase = EnginePhase.DOWN
         self.asleep: set[str] = set()  # models sleeping on this instance (warm)
         self.token = 0  # bumped to invalidate this instance's pending engine event
         self.has_event = False  # a step end, start or ready is pending on the engine heap
@@ -200,7 +202,7 @@ class SimInstance:
     def enqueue(self, req: SimRequest, front: bool = False) -> None:
         """Put ``req`` in the waiting queue (``front``: a preempted request, FCFS)."""
         self._arriving.pop(req.id, None)
-        req.state = ReqState.WAITING
+        req.phase = SeqPhase.WAITING
         self.num_waiting += 1
         if self.priority_scheduling:
             heapq.heappush(self._prio, (req.priority, req.order, req))
@@ -212,10 +214,10 @@ class SimInstance:
     def _waiting_head(self) -> SimRequest | None:
         """The next request to admit; drops aborted ones (removed lazily)."""
         if self.priority_scheduling:
-            while self._prio and self._prio[0][2].state is not ReqState.WAITING:
+            while self._prio and self._prio[0][2].phase is not SeqPhase.WAITING:
                 heapq.heappop(self._prio)
             return self._prio[0][2] if self._prio else None
-        while self._fcfs and self._fcfs[0].state is not ReqState.WAITING:
+        while self._fcfs and self._fcfs[0].phase is not SeqPhase.WAITING:
             self._fcfs.popleft()
         return self._fcfs[0] if self._fcfs else None
 
@@ -245,16 +247,16 @@ class SimInstance:
         for req in list(self._prefilling):  # a copy: preemption edits the list
             if budget <= 0:
                 break
-            if req.state is not ReqState.PREFILL:
+            if req.phase is not SeqPhase.PREFILL:
                 continue
             chunk = min(req.prompt_tokens + req.generated - req.computed, budget)
-            while chunk > free and req.state is ReqState.PREFILL:
+            while chunk > free and req.phase is SeqPhase.PREFILL:
                 victim = self._victim()
-                given_back = chunks.pop(victim, 0) + (victim.state is ReqState.DECODE)
+                given_back = chunks.pop(victim, 0) + (victim.phase is SeqPhase.DECODE)
                 free += self._preempt(victim) + given_back
                 budget += given_back
                 preempted = True
-            if req.state is not ReqState.PREFILL:
+            if req.phase is not SeqPhase.PREFILL:
                 break  # V1: the request preempted itself; stop scheduling running ones
             chunks[req] = chunk
             free -= chunk
@@ -272,7 +274,7 @@ class SimInstance:
                 self._kv_used += hit
                 chunk = min(length - hit, budget)
                 self._pop_waiting()
-                head.state = ReqState.PREFILL
+                head.phase = SeqPhase.PREFILL
                 self._running[head.id] = head
                 self._prefilling.append(head)
                 chunks[head] = chunk
@@ -303,11 +305,11 @@ class SimInstance:
             finish = self._finish
             while finish and finish[0][0] <= self._decode_steps:
                 _, join_id, req = heapq.heappop(finish)
-                if req.join_id == join_id and req.state is ReqState.DECODE:
+                if req.join_id == join_id and req.phase is SeqPhase.DECODE:
                     self._leave_decode(req)
                     self._finished(req, now_s, out)
         for req, chunk in step.chunks.items():
-            if req.state is not ReqState.PREFILL:
+            if req.phase is not SeqPhase.PREFILL:
                 continue  # aborted during the step
             req.computed += chunk
             self._kv_used += chunk
@@ -345,20 +347,20 @@ class SimInstance:
     def remove(self, req: SimRequest, now_s: float) -> int:
         """Take ``req`` out (abort) at ``now_s``; returns the tokens it had produced."""
         tokens = req.generated
-        if req.state is ReqState.ARRIVING:
+        if req.phase is SeqPhase.ARRIVING:
             del self._arriving[req.id]
-        elif req.state is ReqState.WAITING:
+        elif req.phase is SeqPhase.WAITING:
             self.num_waiting -= 1
-        elif req.state is ReqState.PREFILL:
+        elif req.phase is SeqPhase.PREFILL:
             self._kv_used -= req.computed
             self._prefilling.remove(req)
             del self._running[req.id]
-        elif req.state is ReqState.DECODE:
+        elif req.phase is SeqPhase.DECODE:
             tokens = self._leave_decode(req)
             del self._running[req.id]
             if self._step is not None:
                 tokens += self._step.steps_by(now_s)
-        req.state = ReqState.ABORTED
+        req.phase = SeqPhase.ABORTED
         return tokens
 
     def evict(self, req: SimRequest, now_s: float) -> int:
@@ -372,9 +374,9 @@ class SimInstance:
 
     def _kv_held(self, req: SimRequest, now_s: float) -> int:
         """KV tokens ``req`` holds now (what an eviction would leave in the prefix cache)."""
-        if req.state is ReqState.PREFILL:
+        if req.phase is SeqPhase.PREFILL:
             return req.computed
-        if req.state is ReqState.DECODE:
+        if req.phase is SeqPhase.DECODE:
             done = self._step.steps_by(now_s) if self._step is not None else 0
             return req.prompt_tokens + self.generated(req) + done - 1
         return 0
@@ -395,7 +397,7 @@ class SimInstance:
         """Abort every request on the instance (failure or swap) and empty it."""
         waiting = [e[2] for e in sorted(self._prio)] if self.priority_scheduling else self._fcfs
         for req in [*self._running.values(), *waiting, *self._arriving.values()]:
-            if req.state < ReqState.DONE:
+            if req.phase < SeqPhase.DONE:
                 tokens = self.remove(req, now_s)
                 out.append(Aborted(req.id, self.id, now_s, tokens, reason, retryable=True))
         self._clear()
@@ -404,18 +406,18 @@ class SimInstance:
 
     def generated(self, req: SimRequest) -> int:
         """Tokens ``req`` has produced so far."""
-        if req.state is ReqState.DECODE:
+        if req.phase is SeqPhase.DECODE:
             return req.generated + self._decode_steps - req.join_step
         return req.generated
 
     def _steps_to_first_finish(self) -> int:
         finish = self._finish
-        while finish[0][2].join_id != finish[0][1] or finish[0][2].state is not ReqState.DECODE:
+        while finish[0][2].join_id != finish[0][1] or finish[0][2].phase is not SeqPhase.DECODE:
             heapq.heappop(finish)
         return finish[0][0] - self._decode_steps
 
     def _join_decode(self, req: SimRequest) -> None:
-        req.state = ReqState.DECODE
+        req.phase = SeqPhase.DECODE
         self._join_seq += 1
         req.join_id = self._join_seq
         req.join_step = self._decode_steps
@@ -437,7 +439,7 @@ class SimInstance:
 
     def _finished(self, req: SimRequest, now_s: float, out: list[EngineEvent]) -> None:
         del self._running[req.id]
-        req.state = ReqState.DONE
+        req.phase = SeqPhase.DONE
         out.append(Finished(req.id, self.id, now_s, req.target_tokens))
 
     def _victim(self) -> SimRequest:
@@ -447,7 +449,7 @@ class SimInstance:
 
     def _preempt(self, victim: SimRequest) -> int:
         """Recompute preemption: free the victim's KV, requeue it; returns the slots freed."""
-        if victim.state is ReqState.DECODE:
+        if victim.phase is SeqPhase.DECODE:
             freed = victim.prompt_tokens + self._leave_decode(victim) - 1
         else:
             freed = victim.computed

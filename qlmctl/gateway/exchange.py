@@ -40,9 +40,10 @@ from qlmctl.engine.vllm import (
     stream_chunks,
 )
 from qlmctl.errors import EngineError
+from qlmctl.serve.runlog import Outcome
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
-_STATUS_BY_OUTCOME = {"failed": 502, "cancelled": 503, "rejected": 400}
+_STATUS_BY_OUTCOME = {Outcome.FAILED: 502, Outcome.CANCELLED: 503, Outcome.REJECTED: 400}
 _CONTINUATION_REFUSED = 409
 
 
@@ -119,18 +120,18 @@ class Exchange:
             e2e_s=time.perf_counter() - start,
         )
 
-    def ended(self, outcome: str, reason: str | None) -> None:
+    def ended(self, outcome: Outcome, reason: str | None) -> None:
         """The core ended the request: close the client's stream or answer it."""
         status = _STATUS_BY_OUTCOME.get(outcome, 500)
-        if outcome == "rejected" and self._error is not None:
+        if outcome == Outcome.REJECTED and self._error is not None:
             status, reason = self._error
         if self.stream:
-            if outcome != "finished":
+            if outcome != Outcome.FINISHED:
                 self.chunks.put_nowait(f"data: {json.dumps(error_body(status, reason))}\n\n")
             self.chunks.put_nowait("data: [DONE]\n\n")
             self.chunks.put_nowait(None)
         elif not self.response.done():
-            if outcome == "finished" and self._answer is not None:
+            if outcome == Outcome.FINISHED and self._answer is not None:
                 self.response.set_result((200, self._answer.response(self._client_ids)))
             else:
                 self.response.set_result((status, error_body(status, reason)))

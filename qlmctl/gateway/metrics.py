@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from qlmctl.serve.core import ServeCore
-from qlmctl.serve.runlog import FAILED, FINISHED
+from qlmctl.serve.runlog import Outcome
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # vLLM's TTFT buckets, and queue-time buckets reaching the batch classes' hours
@@ -95,13 +95,13 @@ class GatewayMetrics:
         """One request-attempt row of the run log; ``final`` if it ended the request."""
         labels = (row["model"], row["slo_class"])
         outcome = row["outcome"]
-        if outcome == FAILED and row["instance_id"] is not None:
+        if outcome == Outcome.FAILED and row["instance_id"] is not None:
             self._failed_attempts.labels(row["instance_id"]).inc()
         if not final:
             return
         self._requests.labels(*labels, outcome).inc()
         (self._met if row["slo_met"] else self._missed).labels(*labels).inc()
-        if outcome == FINISHED:
+        if outcome == Outcome.FINISHED:
             self._ttft.labels(*labels).observe(row["first_token_s"] - row["arrival_s"])
             self._queue.labels(*labels).observe(row["dispatch_s"] - row["arrival_s"])
 

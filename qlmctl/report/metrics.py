@@ -20,7 +20,8 @@ Every metric is a pure, vectorised (pandas) function of a :class:`RunLog`. Defin
 * **utilisation** of an instance = length of the union of its attempts'
   [dispatch, finish] intervals / duration (share of the run with ≥1 request in flight).
 * **operations**: swaps, wakes, sleeps, evictions, re-plans, instance downs from
-  operations.parquet (solver time = Σ replan ``duration_s``); failed and rejected
+  operations.parquet (solver time = run.json ``solver_wall_s``, else Σ replan
+  ``duration_s``: a simulated run logs no wall-clock time per re-plan); failed and rejected
   *attempts* from requests.parquet. **Per operation** (:class:`OperationStat`): its
   count, Σ ``duration_s`` (load time of swaps and wakes, call time of sleeps, solver
   time of re-plans), and for evictions the tokens they cost: **kept** = output tokens
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from qlmctl.serve.runlog import CANCELLED, EVICTED, FAILED, FINISHED, REJECTED, RunLog
+from qlmctl.serve.runlog import Outcome, RunLog
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +115,7 @@ class OperationCounts:
     failed_attempts: int
     rejected_attempts: int
     swap_time_s: float  # Σ duration_s of swaps and wakes
-    solver_time_s: float  # Σ duration_s of replans
+    solver_time_s: float  # run.json solver_wall_s, else Σ duration_s of replans
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +200,7 @@ def request_table(run: RunLog) -> pd.DataFrame:
     out = run.final_attempts.set_index("request_id")
     out["arrival_s"] = by_req["arrival_s"].min()
     out["first_dispatch_s"] = by_req["dispatch_s"].min()
-    finished = out["outcome"] == FINISHED
+    finished = out["outcome"] == Outcome.FINISHED
     out["met"] = finished & out["slo_met"].eq(True)
     out["weight"] = out["slo_class"].map(class_weights(run)).fillna(1.0).astype(float)
     out["ttft_s"] = (out["first_token_s"] - out["arrival_s"]).where(finished)
@@ -211,7 +212,7 @@ def request_table(run: RunLog) -> pd.DataFrame:
 def group_metrics(req: pd.DataFrame, duration_s: float) -> GroupMetrics:
     """Metrics of the requests in ``req`` (rows of :func:`request_table`)."""
     outcome = req["outcome"]
-    finished = req[outcome == FINISHED]
+    finished = req[outcome == Outcome.FINISHED]
     n, met = len(req), int(req["met"].sum())
     per_s = 1.0 / duration_s if duration_s > 0 else 0.0
     prompt = int(finished["prompt_tokens"].fillna(0).sum())
@@ -221,10 +222,10 @@ def group_metrics(req: pd.DataFrame, duration_s: float) -> GroupMetrics:
         requests=n,
         met=met,
         finished=len(finished),
-        failed=int((outcome == FAILED).sum()),
-        rejected=int((outcome == REJECTED).sum()),
-        cancelled=int((outcome == CANCELLED).sum()),
-        unfinished=int((outcome == EVICTED).sum()),
+        failed=int((outcome == Outcome.FAILED).sum()),
+        rejected=int((outcome == Outcome.REJECTED).sum()),
+        cancelled=int((outcome == Outcome.CANCELLED).sum()),
+        unfinished=int((outcome == Outcome.EVICTED).sum()),
         attainment=met / n if n else None,
         weighted_attainment=float((req["weight"] * req["met"]).sum()) / weight if n else None,
         goodput_rps=met * per_s,
@@ -294,11 +295,20 @@ def operation_counts(run: RunLog) -> OperationCounts:
         evictions=int(kinds.get("evict", 0)),
         replans=int(kinds.get("replan", 0)),
         instance_downs=int(kinds.get("instance_down", 0)),
-        failed_attempts=int(outcomes.get(FAILED, 0)),
-        rejected_attempts=int(outcomes.get(REJECTED, 0)),
+        failed_attempts=int(outcomes.get(Outcome.FAILED, 0)),
+        rejected_attempts=int(outcomes.get(Outcome.REJECTED, 0)),
         swap_time_s=float(duration[ops["kind"].isin(["swap", "wake"])].sum()),
-        solver_time_s=float(duration[ops["kind"] == "replan"].sum()),
+        solver_time_s=solver_time_s(run),
     )
+
+
+def solver_time_s(run: RunLog) -> float:
+    """The policy's wall-clock solve time: run.json ``solver_wall_s`` (the only record of
+    it in a simulated run), else Σ ``duration_s`` of the re-plans (older logs)."""
+    if run.meta.get("solver_wall_s") is not None:
+        return float(run.meta["solver_wall_s"])
+    ops = run.operations
+    return float(ops.loc[ops["kind"] == "replan", "duration_s"].fillna(0.0).sum())
 
 
 _OP_ORDER = ("swap", "wake", "sleep", "evict", "replan", "instance_down", "instance_up")
@@ -309,7 +319,7 @@ def eviction_tokens(run: RunLog) -> tuple[int, int, int]:
     att = run.requests
     if att.empty:
         return 0, 0, 0
-    evicted = att[att["outcome"] == EVICTED]
+    evicted = att[att["outcome"] == Outcome.EVICTED]
     out = evicted["output_tokens"].fillna(0)
     kept_col = evicted["kept_tokens"] if "kept_tokens" in evicted else pd.Series(dtype=float)
     kept = kept_col.reindex(evicted.index).fillna(0)
@@ -335,9 +345,10 @@ def operation_stats(run: RunLog) -> tuple[OperationStat, ...]:
         tokens: tuple[int | None, int | None, int | None] = (None, None, None)
         if kind == "evict":
             tokens = eviction_tokens(run)
-        out.append(
-            OperationStat(kind, len(rows), float(rows["duration_s"].fillna(0.0).sum()), *tokens)
+        seconds = (
+            solver_time_s(run) if kind == "replan" else float(rows["duration_s"].fillna(0.0).sum())
         )
+        out.append(OperationStat(kind, len(rows), seconds, *tokens))
     return tuple(out)
 
 

@@ -32,7 +32,7 @@ import pandas as pd
 
 from qlmctl.errors import BadInput
 from qlmctl.plan.types import Plan
-from qlmctl.serve.runlog import FINISHED, RunLog
+from qlmctl.serve.runlog import Outcome, RunLog
 
 DEPARTURE_COLUMNS = ["time_s", "kind", "instance_id", "request_id", "what", "why"]
 GROUP_COLUMNS = [
@@ -135,7 +135,7 @@ def _max(s: pd.Series) -> float | None:
 def _misses(planned: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
     fin = final.reindex(planned.index)
     ended = fin["outcome"].notna()
-    met = (fin["outcome"] == FINISHED) & fin["slo_met"].fillna(False).astype(bool)
+    met = (fin["outcome"] == Outcome.FINISHED) & fin["slo_met"].fillna(False).astype(bool)
     frame = pd.DataFrame(
         {
             "slo_class": planned["slo_class"],

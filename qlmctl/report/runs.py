@@ -21,9 +21,9 @@ from qlmctl.plan.planfile import load_plan
 from qlmctl.report.compare import Comparison, compare
 from qlmctl.report.metrics import RunMetrics, run_metrics
 from qlmctl.report.planned import PlanComparison, check_same_workload, compare_plan
-from qlmctl.serve.runlog import CANCELLED, EVICTED, FAILED, FINISHED, REJECTED, RunLog, read_run
+from qlmctl.serve.runlog import Outcome, RunLog, read_run
 
-OUTCOMES = (FINISHED, EVICTED, FAILED, REJECTED, CANCELLED)
+OUTCOMES = tuple(Outcome)
 _REQUIRED_ATTEMPT = ("request_id", "attempt", "arrival_s", "outcome")
 _REQUIRED_OPERATION = ("time_s", "kind")
 

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from qlmctl.perfmodel import PerfModel
+
+if TYPE_CHECKING:
+    from qlmctl.serve.state import InstanceRecord, Tracked
 
 # the per-step time coefficients calibration scales
 _STEP_COEFFICIENTS = (
@@ -57,6 +61,26 @@ class SpeedCalibration:
     def factors(self) -> dict[str, float]:
         """Every factor observed so far, keyed ``model@gpu`` (for run.json)."""
         return {f"{model}@{gpu}": f for (model, gpu), f in sorted(self._factor.items())}
+
+    def observe_finish(
+        self, tr: Tracked, inst: InstanceRecord, finish_s: float, output_tokens: int
+    ) -> None:
+        """``tr`` finished on ``inst`` at ``finish_s`` with ``output_tokens`` in its last
+        attempt: its decode speed, at the load the service-time estimates assume
+        (:meth:`InstanceRecord.decode_load`), so the factor corrects them."""
+        if tr.first_token_s is None or output_tokens < 2:
+            return
+        batch, context = inst.decode_load(tr)
+        (tokens, squares), (tokens0, squares0) = inst.prefilled, tr.prefilled_mark
+        self.observe(
+            (tr.request.model, inst.spec.gpu),
+            finish_s - tr.first_token_s,
+            output_tokens - 1,
+            batch,
+            context,
+            tokens - tokens0,
+            squares - squares0,
+        )
 
     def observe(
         self,

@@ -106,6 +106,7 @@ class CoreStats:
     in_flight_by_instance: dict[str, int]
     operations: dict[str, int]  # kind -> count
     met_by_class: dict[str, tuple[int, int]]  # class -> (met, ended)
+    solver_wall_s: float = 0.0  # wall-clock build + solve time of every plan taken
 
     @property
     def final(self) -> int:

@@ -6,30 +6,23 @@ decisions come out (:meth:`~ServeCore.decide` -> actions, :meth:`~ServeCore.next
 :meth:`~ServeCore.wants_improvement`), and run-log rows are collected for the driver
 (:meth:`~ServeCore.take_log`). It never reads a clock: every fact carries ``now_s``.
 
-How it works:
+How it works (the core keeps the records and handles the events; two helpers it owns do
+the rest, on the same records):
 
 * **Plan -> virtual queues.** A re-plan (on arrivals, re-queues, instance changes and
   predicted violations; at most every ``replan_min_interval_s``) asks the policy for a plan
-  over the waiting requests and rebuilds one virtual queue per instance: its groups in
-  order, each a FIFO of request ids. A background improvement (the MILP) may replace the
-  plan later through :meth:`~ServeCore.on_plan`.
-* **Pulling.** An up instance dispatches the head of its virtual queue while its
-  in-flight count (and the engine's reported waiting count and KV usage) is under limits.
-  A head that can no longer get its first token by its deadline (``defer_late``, as the
-  policy's serving style says) goes behind the rest of that queue: it misses either way,
-  and served first it would make the requests behind it miss too (EDF's domino effect).
-  Plans do not count on this safety net (scored as if it deferred, the planner shed
-  less and did worse in two of three shapes); they shed what they foresee will miss.
-* **Eviction.** When the plan in force says the head would miss its deadline waiting for
-  a slot (or the start it forecast for the head has passed), the head can still make it,
-  and less urgent work (a higher class ``priority`` number) fills the instance, the newest
-  such requests are evicted and re-queued; bounded per request and per instance.
-* **Swap.** When the head group needs another model, the instance stops pulling, drains
-  (or evicts for an urgent head), then loads the model; nothing is dispatched until the
-  engine reports ``InstanceReady``.
+  over the waiting requests (:meth:`~ServeCore.snapshot`) and rebuilds one virtual queue
+  per instance: its groups in order, each a FIFO of request ids
+  (:class:`~qlmctl.serve.queues.VirtualQueues`). A background improvement (the MILP) may
+  replace the plan later through :meth:`~ServeCore.on_plan`.
+* **Serving operations.** At each decision every up instance pulls the head of its
+  virtual queue under backpressure (a head already too late for its deadline waits
+  behind the rest), evicts less urgent work for a head that would miss its deadline, or
+  drains and swaps to the head group's model (:class:`~qlmctl.serve.operations.ServingOps`).
 * **Faults.** An instance that goes down has its in-flight requests re-queued (a failed
   attempt); after ``max_attempts`` failures a request is FAILED. A non-retryable abort
-  (HTTP 4xx) is REJECTED at once. Every accepted request ends in exactly one final state.
+  (HTTP 4xx) is REJECTED at once. Every accepted request ends in exactly one final state,
+  one run-log row per attempt (:meth:`ServeCore._end`).
 
 NOTE: cost per event is O(1) in the number of requests; a re-plan is O(W log W) in the
 waiting requests and is rate-limited; virtual queues drop stale ids lazily at their head.
@@ -37,7 +30,6 @@ waiting requests and is rate-limited; virtual queues drop stale ids lazily at th
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter, deque
 from collections.abc import Mapping
@@ -50,27 +42,16 @@ from qlmctl.domain import ClusterSpec, Request, SLOClass
 from qlmctl.engine.events import (
     Aborted,
     Action,
-    Dispatch,
     EngineEvent,
     Evict,
     Finished,
     FirstToken,
     InstanceDown,
     InstanceReady,
-    LoadModel,
 )
 from qlmctl.errors import BadInput
-from qlmctl.perfmodel import PerfModel, swap_time_s
-from qlmctl.plan.problem import first_token_s
-from qlmctl.plan.types import (
-    InstanceState,
-    Plan,
-    PlannedGroup,
-    Policy,
-    QueueSnapshot,
-    RecentArrivals,
-    RunningRequest,
-)
+from qlmctl.perfmodel import PerfModel
+from qlmctl.plan.types import Plan, Policy, QueueSnapshot, RecentArrivals
 from qlmctl.serve.calibration import SpeedCalibration
 from qlmctl.serve.config import (
     CoreConfig,
@@ -80,9 +61,19 @@ from qlmctl.serve.config import (
     length_observer,
     split_policy,
 )
-from qlmctl.serve.state import InstanceRecord, InstStatus, QueuedGroup, ReqState, Tracked
+from qlmctl.serve.operations import ServingOps
+from qlmctl.serve.queues import VirtualQueues, instance_state, what_is_left
+from qlmctl.serve.runlog import OperationLog, Outcome
+from qlmctl.serve.state import InstanceRecord, InstStatus, ReqState, Tracked
 
 ARRIVAL_WINDOW_S = 60.0  # a snapshot carries this much arrival history (the rates' fit)
+# final verb -> the outcome it logs
+_FINAL_OUTCOME = {
+    "finish": Outcome.FINISHED,
+    "fail": Outcome.FAILED,
+    "reject": Outcome.REJECTED,
+    "cancel": Outcome.CANCELLED,
+}
 
 
 class ServeCore:
@@ -96,6 +87,8 @@ class ServeCore:
         policy: Policy,
         config: CoreConfig | None = None,
         rng: np.random.Generator | None = None,
+        *,
+        log_wall_times: bool = True,
     ) -> None:
         """Args:
         cluster: the instances (all start UP with their resident model).
@@ -105,6 +98,9 @@ class ServeCore:
             how its fast answer and its background improvement are found.
         config: the core's knobs.
         rng: the only source of randomness, passed to the policy.
+        log_wall_times: write the policy's wall-clock solve times into the re-plan rows;
+            False keeps every row a function of the inputs and seed (the simulated driver)
+            and only totals them in ``stats().solver_wall_s``.
         """
         self.cluster = cluster
         self.config = config or CoreConfig()
@@ -122,9 +118,13 @@ class ServeCore:
         self._insts = {i.id: InstanceRecord(i, i.model) for i in cluster.instances}
         for i in cluster.instances:  # models kept warm start asleep beside the resident one
             self._insts[i.id].sleeping.update(m for m in i.warm or () if m != i.model)
-        self._vq: dict[str, deque[QueuedGroup]] = {i: deque() for i in self._insts}
         self._reqs: dict[str, Tracked] = {}
         self._waiting: dict[str, Tracked] = {}  # id -> record, every WAITING request
+        self._queues = VirtualQueues(self._insts, self._reqs, self._waiting)
+        self._log = OperationLog()
+        self._ops = ServingOps(
+            self.config, self._perf, self._insts, self._reqs, self._waiting, self._queues, self._log
+        )
         self._recent: deque[Request] = deque()  # arrivals of the last ARRIVAL_WINDOW_S
         self._first_arrival_s = math.inf
         self._replan_due = False
@@ -136,13 +136,11 @@ class ServeCore:
         self._topology = 0  # bumped when an instance goes down or comes back
         self._offer_topology = 0
         self._attempt_rows: list[dict[str, Any]] = []
-        self._op_rows: list[dict[str, Any]] = []
-        self._ops: Counter[str] = Counter()
         self._final: Counter[ReqState] = Counter()
         self._met_by_class: dict[str, list[int]] = {c: [0, 0] for c in self._slo}
-        self._hint_s = math.inf
         self._now = 0.0
-        self.plan: Plan | None = None  # the plan in force
+        self._log_wall_times = log_wall_times
+        self._solver_wall_s = 0.0  # build + solve time of every plan taken (wall clock)
 
     # ---- facts in -------------------------------------------------------------------
 
@@ -196,12 +194,13 @@ class ServeCore:
                 tr.prefilled_mark = inst.prefilled
         elif isinstance(event, Finished):
             inst = self._insts[event.instance_id]
-            self._observe_speed(tr, inst, event)
+            if self._speed is not None:
+                self._speed.observe_finish(tr, inst, event.time_s, event.output_tokens)
             total = tr.kept_tokens + event.output_tokens  # a resumed attempt adds to its kept
             self._end(tr, event.time_s, "finish", total, "")
             if self._observe is not None:
                 self._observe(tr.request.model, tr.request.slo_class, total)
-            if not self._vq[inst.spec.id] and self._waiting:
+            if not self._queues[inst.spec.id] and self._waiting:
                 self._replan_due = True  # an instance ran dry while work waits elsewhere
         elif isinstance(event, Aborted):
             self._on_aborted(tr, event)
@@ -224,18 +223,18 @@ class ServeCore:
         self._last_improve_s = now_s
         if plan is None or self._offer_topology != self._topology:
             why = "no better plan" if plan is None else "instances changed"
-            self._log_op(
+            self._log.add(
                 now_s, "replan", detail={"source": "improver", "adopted": False, "why": why}
             )
             return
-        self._adopt(plan, keep_leftovers=True)
+        self._queues.adopt(plan, keep_leftovers=True)
         self._log_replan(now_s, plan, "improver")
 
     def improvement_failed(self, now_s: float, error: str) -> None:
         """The improver raised; the fast plan stays in force."""
         self._improving = False
         self._last_improve_s = now_s
-        self._log_op(now_s, "replan", detail={"source": "improver", "error": error})
+        self._log.add(now_s, "replan", detail={"source": "improver", "error": error})
 
     def cancel_all(self, now_s: float, reason: str = "run stopped") -> list[Evict]:
         """Stop: every request not yet ended is CANCELLED; abort those in flight."""
@@ -258,30 +257,27 @@ class ServeCore:
     def refuse(self, request: Request, now_s: float, reason: str) -> None:
         """Admission control turned ``request`` away: one final ``rejected`` row, never queued."""
         self.on_arrival(request, now_s)
-        self._end(self._reqs[request.id], now_s, "refuse", None, reason, outcome="rejected")
+        self._end(self._reqs[request.id], now_s, "refuse", None, reason, outcome=Outcome.REJECTED)
 
     # ---- decisions out --------------------------------------------------------------
 
     def decide(self, now_s: float) -> list[Action]:
         """What to do now: re-plan if due, then pull, evict or swap per instance."""
         self._now = now_s
-        self._hint_s = math.inf
-        actions: list[Action] = []
         if self._next_check_s is not None and now_s >= self._next_check_s:
             self._next_check_s = None
-            self._check_violations(now_s)
+            if self._queues.off_plan(now_s, self.config.lag_tolerance_s):
+                self._replan_due = True  # a head group runs late, or capacity idles
         if self._replan_due and now_s >= self._last_replan_s + self.config.replan_min_interval_s:
             self._replan(now_s)
-        for inst in self._insts.values():
-            if inst.status is InstStatus.UP:
-                self._serve(inst, now_s, actions)
+        actions = self._ops.serve(now_s)
         if self._next_check_s is None and self._waiting:
             self._next_check_s = now_s + self.config.check_interval_s
         return actions
 
     def next_wakeup_s(self) -> float | None:
         """When :meth:`decide` should run again if no event comes first (absolute time)."""
-        times = [self._hint_s]
+        times = [self._ops.hint_s]
         if self._replan_due:
             times.append(max(self._now, self._last_replan_s + self.config.replan_min_interval_s))
         if self._next_check_s is not None:
@@ -300,11 +296,15 @@ class ServeCore:
 
     def take_log(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Run-log rows produced since the last call: (request attempts, operations)."""
-        rows = (self._attempt_rows, self._op_rows)
-        self._attempt_rows, self._op_rows = [], []
-        return rows
+        attempts, self._attempt_rows = self._attempt_rows, []
+        return attempts, self._log.take()
 
     # ---- views ----------------------------------------------------------------------
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan in force."""
+        return self._queues.plan
 
     @property
     def done(self) -> bool:
@@ -340,8 +340,9 @@ class ServeCore:
             cancelled=f[ReqState.CANCELLED],
             queued_by_instance={k: i.queued for k, i in self._insts.items()},
             in_flight_by_instance={k: len(i.inflight) for k, i in self._insts.items()},
-            operations=dict(self._ops),
+            operations=dict(self._log.counts),
             met_by_class={c: (m, n) for c, (m, n) in self._met_by_class.items()},
+            solver_wall_s=self._solver_wall_s,
         )
 
     # ---- planning -------------------------------------------------------------------
@@ -351,11 +352,11 @@ class ServeCore:
         self._last_replan_s = now_s
         self._fail_unservable(now_s)
         if not self._waiting:
-            self._adopt(None, keep_leftovers=False)
+            self._queues.adopt(None, keep_leftovers=False)
             return
         snap = self.snapshot(now_s)
         plan = self._fast(snap, self._rng)
-        self._adopt(plan, keep_leftovers=False)
+        self._queues.adopt(plan, keep_leftovers=False)
         self._log_replan(now_s, plan, "policy")
         if (
             self.improver is not None
@@ -371,8 +372,11 @@ class ServeCore:
             self._recent.popleft()
         return QueueSnapshot(
             now_s=now_s,
-            waiting=tuple(_what_is_left(t) for t in waiting),
-            instances=tuple(self._instance_state(i, now_s) for i in self._insts.values()),
+            waiting=tuple(what_is_left(t) for t in waiting),
+            instances=tuple(
+                instance_state(i, now_s, self._perf, self.config.max_inflight)
+                for i in self._insts.values()
+            ),
             slo_classes=self._slo,
             perf=dict(self._perf),  # a copy: calibration must not move it under a planner
             recent=RecentArrivals(
@@ -380,93 +384,6 @@ class ServeCore:
                 tuple(self._recent),
             ),
         )
-
-    def _instance_state(self, inst: InstanceRecord, now_s: float) -> InstanceState:
-        running = [*inst.inflight.values(), *inst.evicting.values()]
-        return InstanceState(
-            instance_id=inst.spec.id,
-            gpu=inst.spec.gpu,
-            model=inst.model,
-            up=inst.status is not InstStatus.DOWN,
-            ready_at_s=max(now_s, inst.ready_at_s) if inst.status is InstStatus.LOADING else now_s,
-            servable_models=frozenset(inst.spec.models) if inst.spec.models else None,
-            sleeping_models=frozenset(inst.sleeping),
-            max_running=self.config.max_inflight,
-            running=tuple(
-                RunningRequest(
-                    t.request,
-                    t.dispatch_s or now_s,
-                    t.first_token_s,
-                    min(
-                        t.kept_tokens + self._generated(t, inst, now_s),
-                        max(0, t.request.max_output_tokens - 1),
-                    ),
-                )
-                for t in running
-            ),
-        )
-
-    def _generated(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> int:
-        """Output tokens ``tr`` has produced by ``now_s``: one at its first token, then one
-        per decode step at the instance's current load (capped below its limit)."""
-        if tr.first_token_s is None:
-            return 0
-        perf = self._perf.get((tr.request.model, inst.spec.gpu))
-        if perf is None:
-            return 1
-        step_s = perf.decode_step_s(*self._decode_load(tr, inst))
-        steps = int((now_s - tr.first_token_s) / step_s) if step_s > 0 else 0
-        return min(1 + steps, tr.request.max_output_tokens - 1)
-
-    def _adopt(self, plan: Plan | None, *, keep_leftovers: bool) -> None:
-        """Rebuild the virtual queues from ``plan`` (None: empty queues)."""
-        old = self._vq
-        self._vq = {i: deque() for i in self._insts}
-        placed: set[str] = set()
-        for ip in plan.instances if plan is not None else ():
-            vq = self._vq[ip.instance_id]
-            for pg in ip.groups:
-                self._take_forecasts(pg)
-                ids = deque(r for r in pg.request_ids if r in self._waiting and r not in placed)
-                if ids:
-                    placed.update(ids)
-                    vq.append(QueuedGroup(pg, ids))
-        if keep_leftovers:  # queued before but not in this plan: keep them, after it
-            for iid, groups in old.items():
-                for g in groups:
-                    ids = deque(
-                        r
-                        for r in g.ids
-                        if r not in placed
-                        and self._reqs[r].state is ReqState.WAITING
-                        and self._reqs[r].vq_instance == iid
-                    )
-                    if ids:
-                        placed.update(ids)
-                        self._vq[iid].append(QueuedGroup(g.plan, ids))
-        for inst in self._insts.values():
-            inst.queued = 0
-        for tr in self._waiting.values():
-            tr.vq_instance = None
-        for iid, groups in self._vq.items():
-            for qg in groups:
-                for r in qg.ids:
-                    self._reqs[r].vq_instance = iid
-                self._insts[iid].queued += len(qg.ids)
-        self.plan = plan
-        unplanned = len(self._waiting) - len(placed)
-        if unplanned and not keep_leftovers and plan is not None:
-            missing = next(r for r in self._waiting if r not in placed)
-            raise RuntimeError(f"policy {plan.policy!r} left waiting request {missing!r} unplanned")
-
-    def _take_forecasts(self, group: PlannedGroup) -> None:
-        """Keep the first forecast (start, miss probability) made for each request of
-        ``group`` in this attempt: what the run log sets against what happened."""
-        starts, misses = group.request_start_s, group.request_miss_probability
-        for rid, start_s, miss in zip(group.request_ids, starts, misses, strict=False):
-            tr = self._waiting.get(rid)
-            if tr is not None and tr.predicted_start_s is None:
-                tr.predicted_start_s, tr.predicted_miss_prob = start_s, miss
 
     def _fail_unservable(self, now_s: float) -> None:
         """Fail waiting requests that no live instance may ever serve."""
@@ -477,244 +394,13 @@ class ServeCore:
             if not any(s.can_serve(tr.request.model) for s in live):
                 self._end(tr, now_s, "fail", None, f"no live instance may serve {tr.request.model}")
 
-    def _check_violations(self, now_s: float) -> None:
-        """Re-plan if a head group runs late against its plan or an instance idles."""
-        backlog = any(i.queued for i in self._insts.values())
-        for inst in self._insts.values():
-            vq = self._vq[inst.spec.id]
-            if self._waiting and not vq and inst.status is InstStatus.UP and backlog:
-                self._replan_due = True  # idle capacity while work waits elsewhere
-            elif vq and now_s > vq[0].plan.predicted_start_s + self.config.lag_tolerance_s:
-                self._replan_due = True
-
-    # ---- serving operations -----------------------------------------------------------
-
-    def _serve(self, inst: InstanceRecord, now_s: float, actions: list[Action]) -> None:
-        head = self._head(inst, now_s)
-        if head is None:
-            return
-        group, tr = head
-        if group.plan.model != inst.model:
-            if inst.inflight or inst.evicting:
-                if self.config.evict_for_swap and not inst.evicting:
-                    self._maybe_evict(inst, group, tr, now_s, actions, for_swap=True)
-            else:
-                self._load(inst, group.plan.model, now_s, actions)
-            return
-        while self._can_pull(inst, tr):
-            self._dispatch(inst, group, tr, now_s, actions)
-            head = self._head(inst, now_s)
-            if head is None or head[0].plan.model != inst.model:
-                return
-            group, tr = head
-        self._maybe_evict(inst, group, tr, now_s, actions, for_swap=False)
-
-    def _head(self, inst: InstanceRecord, now_s: float) -> tuple[QueuedGroup, Tracked] | None:
-        """The first still-waiting request of the instance's virtual queue and its group;
-        heads too late for their deadline move behind the queue on the way."""
-        vq = self._vq[inst.spec.id]
-        while vq:
-            g = vq[0]
-            while g.ids:
-                tr = self._reqs[g.ids[0]]
-                if tr.state is ReqState.WAITING and tr.vq_instance == inst.spec.id:
-                    if g.deferred or not self._defers(tr, inst, now_s):
-                        return g, tr
-                    self._defer(vq, g, tr.id)
-                g.ids.popleft()
-            vq.popleft()
-        return None
-
-    def _defers(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> bool:
-        """Whether the head ``tr`` goes behind the queue (never mid-stream)."""
-        return self.config.defer_late and not tr.kept_tokens and self._too_late(tr, inst, now_s)
-
-    def _too_late(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> bool:
-        """Whether ``tr``, dispatched now on ``inst``, gets its first token past its
-        deadline even with the pipeline to itself (beside the decodes running there:
-        the planner's ``req_ttft_s``)."""
-        if now_s > tr.deadline_s:
-            return True
-        perf = self._perf[(tr.request.model, inst.spec.gpu)]
-        batch, context = self._decode_load(tr, inst)
-        ttft = first_token_s(perf, np.array([float(tr.request.prompt_tokens)]), batch, context)
-        return now_s + float(ttft[0]) > tr.deadline_s
-
-    @staticmethod
-    def _defer(vq: deque[QueuedGroup], group: QueuedGroup, request_id: str) -> None:
-        """Queue ``request_id`` of ``group`` behind the rest of ``vq``."""
-        tail = vq[-1]
-        if tail.deferred and tail.plan is group.plan:
-            tail.ids.append(request_id)
-        else:
-            vq.append(QueuedGroup(group.plan, deque([request_id]), deferred=True))
-
-    def _can_pull(self, inst: InstanceRecord, head: Tracked) -> bool:
-        """Backpressure: sequences, KV tokens, and what vLLM itself reports."""
-        cfg = self.config
-        perf = self._perf[(head.request.model, inst.spec.gpu)]
-        n = len(inst.inflight)
-        return (
-            n < (cfg.max_inflight or perf.max_num_seqs)
-            and (
-                n == 0 or inst.kv_tokens + head.kv_tokens <= cfg.kv_budget * perf.kv_capacity_tokens
-            )
-            and (
-                cfg.max_engine_waiting is None
-                or inst.engine_waiting is None
-                or inst.engine_waiting < cfg.max_engine_waiting
-            )
-            and (inst.kv_usage is None or inst.kv_usage < cfg.max_kv_usage)
-        )
-
-    def _dispatch(
-        self,
-        inst: InstanceRecord,
-        group: QueuedGroup,
-        tr: Tracked,
-        now_s: float,
-        actions: list[Action],
-    ) -> None:
-        group.ids.popleft()
-        tr.move("dispatch")
-        del self._waiting[tr.id]
-        inst.queued -= 1
-        tr.vq_instance = None
-        tr.instance_id = inst.spec.id
-        tr.dispatch_s = now_s
-        tr.priority = group.plan.priority if self.config.vllm_priority else 0
-        if tr.predicted_start_s is None:  # a plan without per-request forecasts
-            tr.predicted_start_s = group.plan.predicted_start_s
-            tr.predicted_miss_prob = group.plan.miss_probability
-        inst.add_inflight(tr)
-        if inst.engine_waiting is not None:
-            inst.engine_waiting += 1  # waits in the engine until its next report says otherwise
-        actions.append(Dispatch(tr.id, inst.spec.id, tr.priority, tr.kept_tokens))
-
-    def _maybe_evict(
-        self,
-        inst: InstanceRecord,
-        group: QueuedGroup,
-        head: Tracked,
-        now_s: float,
-        actions: list[Action],
-        *,
-        for_swap: bool,
-    ) -> None:
-        """Evict less urgent running work if it makes the head group miss its deadline."""
-        cfg = self.config
-        if cfg.evict_batch == 0 or not inst.inflight:
-            return
-        head_prio = head.slo.priority
-        if not any(p > head_prio and n > 0 for p, n in inst.prio_counts.items()):
-            return
-        if now_s < inst.last_evict_s + cfg.evict_cooldown_s:
-            self._hint_s = min(self._hint_s, inst.last_evict_s + cfg.evict_cooldown_s)
-            return
-        if self._too_late(head, inst, now_s):
-            return  # too late to save; evicting would only waste work
-        if not _late_by_plan(group.plan, head.id, now_s):
-            return  # the plan has the head on time by waiting (for a swap: by draining)
-        victims = [
-            t
-            for t in reversed(inst.inflight.values())
-            if t.slo.priority > head_prio
-            and t.evictions < cfg.max_evictions
-            and t.deadline_s - now_s > 2 * self._service_s(t, inst)
-        ]
-        if for_swap and len(victims) < len(inst.inflight):
-            return  # some work must drain anyway: evicting the rest gains nothing
-        n = len(victims) if for_swap else min(len(victims), cfg.evict_batch, len(group.ids))
-        for t in victims[:n]:
-            self._evict(inst, t, f"evicted for {head.id} ({head.slo.name})", now_s, actions)
-        if n:
-            inst.last_evict_s = now_s
-
-    def _evict(
-        self, inst: InstanceRecord, tr: Tracked, reason: str, now_s: float, actions: list[Action]
-    ) -> None:
-        tr.move("evict")
-        tr.evictions += 1
-        tr.evict_reason = reason
-        inst.remove_inflight(tr)
-        inst.evicting[tr.id] = tr
-        actions.append(Evict(tr.id, inst.spec.id, reason))
-        self._log_op(
-            now_s,
-            "evict",
-            inst.spec.id,
-            tr.request.model,
-            request_id=tr.id,
-            detail={"reason": reason, "attempt": tr.attempt},
-        )
-
-    def _load(self, inst: InstanceRecord, model: str, now_s: float, actions: list[Action]) -> None:
-        """Start loading ``model`` on a drained instance."""
-        gpu = inst.spec.gpu
-        sleep_current = self._release(inst)[1]
-        asleep = model in inst.sleeping
-        inst.ready_at_s = now_s + self._load_time(inst, model)
-        inst.load_kind = "wake" if asleep and self._perf[(model, gpu)].supports_sleep else "swap"
-        inst.load_from, inst.model = inst.model, model
-        inst.load_started_s = now_s
-        inst.status = InstStatus.LOADING
-        if sleep_current and inst.load_from is not None:
-            inst.sleeping.add(inst.load_from)
-            self._log_op(now_s, "sleep", inst.spec.id, inst.load_from)
-        inst.sleeping.discard(model)
-        actions.append(LoadModel(inst.spec.id, model, sleep_current))
-
-    def _load_time(self, inst: InstanceRecord, model: str) -> float:
-        from_perf, sleep = self._release(inst)
-        to_perf = self._perf[(model, inst.spec.gpu)]
-        return swap_time_s(to_perf, from_perf, model in inst.sleeping, sleep_current=sleep)
-
-    def _release(self, inst: InstanceRecord) -> tuple[PerfModel | None, bool]:
-        """(profile of the resident model or None, whether a swap puts it to sleep: only
-        where its profile supports sleep and the instance keeps it warm)."""
-        from_perf = self._perf.get((inst.model, inst.spec.gpu)) if inst.model else None
-        sleeps = (
-            from_perf is not None and from_perf.supports_sleep and inst.spec.keeps_warm(inst.model)
-        )
-        return from_perf, sleeps
-
-    @staticmethod
-    def _decode_load(tr: Tracked, inst: InstanceRecord) -> tuple[int, int]:
-        """(batch, context tokens) ``tr`` decodes with at the instance's current load."""
-        batch = max(1, len(inst.inflight))
-        return batch, batch * (tr.request.prompt_tokens + tr.expected_output_tokens // 2)
-
-    def _service_s(self, tr: Tracked, inst: InstanceRecord) -> float:
-        """Estimated time from dispatch to finish of ``tr`` at the instance's current load."""
-        perf = self._perf[(tr.request.model, inst.spec.gpu)]
-        out = tr.remaining_output_tokens  # a resumed request only generates the rest
-        step_s = perf.decode_step_s(*self._decode_load(tr, inst))
-        return perf.prefill_time_s(tr.request.prompt_tokens) + out * step_s
-
-    def _observe_speed(self, tr: Tracked, inst: InstanceRecord, ev: Finished) -> None:
-        """Feed the decode speed of a finished request to the calibration."""
-        if self._speed is None or tr.first_token_s is None or ev.output_tokens < 2:
-            return
-        # the same load as _service_s assumes, so the factor corrects its estimate
-        batch, context = self._decode_load(tr, inst)
-        (tokens, squares), (tokens0, squares0) = inst.prefilled, tr.prefilled_mark
-        self._speed.observe(
-            (tr.request.model, inst.spec.gpu),
-            ev.time_s - tr.first_token_s,
-            ev.output_tokens - 1,
-            batch,
-            context,
-            tokens - tokens0,
-            squares - squares0,
-        )
-
     # ---- ends of attempts -------------------------------------------------------------
 
     def _on_aborted(self, tr: Tracked, ev: Aborted) -> None:
         tokens = tr.kept_tokens + ev.output_tokens  # the request's output so far
         if tr.state is ReqState.EVICTED or ev.reason in ("evicted", "swap"):
             reason = tr.evict_reason or ev.reason
-            self._end(tr, ev.time_s, "requeue", tokens, reason, outcome="evicted")
+            self._end(tr, ev.time_s, "requeue", tokens, reason, outcome=Outcome.EVICTED)
         elif not ev.retryable:
             self._end(tr, ev.time_s, "reject", tokens, ev.reason)
         else:
@@ -726,7 +412,7 @@ class ServeCore:
             why = f"{reason} (gave up after {tr.failures} failed attempts)"
             self._end(tr, now_s, "fail", tokens, why)
         else:
-            self._end(tr, now_s, "requeue", tokens, reason, outcome="failed")
+            self._end(tr, now_s, "requeue", tokens, reason, outcome=Outcome.FAILED)
 
     def _end(
         self,
@@ -735,24 +421,17 @@ class ServeCore:
         verb: str,
         tokens: int | None,
         reason: str,
-        outcome: str | None = None,
+        outcome: Outcome | None = None,
     ) -> None:
-        """End the current attempt of ``tr`` with ``verb`` and log it."""
+        """End the current attempt of ``tr`` with ``verb`` and log it (the outcome a final
+        verb implies, unless given: a re-queue says why)."""
         was_waiting = tr.state is ReqState.WAITING
         if tr.instance_id is not None and not was_waiting:
             inst = self._insts[tr.instance_id]
             inst.remove_inflight(tr)
             inst.evicting.pop(tr.id, None)
         tr.move(verb)
-        outcome = (
-            outcome
-            or {
-                "finish": "finished",
-                "fail": "failed",
-                "reject": "rejected",
-                "cancel": "cancelled",
-            }[verb]
-        )
+        outcome = outcome or _FINAL_OUTCOME[verb]
         self._attempt_rows.append(tr.attempt_row(now_s, outcome, tokens, reason))
         if verb == "requeue":
             # evict-and-resume: the next attempt starts after the output kept (unknown
@@ -782,7 +461,7 @@ class ServeCore:
         inst = self._insts[ev.instance_id]
         if isinstance(ev, InstanceReady):
             if inst.status is InstStatus.LOADING:
-                self._log_op(
+                self._log.add(
                     now_s,
                     inst.load_kind,
                     inst.spec.id,
@@ -792,7 +471,7 @@ class ServeCore:
                 )
             elif inst.status is InstStatus.DOWN:
                 self._topology += 1
-                self._log_op(now_s, "instance_up", inst.spec.id, ev.model)
+                self._log.add(now_s, "instance_up", inst.spec.id, ev.model)
             inst.status, inst.model = InstStatus.UP, ev.model
             self._replan_due = True
             return
@@ -801,10 +480,12 @@ class ServeCore:
         self._topology += 1
         inst.status = InstStatus.DOWN
         inst.engine_waiting = inst.kv_usage = None
-        self._log_op(now_s, "instance_down", inst.spec.id, inst.model, detail={"reason": ev.reason})
+        self._log.add(
+            now_s, "instance_down", inst.spec.id, inst.model, detail={"reason": ev.reason}
+        )
         for tr in [*inst.inflight.values(), *inst.evicting.values()]:
             if tr.state is ReqState.EVICTED:
-                self._end(tr, now_s, "requeue", None, tr.evict_reason, outcome="evicted")
+                self._end(tr, now_s, "requeue", None, tr.evict_reason, outcome=Outcome.EVICTED)
             else:
                 self._fail_attempt(tr, now_s, None, f"instance {inst.spec.id} down: {ev.reason}")
         self._replan_due = True
@@ -812,65 +493,18 @@ class ServeCore:
     # ---- log rows ---------------------------------------------------------------------
 
     def _log_replan(self, now_s: float, plan: Plan, source: str) -> None:
-        s = plan.solver
+        solver = asdict(plan.solver)
+        wall_s = solver["build_s"] + solver["solve_s"]
+        self._solver_wall_s += wall_s
+        if not self._log_wall_times:  # the machine's speed, not the run's: kept out
+            del solver["build_s"], solver["solve_s"]
         detail = {
             "source": source,
             "policy": plan.policy,
             "waiting": len(self._waiting),
             "groups": sum(len(ip.groups) for ip in plan.instances),
             "predicted_attainment": plan.predicted_attainment,
-            **asdict(s),
+            **solver,
         }
-        self._log_op(now_s, "replan", duration_s=s.build_s + s.solve_s, detail=detail)
-
-    def _log_op(
-        self,
-        now_s: float,
-        kind: str,
-        instance_id: str | None = None,
-        model: str | None = None,
-        from_model: str | None = None,
-        *,
-        request_id: str | None = None,
-        duration_s: float | None = None,
-        detail: dict[str, Any] | None = None,
-    ) -> None:
-        self._ops[kind] += 1
-        self._op_rows.append(
-            {
-                "time_s": now_s,
-                "kind": kind,
-                "instance_id": instance_id,
-                "model": model,
-                "from_model": from_model,
-                "request_id": request_id,
-                "duration_s": duration_s,
-                "detail": json.dumps(detail, sort_keys=True, default=str) if detail else None,
-            }
-        )
-
-
-def _what_is_left(tr: Tracked) -> Request:
-    """The request as a planner prices it: a resumed one by what is left (its prompt grown
-    by the output kept, its output shortened by it; same KV footprint)."""
-    kept = tr.kept_tokens
-    if not kept:
-        return tr.request
-    req = tr.request
-    out = req.output_tokens
-    return req.model_copy(
-        update={
-            "prompt_tokens": req.prompt_tokens + kept,
-            "max_output_tokens": max(1, req.max_output_tokens - kept),
-            "output_tokens": None if out is None else max(1, out - kept),
-        }
-    )
-
-
-def _late_by_plan(group: PlannedGroup, request_id: str, now_s: float) -> bool:
-    """Whether waiting for a slot makes ``request_id`` of ``group`` late: the plan said it
-    more likely misses than not, or the start the plan predicted for it has passed."""
-    if not group.request_miss_probability:
-        return group.miss_probability >= 0.5 or now_s > group.predicted_start_s
-    k = group.request_ids.index(request_id)
-    return group.request_miss_probability[k] >= 0.5 or now_s > group.request_start_s[k]
+        duration_s = wall_s if self._log_wall_times else None
+        self._log.add(now_s, "replan", duration_s=duration_s, detail=detail)

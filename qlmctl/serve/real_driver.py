@@ -2,9 +2,10 @@
 
 How it works: the instances are launched (``vllm serve`` argument lists) or attached
 (checked first); the run clock (:class:`~qlmctl.clock.WallClock`) starts when all are
-ready, so arrival times are seconds from then. One loop owns the core: it feeds arrivals
-when due and every item other tasks put on its queue (engine events, ``/metrics``
-backpressure, improved plans), asks the core to decide and applies the actions:
+ready, so arrival times are seconds from then. One loop owns the core: it feeds every
+item other tasks put on its queue (engine events, ``/metrics`` backpressure, improved
+plans), then takes the step both drivers share (:class:`~qlmctl.serve.run.DriverStep`:
+arrivals due, decide, apply the actions, start the improver, write rows):
 
 * Dispatch: one task per request streams ``/v1/completions`` (many at once, never one
   at a time); its first token, end, rejection (HTTP 4xx: not retryable) or failure
@@ -81,19 +82,19 @@ from qlmctl.engine.vllm import (
 )
 from qlmctl.errors import EngineError
 from qlmctl.perfmodel import PerfModel
-from qlmctl.plan.types import Plan, Policy
-from qlmctl.serve.config import CoreConfig
+from qlmctl.plan.types import Plan, Policy, QueueSnapshot
+from qlmctl.serve.config import CoreConfig, ImproveFn
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.instances import RealInstance
 from qlmctl.serve.run import (
     INTERRUPTED,
+    DriverStep,
     ProgressFn,
     RunSummary,
     open_log,
     run_meta,
-    write_rows,
 )
-from qlmctl.serve.runlog import FAILED, FINAL_OUTCOMES, RunLogWriter
+from qlmctl.serve.runlog import FINAL_OUTCOMES, Outcome, RunLogWriter
 from qlmctl.serve.state import ReqState
 from qlmctl.workload import Workload, prompt_for
 
@@ -149,7 +150,7 @@ class LiveRequest(Protocol):
         """
         ...
 
-    def ended(self, outcome: str, reason: str | None) -> None:
+    def ended(self, outcome: Outcome, reason: str | None) -> None:
         """The request ended for good (a final run-log outcome); called once."""
         ...
 
@@ -319,43 +320,43 @@ class RealDriver:
         )  # fmt: skip
         self.core = core
         improve_rng = np.random.default_rng([self.seed, 1])
+
+        def improve(improver: ImproveFn, snap: QueueSnapshot, _now_s: float) -> bool:
+            self._spawn(self._improve(improver, snap, improve_rng))
+            return False  # the answer comes back through the queue
+
+        step = DriverStep(
+            core, self.workload.requests, log, self._apply, improve,
+            enrich=self._enrich, on_operation=self.on_operation, on_progress=on_progress,
+        )  # fmt: skip
         self.clock = WallClock()
         self.serving.set()
         for inst in self.instances.values():
             self._spawn(self._poll(inst))
         for t_s, iid in self.options.kill_at:
             self._spawn(self._kill_later(t_s, iid))
-        requests, k = self.workload.requests, 0
         interrupted = False
         while True:
             now = self.clock.now()
-            while k < len(requests) and requests[k].arrival_s <= now:
-                core.on_arrival(requests[k], now)
-                k += 1
             if self.stop.is_set():
                 interrupted = True
-                self._apply(list(core.cancel_all(now, INTERRUPTED)))
-                self._write(log)
+                step.stop(now, INTERRUPTED)
                 break
-            self._apply(core.decide(now))
-            snap = core.wants_improvement()
-            if snap is not None and core.improver is not None:
-                self._spawn(self._improve(core.improver, snap, improve_rng))
-            self._write(log)
-            if on_progress is not None:
-                on_progress(core.stats(), now)
-            if k == len(requests) and core.done and not self.listening:
+            step(now)
+            if step.all_arrived and core.done and not self.listening:
                 break
             next_t = min(
-                requests[k].arrival_s if k < len(requests) else math.inf,
+                step.next_arrival_s,
                 core.next_wakeup_s() or math.inf,
                 now + 0.5,  # refresh the live view
             )
             await self._next_items(max(0.0, next_t - self.clock.now()))
         duration = self.clock.now()
+        stats = core.stats()
         log.close(duration_s=duration, interrupted=interrupted, speed_factors=core.speed_factors(),
-                  sleep_wake_measured=self.sleep_wake_measured)  # fmt: skip
-        summary = RunSummary.from_stats(core.stats(), run_dir, self.policy.name, "vllm", duration)
+                  sleep_wake_measured=self.sleep_wake_measured,
+                  solver_wall_s=stats.solver_wall_s)  # fmt: skip
+        summary = RunSummary.from_stats(stats, run_dir, self.policy.name, "vllm", duration)
         return summary.with_interrupted(interrupted)
 
     async def _next_items(self, timeout_s: float) -> None:
@@ -545,7 +546,9 @@ class RealDriver:
                 )
             )
 
-    async def _improve(self, improver: Any, snap: Any, rng: np.random.Generator) -> None:
+    async def _improve(
+        self, improver: ImproveFn, snap: QueueSnapshot, rng: np.random.Generator
+    ) -> None:
         try:
             plan = await asyncio.to_thread(improver, snap, rng)
         except Exception as exc:  # the improver is optional: any failure keeps the fast plan
@@ -562,26 +565,23 @@ class RealDriver:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    def _write(self, log: RunLogWriter) -> None:
-        write_rows(self.core, log, self._enrich, self.on_operation)
-
     def _enrich(self, row: dict[str, Any]) -> None:
         """Driver-only fields: the longest inter-token gap; unknown tokens of aborted attempts.
 
         A live request's client hears the final outcome here, once the core has logged it.
         """
         rid = row["request_id"]
-        if row["outcome"] == "finished":
+        if row["outcome"] == Outcome.FINISHED:
             row["itl_max_s"] = self.itl_max.pop(rid, None)
             row["cached_tokens"] = self.cached.pop(rid, None)
         elif rid in self.live:
             row["output_tokens"] = None  # a client's own stream: we do not count its tokens
         final = row["outcome"] in FINAL_OUTCOMES or (
-            row["outcome"] == FAILED and self.core.state_of(rid) is ReqState.FAILED
+            row["outcome"] == Outcome.FAILED and self.core.state_of(rid) is ReqState.FAILED
         )
         if final:
             got = self.progress.pop(rid, None)
-            if self.keep_outputs and got is not None and row["outcome"] == "finished":
+            if self.keep_outputs and got is not None and row["outcome"] == Outcome.FINISHED:
                 self.outputs[rid] = got.output_token_ids
         live = self.live.pop(rid, None) if final else None
         if live is not None:

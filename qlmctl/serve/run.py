@@ -1,32 +1,40 @@
-"""What both drivers share: run metadata, moving the core's log rows to disk, the summary.
+"""What both drivers share: the step they take, run metadata, the log rows, the summary.
 
-The drivers differ only in their clock and engine; everything a run writes besides the
-rows (run.json keys, the final summary) is built here so the two cannot drift apart, and
-both stop the same way on Ctrl-C: SIGINT only sets a flag (:func:`sigint_flag`, or the
-event loop's handler), the driver's loop sees it between two decisions, cancels every
-request not yet ended (reason :data:`INTERRUPTED`), closes the log and returns an
-interrupted summary. A KeyboardInterrupt never lands in the middle of the core.
+The drivers differ only in their clock and engine. Each moment of a run is one
+:class:`DriverStep` (arrivals due, decide, improve, apply, write rows, progress), and
+everything a run writes besides the rows (run.json keys, the final summary) is built
+here, so the two cannot drift apart. Both stop the same way on Ctrl-C: SIGINT only
+sets a flag (:func:`sigint_flag`, or the event loop's handler), the driver's loop sees it
+between two steps, cancels every request not yet ended (:meth:`DriverStep.stop`, reason
+:data:`INTERRUPTED`), closes the log and returns an interrupted summary. A
+KeyboardInterrupt never lands in the middle of the core.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import math
 import re
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from qlmctl.domain import ClusterSpec
-from qlmctl.serve.config import CoreConfig, CoreStats
+from qlmctl.domain import ClusterSpec, Request
+from qlmctl.engine.events import Action
+from qlmctl.plan.types import QueueSnapshot
+from qlmctl.serve.config import CoreConfig, CoreStats, ImproveFn
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.runlog import RunLogWriter
 from qlmctl.workload import Workload
 
 ProgressFn = Callable[[CoreStats, float], None]  # (counts so far, run time)
+RowHook = Callable[[dict[str, Any]], None]  # sees (and may fill) one log row
+# (improver, snapshot, now) -> whether the core already has the answer (on_plan was called)
+ImproveHook = Callable[[ImproveFn, QueueSnapshot, float], bool]
 INTERRUPTED = "interrupted (Ctrl-C)"  # reason of the requests a Ctrl-C cancels
 
 
@@ -138,8 +146,8 @@ def open_log(run_dir: Path, meta: dict[str, Any]) -> Iterator[RunLogWriter]:
 def write_rows(
     core: ServeCore,
     log: RunLogWriter,
-    enrich: Callable[[dict[str, Any]], None] | None = None,
-    on_operation: Callable[[dict[str, Any]], None] | None = None,
+    enrich: RowHook | None = None,
+    on_operation: RowHook | None = None,
 ) -> None:
     """Move the core's pending rows into the writer.
 
@@ -156,6 +164,100 @@ def write_rows(
             on_operation(row)
         log.add_operation(row)
     log.maybe_flush()
+
+
+class DriverStep:
+    """The step both drivers take at each moment of a run.
+
+    :meth:`__call__` feeds the core the workload's arrivals that are due, asks it to
+    decide and applies the actions, hands a snapshot to the background improver, moves
+    the log rows to disk and reports progress. The drivers feed engine events themselves
+    (before the step) and differ in two hooks: ``apply`` sends actions to their engine,
+    ``improve`` runs the improver: the simulated driver answers at once while virtual
+    time stands still (True: the core decides again with the new plan), the real one
+    starts it in a worker thread (False: the answer comes later through ``on_plan``).
+    """
+
+    def __init__(
+        self,
+        core: ServeCore,
+        requests: Sequence[Request],
+        log: RunLogWriter,
+        apply: Callable[[list[Action]], None],
+        improve: ImproveHook,
+        *,
+        enrich: RowHook | None = None,
+        on_operation: RowHook | None = None,
+        on_progress: ProgressFn | None = None,
+        progress_every: int = 1,
+    ) -> None:
+        """Args:
+        core: the serving core.
+        requests: the workload's requests in arrival order.
+        log: the run log the rows go to (see :func:`write_rows` for ``enrich`` and
+            ``on_operation``).
+        apply: sends actions to the engine, in order.
+        improve: runs the improver on a snapshot (see the class docstring).
+        on_progress: called with the counts every ``progress_every`` steps.
+        """
+        self.core, self.log = core, log
+        self._requests = requests
+        self._next = 0  # index of the next request to arrive
+        self._apply, self._improve = apply, improve
+        self._enrich, self._on_operation = enrich, on_operation
+        self._on_progress, self._progress_every = on_progress, progress_every
+        self._steps = 0
+
+    @property
+    def next_arrival_s(self) -> float:
+        """When the workload's next request arrives (inf: every one has)."""
+        k = self._next
+        return self._requests[k].arrival_s if k < len(self._requests) else math.inf
+
+    @property
+    def all_arrived(self) -> bool:
+        """Whether every request of the workload has been fed to the core."""
+        return self._next == len(self._requests)
+
+    def __call__(self, now_s: float) -> bool:
+        """Take the step at ``now_s``; whether anything arrived or was decided."""
+        core = self.core
+        arrived = self._arrive(now_s)
+        actions = core.decide(now_s)
+        self._apply(actions)
+        snap = core.wants_improvement()
+        if (
+            snap is not None
+            and core.improver is not None
+            and self._improve(core.improver, snap, now_s)
+        ):
+            again = core.decide(now_s)
+            self._apply(again)
+            actions += again
+        self.write()
+        self._steps += 1
+        if self._on_progress is not None and self._steps % self._progress_every == 0:
+            self._on_progress(core.stats(), now_s)
+        return bool(arrived or actions)
+
+    def stop(self, now_s: float, reason: str) -> None:
+        """End the run early: the arrivals due join, then every request not yet ended is
+        cancelled (those in flight aborted) with ``reason``."""
+        self._arrive(now_s)
+        self._apply(list(self.core.cancel_all(now_s, reason)))
+        self.write()
+
+    def write(self) -> None:
+        """Move the core's pending rows to the log."""
+        write_rows(self.core, self.log, self._enrich, self._on_operation)
+
+    def _arrive(self, now_s: float) -> int:
+        """Feed the requests that arrived by ``now_s``; how many."""
+        first, requests = self._next, self._requests
+        while self._next < len(requests) and requests[self._next].arrival_s <= now_s:
+            self.core.on_arrival(requests[self._next], now_s)
+            self._next += 1
+        return self._next - first
 
 
 @contextlib.contextmanager

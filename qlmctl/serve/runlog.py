@@ -3,8 +3,9 @@
 A run is a directory ``RUN/`` holding
 
 * ``run.json``: schema version, run id, policy, engine, workload fingerprint, config;
-  at the end the duration and the speed the profiles were calibrated to
-  (``speed_factors``: observed / profiled step time per ``model@gpu``);
+  at the end the duration, the speed the profiles were calibrated to
+  (``speed_factors``: observed / profiled step time per ``model@gpu``) and the policy's
+  wall-clock solve time (``solver_wall_s``);
 * ``requests.parquet``: one row per request *attempt* (an evicted request that is
   re-queued and finishes elsewhere has two rows: ``evicted`` then ``finished``). An
   evicted request keeps its output (evict-and-resume): the evicted row's ``kept_tokens``
@@ -12,7 +13,9 @@ A run is a directory ``RUN/`` holding
   ``output_tokens`` count the whole output so far and ``cached_tokens`` the prompt tokens
   (original prompt plus resumed output) the engine's prefix cache served;
 * ``operations.parquet``: swaps, wakes, sleeps, evictions, re-plans (solver stats in
-  ``detail`` as JSON), instances going down or up.
+  ``detail`` as JSON), instances going down or up. A simulated run's re-plans carry no
+  wall-clock time (``duration_s`` null, no ``build_s``/``solve_s`` in ``detail``), so its
+  two Parquet files depend only on its inputs and seed, byte for byte.
 
 Rows are written incrementally: every flush writes a numbered part file under
 ``RUN/parts/``; :meth:`RunLogWriter.close` merges the parts into the two files above and
@@ -32,8 +35,10 @@ import json
 import math
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +51,22 @@ from qlmctl.fileio import atomic_path, atomic_write_text
 
 RUNLOG_VERSION = 1
 
-# Outcomes of one attempt. Exactly one attempt per request ends in a final outcome.
-FINISHED, EVICTED, FAILED, REJECTED, CANCELLED = (
-    "finished",  # completed; slo_met says whether in time
-    "evicted",  # aborted by the planner and re-queued (not final)
-    "failed",  # the engine failed it; re-queued if retries remain, else final
-    "rejected",  # the server refused it (HTTP 4xx): final, never retried
-    "cancelled",  # the run stopped (Ctrl-C) before it finished: final
-)
-FINAL_OUTCOMES = frozenset({FINISHED, REJECTED, CANCELLED})
+
+class Outcome(StrEnum):
+    """How one attempt ended: the ``outcome`` column (its values are these strings).
+
+    Exactly one attempt per request ends in a final outcome.
+    """
+
+    FINISHED = "finished"  # completed; slo_met says whether in time
+    EVICTED = "evicted"  # aborted by the planner and re-queued (not final)
+    FAILED = "failed"  # the engine failed it; re-queued if retries remain, else final
+    REJECTED = "rejected"  # the server refused it (HTTP 4xx): final, never retried
+    CANCELLED = "cancelled"  # the run stopped (Ctrl-C) before it finished: final
+
+
+# always final (FAILED is final only on a request's last attempt)
+FINAL_OUTCOMES = frozenset({Outcome.FINISHED, Outcome.REJECTED, Outcome.CANCELLED})
 
 REQUESTS_SCHEMA = pa.schema(
     [
@@ -76,7 +88,7 @@ REQUESTS_SCHEMA = pa.schema(
         ("tpot_s", pa.float64()),  # mean time per output token after the first
         ("itl_max_s", pa.float64()),  # longest gap between two tokens
         ("slo_met", pa.bool_()),  # TTFT (and e2e if set) within target; false unless finished
-        ("outcome", pa.string()),  # one of FINISHED, EVICTED, FAILED, REJECTED, CANCELLED
+        ("outcome", pa.string()),  # an Outcome value
         ("reason", pa.string()),  # why it was evicted, failed, rejected or cancelled
         ("predicted_start_s", pa.float64()),  # first forecast of dispatch in this attempt
         ("predicted_miss_prob", pa.float64()),
@@ -98,12 +110,53 @@ OPERATIONS_SCHEMA = pa.schema(
         ("model", pa.string()),  # model loaded (swap, wake) or of the evicted request
         ("from_model", pa.string()),
         ("request_id", pa.string()),
-        ("duration_s", pa.float64()),  # swap/wake time, or solver wall time for replan
+        ("duration_s", pa.float64()),  # swap/wake time; replan: solver wall time (real runs)
         ("detail", pa.string()),  # JSON: solver stats, reasons
     ]
 )
 
 _TABLES = {"requests": REQUESTS_SCHEMA, "operations": OPERATIONS_SCHEMA}
+
+
+class OperationLog:
+    """Operation rows (``OPERATIONS_SCHEMA``) made since they were last taken, and a
+    count of every kind so far."""
+
+    def __init__(self) -> None:
+        self._rows: list[dict[str, Any]] = []
+        self.counts: Counter[str] = Counter()  # kind -> operations so far
+
+    def add(
+        self,
+        now_s: float,
+        kind: str,
+        instance_id: str | None = None,
+        model: str | None = None,
+        from_model: str | None = None,
+        *,
+        request_id: str | None = None,
+        duration_s: float | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """One operation at ``now_s`` (``detail`` is stored as JSON with sorted keys)."""
+        self.counts[kind] += 1
+        self._rows.append(
+            {
+                "time_s": now_s,
+                "kind": kind,
+                "instance_id": instance_id,
+                "model": model,
+                "from_model": from_model,
+                "request_id": request_id,
+                "duration_s": duration_s,
+                "detail": json.dumps(detail, sort_keys=True, default=str) if detail else None,
+            }
+        )
+
+    def take(self) -> list[dict[str, Any]]:
+        """The rows added since the last call."""
+        rows, self._rows = self._rows, []
+        return rows
 
 
 @dataclass(frozen=True)
@@ -183,7 +236,8 @@ class RunLogWriter:
             return
         self.flush()
         for name, schema in _TABLES.items():
-            table = _read_parts(self._parts, name, schema)
+            # one chunk per column: the bytes must not depend on when parts were flushed
+            table = _read_parts(self._parts, name, schema).combine_chunks()
             with atomic_path(self.path / f"{name}.parquet") as tmp:
                 pq.write_table(table, tmp)
         shutil.rmtree(self._parts)

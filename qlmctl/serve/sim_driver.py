@@ -2,9 +2,12 @@
 
 A discrete-event loop: the next moment is the earliest of the next arrival, the engine's
 next event and the core's next timer; the clock jumps there, the engine's events up to
-it and the arrivals at it are fed to the core, and the core's actions are applied to the
-engine. Ties are broken in one fixed order (engine events, then arrivals, then
-decisions), so the same inputs and seed give identical request tables.
+it are fed to the core, then the step both drivers share
+(:class:`~qlmctl.serve.run.DriverStep`) feeds the arrivals at it, asks the core to decide
+and applies the actions to the engine. Ties are broken in one fixed order (engine
+events, then arrivals, then decisions), so the same inputs and seed give byte-identical
+Parquet files: the policy's wall-clock solve times stay out of them (run.json's
+``solver_wall_s`` has their total).
 
 The background improver (the ``qlm`` policy's MILP) runs synchronously at the re-plan
 that offers a snapshot, while virtual time stands still, only when ``improve=True``
@@ -26,18 +29,19 @@ from qlmctl.domain import ClusterSpec, Request, check_models_served
 from qlmctl.engine.events import Action, Dispatch, Evict, LoadModel
 from qlmctl.engine.sim import SimEngine
 from qlmctl.perfmodel import PerfModel
-from qlmctl.plan.types import Policy
-from qlmctl.serve.config import CoreConfig
+from qlmctl.plan.types import Policy, QueueSnapshot
+from qlmctl.serve.config import CoreConfig, ImproveFn
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.run import (
     INTERRUPTED,
+    DriverStep,
     ProgressFn,
     RunSummary,
     open_log,
     run_meta,
     sigint_flag,
-    write_rows,
 )
+from qlmctl.serve.runlog import Outcome
 from qlmctl.workload import Workload
 
 # core timers firing this many times in a row with nothing else happening: stalled
@@ -79,27 +83,36 @@ def run_simulated(
     scheduling = "priority" if config.vllm_priority else "fcfs"
     engine = SimEngine(cluster, perf, scheduling=scheduling)
     rng = np.random.default_rng(seed)
-    core = ServeCore(cluster, workload.slo_classes, perf, policy, config, rng)
+    core = ServeCore(cluster, workload.slo_classes, perf, policy, config, rng, log_wall_times=False)
     improve_rng = np.random.default_rng([seed, 1])
     clock = VirtualClock()
-    requests = workload.requests
-    by_id = {r.id: r for r in requests}
+    by_id = {r.id: r for r in workload.requests}
     pending_failures = sorted(failures)
     meta = run_meta(workload, cluster, policy.name, "sim", config, seed, meta)
-    k, idle, steps = 0, 0, 0
+    idle = 0
 
     def enrich(row: dict[str, Any]) -> None:  # what the engine's prefix cache served
-        if row["outcome"] == "finished":
+        if row["outcome"] == Outcome.FINISHED:
             row["cached_tokens"] = engine.cached_tokens(row["request_id"])
 
+    def apply(actions: list[Action]) -> None:
+        _apply(engine, actions, by_id, clock.now())
+
+    def improve(improver: ImproveFn, snap: QueueSnapshot, now_s: float) -> bool:
+        core.on_plan(improver(snap, improve_rng), now_s)  # virtual time stands still
+        return True
+
     with sigint_flag() as interrupted, open_log(run_dir, meta) as log:
+        step = DriverStep(
+            core, workload.requests, log, apply, improve,
+            enrich=enrich, on_progress=on_progress, progress_every=500,
+        )  # fmt: skip
         while True:
             if interrupted.is_set():  # Ctrl-C: as the real driver does (see serve/run.py)
-                core.cancel_all(clock.now(), INTERRUPTED)
-                write_rows(core, log, enrich)
+                step.stop(clock.now(), INTERRUPTED)
                 break
             t = min(
-                requests[k].arrival_s if k < len(requests) else math.inf,
+                step.next_arrival_s,
                 _or_inf(engine.next_event_time()),
                 _or_inf(core.next_wakeup_s()),
                 pending_failures[0][0] if pending_failures else math.inf,
@@ -115,29 +128,21 @@ def run_simulated(
                 core.on_backpressure(inst.id, engine.num_waiting(inst.id), None)
             while pending_failures and pending_failures[0][0] <= t:
                 engine.fail(pending_failures.pop(0)[1], t)
-            arrived = k
-            while k < len(requests) and requests[k].arrival_s <= t:
-                core.on_arrival(requests[k], t)
-                k += 1
-            actions = core.decide(t)
-            snap = core.wants_improvement()
-            if snap is not None and core.improver is not None:
-                core.on_plan(core.improver(snap, improve_rng), t)
-                actions += core.decide(t)
-            _apply(engine, actions, by_id, t)
-            idle = 0 if (events or actions or k > arrived) else idle + 1
-            write_rows(core, log, enrich)
-            steps += 1
-            if on_progress is not None and steps % 500 == 0:
-                on_progress(core.stats(), t)
+            busy = step(t)
+            idle = 0 if (events or busy) else idle + 1
         if not core.done:
             core.cancel_all(clock.now(), "simulation stalled")  # the engine is dropped anyway
-            write_rows(core, log, enrich)
+            step.write()
         stats = core.stats()
         if on_progress is not None:
             on_progress(stats, clock.now())
         stopped = interrupted.is_set()
-        log.close(duration_s=clock.now(), interrupted=stopped, speed_factors=core.speed_factors())
+        log.close(
+            duration_s=clock.now(),
+            interrupted=stopped,
+            speed_factors=core.speed_factors(),
+            solver_wall_s=stats.solver_wall_s,
+        )
     summary = RunSummary.from_stats(stats, Path(run_dir), policy.name, "sim", clock.now())
     return summary.with_interrupted(stopped)
 

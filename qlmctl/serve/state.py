@@ -22,6 +22,7 @@ from typing import Any
 
 from qlmctl.domain import InstanceSpec, Request, SLOClass
 from qlmctl.plan.types import PlannedGroup
+from qlmctl.serve.runlog import Outcome
 
 
 class ReqState(IntEnum):
@@ -120,13 +121,13 @@ class Tracked:
         self.state = to
 
     def attempt_row(
-        self, finish_s: float, outcome: str, output_tokens: int | None, reason: str = ""
+        self, finish_s: float, outcome: Outcome, output_tokens: int | None, reason: str = ""
     ) -> dict[str, Any]:
         """The run-log row of the attempt that just ended (see ``REQUESTS_SCHEMA``)."""
         req = self.request
         ttft = None if self.first_token_s is None else self.first_token_s - req.arrival_s
         met = (
-            outcome == "finished"
+            outcome == Outcome.FINISHED
             and ttft is not None
             and ttft <= self.slo.ttft_s
             and (self.slo.e2e_s is None or finish_s - req.arrival_s <= self.slo.e2e_s)
@@ -218,6 +219,12 @@ class InstanceRecord:
         self.inflight[tr.id] = tr
         self.prio_counts[tr.slo.priority] += 1
         self.kv_tokens += tr.kv_tokens
+
+    def decode_load(self, tr: Tracked) -> tuple[int, int]:
+        """(batch, context tokens) ``tr`` decodes with at the instance's current load: what
+        the service-time estimates and the speed calibration both assume."""
+        batch = max(1, len(self.inflight))
+        return batch, batch * (tr.request.prompt_tokens + tr.expected_output_tokens // 2)
 
     def remove_inflight(self, tr: Tracked) -> None:
         """Forget ``tr`` if it is in flight here (no-op otherwise)."""

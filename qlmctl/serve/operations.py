@@ -1,0 +1,279 @@
+"""Serving operations on the instances: pull, evict, swap, and the estimates behind them.
+
+How it works (:meth:`ServingOps.serve`, once per decision, visits every up instance):
+
+* **Pulling.** An up instance dispatches the head of its virtual queue while its
+  in-flight count (and the engine's reported waiting count and KV usage) is under limits.
+  A head that can no longer get its first token by its deadline (``defer_late``, as the
+  policy's serving style says) goes behind the rest of that queue: it misses either way,
+  and served first it would make the requests behind it miss too (EDF's domino effect).
+  The test is the planner's (its first-token time beside the decodes running there), and
+  plans are scored deferring the same requests: the two must agree.
+* **Eviction.** When the plan in force says the head would miss its deadline waiting for
+  a slot (or the start it forecast for the head has passed), the head can still make it,
+  and less urgent work (a higher class ``priority`` number) fills the instance, the newest
+  such requests are evicted and re-queued; bounded per request (``max_evictions``) and per
+  instance (``evict_batch`` per round, ``evict_cooldown_s`` between rounds). A victim must
+  have twice its estimated service time (:meth:`ServingOps._service_s`: prefill plus the
+  rest of its output at the instance's current load) left before its own deadline.
+* **Swap.** When the head group needs another model, the instance stops pulling, drains
+  (or evicts for an urgent head), then loads the model, waking it where it sleeps; nothing
+  is dispatched until the engine reports ``InstanceReady``.
+
+The operations change the core's records (requests, instances, virtual queues) in place,
+append their actions to the decision's list and log evictions and sleeps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, MutableMapping
+
+import numpy as np
+
+from qlmctl.engine.events import Action, Dispatch, Evict, LoadModel
+from qlmctl.perfmodel import PerfModel, swap_time_s
+from qlmctl.plan.problem import first_token_s
+from qlmctl.plan.types import PlannedGroup
+from qlmctl.serve.config import CoreConfig
+from qlmctl.serve.queues import VirtualQueues
+from qlmctl.serve.runlog import OperationLog
+from qlmctl.serve.state import InstanceRecord, InstStatus, QueuedGroup, ReqState, Tracked
+
+
+class ServingOps:
+    """Pull, evict and swap on the core's instances (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: CoreConfig,
+        perf: Mapping[tuple[str, str], PerfModel],
+        insts: Mapping[str, InstanceRecord],
+        reqs: Mapping[str, Tracked],
+        waiting: MutableMapping[str, Tracked],
+        queues: VirtualQueues,
+        log: OperationLog,
+    ) -> None:
+        """Args: the core's knobs, profiles (as calibrated), instances, requests (all and
+        waiting, by id), virtual queues and operation log, shared with the core."""
+        self.config = config
+        self._perf = perf
+        self._insts, self._reqs, self._waiting = insts, reqs, waiting
+        self._queues = queues
+        self._log = log
+        self.hint_s = math.inf  # the earliest end of an eviction cooldown met in the last pass
+
+    def serve(self, now_s: float) -> list[Action]:
+        """Pull, evict or swap on every up instance, in order; the actions to apply."""
+        self.hint_s = math.inf
+        actions: list[Action] = []
+        for inst in self._insts.values():
+            if inst.status is InstStatus.UP:
+                self._serve(inst, now_s, actions)
+        return actions
+
+    def _serve(self, inst: InstanceRecord, now_s: float, actions: list[Action]) -> None:
+        head = self._head(inst, now_s)
+        if head is None:
+            return
+        group, tr = head
+        if group.plan.model != inst.model:
+            if inst.inflight or inst.evicting:
+                if self.config.evict_for_swap and not inst.evicting:
+                    self._maybe_evict(inst, group, tr, now_s, actions, for_swap=True)
+            else:
+                self._load(inst, group.plan.model, now_s, actions)
+            return
+        while self._can_pull(inst, tr):
+            self._dispatch(inst, group, tr, now_s, actions)
+            head = self._head(inst, now_s)
+            if head is None or head[0].plan.model != inst.model:
+                return
+            group, tr = head
+        self._maybe_evict(inst, group, tr, now_s, actions, for_swap=False)
+
+    def _head(self, inst: InstanceRecord, now_s: float) -> tuple[QueuedGroup, Tracked] | None:
+        """The first still-waiting request of the instance's virtual queue and its group;
+        heads too late for their deadline move behind the queue on the way."""
+        vq = self._queues[inst.spec.id]
+        while vq:
+            g = vq[0]
+            while g.ids:
+                tr = self._reqs[g.ids[0]]
+                if tr.state is ReqState.WAITING and tr.vq_instance == inst.spec.id:
+                    if g.deferred or not self._defers(tr, inst, now_s):
+                        return g, tr
+                    _defer(vq, g, tr.id)
+                g.ids.popleft()
+            vq.popleft()
+        return None
+
+    def _defers(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> bool:
+        """Whether the head ``tr`` goes behind the queue (never mid-stream)."""
+        return self.config.defer_late and not tr.kept_tokens and self._too_late(tr, inst, now_s)
+
+    def _too_late(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> bool:
+        """Whether ``tr``, dispatched now on ``inst``, gets its first token past its
+        deadline even with the prefill pipeline to itself (beside the decodes running
+        there: the planner's ``req_ttft_s``)."""
+        if now_s > tr.deadline_s:
+            return True
+        perf = self._perf[(tr.request.model, inst.spec.gpu)]
+        prompt = np.array([float(tr.request.prompt_tokens)])
+        ttft = float(first_token_s(perf, prompt, *inst.decode_load(tr))[0])
+        return now_s + ttft > tr.deadline_s
+
+    def _can_pull(self, inst: InstanceRecord, head: Tracked) -> bool:
+        """Backpressure: sequences, KV tokens, and what vLLM itself reports."""
+        cfg = self.config
+        perf = self._perf[(head.request.model, inst.spec.gpu)]
+        n = len(inst.inflight)
+        return (
+            n < (cfg.max_inflight or perf.max_num_seqs)
+            and (
+                n == 0 or inst.kv_tokens + head.kv_tokens <= cfg.kv_budget * perf.kv_capacity_tokens
+            )
+            and (
+                cfg.max_engine_waiting is None
+                or inst.engine_waiting is None
+                or inst.engine_waiting < cfg.max_engine_waiting
+            )
+            and (inst.kv_usage is None or inst.kv_usage < cfg.max_kv_usage)
+        )
+
+    def _dispatch(
+        self,
+        inst: InstanceRecord,
+        group: QueuedGroup,
+        tr: Tracked,
+        now_s: float,
+        actions: list[Action],
+    ) -> None:
+        group.ids.popleft()
+        tr.move("dispatch")
+        del self._waiting[tr.id]
+        inst.queued -= 1
+        tr.vq_instance = None
+        tr.instance_id = inst.spec.id
+        tr.dispatch_s = now_s
+        tr.priority = group.plan.priority if self.config.vllm_priority else 0
+        if tr.predicted_start_s is None:  # a plan without per-request forecasts
+            tr.predicted_start_s = group.plan.predicted_start_s
+            tr.predicted_miss_prob = group.plan.miss_probability
+        inst.add_inflight(tr)
+        if inst.engine_waiting is not None:
+            inst.engine_waiting += 1  # waits in the engine until its next report says otherwise
+        actions.append(Dispatch(tr.id, inst.spec.id, tr.priority, tr.kept_tokens))
+
+    def _maybe_evict(
+        self,
+        inst: InstanceRecord,
+        group: QueuedGroup,
+        head: Tracked,
+        now_s: float,
+        actions: list[Action],
+        *,
+        for_swap: bool,
+    ) -> None:
+        """Evict less urgent running work if it makes the head group miss its deadline."""
+        cfg = self.config
+        if cfg.evict_batch == 0 or not inst.inflight:
+            return
+        head_prio = head.slo.priority
+        if not any(p > head_prio and n > 0 for p, n in inst.prio_counts.items()):
+            return
+        if now_s < inst.last_evict_s + cfg.evict_cooldown_s:
+            self.hint_s = min(self.hint_s, inst.last_evict_s + cfg.evict_cooldown_s)
+            return
+        if self._too_late(head, inst, now_s):
+            return  # too late to save; evicting would only waste work
+        if not _late_by_plan(group.plan, head.id, now_s):
+            return  # the plan has the head on time by waiting (for a swap: by draining)
+        victims = [
+            t
+            for t in reversed(inst.inflight.values())
+            if t.slo.priority > head_prio
+            and t.evictions < cfg.max_evictions
+            and t.deadline_s - now_s > 2 * self._service_s(t, inst)
+        ]
+        if for_swap and len(victims) < len(inst.inflight):
+            return  # some work must drain anyway: evicting the rest gains nothing
+        n = len(victims) if for_swap else min(len(victims), cfg.evict_batch, len(group.ids))
+        for t in victims[:n]:
+            self._evict(inst, t, f"evicted for {head.id} ({head.slo.name})", now_s, actions)
+        if n:
+            inst.last_evict_s = now_s
+
+    def _evict(
+        self, inst: InstanceRecord, tr: Tracked, reason: str, now_s: float, actions: list[Action]
+    ) -> None:
+        tr.move("evict")
+        tr.evictions += 1
+        tr.evict_reason = reason
+        inst.remove_inflight(tr)
+        inst.evicting[tr.id] = tr
+        actions.append(Evict(tr.id, inst.spec.id, reason))
+        self._log.add(
+            now_s,
+            "evict",
+            inst.spec.id,
+            tr.request.model,
+            request_id=tr.id,
+            detail={"reason": reason, "attempt": tr.attempt},
+        )
+
+    def _load(self, inst: InstanceRecord, model: str, now_s: float, actions: list[Action]) -> None:
+        """Start loading ``model`` on a drained instance."""
+        gpu = inst.spec.gpu
+        sleep_current = self._release(inst)[1]
+        asleep = model in inst.sleeping
+        inst.ready_at_s = now_s + self._load_time(inst, model)
+        inst.load_kind = "wake" if asleep and self._perf[(model, gpu)].supports_sleep else "swap"
+        inst.load_from, inst.model = inst.model, model
+        inst.load_started_s = now_s
+        inst.status = InstStatus.LOADING
+        if sleep_current and inst.load_from is not None:
+            inst.sleeping.add(inst.load_from)
+            self._log.add(now_s, "sleep", inst.spec.id, inst.load_from)
+        inst.sleeping.discard(model)
+        actions.append(LoadModel(inst.spec.id, model, sleep_current))
+
+    def _load_time(self, inst: InstanceRecord, model: str) -> float:
+        from_perf, sleep = self._release(inst)
+        to_perf = self._perf[(model, inst.spec.gpu)]
+        return swap_time_s(to_perf, from_perf, model in inst.sleeping, sleep_current=sleep)
+
+    def _release(self, inst: InstanceRecord) -> tuple[PerfModel | None, bool]:
+        """(profile of the resident model or None, whether a swap puts it to sleep: only
+        where its profile supports sleep and the instance keeps it warm)."""
+        from_perf = self._perf.get((inst.model, inst.spec.gpu)) if inst.model else None
+        sleeps = (
+            from_perf is not None and from_perf.supports_sleep and inst.spec.keeps_warm(inst.model)
+        )
+        return from_perf, sleeps
+
+    def _service_s(self, tr: Tracked, inst: InstanceRecord) -> float:
+        """Estimated time from dispatch to finish of ``tr`` at the instance's current load."""
+        perf = self._perf[(tr.request.model, inst.spec.gpu)]
+        out = tr.remaining_output_tokens  # a resumed request only generates the rest
+        step_s = perf.decode_step_s(*inst.decode_load(tr))
+        return perf.prefill_time_s(tr.request.prompt_tokens) + out * step_s
+
+
+def _defer(vq: deque[QueuedGroup], group: QueuedGroup, request_id: str) -> None:
+    """Queue ``request_id`` of ``group`` behind the rest of ``vq``."""
+    tail = vq[-1]
+    if tail.deferred and tail.plan is group.plan:
+        tail.ids.append(request_id)
+    else:
+        vq.append(QueuedGroup(group.plan, deque([request_id]), deferred=True))
+
+
+def _late_by_plan(group: PlannedGroup, request_id: str, now_s: float) -> bool:
+    """Whether waiting for a slot makes ``request_id`` of ``group`` late: the plan said it
+    more likely misses than not, or the start the plan predicted for it has passed."""
+    if not group.request_miss_probability:
+        return group.miss_probability >= 0.5 or now_s > group.predicted_start_s
+    k = group.request_ids.index(request_id)
+    return group.request_miss_probability[k] >= 0.5 or now_s > group.request_start_s[k]
