@@ -355,6 +355,7 @@ class QlmPolicy(BasePolicy):
     def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
         """The heuristic answer, or the MILP's last placements kept if they score better
         (new arrivals placed greedily among them), labelled ``qlm``: for the hot path."""
+        t0 = time.perf_counter()
         ctx = self.prepare(snapshot, rng)
         cands = heuristic_candidates(ctx)
         kept = self._kept
@@ -368,6 +369,7 @@ class QlmPolicy(BasePolicy):
         if best != "milp-kept":
             self._kept = None
         stats = SolverStats(
+            build_s=time.perf_counter() - t0,
             status="heuristic",
             chosen=best,
             scores={k: v[1].attainment for k, v in cands.items()},
