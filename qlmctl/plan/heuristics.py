@@ -144,14 +144,17 @@ def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
     hopeless ones last keeps the others in time. The walk follows Moore and Hodgson's
     rule (which minimises late jobs on one machine): groups are placed as
     :func:`greedy_place` would; when one would be late on its instance, the group queued
-    there (it, or one before it) with the most slot seconds per weighted request is
-    shed, until it is on time, shed itself, or alone in the queue (then only running
-    work delays it, and the core may evict that). A group whose first request is lost
-    even on an instance emptied for it is shed at once.
+    there (it, or one before it) that takes the most of the engine per weighted
+    request is shed, until it is on time, shed itself, or alone in the queue (then only
+    running work delays it, and the core may evict that). What a request takes is its
+    fluid work: the larger of its slot hold over the B slots and its prompt's time in
+    the prefill pipeline, so a burst of long prompts sheds the longest (the pipeline is
+    what they wait for). A group whose first request is lost even on an instance
+    emptied for it is shed at once.
     """
     place = _Placement(problem, mean, checkpoints=True)
-    hold = mean.decode_s[:, :, 0] + problem.req_prefill_s[problem.req_offsets[:-1]]
-    cost = hold / problem.weight[:, None]
+    work = mean.service_s[:, :, 0] / problem.size[:, None]  # a request's fluid seconds
+    cost = work / problem.weight[:, None]
     shed: set[int] = set()
     for g in order:
         first = problem.req_offsets[g]
