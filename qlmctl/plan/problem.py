@@ -293,14 +293,18 @@ def _streams(
     """
     recent = snapshot.recent
     index = {m: k for k, m in enumerate(models)}
-    keys = sorted({(r.model, r.slo_class) for r in recent.requests if r.model in index})
+    streams: dict[tuple[str, str], list[Request]] = {}  # in arrival order
+    for r in recent.requests:
+        if r.model in index:
+            streams.setdefault((r.model, r.slo_class), []).append(r)
+    keys = sorted(streams)
     n_i = len(snapshot.instances)
     ahead = np.zeros((len(groups), len(keys)), bool)
     load = np.zeros((len(keys), n_i))
     seen = np.zeros(len(keys))
     deadline = np.array([g.deadline_s for g in groups])
     for k, (model, cls) in enumerate(keys):
-        mine = [r for r in recent.requests if r.model == model and r.slo_class == cls]
+        mine = streams[(model, cls)]
         seen[k] = len(mine)
         if cls in snapshot.slo_classes:
             ahead[:, k] = snapshot.now_s + snapshot.slo_classes[cls].ttft_s < deadline
