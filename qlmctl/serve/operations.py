@@ -26,6 +26,7 @@ append their actions to the decision's list and log evictions and sleeps.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Mapping, MutableMapping
@@ -120,8 +121,7 @@ class ServingOps:
         if now_s > tr.deadline_s:
             return True
         perf = self._perf[(tr.request.model, inst.spec.gpu)]
-        prompt = np.array([float(tr.request.prompt_tokens)])
-        ttft = float(first_token_s(perf, prompt, *inst.decode_load(tr))[0])
+        ttft = _first_token_alone_s(perf, tr.request.prompt_tokens, *inst.decode_load(tr))
         return now_s + ttft > tr.deadline_s
 
     def _can_pull(self, inst: InstanceRecord, head: Tracked) -> bool:
@@ -259,6 +259,14 @@ class ServingOps:
         out = tr.remaining_output_tokens  # a resumed request only generates the rest
         step_s = perf.decode_step_s(*inst.decode_load(tr))
         return perf.prefill_time_s(tr.request.prompt_tokens) + out * step_s
+
+
+@functools.lru_cache(maxsize=4096)
+def _first_token_alone_s(perf: PerfModel, prompt_tokens: int, batch: int, context: int) -> float:
+    """The planner's first-token time of one prompt beside ``batch - 1`` decodes.
+
+    NOTE: asked for every queue head at every decision; the same head and load recur."""
+    return float(first_token_s(perf, np.array([float(prompt_tokens)]), batch, context)[0])
 
 
 def _defer(vq: deque[QueuedGroup], group: QueuedGroup, request_id: str) -> None:
