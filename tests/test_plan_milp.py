@@ -194,3 +194,16 @@ def test_relaxation_bounds_the_program_and_late_arrivals_cannot_use_earlier_capa
         bound, best = kept(start_s)
         assert best <= bound + 1e-9 and 0.2 < bound < 0.8
     assert kept(60.0)[0] <= kept(0.0)[0] + 0.02
+
+
+def test_a_swap_costs_its_load_and_the_drain_of_a_busy_batch() -> None:
+    # one instance holding m1 with m2 work queued: switching idles the batch's slots
+    # until its longest request ends, on top of the load itself
+    reqs = mixed_requests([("m1", "batch", 60), ("m2", "batch", 20)], gap_s=0.01)
+    snap = snapshot(reqs, ("m1",), cold_start_s=8.0)
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), scenarios=4)
+    pb = ctx.problem
+    data = scenario_data(pb, ctx.scen)
+    m2 = pb.models.index("m2")
+    load_s = pb.swap_s[0, pb.init_model[0], m2]
+    assert data["swap"][(0, m2)] > load_s  # without the drain it would be the load alone

@@ -12,9 +12,10 @@ each due date ``D``, the kept work due by ``D`` fits in the capacity before ``D`
   longest running request ends).
 - Second stage, per scenario s: ``z[g,i,s]`` in [0, 1] is the share of g's requests
   that miss (continuous: a group's requests are served in order, so any share of them
-  can be late). ``W[i,s,q]`` is the kept work on i due by its q-th due date (in
-  scenario s's EDF order); Horn's rows ``W[i,s,q] + swaps <= D[i,s,q]`` are the
-  capacity.
+  can be late; the core serves a request that can no longer make it after the rest of
+  the queue, so the share that misses takes no capacity before the others).
+  ``W[i,s,q]`` is the kept work on i due by its q-th due date (in scenario s's EDF
+  order); Horn's rows ``W[i,s,q] + swaps <= D[i,s,q]`` are the capacity.
 - Objective: expected weighted on-time requests, negated, plus ``swap_cost`` per swap
   second (named Expressions ``first_stage_cost`` and ``second_stage_cost[s]``).
 

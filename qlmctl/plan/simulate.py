@@ -6,8 +6,11 @@ instance starts from its slots as the running requests leave them (per scenario,
 the group's model is not the loaded one (exact pair cost from the problem's swap
 matrix), then its requests take the earliest free slots, not before the group's release
 time. A request meets its SLO in a scenario when its first token (slot taken + its
-``req_ttft_s``) comes by its own deadline. Everything is vectorised over scenarios; the
-loop is over groups only.
+``req_ttft_s``) comes by its own deadline. Where the core serves hopeless requests last
+(``Problem.defer_late``), a request whose first token would be late even alone when its
+turn comes is skipped in that scenario: it misses and takes no slot or pipeline time
+(:func:`serve_group`). Everything is vectorised over scenarios; the loop is over groups
+only.
 
 The stochastic program (:mod:`qlmctl.plan.edf_program`) reads its capacity off this
 model; its plans are scored here like every other candidate.
