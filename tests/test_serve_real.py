@@ -43,6 +43,20 @@ def reqs(
     ]  # fmt: skip
 
 
+def tiny_cluster(tiny_models: dict[str, Path], instances: list[dict[str, object]]) -> ClusterSpec:
+    """One CPU GPU type, the tiny models (512-token context), and ``instances``."""
+    return ClusterSpec.model_validate(
+        {
+            "gpu_types": [{"name": "cpu"}],
+            "models": [
+                {"name": n, "path": str(tiny_models[n]), "max_model_len": 512}
+                for n in ("tiny-a", "tiny-b")
+            ],
+            "instances": instances,
+        }
+    )
+
+
 def check_accounted(run_dir: Path, n: int) -> pd.DataFrame:
     log = read_run(run_dir)
     assert log.complete
@@ -98,20 +112,14 @@ def test_mixed_workload_on_two_servers_completes_with_an_eviction(
 def test_swap_and_a_killed_instance_lose_nothing(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    cluster = ClusterSpec.model_validate(
-        {
-            "gpu_types": [{"name": "cpu"}],
-            "models": [
-                {"name": n, "path": str(tiny_models[n]), "max_model_len": 512}
-                for n in ("tiny-a", "tiny-b")
-            ],
-            "instances": [
-                {"id": "i0", "gpu": "cpu", "launch": {"port": free_port()}, "model": "tiny-a",
-                 "models": ["tiny-a", "tiny-b"]},
-                {"id": "i1", "gpu": "cpu", "launch": {"port": free_port()}, "model": "tiny-a",
-                 "models": ["tiny-a"]},
-            ],
-        }
+    cluster = tiny_cluster(
+        tiny_models,
+        [
+            {"id": "i0", "gpu": "cpu", "launch": {"port": free_port()}, "model": "tiny-a",
+             "models": ["tiny-a", "tiny-b"]},
+            {"id": "i1", "gpu": "cpu", "launch": {"port": free_port()}, "model": "tiny-a",
+             "models": ["tiny-a"]},
+        ],
     )  # fmt: skip
     work = [
         *reqs(20, "tiny-a", "batch", 0.0, 0.3, 300, "a"),

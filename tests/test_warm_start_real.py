@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 
 from qlmctl.demo import free_ports
-from qlmctl.domain import ClusterSpec
 from qlmctl.plan.policies import make_policy
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.real_driver import RealDriver
 from qlmctl.serve.runlog import read_run
 from qlmctl.workload import Workload
-from tests.test_serve_real import SLO, reqs, tiny_perf
+from tests.test_serve_real import SLO, reqs, tiny_cluster, tiny_perf
 
 pytestmark = pytest.mark.vllm
 
@@ -32,18 +31,12 @@ def test_a_model_change_between_warm_models_is_a_sleep_and_a_wake(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     port_a, port_b = free_ports(2)
-    cluster = ClusterSpec.model_validate(
-        {
-            "gpu_types": [{"name": "cpu"}],
-            "models": [
-                {"name": n, "path": str(tiny_models[n]), "max_model_len": 512}
-                for n in ("tiny-a", "tiny-b")
-            ],
-            "instances": [
-                {"id": "g0", "gpu": "cpu", "model": "tiny-a", "warm": ["tiny-a", "tiny-b"],
-                 "launch": {"port": port_a, "ports": {"tiny-b": port_b}}},
-            ],
-        }
+    cluster = tiny_cluster(
+        tiny_models,
+        [
+            {"id": "g0", "gpu": "cpu", "model": "tiny-a", "warm": ["tiny-a", "tiny-b"],
+             "launch": {"port": port_a, "ports": {"tiny-b": port_b}}},
+        ],
     )  # fmt: skip
     work = [
         *reqs(3, "tiny-a", "batch", 0.0, 0.1, 32, "a"),
