@@ -301,3 +301,28 @@ def test_the_scorer_serves_the_hopeless_last_when_the_core_defers_them() -> None
     deferring = simulate(replace(ctx.problem, defer_late=True), ctx.scen, edf)
     assert deferring.attainment == pytest.approx(4 / 204)
     assert simulate(ctx.problem, ctx.scen, edf).attainment < 4 / 204 - 1 / 204
+
+
+def test_placement_goes_where_the_first_token_comes_first() -> None:
+    # a wide GPU whose full batch decodes slowly, and a narrow one whose two slots are
+    # busy for 10-20 s: the request's first token comes far sooner on the wide one,
+    # although there it would finish later (2,000 tokens in a full batch: ~200 s)
+    wide = make_perf(gpu="wide", max_num_seqs=256, decode_s_per_seq=1e-3)
+    narrow = make_perf(gpu="narrow", max_num_seqs=2)
+    busy = tuple(
+        RunningRequest(r, 0.0, 0.1, 0)
+        for r in make_requests(2, output_tokens=2000, gap_s=0.0, prefix="run-")
+    )
+    insts = (
+        InstanceState("narrow-0", "narrow", "m1", True, 0.0, running=busy),
+        InstanceState("wide-0", "wide", "m1", True, 0.0),
+    )
+    perf = {("m1", "narrow"): narrow, ("m1", "wide"): wide}
+    new = make_requests(1, output_tokens=2000, start_s=1.0, prefix="new-")
+    snap = QueueSnapshot(1.0, tuple(new), insts, SLO_CLASSES, perf)
+    lengths = LengthModel()
+    for _ in range(50):  # long outputs are no surprise
+        lengths.observe("m1", "interactive", 2000)
+    plan = make_policy("heuristic", lengths=lengths).plan(snap, np.random.default_rng(0))
+    placed = {p.instance_id: [g.request_ids for g in p.groups] for p in plan.instances}
+    assert placed == {"narrow-0": [], "wide-0": [("new-0",)]}

@@ -1,13 +1,15 @@
-"""Fast plans: group orders and swap-aware least-finish-time placement.
+"""Fast plans: group orders and swap-aware earliest-first-token placement.
 
 How it works: an *order* is a sequence of group indices (arrival, deadline, class
 priority, or a model-batched block order; :func:`shed_order` moves the groups that would
 make others late to the back). :func:`greedy_place` walks the order and puts each group
-on the eligible instance where its last request would finish earliest in the mean
-scenario (the slot model of :mod:`qlmctl.plan.slots`), counting the swap from that
-instance's last model and the group's release time; each instance runs its groups in the
-order's sequence. A candidate costs a few scalar operations per (group, instance) and
-one slot update per group: hundreds of groups take a few milliseconds.
+on the eligible instance where its last request would get its first token earliest in
+the mean scenario (the slot model of :mod:`qlmctl.plan.slots`), counting the swap from
+that instance's last model and the group's release time; each instance runs its groups
+in the order's sequence. First token, not finish: the SLO is on the first token, and a
+wide GPU whose full batch decodes slowly still starts a request sooner than a narrow
+one with its slots taken. A candidate costs a few scalar operations per (group,
+instance) and one slot update per group: hundreds of groups take a few milliseconds.
 
 Block order (model batching): groups fall into blocks
 ``(tier, model)``; the tier is the SLO class (most urgent TTFT first) or a deadline
@@ -69,30 +71,31 @@ class _Placement:
         e = self.engines[i]
         return float(e.slots.sum() + e.pipeline_s.sum())
 
-    def finish_s(self, g: int, i: int) -> float:
-        """When ``g``'s last request would finish if queued next on ``i`` (inf: ineligible),
-        stretched by the arrivals that will go ahead of it there."""
+    def first_token_s(self, g: int, i: int) -> float:
+        """When ``g``'s last request would get its first token if queued next on ``i``
+        (inf: ineligible), stretched by the arrivals that will go ahead of it there."""
         pb = self.problem
         if not pb.eligible[g, i]:
             return np.inf
         n = int(pb.size[g])
-        decode = float(self.mean.decode_s[g, i, 0])
-        hold = decode + self.prefill_s[g, i] / n  # a slot, if the pipeline keeps up
+        prefill = float(self.prefill_s[g, i])
+        hold = float(self.mean.decode_s[g, i, 0]) + prefill / n  # a slot, if the pipeline keeps up
         m, engine = pb.group_model[g], self.engines[i]
         free, pipeline = engine.slots[0], float(engine.pipeline_s[0])
+        rounds = (n - 1) // len(free)  # before the last request's
         if m != self.loaded[i]:
-            ready = max(float(free[-1]), pipeline) + float(pb.swap_s[i, self.loaded[i], m])
-            b = pb.group_batch(g, i)
-            last = max(ready, pb.release_s[g]) + -(-n // b) * hold
+            pipeline = max(float(free[-1]), pipeline) + float(pb.swap_s[i, self.loaded[i], m])
+            rounds = (n - 1) // pb.group_batch(g, i)
+            slot = max(pipeline, pb.release_s[g]) + rounds * hold
         else:
-            b = len(free)
-            last = max(float(free[(n - 1) % b]), pb.release_s[g]) + ((n - 1) // b + 1) * hold
-            if n >= b:
-                last = max(last, max(float(free[-1]), pb.release_s[g]) + (n // b) * hold)
-            ready = pipeline
-        end = max(last, max(ready, pb.release_s[g]) + self.prefill_s[g, i] + decode)
+            slot = max(float(free[(n - 1) % len(free)]), pb.release_s[g]) + rounds * hold
+        last = int(pb.req_offsets[g + 1]) - 1
+        token = max(
+            slot + float(pb.req_ttft_s[last, i]),
+            max(pipeline, pb.release_s[g]) + prefill + float(pb.overhead_s[m, i]),
+        )
         urgent = float(self.mean.urgent_load[g, i, 0])  # arrivals that will go ahead
-        return pb.now_s + max(end - pb.now_s, 0.0) / (1.0 - urgent)
+        return pb.now_s + max(token - pb.now_s, 0.0) / (1.0 - urgent)
 
     def add(self, g: int, i: int) -> None:
         """Queue ``g`` on ``i`` and predict its requests' first tokens."""
@@ -131,10 +134,11 @@ class _Placement:
             self.add(h, i)
 
     def best(self, g: int) -> int:
-        """The eligible instance where ``g`` would finish first; among equals (free slots
-        on several), the one with the least work queued, so load spreads."""
-        finish = [self.finish_s(g, i) for i in range(self.problem.num_instances)]
-        return int(np.lexsort((self.queued, finish))[0])
+        """The eligible instance where ``g``'s last request would get its first token
+        first; among equals (free slots on several), the one with the least work queued,
+        so load spreads."""
+        token = [self.first_token_s(g, i) for i in range(self.problem.num_instances)]
+        return int(np.lexsort((self.queued, token))[0])
 
 
 def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:

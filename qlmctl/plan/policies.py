@@ -201,7 +201,7 @@ class BasePolicy(ABC):
 
 
 class OrderPolicy(BasePolicy):
-    """One fixed order plus least-predicted-finish placement (fcfs, edf, priority),
+    """One fixed order plus earliest-first-token placement (fcfs, edf, priority),
     served as ``serving`` says (groups carry class priorities when it sends them)."""
 
     def __init__(
@@ -308,7 +308,7 @@ def best_candidate(cands: dict[str, Any]) -> str:
 
 
 class HeuristicPolicy(BasePolicy):
-    """EDF + model batching + swap-aware least-finish-time placement."""
+    """EDF + model batching + swap-aware earliest-first-token placement."""
 
     name = "heuristic"
 
