@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from benchmarks.policies import real, report
 from benchmarks.policies.run import Point, run_point
@@ -44,6 +45,21 @@ def test_smallest_point_accounts_for_every_request(tmp_path: Path) -> None:
     path = report.write_parquet(frame, tmp_path / "policies.parquet")
     pd.testing.assert_frame_equal(pd.read_parquet(path), frame.reset_index(drop=True))
     assert "## A-mixed, 4 instances" in report.markdown(frame, "cmd")
+
+
+def test_seeds_of_a_point_are_averaged_and_their_range_shown() -> None:
+    base = {c: 0.0 for c in report.COLUMNS}
+    base.update(scenario="A-mixed", instances=4, load=2.0, requests=10, n_interactive=10)
+    rows = [
+        {**base, "policy": p, "seed": seed, "attainment": att + 0.1 * seed, "milp_offered": 2}
+        for p, att in [("fcfs", 0.4), ("edf", 0.5), ("clairvoyant", 0.8), ("qlm", 0.8)]
+        for seed in (0, 1)
+    ]
+    point = report.by_point(report.to_frame(rows)).set_index("policy")
+    assert point.loc["qlm", "attainment"] == pytest.approx(0.85)
+    assert point.loc["qlm", "seeds"] == 2 and point.loc["qlm", "milp_offered"] == 4
+    assert report.reference_loads(report.to_frame(rows)) == {("A-mixed", 4): 2.0}
+    assert "| qlm | 85.0 (80.0-90.0) |" in report.markdown(report.to_frame(rows), "cmd")
 
 
 def test_real_leg_table_has_a_row_per_policy(tmp_path: Path) -> None:

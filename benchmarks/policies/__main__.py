@@ -7,6 +7,8 @@ vLLM-CPU servers; skipped with ``--no-real`` or ``--quick``, run alone with
 ``attainment_vs_load_<scenario>.png`` and the ``policies`` keys of ``estimator.json``,
 and ``policies-real.parquet`` and ``policies-real.md``, into the output directory
 (default ``benchmarks/results``). ``--quick`` runs one cell with a shorter span.
+``--seeds N`` runs every policy with N planner seeds at each cell's reference load
+(the rest of the sweep runs seed 0); the summaries average them.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from benchmarks.policies import real, report
 from benchmarks.policies.run import HINDSIGHT, POLICY_RUNS, Point, sweep
@@ -55,7 +59,7 @@ def points(quick: bool, slo_s: tuple[float, float, float], seed: int = 0) -> lis
 def _print_row(row: dict[str, Any]) -> None:
     head = (
         f"{row['scenario']:13} n={row['instances']} load={row['load']:<4g} "
-        f"{row['policy']:11} attainment={100 * row['attainment']:5.1f}% "
+        f"{row['policy']:11} seed={row['seed']} attainment={100 * row['attainment']:5.1f}% "
     )
     if row["policy"] == HINDSIGHT:
         print(f"{head}(bound) wall={row['wall_s']:5.1f}s", flush=True)
@@ -81,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.policies", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="one cell, short span")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="planner seeds at each cell's reference load (default 3; 1: the sweep's only)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--no-real", action="store_true", help="skip the real vLLM-CPU leg")
     ap.add_argument("--only-real", action="store_true", help="run the real vLLM-CPU leg alone")
@@ -101,16 +111,36 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     status = 0
     if not args.only_real:
-        run_sweep(args.out, args.quick, args.jobs, (slo[0], slo[1], slo[2]))
+        run_sweep(args.out, args.quick, args.jobs, (slo[0], slo[1], slo[2]), args.seeds)
     if args.only_real or not (args.quick or args.no_real):
         status = run_real(args.out, args.workdir)
     return status
 
 
-def run_sweep(out: Path, quick: bool, jobs: int, slo: tuple[float, float, float]) -> None:
+def seed_points(
+    frame: pd.DataFrame, seeds: int, span_s: float, slo_s: tuple[float, float, float]
+) -> list[Point]:
+    """Every policy again with planner seeds 1 .. ``seeds`` - 1 at each cell's reference
+    load (the bound needs no seed): in some cells runs of one point differ by a few
+    points from seed to seed, more than some differences between policies."""
+    return [
+        Point(s, n, load, p, span_s, slo_s, seed)
+        for (s, n), load in report.reference_loads(frame).items()
+        if load is not None
+        for seed in range(1, seeds)
+        for p in POLICY_RUNS
+    ]
+
+
+def run_sweep(
+    out: Path, quick: bool, jobs: int, slo: tuple[float, float, float], seeds: int
+) -> None:
     """The simulated sweep: ``policies[-quick].{parquet,md}``, plots, ``estimator.json``."""
     t0 = time.perf_counter()
-    frame = report.to_frame(sweep(points(quick, slo), jobs, _print_row))
+    rows = sweep(points(quick, slo), jobs, _print_row)
+    span = QUICK_SPAN_S if quick else SPAN_S
+    rows += sweep(seed_points(report.to_frame(rows), seeds, span, slo), jobs, _print_row)
+    frame = report.to_frame(rows)
     name = "policies-quick" if quick else "policies"
     report.write_parquet(frame, out / f"{name}.parquet")
     wall = time.perf_counter() - t0

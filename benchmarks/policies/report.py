@@ -25,7 +25,7 @@ from qlmctl.fileio import atomic_path
 
 FORECAST_KEYS = ("start_mae_s", "start_bias_s", "wait_s", "miss_pred", "miss_obs", "brier")
 COLUMNS = (
-    "scenario", "instances", "load", "offered_load", "time_scale", "policy", "requests",
+    "scenario", "instances", "load", "offered_load", "time_scale", "policy", "seed", "requests",
     "ended", "finished", "met", "failed", "rejected", "cancelled", "attainment",
     "weighted_attainment", "goodput_rps", "throughput_rps", "throughput_tps", "output_tps",
     "ttft_p50_s", "swaps", "evictions", "replans", "solver_s", "duration_s", "wall_s",
@@ -34,12 +34,29 @@ COLUMNS = (
     *(f"{k}_{c}" for c in ("interactive", "batch-1", "batch-2") for k in FORECAST_KEYS),
 )  # fmt: skip
 POLICY_ORDER = ("fcfs", "edf", "priority", "heuristic", "qlm", "clairvoyant", "hindsight")
+POINT = ["scenario", "instances", "load", "policy"]
+SUMMED = ("milp_offered", "milp_adopted")  # over seeds; every other figure is averaged
 
 
 def to_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
     """The results table, columns in :data:`COLUMNS` order."""
     frame = pd.DataFrame(list(rows)).reindex(columns=list(COLUMNS))
     return frame.sort_values(["scenario", "instances", "load"], kind="stable")
+
+
+def by_point(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (scenario, cluster, load, policy): the figures averaged over the seeds
+    run there (the MILP counts summed), with ``seeds`` and the lowest and highest
+    attainment (``attainment_lo``, ``attainment_hi``)."""
+    numeric = [c for c in frame.columns if c not in POINT and c != "seed"]
+    grouped = frame.groupby(POINT, sort=False)
+    out = grouped[numeric].mean()
+    for c in SUMMED:
+        out[c] = grouped[c].sum(min_count=1)
+    out["seeds"] = grouped.size()
+    out["attainment_lo"] = grouped["attainment"].min()
+    out["attainment_hi"] = grouped["attainment"].max()
+    return out.reset_index()
 
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
@@ -50,9 +67,19 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def reference_load(cell: pd.DataFrame) -> float | None:
-    """Lowest load where fcfs attains 50 % or less (None if it never does)."""
-    fcfs = cell[(cell["policy"] == "fcfs") & (cell["attainment"] <= 0.5)]
+    """Lowest load where fcfs attains 50 % or less in the first seed's runs (None if it
+    never does)."""
+    first = cell[cell["seed"] == cell["seed"].min()]
+    fcfs = first[(first["policy"] == "fcfs") & (first["attainment"] <= 0.5)]
     return float(fcfs["load"].min()) if len(fcfs) else None
+
+
+def reference_loads(frame: pd.DataFrame) -> dict[tuple[str, int], float | None]:
+    """:func:`reference_load` of every (scenario, cluster size) cell."""
+    return {
+        (str(s), int(str(n))): reference_load(cell)
+        for (s, n), cell in frame.groupby(["scenario", "instances"], sort=True)
+    }
 
 
 def targets(point: pd.DataFrame) -> dict[str, bool]:
@@ -71,6 +98,13 @@ def _pct(x: Any) -> str:
     return "" if x is None or pd.isna(x) else f"{100 * float(x):.1f}"
 
 
+def _spread(r: dict[str, Any]) -> str:
+    """Attainment %, with the range over the seeds where more than one ran."""
+    if r["seeds"] < 2:
+        return _pct(r["attainment"])
+    return f"{_pct(r['attainment'])} ({_pct(r['attainment_lo'])}-{_pct(r['attainment_hi'])})"
+
+
 def _policy_rows(point: pd.DataFrame) -> list[str]:
     lines = [
         "| policy | attainment % | interactive % | batch-1 % | batch-2 % | goodput req/s "
@@ -83,7 +117,7 @@ def _policy_rows(point: pd.DataFrame) -> list[str]:
             continue
         r = by[p]
         lines.append(
-            f"| {p} | {_pct(r['attainment'])} | {_pct(r['att_interactive'])} "
+            f"| {p} | {_spread(r)} | {_pct(r['att_interactive'])} "
             f"| {_pct(r['att_batch-1'])} | {_pct(r['att_batch-2'])} | {r['goodput_rps']:.2f} "
             f"| {r['throughput_rps']:.2f} | {r['throughput_tps']:.0f} | {int(r['swaps'])} "
             f"| {int(r['evictions'])} |"
@@ -101,7 +135,8 @@ def _policy_rows(point: pd.DataFrame) -> list[str]:
 def _forecast_rows(qlm: pd.Series) -> list[str]:
     """``qlm``'s first forecast per request against what happened, and its MILP's plans."""
     lines = [
-        f"qlm's MILP plans adopted: {int(qlm['milp_adopted'])} of {int(qlm['milp_offered'])}. "
+        f"qlm's MILP plans adopted: {int(qlm['milp_adopted'])} of {int(qlm['milp_offered'])}"
+        f" ({int(qlm['seeds'])} run(s)). "
         "Forecasts (the first per request): dispatch error (median |error|, median "
         "signed, > 0 later than forecast) against the median wait; miss probability.",
         "",
@@ -128,7 +163,9 @@ def _sweep_rows(cell: pd.DataFrame) -> list[str]:
 
 
 def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None) -> str:
-    """The summary the README quotes."""
+    """The summary the README quotes (``frame``: every run; seeds are averaged)."""
+    refs = reference_loads(frame)
+    frame = by_point(frame)
     out = [
         "# Policy benchmark (simulated vLLM, real traces)",
         "",
@@ -136,12 +173,14 @@ def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None) -> 
         "Attainment = requests finishing with TTFT inside their class SLO / all requests.",
         "Load = offered request rate / the cluster's estimated capacity (the largest rate of",
         "the request mix the instances can share, each serving only its models: an LP).",
+        "Where a point ran with several planner seeds (the reference loads), its figures are",
+        "their means, and its attainment shows their range in brackets.",
         "",
     ]
     for (scenario, size), cell in frame.groupby(["scenario", "instances"], sort=True):
         n = int(str(size))
         out += [f"## {scenario}, {n} instances ({n // 2} A100 + {n - n // 2} A10)", ""]
-        ref = reference_load(cell)
+        ref = refs[(str(scenario), n)]
         if ref is None:
             out += ["fcfs never drops to 50 % in this sweep; no target point.", ""]
         else:
@@ -158,10 +197,13 @@ def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None) -> 
 def estimator_summary(frame: pd.DataFrame) -> dict[str, Any]:
     """Per cell at its reference load: ``qlm``'s forecasts against what happened, per
     class (the estimator issue's keys), and whether more information ever hurt
-    (``clairvoyant`` against ``qlm``, at the reference load and over the sweep)."""
+    (``clairvoyant`` against ``qlm``, at the reference load and over the sweep); seeds
+    averaged."""
+    refs = reference_loads(frame)
+    frame = by_point(frame)
     out: dict[str, Any] = {}
     for (scenario, size), cell in frame.groupby(["scenario", "instances"], sort=True):
-        ref = reference_load(cell)
+        ref = refs[(str(scenario), int(str(size)))]
         att = cell.pivot_table(index="load", columns="policy", values="attainment")
         gap = 100 * (att["clairvoyant"] - att["qlm"])
         entry: dict[str, Any] = {
@@ -186,7 +228,9 @@ def _finite(x: Any) -> float | None:
 
 
 def plot_attainment(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """One figure per scenario: attainment against load, a panel per cluster size."""
+    """One figure per scenario: attainment against load, a panel per cluster size (seeds
+    averaged)."""
+    frame = by_point(frame)
     paths = []
     for scenario, sc in frame.groupby("scenario", sort=True):
         sizes = sorted(sc["instances"].unique())
