@@ -118,15 +118,21 @@ class LengthModel:
 
     def expected(self, request: Request) -> float:
         """Expected output tokens of ``request`` (posterior predictive mean, capped)."""
-        key = (request.model, request.slo_class)
-        mean = self._mean_memo.get(key)  # NOTE: per request on the hot path: one lookup
+        return min(
+            self.mean_tokens(request.model, request.slo_class), float(request.max_output_tokens)
+        )
+
+    def mean_tokens(self, model: str, slo_class: str) -> float:
+        """Posterior predictive mean of the output length of (model, class), uncapped."""
+        key = (model, slo_class)
+        mean = self._mean_memo.get(key)  # NOTE: on the hot path: one lookup
         if mean is None:
             with self._lock:
                 if key not in self._memo:
                     self._memo[key] = self._posterior(*key)
                 mu, tau, sigma = self._memo[key]
                 mean = self._mean_memo[key] = math.exp(mu + (sigma**2 + tau**2) / 2)
-        return min(mean, float(request.max_output_tokens))
+        return mean
 
 
 def sample_scenarios(
@@ -246,12 +252,9 @@ def _running_left(
     n = len(problem.running)
     if n == 0:
         return np.empty((0, count))
-    memo: dict[tuple[str, str], tuple[float, float, float]] = {}
-    for rr in problem.running:
-        key = (rr.request.model, rr.request.slo_class)
-        if key not in memo:
-            memo[key] = lengths.posterior(*key)
-    post = np.array([memo[rr.request.model, rr.request.slo_class] for rr in problem.running])
+    keys = [(rr.request.model, rr.request.slo_class) for rr in problem.running]
+    memo = {key: lengths.posterior(*key) for key in set(keys)}
+    post = np.array([memo[key] for key in keys])
     mu, sd = post[:, 0], np.hypot(post[:, 1], post[:, 2])
     generated = np.array([rr.generated_tokens for rr in problem.running], float)
     cap = np.array([rr.request.max_output_tokens for rr in problem.running], float)
