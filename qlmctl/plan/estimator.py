@@ -162,8 +162,8 @@ def sample_scenarios(
         cap = np.array([c for _, c in reqs], float)
         z = rng.standard_normal((len(reqs), count))
         draw = np.minimum(np.exp(mu_ks[g_key[owner]] + sigma[owner, None] * z), cap[:, None])
-        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        tokens[small] = np.add.reduceat(np.maximum(draw, 1.0), starts, axis=0)
+        new_group = np.concatenate(([True], owner[1:] != owner[:-1]))  # NOTE: np.r_ is slow
+        tokens[small] = np.add.reduceat(np.maximum(draw, 1.0), np.flatnonzero(new_group), axis=0)
     left = _running_left(problem, lengths, rng, count)
     return scenarios_from_tokens(problem, tokens, left, arrival_rates(problem, rng, count))
 

@@ -297,12 +297,15 @@ def _streams(
     """
     recent = snapshot.recent
     index = {m: k for k, m in enumerate(models)}
-    # NOTE: the window holds every arrival of the last minute and few streams: one
-    # comprehension per stream beats appending request by request
+    # NOTE: the window holds every arrival of the last minute and few streams (often one):
+    # one comprehension per stream beats appending request by request
     of = [(r.model, r.slo_class) for r in recent.requests]
+    kinds = set(of)
     streams = {  # (model, class) -> its requests in arrival order
         key: [r for r, k in zip(recent.requests, of, strict=True) if k == key]
-        for key in set(of)
+        if len(kinds) > 1
+        else recent.requests
+        for key in kinds
         if key[0] in index
     }
     keys = sorted(streams)
