@@ -252,9 +252,12 @@ def _running_left(
     n = len(problem.running)
     if n == 0:
         return np.empty((0, count))
-    keys = [(rr.request.model, rr.request.slo_class) for rr in problem.running]
-    memo = {key: lengths.posterior(*key) for key in set(keys)}
-    post = np.array([memo[key] for key in keys])
+    memo: dict[tuple[str, str], tuple[float, float, float]] = {}
+    for rr in problem.running:
+        key = (rr.request.model, rr.request.slo_class)
+        if key not in memo:
+            memo[key] = lengths.posterior(*key)
+    post = np.array([memo[rr.request.model, rr.request.slo_class] for rr in problem.running])
     mu, sd = post[:, 0], np.hypot(post[:, 1], post[:, 2])
     generated = np.array([rr.generated_tokens for rr in problem.running], float)
     cap = np.array([rr.request.max_output_tokens for rr in problem.running], float)

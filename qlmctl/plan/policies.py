@@ -132,11 +132,12 @@ class Expected:
         """[N] expected output tokens of ``requests``."""
         if self._lengths is None:
             return np.array([r.target_output_tokens for r in requests], float)
-        keys = [(r.model, r.slo_class) for r in requests]
         caps = np.array([r.max_output_tokens for r in requests], float)
-        if len(set(keys)) == 1:  # one (model, class): one mean
-            return np.minimum(self._mean(*keys[0]), caps)
-        return np.minimum(np.array([self._mean(*k) for k in keys], float), caps)
+        kinds = {(r.model, r.slo_class) for r in requests}  # NOTE: see _streams: no key list
+        if len(kinds) == 1:  # one (model, class): one mean
+            return np.minimum(self._mean(*kinds.pop()), caps)
+        means = [self._mean(r.model, r.slo_class) for r in requests]
+        return np.minimum(np.array(means, float), caps)
 
     def _mean(self, model: str, slo_class: str) -> float:
         key = (model, slo_class)

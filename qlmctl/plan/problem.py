@@ -298,15 +298,16 @@ def _streams(
     recent = snapshot.recent
     index = {m: k for k, m in enumerate(models)}
     # NOTE: the window holds every arrival of the last minute and few streams (often one):
-    # one comprehension per stream beats appending request by request
-    of = [(r.model, r.slo_class) for r in recent.requests]
-    kinds = set(of)
+    # one comprehension per stream beats appending request by request. No list of
+    # (model, class) keys: thousands of new tuples alive at once set off Python's cyclic
+    # garbage collector, which then scans the whole heap now and then
+    kinds = {(r.model, r.slo_class) for r in recent.requests}
     streams = {  # (model, class) -> its requests in arrival order
-        key: [r for r, k in zip(recent.requests, of, strict=True) if k == key]
+        (model, cls): [r for r in recent.requests if r.model == model and r.slo_class == cls]
         if len(kinds) > 1
         else recent.requests
-        for key in kinds
-        if key[0] in index
+        for model, cls in kinds
+        if model in index
     }
     keys = sorted(streams)
     n_i = len(snapshot.instances)
