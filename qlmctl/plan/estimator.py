@@ -118,15 +118,21 @@ class LengthModel:
 
     def expected(self, request: Request) -> float:
         """Expected output tokens of ``request`` (posterior predictive mean, capped)."""
-        key = (request.model, request.slo_class)
-        mean = self._mean_memo.get(key)  # NOTE: per request on the hot path: one lookup
+        return min(
+            self.mean_tokens(request.model, request.slo_class), float(request.max_output_tokens)
+        )
+
+    def mean_tokens(self, model: str, slo_class: str) -> float:
+        """Posterior predictive mean of the output length of (model, class), uncapped."""
+        key = (model, slo_class)
+        mean = self._mean_memo.get(key)  # NOTE: on the hot path: one lookup
         if mean is None:
             with self._lock:
                 if key not in self._memo:
                     self._memo[key] = self._posterior(*key)
                 mu, tau, sigma = self._memo[key]
                 mean = self._mean_memo[key] = math.exp(mu + (sigma**2 + tau**2) / 2)
-        return min(mean, float(request.max_output_tokens))
+        return mean
 
 
 def sample_scenarios(
@@ -156,8 +162,8 @@ def sample_scenarios(
         cap = np.array([c for _, c in reqs], float)
         z = rng.standard_normal((len(reqs), count))
         draw = np.minimum(np.exp(mu_ks[g_key[owner]] + sigma[owner, None] * z), cap[:, None])
-        starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
-        tokens[small] = np.add.reduceat(np.maximum(draw, 1.0), starts, axis=0)
+        new_group = np.concatenate(([True], owner[1:] != owner[:-1]))  # NOTE: np.r_ is slow
+        tokens[small] = np.add.reduceat(np.maximum(draw, 1.0), np.flatnonzero(new_group), axis=0)
     left = _running_left(problem, lengths, rng, count)
     return scenarios_from_tokens(problem, tokens, left, arrival_rates(problem, rng, count))
 

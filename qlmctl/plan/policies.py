@@ -39,7 +39,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -99,17 +99,9 @@ def prepare(
     plans will be served deferring hopeless requests (:attr:`Problem.defer_late`).
     """
     lengths.set_priors(snapshot.perf)
-    estimate = _true_length if clairvoyant else lengths.expected
-    known: dict[str, float] = {}  # request id -> expected output, once per snapshot
-
-    def expected(request: Request) -> float:
-        value = known.get(request.id)
-        if value is None:
-            value = known[request.id] = estimate(request)
-        return value
-
+    expected = Expected(None if clairvoyant else lengths)
     groups = build_groups(snapshot.waiting, snapshot.slo_classes, expected, max_group_size)
-    problem = replace(build_problem(snapshot, groups, expected), defer_late=defer_late)
+    problem = replace(build_problem(snapshot, groups, expected.many), defer_late=defer_late)
     if clairvoyant:
         scen = known_scenario(problem, rng, max(1, scenarios))
     else:
@@ -117,8 +109,43 @@ def prepare(
     return Context(problem, scen, scen.mean())
 
 
-def _true_length(request: Request) -> float:
-    return float(request.target_output_tokens)
+class Expected:
+    """Expected output tokens of requests for one snapshot: the length model's mean per
+    (model, class), read once, capped by each request's limit; with no length model
+    (clairvoyant) the true lengths.
+
+    NOTE: planning asks for every waiting, running and recently arrived request, at every
+    re-plan: :meth:`many` caps a whole list with one numpy call (identical values).
+    """
+
+    def __init__(self, lengths: LengthModel | None) -> None:
+        self._lengths = lengths
+        self._means: dict[tuple[str, str], float] = {}  # (model, class) -> uncapped mean
+
+    def __call__(self, request: Request) -> float:
+        """Expected output tokens of ``request``."""
+        if self._lengths is None:
+            return float(request.target_output_tokens)
+        return min(self._mean(request.model, request.slo_class), float(request.max_output_tokens))
+
+    def many(self, requests: Sequence[Request]) -> np.ndarray:
+        """[N] expected output tokens of ``requests``."""
+        if self._lengths is None:
+            return np.array([r.target_output_tokens for r in requests], float)
+        caps = np.array([r.max_output_tokens for r in requests], float)
+        kinds = {(r.model, r.slo_class) for r in requests}  # NOTE: see _streams: no key list
+        if len(kinds) == 1:  # one (model, class): one mean
+            return np.minimum(self._mean(*kinds.pop()), caps)
+        means = [self._mean(r.model, r.slo_class) for r in requests]
+        return np.minimum(np.array(means, float), caps)
+
+    def _mean(self, model: str, slo_class: str) -> float:
+        key = (model, slo_class)
+        mean = self._means.get(key)
+        if mean is None:
+            assert self._lengths is not None
+            mean = self._means[key] = self._lengths.mean_tokens(model, slo_class)
+        return mean
 
 
 def to_plan(

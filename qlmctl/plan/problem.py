@@ -32,6 +32,9 @@ from qlmctl.perfmodel import PerfModel, swap_time_s
 from qlmctl.plan.groups import RequestGroup
 from qlmctl.plan.types import QueueSnapshot, RunningRequest
 
+# expected output tokens of each of a list of requests
+ExpectedOutputs = Callable[[Sequence[Request]], np.ndarray]
+
 
 def busy_step_s(
     perf: PerfModel, batch: float, prompt: np.ndarray, output: np.ndarray
@@ -142,11 +145,12 @@ class Problem:
 def build_problem(
     snapshot: QueueSnapshot,
     groups: Sequence[RequestGroup],
-    expected_output: Callable[[Request], float],
+    expected_output: ExpectedOutputs,
 ) -> Problem:
     """Arrays for ``groups`` on the snapshot's instances.
 
-    ``expected_output`` (expected output tokens of a request) sets the mean decode context.
+    ``expected_output`` (expected output tokens of each of a list of requests) sets the
+    mean decode context.
 
     Raises:
         BadInput: no groups, no live instance, or a group no instance can serve.
@@ -165,7 +169,7 @@ def build_problem(
     ttft_of = {c: snapshot.slo_classes[c].ttft_s for c in classes}  # as snapshot.deadline_s
     offsets = np.cumsum([0, *(g.size for g in groups)])
     prompts = np.array([r.prompt_tokens for r in reqs], float)
-    outputs = np.array([expected_output(r) for r in reqs], float)
+    outputs = np.asarray(expected_output(reqs), float)
     req_model = np.repeat([midx[g.model] for g in groups], [g.size for g in groups])
     batch, step, rate = _engine_params(
         snapshot, models, req_model, prompts, outputs, expected_output
@@ -280,7 +284,7 @@ def _streams(
     batch: np.ndarray,
     step: np.ndarray,
     rate: np.ndarray,
-    expected_output: Callable[[Request], float],
+    expected_output: ExpectedOutputs,
 ) -> dict[str, Any]:
     """The coming arrivals, per (model, class) stream of the recent window.
 
@@ -293,10 +297,18 @@ def _streams(
     """
     recent = snapshot.recent
     index = {m: k for k, m in enumerate(models)}
-    streams: dict[tuple[str, str], list[Request]] = {}  # in arrival order
-    for r in recent.requests:
-        if r.model in index:
-            streams.setdefault((r.model, r.slo_class), []).append(r)
+    # NOTE: the window holds every arrival of the last minute and few streams (often one):
+    # one comprehension per stream beats appending request by request. No list of
+    # (model, class) keys: thousands of new tuples alive at once set off Python's cyclic
+    # garbage collector, which then scans the whole heap now and then
+    kinds = {(r.model, r.slo_class) for r in recent.requests}
+    streams = {  # (model, class) -> its requests in arrival order
+        (model, cls): [r for r in recent.requests if r.model == model and r.slo_class == cls]
+        if len(kinds) > 1
+        else recent.requests
+        for model, cls in kinds
+        if model in index
+    }
     keys = sorted(streams)
     n_i = len(snapshot.instances)
     ahead = np.zeros((len(groups), len(keys)), bool)
@@ -310,7 +322,7 @@ def _streams(
             ahead[:, k] = snapshot.now_s + snapshot.slo_classes[cls].ttft_s < deadline
         m = index[model]
         prompt = float(np.mean([r.prompt_tokens for r in mine]))
-        output = float(np.mean([expected_output(r) for r in mine]))
+        output = float(np.mean(expected_output(mine)))
         served = np.where(batch[m] > 0, batch[m] / (output * step[m] + prompt * rate[m]), 0.0)
         up = np.array([i.can_serve(model) for i in snapshot.instances])
         holds = up & np.array([i.model == model for i in snapshot.instances])
@@ -331,7 +343,7 @@ def _engine_params(
     req_model: np.ndarray,
     prompts: np.ndarray,
     outputs: np.ndarray,
-    expected_output: Callable[[Request], float],
+    expected_output: ExpectedOutputs,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per model and instance ([M, I] each): the full batch B (as many sequences as fit
     when each reserves its prompt plus its output), and :func:`busy_step_s`; from the
@@ -339,19 +351,18 @@ def _engine_params(
     (``req_model``, ``prompts``, ``outputs``) or running."""
     index = {m: k for k, m in enumerate(models)}
     n_m = len(models)
-    prompt_sum = np.bincount(req_model, weights=prompts, minlength=n_m)
-    output_sum = np.bincount(req_model, weights=outputs, minlength=n_m)
-    count = np.bincount(req_model, minlength=n_m).astype(float)
-    # NOTE: summed in Python floats in the same order as before (identical sums)
-    prompts_k, outputs_k, count_k = prompt_sum.tolist(), output_sum.tolist(), count.tolist()
-    for inst in snapshot.instances:
-        for rr in inst.running:
-            k = index.get(rr.request.model)
-            if k is not None:
-                prompts_k[k] += rr.request.prompt_tokens
-                outputs_k[k] += expected_output(rr.request)
-                count_k[k] += 1
-    prompt_sum, output_sum, count = np.array(prompts_k), np.array(outputs_k), np.array(count_k)
+    running = [
+        rr.request
+        for inst in snapshot.instances
+        for rr in inst.running
+        if rr.request.model in index
+    ]
+    # NOTE: bincount adds in order: waiting then running, each in order (identical sums)
+    of_model = np.concatenate([req_model, [index[r.model] for r in running]]).astype(int)
+    run_prompts = np.array([r.prompt_tokens for r in running], float)
+    prompt_sum = np.bincount(of_model, np.concatenate([prompts, run_prompts]), n_m)
+    output_sum = np.bincount(of_model, np.concatenate([outputs, expected_output(running)]), n_m)
+    count = np.bincount(of_model, minlength=n_m).astype(float)
     batch = np.zeros((n_m, len(snapshot.instances)), int)
     step = np.full((n_m, len(snapshot.instances)), np.inf)
     rate = np.full((n_m, len(snapshot.instances)), np.inf)

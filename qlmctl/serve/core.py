@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from collections.abc import Mapping
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -51,7 +51,7 @@ from qlmctl.engine.events import (
 )
 from qlmctl.errors import BadInput
 from qlmctl.perfmodel import PerfModel
-from qlmctl.plan.types import Plan, Policy, QueueSnapshot, RecentArrivals
+from qlmctl.plan.types import Plan, Policy, QueueSnapshot, RecentArrivals, SolverStats
 from qlmctl.serve.calibration import SpeedCalibration
 from qlmctl.serve.config import (
     CoreConfig,
@@ -67,6 +67,9 @@ from qlmctl.serve.runlog import OperationLog, Outcome
 from qlmctl.serve.state import InstanceRecord, InstStatus, ReqState, Tracked
 
 ARRIVAL_WINDOW_S = 60.0  # a snapshot carries this much arrival history (the rates' fit)
+# NOTE: a re-plan row copies these shallowly: dataclasses.asdict (a deep copy) cost more
+# than the rest of the row
+_SOLVER_FIELDS = tuple(f.name for f in fields(SolverStats))
 # final verb -> the outcome it logs
 _FINAL_OUTCOME = {
     "finish": Outcome.FINISHED,
@@ -493,7 +496,7 @@ class ServeCore:
     # ---- log rows ---------------------------------------------------------------------
 
     def _log_replan(self, now_s: float, plan: Plan, source: str) -> None:
-        solver = asdict(plan.solver)
+        solver = {name: getattr(plan.solver, name) for name in _SOLVER_FIELDS}
         wall_s = solver["build_s"] + solver["solve_s"]
         self._solver_wall_s += wall_s
         if not self._log_wall_times:  # the machine's speed, not the run's: kept out
