@@ -80,6 +80,8 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
     req_late = np.zeros((n_s, n_r), bool)
     swap_total = 0.0
     for i, queue in enumerate(queues):
+        if not queue:
+            continue
         engine = scen.engines[i].copy()
         loaded = int(problem.init_model[i])
         for g in queue:
