@@ -43,12 +43,16 @@ QUICK_CELLS = (("A-mixed", 4),)
 QUICK_LOADS = (1.0, 2.0)
 
 
+def span_s(quick: bool) -> float:
+    """Virtual seconds of arrivals per point."""
+    return QUICK_SPAN_S if quick else SPAN_S
+
+
 def points(quick: bool, slo_s: tuple[float, float, float], seed: int = 0) -> list[Point]:
     """Every run of the sweep; the costliest (high load, many instances) first."""
     cells, loads = (QUICK_CELLS, QUICK_LOADS) if quick else (FULL_CELLS, FULL_LOADS)
-    span = QUICK_SPAN_S if quick else SPAN_S
     pts = [
-        Point(s, n, load, p, span, slo_s, seed)
+        Point(s, n, load, p, span_s(quick), slo_s, seed)
         for s, n in cells
         for load in loads
         for p in (*POLICY_RUNS, HINDSIGHT)
@@ -138,8 +142,8 @@ def run_sweep(
     """The simulated sweep: ``policies[-quick].{parquet,md}``, plots, ``estimator.json``."""
     t0 = time.perf_counter()
     rows = sweep(points(quick, slo), jobs, _print_row)
-    span = QUICK_SPAN_S if quick else SPAN_S
-    rows += sweep(seed_points(report.to_frame(rows), seeds, span, slo), jobs, _print_row)
+    extra = seed_points(report.to_frame(rows), seeds, span_s(quick), slo)
+    rows += sweep(extra, jobs, _print_row)
     frame = report.to_frame(rows)
     name = "policies-quick" if quick else "policies"
     report.write_parquet(frame, out / f"{name}.parquet")

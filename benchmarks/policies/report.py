@@ -6,7 +6,9 @@ run, schema :data:`COLUMNS`). The markdown shows, per scenario and cluster, the
 target point), with every policy's attainment per class, throughput and operations, and
 a short sweep table of overall attainment per load. The targets are checked there:
 ``qlm`` >= 1.9 x ``fcfs``, >= 10 points above ``edf``, within 5 points of the clairvoyant
-bound, throughput not below ``fcfs``.
+bound, throughput not below ``fcfs``. A point run with several planner seeds (the
+reference loads) is summarised by the seeds' means (:func:`by_point`), its attainment
+with their range; the reference load itself comes from the first seed's runs.
 """
 
 from __future__ import annotations
