@@ -82,13 +82,13 @@ class _Placement:
         hold = float(self.mean.decode_s[g, i, 0]) + prefill / n  # a slot, if the pipeline keeps up
         m, engine = pb.group_model[g], self.engines[i]
         free, pipeline = engine.slots[0], float(engine.pipeline_s[0])
-        rounds = (n - 1) // len(free)  # before the last request's
+        # the last request's slot: its rounds before it each take a hold
         if m != self.loaded[i]:
             pipeline = max(float(free[-1]), pipeline) + float(pb.swap_s[i, self.loaded[i], m])
-            rounds = (n - 1) // pb.group_batch(g, i)
-            slot = max(pipeline, pb.release_s[g]) + rounds * hold
+            slot = max(pipeline, pb.release_s[g]) + (n - 1) // pb.group_batch(g, i) * hold
         else:
-            slot = max(float(free[(n - 1) % len(free)]), pb.release_s[g]) + rounds * hold
+            b = len(free)
+            slot = max(float(free[(n - 1) % b]), pb.release_s[g]) + (n - 1) // b * hold
         last = int(pb.req_offsets[g + 1]) - 1
         token = max(
             slot + float(pb.req_ttft_s[last, i]),
