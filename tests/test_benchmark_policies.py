@@ -62,6 +62,13 @@ def test_seeds_of_a_point_are_averaged_and_their_range_shown() -> None:
     assert "| qlm | 85.0 (80.0-90.0) |" in report.markdown(report.to_frame(rows), "cmd")
 
 
+def test_no_seeds_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.policies.__main__ import main
+
+    assert main(["--seeds", "0", "--no-real"]) == 2
+    assert capsys.readouterr().err == "--seeds: expected a positive number, got 0\n"
+
+
 def test_real_leg_table_has_a_row_per_policy(tmp_path: Path) -> None:
     _, rep = run_demo(tmp_path, ("fcfs", "qlm"), "sim")
     # the simulated runs stand in for both engines: this checks the table, not vLLM

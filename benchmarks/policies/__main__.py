@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"--slo: expected three positive numbers, got {args.slo!r}", file=sys.stderr)
         return 2
+    if args.seeds < 1:
+        print(f"--seeds: expected a positive number, got {args.seeds}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     status = 0
     if not args.only_real:
