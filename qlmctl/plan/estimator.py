@@ -30,7 +30,7 @@ import numpy as np
 from qlmctl.domain import Request
 from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.problem import Problem
-from qlmctl.plan.slots import EngineState
+from qlmctl.plan.slots import EngineState, started_engines
 
 DEFAULT_MEDIAN_TOKENS = 200.0
 DEFAULT_LOG_SD = 1.0
@@ -226,16 +226,15 @@ def scenarios_from_tokens(
     per_request = (prefill / problem.size[:, None])[:, :, None]
     rate = np.maximum((per_request + decode) / np.maximum(slots, 1.0)[:, :, None], per_request)
     service = np.where(problem.eligible[:, :, None], problem.size[:, None, None] * rate, np.inf)
-    engines = []
-    for i in range(problem.num_instances):
-        model = problem.init_model[i]
-        b = int(problem.batch[model, i]) if model < len(problem.models) else 1
-        engine = EngineState.idle(float(problem.ready_s[i]), b, tokens.shape[1])
-        mine = np.flatnonzero(problem.running_instance == i)
-        if mine.size:  # in dispatch order: the first hold slots, the rest queue in vLLM
-            left_s = problem.running_step_s[mine, None] * running_left[mine]
-            engine.serve(left_s.T, problem.running_prefill_s[mine])
-        engines.append(engine)
+    batch = [
+        int(problem.batch[model, i]) if model < len(problem.models) else 1
+        for i, model in enumerate(problem.init_model)
+    ]
+    # in dispatch order: the first hold slots, the rest queue in vLLM
+    left_s = problem.running_step_s[:, None] * running_left
+    engines = started_engines(
+        problem.ready_s, batch, problem.running_instance, left_s, problem.running_prefill_s
+    )
     urgent = np.einsum(
         "gk,ks,ki->gis", problem.stream_ahead.astype(float), rates, problem.stream_load
     )

@@ -31,6 +31,7 @@ NOTE: every method works on all scenarios at once; callers loop over groups only
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,8 +54,12 @@ class EngineState:
 
     def mean(self) -> EngineState:
         """The one scenario of the means."""
+        # NOTE: what ndarray.mean computes (a sum, then a division by the count), without
+        # its Python wrapper: planning takes the mean of every engine at every re-plan
+        count = self.slots.shape[0]
         return EngineState(
-            self.slots.mean(axis=0, keepdims=True), self.pipeline_s.mean(keepdims=True)
+            np.add.reduce(self.slots, axis=0, keepdims=True) / count,
+            np.add.reduce(self.pipeline_s, keepdims=True) / count,
         )
 
     def serve(
@@ -89,14 +94,28 @@ class EngineState:
             self.pipeline_s[:, None], np.maximum.accumulate(ready - (total - prefill), axis=1)
         )
         if n <= b:
-            self.slots[:, :n] = end + decode
+            self._take_first(end + decode)
         else:
             used = np.arange(b)
             last = used + b * ((n - 1 - used) // b)  # each slot's last request
             self.slots[:] = end[:, last] + decode[:, last]
-        self.slots.sort(axis=1)
+            self.slots.sort(axis=1)
         self.pipeline_s[:] = end[:, -1]
         return end - prefill, end
+
+    def _take_first(self, free: np.ndarray) -> None:
+        """The first ``n`` slots of each row now free at ``free`` ([S, n]); rows stay sorted.
+
+        NOTE: a slot taken usually frees after every slot not taken (an idle engine, one
+        with spare slots): the sorted row is then the untouched slots followed by the new
+        times sorted, the same values a sort of the whole row gives, for a sort of n.
+        """
+        n = free.shape[1]
+        if n == self.slots.shape[1] or bool((free.min(axis=1) >= self.slots[:, -1]).all()):
+            self.slots = np.concatenate((self.slots[:, n:], np.sort(free, axis=1)), axis=1)
+        else:
+            self.slots[:, :n] = free
+            self.slots.sort(axis=1)
 
     def drain(self, swap_s: float, batch: int) -> None:
         """A model change: every slot and the pipeline wait until all is done, then for
@@ -104,3 +123,83 @@ class EngineState:
         end = np.maximum(self.slots.max(axis=1), self.pipeline_s) + swap_s
         self.slots = np.repeat(end[:, None], max(batch, 1), axis=1)
         self.pipeline_s = end.copy()
+
+
+def started_engines(
+    ready_s: np.ndarray,
+    batch: Sequence[int],
+    running_instance: np.ndarray,
+    decode: np.ndarray,
+    prefill: np.ndarray,
+) -> list[EngineState]:
+    """Per instance ``i``: an engine idle from ``ready_s[i]`` with ``batch[i]`` slots
+    that has then served, in order, the running requests on it: the engines
+    ``EngineState.idle`` then :meth:`EngineState.serve` give, instance by instance.
+
+    Args:
+        ready_s: [I] when each instance can start new work.
+        batch: [I] slots of each instance.
+        running_instance: [R] the instance of each running request, nondecreasing.
+        decode: [R, S] seconds each running request still decodes, per scenario.
+        prefill: [R] pipeline seconds each still needs.
+
+    The engines may share memory: like every scenario's engine, copy one to serve on it.
+    """
+    slots = [max(b, 1) for b in batch]
+    counts = np.bincount(running_instance, minlength=len(ready_s)).tolist()
+    first = np.cumsum([0, *counts]).tolist()
+    engines: dict[int, EngineState] = {}
+    for b in set(slots):
+        # NOTE: instances whose running requests all hold a slot are served together
+        together = [i for i, n in enumerate(counts) if slots[i] == b and n <= b]
+        served = _serve_idle(ready_s, b, together, first, decode, prefill)
+        engines.update(zip(together, served, strict=True))
+    for i in range(len(ready_s)):
+        if i not in engines:  # more running than slots: the rest queue in the engine
+            engines[i] = EngineState.idle(float(ready_s[i]), slots[i], decode.shape[1])
+            engines[i].serve(decode[first[i] : first[i + 1]].T, prefill[first[i] : first[i + 1]])
+    return [engines[i] for i in range(len(ready_s))]
+
+
+def _serve_idle(
+    ready_s: np.ndarray,
+    b: int,
+    insts: list[int],
+    first: list[int],
+    decode: np.ndarray,
+    prefill: np.ndarray,
+) -> list[EngineState]:
+    """:func:`started_engines` for instances ``insts``, each with ``b`` slots and at most
+    ``b`` running requests (``first[i]:first[i + 1]`` of ``decode`` and ``prefill``).
+
+    NOTE: on an idle engine every scenario's slots and pipeline are free at ``ready_s``,
+    so :meth:`EngineState.serve`'s dispatch and prefill ends are the same in every
+    scenario: computed once per instance (padded rows, the same operations in the same
+    order). Each request's slot then frees at its prefill end plus its decode, after
+    every untouched slot: each row is ``ready_s`` then those times sorted.
+    """
+    n_s = decode.shape[1]
+    ready = ready_s[insts]
+    # (instance's row, position on it, request) of every running request
+    rows = [
+        (j, k - first[i], k) for j, i in enumerate(insts) for k in range(first[i], first[i + 1])
+    ]
+    width = max((pos + 1 for _, pos, _ in rows), default=0)
+    tail = np.full((len(insts), n_s, width), -np.inf)
+    pipeline = ready.copy()
+    if rows:
+        at, pos, src = (np.array(c, int) for c in zip(*rows, strict=True))
+        pad = np.zeros((len(insts), width))
+        pad[at, pos] = prefill[src]
+        total = np.cumsum(pad, axis=1)
+        start = np.maximum.accumulate(ready[:, None] - (total - pad), axis=1)
+        end = total + np.maximum(ready[:, None], start)
+        tail[at, :, pos] = end[at, pos][:, None] + decode[src]
+        last = np.flatnonzero(np.diff(at, append=-1))  # each instance's last request
+        pipeline[at[last]] = end[at[last], pos[last]]
+    tail.sort(axis=2)  # padding (-inf) first: it becomes the untouched slots below
+    engine_slots = np.empty((len(insts), n_s, b))
+    engine_slots[:, :, : b - width] = ready[:, None, None]
+    engine_slots[:, :, b - width :] = np.maximum(tail, ready[:, None, None])
+    pipelines = np.repeat(pipeline, n_s).reshape(len(insts), n_s)
+    return [EngineState(engine_slots[j], pipelines[j]) for j in range(len(insts))]
