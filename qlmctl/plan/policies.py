@@ -71,6 +71,7 @@ from qlmctl.plan.types import (
     QueueSnapshot,
     ServingStyle,
     SolverStats,
+    StreamArrivals,
 )
 
 
@@ -101,7 +102,7 @@ def prepare(
     lengths.set_priors(snapshot.perf)
     expected = Expected(None if clairvoyant else lengths)
     groups = build_groups(snapshot.waiting, snapshot.slo_classes, expected, max_group_size)
-    problem = replace(build_problem(snapshot, groups, expected.many), defer_late=defer_late)
+    problem = replace(build_problem(snapshot, groups, expected), defer_late=defer_late)
     if clairvoyant:
         scen = known_scenario(problem, rng, max(1, scenarios))
     else:
@@ -133,11 +134,20 @@ class Expected:
         if self._lengths is None:
             return np.array([r.target_output_tokens for r in requests], float)
         caps = np.array([r.max_output_tokens for r in requests], float)
-        kinds = {(r.model, r.slo_class) for r in requests}  # NOTE: see _streams: no key list
+        # NOTE: a set, not a list of keys: thousands of tuples alive at once would set off
+        # Python's cyclic garbage collector, which then scans the whole heap
+        kinds = {(r.model, r.slo_class) for r in requests}
         if len(kinds) == 1:  # one (model, class): one mean
             return np.minimum(self._mean(*kinds.pop()), caps)
         means = [self._mean(r.model, r.slo_class) for r in requests]
         return np.minimum(np.array(means, float), caps)
+
+    def of_stream(self, model: str, slo_class: str, stream: StreamArrivals) -> np.ndarray:
+        """[count] expected output tokens of a recent stream's requests (what :meth:`many`
+        gives for them)."""
+        if self._lengths is None:
+            return stream.target_output_tokens
+        return np.minimum(self._mean(model, slo_class), stream.max_output_tokens)
 
     def _mean(self, model: str, slo_class: str) -> float:
         key = (model, slo_class)

@@ -20,9 +20,9 @@ sooner than its own chunked prefill allows (``req_ttft_s``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,10 +30,19 @@ from qlmctl.domain import Request
 from qlmctl.errors import BadInput
 from qlmctl.perfmodel import PerfModel, swap_time_s
 from qlmctl.plan.groups import RequestGroup
-from qlmctl.plan.types import QueueSnapshot, RunningRequest
+from qlmctl.plan.types import QueueSnapshot, RunningRequest, StreamArrivals
 
-# expected output tokens of each of a list of requests
-ExpectedOutputs = Callable[[Sequence[Request]], np.ndarray]
+
+class ExpectedOutputs(Protocol):
+    """Expected output tokens of requests (a length model read for one snapshot)."""
+
+    def many(self, requests: Sequence[Request]) -> np.ndarray:
+        """[N] expected output tokens of ``requests``."""
+        ...
+
+    def of_stream(self, model: str, slo_class: str, stream: StreamArrivals) -> np.ndarray:
+        """[count] expected output tokens of the requests of one recent stream."""
+        ...
 
 
 def busy_step_s(
@@ -145,11 +154,11 @@ class Problem:
 def build_problem(
     snapshot: QueueSnapshot,
     groups: Sequence[RequestGroup],
-    expected_output: ExpectedOutputs,
+    expected: ExpectedOutputs,
 ) -> Problem:
     """Arrays for ``groups`` on the snapshot's instances.
 
-    ``expected_output`` (expected output tokens of each of a list of requests) sets the
+    ``expected`` (expected output tokens of requests) sets the
     mean decode context.
 
     Raises:
@@ -169,11 +178,9 @@ def build_problem(
     ttft_of = {c: snapshot.slo_classes[c].ttft_s for c in classes}  # as snapshot.deadline_s
     offsets = np.cumsum([0, *(g.size for g in groups)])
     prompts = np.array([r.prompt_tokens for r in reqs], float)
-    outputs = np.asarray(expected_output(reqs), float)
+    outputs = np.asarray(expected.many(reqs), float)
     req_model = np.repeat([midx[g.model] for g in groups], [g.size for g in groups])
-    batch, step, rate = _engine_params(
-        snapshot, models, req_model, prompts, outputs, expected_output
-    )
+    batch, step, rate = _engine_params(snapshot, models, req_model, prompts, outputs, expected)
     size = np.diff(offsets)
     sum_p = np.add.reduceat(prompts, offsets[:-1])
 
@@ -273,7 +280,7 @@ def build_problem(
         running_instance=np.array(run_inst, int),
         running_step_s=np.array(run_step, float),
         running_prefill_s=np.array(run_prefill, float),
-        **_streams(snapshot, groups, models, batch, step, rate, expected_output),
+        **_streams(snapshot, groups, models, batch, step, rate, expected),
     )
 
 
@@ -284,7 +291,7 @@ def _streams(
     batch: np.ndarray,
     step: np.ndarray,
     rate: np.ndarray,
-    expected_output: ExpectedOutputs,
+    expected: ExpectedOutputs,
 ) -> dict[str, Any]:
     """The coming arrivals, per (model, class) stream of the recent window.
 
@@ -297,18 +304,9 @@ def _streams(
     """
     recent = snapshot.recent
     index = {m: k for k, m in enumerate(models)}
-    # NOTE: the window holds every arrival of the last minute and few streams (often one):
-    # one comprehension per stream beats appending request by request. No list of
-    # (model, class) keys: thousands of new tuples alive at once set off Python's cyclic
-    # garbage collector, which then scans the whole heap now and then
-    kinds = {(r.model, r.slo_class) for r in recent.requests}
-    streams = {  # (model, class) -> its requests in arrival order
-        (model, cls): [r for r in recent.requests if r.model == model and r.slo_class == cls]
-        if len(kinds) > 1
-        else recent.requests
-        for model, cls in kinds
-        if model in index
-    }
+    # NOTE: the window holds every arrival of the last minute: the core keeps it summarised
+    # per stream as requests come and go (RecentArrivals.streams), so this reads no request
+    streams = {key: s for key, s in recent.by_stream().items() if key[0] in index}
     keys = sorted(streams)
     n_i = len(snapshot.instances)
     ahead = np.zeros((len(groups), len(keys)), bool)
@@ -317,12 +315,12 @@ def _streams(
     deadline = np.array([g.deadline_s for g in groups])
     for k, (model, cls) in enumerate(keys):
         mine = streams[(model, cls)]
-        seen[k] = len(mine)
+        seen[k] = mine.count
         if cls in snapshot.slo_classes:
             ahead[:, k] = snapshot.now_s + snapshot.slo_classes[cls].ttft_s < deadline
         m = index[model]
-        prompt = float(np.mean([r.prompt_tokens for r in mine]))
-        output = float(np.mean(expected_output(mine)))
+        prompt = mine.prompt_tokens / mine.count  # NOTE: their mean: an exact sum, divided
+        output = float(np.mean(expected.of_stream(model, cls, mine)))
         served = np.where(batch[m] > 0, batch[m] / (output * step[m] + prompt * rate[m]), 0.0)
         up = np.array([i.can_serve(model) for i in snapshot.instances])
         holds = up & np.array([i.model == model for i in snapshot.instances])
@@ -343,7 +341,7 @@ def _engine_params(
     req_model: np.ndarray,
     prompts: np.ndarray,
     outputs: np.ndarray,
-    expected_output: ExpectedOutputs,
+    expected: ExpectedOutputs,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per model and instance ([M, I] each): the full batch B (as many sequences as fit
     when each reserves its prompt plus its output), and :func:`busy_step_s`; from the
@@ -361,7 +359,7 @@ def _engine_params(
     of_model = np.concatenate([req_model, [index[r.model] for r in running]]).astype(int)
     run_prompts = np.array([r.prompt_tokens for r in running], float)
     prompt_sum = np.bincount(of_model, np.concatenate([prompts, run_prompts]), n_m)
-    output_sum = np.bincount(of_model, np.concatenate([outputs, expected_output(running)]), n_m)
+    output_sum = np.bincount(of_model, np.concatenate([outputs, expected.many(running)]), n_m)
     count = np.bincount(of_model, minlength=n_m).astype(float)
     batch = np.zeros((n_m, len(snapshot.instances)), int)
     step = np.full((n_m, len(snapshot.instances)), np.inf)

@@ -9,7 +9,7 @@ keep arrival (FIFO) order. Deadlines are absolute: arrival + the class's TTFT ta
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -58,6 +58,26 @@ class InstanceState:
         return self.up and (self.servable_models is None or model in self.servable_models)
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class StreamArrivals:
+    """The recent arrivals of one (model, SLO class) stream, in arrival order."""
+
+    count: int
+    prompt_tokens: int  # summed over the stream
+    max_output_tokens: np.ndarray  # [count] each request's cap
+    target_output_tokens: np.ndarray  # [count] its true output length if known, else its cap
+
+    @classmethod
+    def of(cls, requests: Sequence[Request]) -> StreamArrivals:
+        """The summary of ``requests`` (one stream, in arrival order)."""
+        return cls(
+            len(requests),
+            sum(r.prompt_tokens for r in requests),
+            np.array([r.max_output_tokens for r in requests], float),
+            np.array([r.target_output_tokens for r in requests], float),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class RecentArrivals:
     """The requests that arrived in the last ``window_s`` seconds, waiting or not: what
@@ -65,6 +85,18 @@ class RecentArrivals:
 
     window_s: float = 0.0
     requests: tuple[Request, ...] = ()
+    # the same requests per (model, class) stream; None: summarised from ``requests``
+    # when asked (the serving core keeps them as requests come and go)
+    streams: Mapping[tuple[str, str], StreamArrivals] | None = field(default=None, compare=False)
+
+    def by_stream(self) -> Mapping[tuple[str, str], StreamArrivals]:
+        """(model, class) -> that stream's arrivals."""
+        if self.streams is not None:
+            return self.streams
+        kinds: dict[tuple[str, str], list[Request]] = {}
+        for r in self.requests:
+            kinds.setdefault((r.model, r.slo_class), []).append(r)
+        return {key: StreamArrivals.of(reqs) for key, reqs in kinds.items()}
 
 
 @dataclass(frozen=True)

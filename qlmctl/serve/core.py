@@ -31,7 +31,7 @@ waiting requests and is rate-limited; virtual queues drop stale ids lazily at th
 from __future__ import annotations
 
 import math
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
@@ -51,7 +51,7 @@ from qlmctl.engine.events import (
 )
 from qlmctl.errors import BadInput
 from qlmctl.perfmodel import PerfModel
-from qlmctl.plan.types import Plan, Policy, QueueSnapshot, RecentArrivals, SolverStats
+from qlmctl.plan.types import Plan, Policy, QueueSnapshot, SolverStats
 from qlmctl.serve.calibration import SpeedCalibration
 from qlmctl.serve.config import (
     CoreConfig,
@@ -63,6 +63,7 @@ from qlmctl.serve.config import (
 )
 from qlmctl.serve.operations import ServingOps
 from qlmctl.serve.queues import VirtualQueues, instance_state, what_is_left
+from qlmctl.serve.recent import RecentWindow
 from qlmctl.serve.runlog import OperationLog, Outcome
 from qlmctl.serve.state import InstanceRecord, InstStatus, ReqState, Tracked
 
@@ -128,7 +129,7 @@ class ServeCore:
         self._ops = ServingOps(
             self.config, self._perf, self._insts, self._reqs, self._waiting, self._queues, self._log
         )
-        self._recent: deque[Request] = deque()  # arrivals of the last ARRIVAL_WINDOW_S
+        self._recent = RecentWindow(ARRIVAL_WINDOW_S)
         self._first_arrival_s = math.inf
         self._replan_due = False
         self._last_replan_s = -math.inf
@@ -156,7 +157,7 @@ class ServeCore:
         tr = Tracked(request, self._slo[request.slo_class], self._expected_tokens(request))
         self._reqs[request.id] = tr
         self._waiting[request.id] = tr
-        self._recent.append(request)
+        self._recent.add(request)
         self._first_arrival_s = min(self._first_arrival_s, now_s)
         self._replan_due = True
         self._now = now_s
@@ -371,8 +372,6 @@ class ServeCore:
     def snapshot(self, now_s: float) -> QueueSnapshot:
         """The queue as a policy sees it: waiting requests in arrival order, instances."""
         waiting = sorted(self._waiting.values(), key=lambda t: (t.request.arrival_s, t.id))
-        while self._recent and self._recent[0].arrival_s < now_s - ARRIVAL_WINDOW_S:
-            self._recent.popleft()
         return QueueSnapshot(
             now_s=now_s,
             waiting=tuple(what_is_left(t) for t in waiting),
@@ -382,9 +381,8 @@ class ServeCore:
             ),
             slo_classes=self._slo,
             perf=dict(self._perf),  # a copy: calibration must not move it under a planner
-            recent=RecentArrivals(
-                min(ARRIVAL_WINDOW_S, max(now_s - self._first_arrival_s, 0.0)),
-                tuple(self._recent),
+            recent=self._recent.arrivals(
+                now_s, min(ARRIVAL_WINDOW_S, max(now_s - self._first_arrival_s, 0.0))
             ),
         )
 
