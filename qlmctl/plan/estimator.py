@@ -262,7 +262,8 @@ def _running_left(
     cap = np.array([rr.request.max_output_tokens for rr in problem.running], float)
     z = (np.log(np.maximum(generated, 1.0)) - mu) / (sd * math.sqrt(2))
     lo = np.array([0.5 * math.erfc(-x) for x in z.tolist()])  # P(L <= done)
-    u = rng.uniform(np.minimum(lo, 1 - 1e-9)[:, None], 1.0, (n, count))
+    low = np.minimum(lo, 1 - 1e-9)[:, None]
+    u = low + (1.0 - low) * rng.random((n, count))  # NOTE: rng.uniform(low, 1), faster
     total = np.minimum(np.exp(mu[:, None] + sd[:, None] * _norm_ppf(u)), cap[:, None])
     return np.maximum(total - generated[:, None], 1.0)
 

@@ -18,7 +18,7 @@ model; its plans are scored here like every other candidate.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -92,8 +92,7 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
                 swap_total += swap
                 loaded = m
             rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
-            n = int(problem.size[g])
-            decode = np.broadcast_to(scen.decode_s[g, i][:, None], (n_s, n))
+            decode = np.repeat(scen.decode_s[g, i][:, None], int(problem.size[g]), axis=1)
             urgent = scen.urgent_load[g, i]
             starts, prefilled, late = serve_group(problem, engine, g, i, decode, urgent)
             req_late[:, rows] = late
@@ -101,9 +100,8 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
             start[g], finish[g] = starts[:, 0], prefilled[:, -1] + decode[:, -1]
     first = problem.req_offsets[:-1]
     miss = (np.add.reduceat(req_late, first, axis=1) / problem.size).T  # [G, S]
-    score = _summarise(problem, start, finish, miss, swap_total)
-    return replace(
-        score, request_start_s=req_start.mean(axis=0), request_miss_prob=req_late.mean(axis=0)
+    return _summarise(
+        problem, start, finish, miss, swap_total, _mean(req_start, 0), _mean(req_late, 0)
     )
 
 
@@ -186,10 +184,21 @@ def _serve_kept(
     return np.take_along_axis(starts, back, axis=1), np.take_along_axis(prefilled, back, axis=1)
 
 
+def _mean(values: np.ndarray, axis: int) -> np.ndarray:
+    """``values.mean(axis)`` (the same sum and division) without its Python wrapper."""
+    return np.add.reduce(values, axis=axis, dtype=float) / values.shape[axis]
+
+
 def _summarise(
-    problem: Problem, start: np.ndarray, finish: np.ndarray, miss: np.ndarray, swap_s: float
+    problem: Problem,
+    start: np.ndarray,
+    finish: np.ndarray,
+    miss: np.ndarray,
+    swap_s: float,
+    request_start_s: np.ndarray,
+    request_miss_prob: np.ndarray,
 ) -> Score:
-    miss_prob = miss.mean(axis=1)
+    miss_prob = _mean(miss, 1)
     wn = problem.weight * problem.size
     misses = float(np.sum(wn * miss_prob))
     met = problem.size * (1 - miss_prob)
@@ -197,16 +206,15 @@ def _summarise(
     for c, name in enumerate(problem.class_names):
         sel = problem.group_class == c
         by_class[name] = float(met[sel].sum() / problem.size[sel].sum())
-    per_request = np.repeat(miss_prob, problem.size.astype(int))
     return Score(
         attainment=1.0 - misses / problem.total_weight(),
         by_class=by_class,
         miss_prob=miss_prob,
-        start_s=start.mean(axis=1),
-        finish_s=finish.mean(axis=1),
+        start_s=_mean(start, 1),
+        finish_s=_mean(finish, 1),
         swap_s=swap_s,
         expected_misses=misses,
         miss=miss,
-        request_start_s=np.repeat(start.mean(axis=1), problem.size.astype(int)),
-        request_miss_prob=per_request,
+        request_start_s=request_start_s,
+        request_miss_prob=request_miss_prob,
     )

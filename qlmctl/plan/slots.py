@@ -31,6 +31,7 @@ NOTE: every method works on all scenarios at once; callers loop over groups only
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -147,7 +148,7 @@ def started_engines(
     """
     slots = [max(b, 1) for b in batch]
     counts = np.bincount(running_instance, minlength=len(ready_s)).tolist()
-    first = np.cumsum([0, *counts]).tolist()
+    first = [0, *itertools.accumulate(counts)]
     engines: dict[int, EngineState] = {}
     for b in set(slots):
         # NOTE: instances whose running requests all hold a slot are served together
@@ -195,8 +196,8 @@ def _serve_idle(
         start = np.maximum.accumulate(ready[:, None] - (total - pad), axis=1)
         end = total + np.maximum(ready[:, None], start)
         tail[at, :, pos] = end[at, pos][:, None] + decode[src]
-        last = np.flatnonzero(np.diff(at, append=-1))  # each instance's last request
-        pipeline[at[last]] = end[at[last], pos[last]]
+        busy = [j for j, i in enumerate(insts) if first[i + 1] > first[i]]
+        pipeline[busy] = end[busy, [first[insts[j] + 1] - first[insts[j]] - 1 for j in busy]]
     tail.sort(axis=2)  # padding (-inf) first: it becomes the untouched slots below
     engine_slots = np.empty((len(insts), n_s, b))
     engine_slots[:, :, : b - width] = ready[:, None, None]
