@@ -55,62 +55,70 @@ class _Placement:
         self.problem = problem
         self.mean = mean
         self.queues: list[list[int]] = [[] for _ in range(problem.num_instances)]
-        self.engines = [e.copy() for e in mean.engines]
+        # NOTE: the mean scenario's engines until a group is added (copied then)
+        self.engines = list(mean.engines)
+        self._own: set[int] = set()  # instances whose engine here is a copy of their own
         self.loaded = problem.init_model.copy()
         self.misses: dict[int, np.ndarray] = {}  # group -> [n] whether each request misses
         self.prefill_s = problem.group_prefill_s()
         # per instance: the work queued on its engine (slot and pipeline free times summed);
         # NOTE: kept up to date by add/remove, so best() does not re-sum every engine
-        self.queued = [self._work(i) for i in range(problem.num_instances)]
+        self.queued = _work(self.engines)
         # per instance, per queue position: (engine, loaded model) before that group
         self.before: list[list[tuple[EngineState, int]]] | None = (
             [[] for _ in range(problem.num_instances)] if checkpoints else None
         )
 
-    def _work(self, i: int) -> float:
-        e = self.engines[i]
-        return float(e.slots.sum() + e.pipeline_s.sum())
-
-    def first_token_s(self, g: int, i: int) -> float:
-        """When ``g``'s last request would get its first token if queued next on ``i``
-        (inf: ineligible), stretched by the arrivals that will go ahead of it there."""
+    def first_tokens_s(self, g: int) -> np.ndarray:
+        """[I] when ``g``'s last request would get its first token if queued next on each
+        instance (inf: ineligible), stretched by the arrivals that will go ahead of it there."""
         pb = self.problem
-        if not pb.eligible[g, i]:
-            return np.inf
-        n = int(pb.size[g])
-        prefill = float(self.prefill_s[g, i])
-        hold = float(self.mean.decode_s[g, i, 0]) + prefill / n  # a slot, if the pipeline keeps up
-        m, engine = pb.group_model[g], self.engines[i]
-        free, pipeline = engine.slots[0], float(engine.pipeline_s[0])
-        # the last request's slot: its rounds before it each take a hold
-        if m != self.loaded[i]:
-            pipeline = max(float(free[-1]), pipeline) + float(pb.swap_s[i, self.loaded[i], m])
-            slot = max(pipeline, pb.release_s[g]) + (n - 1) // pb.group_batch(g, i) * hold
-        else:
-            b = len(free)
-            slot = max(float(free[(n - 1) % b]), pb.release_s[g]) + (n - 1) // b * hold
+        n, m, release = int(pb.size[g]), pb.group_model[g], pb.release_s[g]
+        at = np.flatnonzero(pb.eligible[g])
+        loaded = self.loaded[at]
+        swap = loaded != m
+        # the last request's slot: free when the slot it takes frees (all of them before a
+        # swap), then its rounds before it each take a hold
+        engines = [self.engines[i] for i in at.tolist()]
+        free, pipeline, slots = _heads(engines, n, swap.tolist())
+        prefill = self.prefill_s[g, at]
+        hold = self.mean.decode_s[g, at, 0] + prefill / n  # a slot, if the pipeline keeps up
+        pipeline = np.where(swap, np.maximum(free, pipeline) + pb.swap_s[at, loaded, m], pipeline)
+        rounds = (n - 1) // np.where(swap, pb.batch[m, at], slots)
+        slot = np.maximum(np.where(swap, pipeline, free), release) + rounds * hold
         last = int(pb.req_offsets[g + 1]) - 1
-        token = max(
-            slot + float(pb.req_ttft_s[last, i]),
-            max(pipeline, pb.release_s[g]) + prefill + float(pb.overhead_s[m, i]),
+        token = np.maximum(
+            slot + pb.req_ttft_s[last, at],
+            np.maximum(pipeline, release) + prefill + pb.overhead_s[m, at],
         )
-        urgent = float(self.mean.urgent_load[g, i, 0])  # arrivals that will go ahead
-        return pb.now_s + max(token - pb.now_s, 0.0) / (1.0 - urgent)
+        urgent = self.mean.urgent_load[g, at, 0]  # arrivals that will go ahead
+        out = np.full(pb.num_instances, np.inf)
+        out[at] = pb.now_s + np.maximum(token - pb.now_s, 0.0) / (1.0 - urgent)
+        return out
+
+    def _engine(self, i: int) -> EngineState:
+        """Instance ``i``'s engine, to change: its own copy."""
+        if i not in self._own:
+            self.engines[i] = self.engines[i].copy()
+            self._own.add(i)
+        return self.engines[i]
 
     def add(self, g: int, i: int) -> None:
         """Queue ``g`` on ``i`` and predict its requests' first tokens."""
         pb = self.problem
         m = pb.group_model[g]
         if self.before is not None:
-            self.before[i].append((self.engines[i].copy(), self.loaded[i]))
+            self.before[i].append((self.engines[i], self.loaded[i]))
+            self._own.discard(i)  # that one is kept: changes go to a copy
+        engine = self._engine(i)
         if m != self.loaded[i]:
-            self.engines[i].drain(float(pb.swap_s[i, self.loaded[i], m]), pb.group_batch(g, i))
+            engine.drain(float(pb.swap_s[i, self.loaded[i], m]), pb.group_batch(g, i))
             self.loaded[i] = m
         decode = np.full((1, int(pb.size[g])), self.mean.decode_s[g, i, 0])
         urgent = self.mean.urgent_load[g, i]
-        self.misses[g] = serve_group(pb, self.engines[i], g, i, decode, urgent)[2][0]
+        self.misses[g] = serve_group(pb, engine, g, i, decode, urgent)[2][0]
         self.queues[i].append(g)
-        self.queued[i] = self._work(i)
+        self.queued[i] = _work([engine])[0]
 
     def late(self, g: int) -> bool:
         """Whether a request of ``g`` (queued) misses its deadline."""
@@ -123,13 +131,13 @@ class _Placement:
         rest = [h for h in self.queues[i][k:] if h != g]
         del self.queues[i][k:]
         if self.before is not None:
-            engine, self.loaded[i] = self.before[i][k]
-            self.engines[i] = engine.copy()
+            self.engines[i], self.loaded[i] = self.before[i][k]
             del self.before[i][k:]
         else:
-            self.engines[i] = self.mean.engines[i].copy()
+            self.engines[i] = self.mean.engines[i]
             self.loaded[i] = self.problem.init_model[i]
-        self.queued[i] = self._work(i)
+        self._own.discard(i)
+        self.queued[i] = _work([self.engines[i]])[0]
         for h in rest:
             self.add(h, i)
 
@@ -137,8 +145,33 @@ class _Placement:
         """The eligible instance where ``g``'s last request would get its first token
         first; among equals (free slots on several), the one with the least work queued,
         so load spreads."""
-        token = [self.first_token_s(g, i) for i in range(self.problem.num_instances)]
-        return int(np.lexsort((self.queued, token))[0])
+        return int(np.lexsort((np.array(self.queued), self.first_tokens_s(g)))[0])
+
+
+def _heads(
+    engines: list[EngineState], n: int, swap: list[bool]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per engine (one scenario each): when the slot a group's ``n``-th request takes
+    frees (the last slot if the engine swaps first), when its pipeline frees, its slots."""
+    slots = [e.slots.shape[1] for e in engines]
+    free = [
+        e.slots[0, -1 if s else (n - 1) % b] for e, s, b in zip(engines, swap, slots, strict=True)
+    ]
+    pipeline = [e.pipeline_s[0] for e in engines]
+    return np.array(free, float), np.array(pipeline, float), np.array(slots)
+
+
+def _work(engines: list[EngineState]) -> list[float]:
+    """Per engine: its slot and pipeline free times summed (the work queued on it).
+
+    NOTE: engines of one batch size are summed together: row sums of the stacked slots,
+    each the sum a single engine's gives.
+    """
+    if len({e.slots.shape for e in engines}) > 1:
+        return [float(e.slots.sum() + e.pipeline_s.sum()) for e in engines]
+    slots = np.add.reduce(np.concatenate([e.slots for e in engines]), axis=1)
+    pipelines = np.add.reduce(np.stack([e.pipeline_s for e in engines]), axis=1)
+    return (slots + pipelines).tolist()
 
 
 def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
