@@ -120,3 +120,24 @@ def test_placement_first_tokens_and_work_equal_the_scalar_computation() -> None:
         place.add(g, 2 if k % 3 == 2 else place.best(g))  # i2 swaps now and then
         assert place.queued == [float(e.slots.sum() + e.pipeline_s.sum()) for e in place.engines]
     assert len({ctx.problem.group_model[g] for g in place.queues[2]}) == 2
+
+
+@pytest.mark.parametrize("overload", [False, True])
+def test_a_walk_that_sheds_nothing_gives_greedy_placements(overload: bool) -> None:
+    """The EDF candidate reuses the shedding walk's queues only when it shed nothing;
+    they are then what placing EDF greedily gives."""
+    perf = {("m1", "G"): make_perf("m1", max_num_seqs=4)}
+    insts = tuple(InstanceState(f"i{k}", "G", "m1", True, 30.0) for k in range(3))
+    waiting = make_requests(12, gap_s=0.5, start_s=25.0, prefix="new-")
+    if overload:  # a backlog whose deadlines have passed: it is shed
+        waiting = make_requests(60, gap_s=0.01, output_tokens=3000, prefix="old-") + waiting
+    snap = QueueSnapshot(30.0, tuple(waiting), insts, SLO_CLASSES, perf)
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), max_group_size=3)
+    edf = H.edf_order(ctx.problem)
+    shed, queues = H.shed_order_and_queues(ctx.problem, ctx.mean, edf)
+    assert shed == H.shed_order(ctx.problem, ctx.mean, edf)
+    if overload:
+        assert shed != edf and queues is None
+    else:
+        assert shed == edf and queues == H.greedy_place(ctx.problem, ctx.mean, edf)
+        assert sum(len(q) > 0 for q in queues) > 1  # spread over several instances

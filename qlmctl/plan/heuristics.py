@@ -189,6 +189,19 @@ def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
     what they wait for). A group whose first request is lost even on an instance
     emptied for it is shed at once.
     """
+    return shed_order_and_queues(problem, mean, order)[0]
+
+
+def shed_order_and_queues(
+    problem: Problem, mean: Scenarios, order: Order
+) -> tuple[Order, Queues | None]:
+    """:func:`shed_order`, and when it sheds nothing the queues :func:`greedy_place`
+    gives ``order`` (None otherwise).
+
+    NOTE: a walk that sheds nothing places every group of ``order`` where
+    :func:`greedy_place` would, in the same sequence: its queues are greedy_place's, and
+    a caller placing ``order`` too need not place it again.
+    """
     place = _Placement(problem, mean, checkpoints=True)
     work = mean.service_s[:, :, 0] / problem.size[:, None]  # a request's fluid seconds
     cost = work / problem.weight[:, None]
@@ -205,7 +218,9 @@ def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
             victim = max(place.queues[i], key=lambda h: cost[h, i])
             shed.add(victim)
             place.remove(victim, i)
-    return [g for g in order if g not in shed] + [g for g in order if g in shed]
+    if not shed:
+        return list(order), tuple(tuple(q) for q in place.queues)
+    return [g for g in order if g not in shed] + [g for g in order if g in shed], None
 
 
 def shed_blocks(

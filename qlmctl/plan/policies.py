@@ -279,16 +279,18 @@ def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order
         "class-blocks": H.block_order(pb),
         "deadline-blocks": H.block_order(pb, bucket_s=min_ttft),
     }
-    shed = H.shed_order(pb, ctx.mean, edf)
+    shed, edf_queues = H.shed_order_and_queues(pb, ctx.mean, edf)
     if shed != edf:
         orders["edf-shed"] = (shed, [0] * len(edf))
     placed: dict[tuple[int, ...], tuple[Queues, Score]] = {}  # order -> queues, score
     for name, (order, blocks) in orders.items():
         # NOTE: orders often coincide (one class and one model: every block order is EDF);
         # placement and scoring are deterministic, so each distinct order is done once
+        # (EDF's placement is the shedding walk's when it shed nothing)
         key = tuple(order)
         if key not in placed:
-            queues = H.greedy_place(pb, ctx.mean, order)
+            known = edf_queues if order == edf else None
+            queues = known if known is not None else H.greedy_place(pb, ctx.mean, order)
             placed[key] = (queues, simulate(pb, ctx.scen, queues))
         out[name] = (*placed[key], order, blocks)
     return out
