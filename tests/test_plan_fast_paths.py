@@ -64,6 +64,13 @@ def test_started_engines_equal_idle_engines_serving_their_running_requests() -> 
             want.slots, want.pipeline_s = sorted_serve(want, decode[mine].T, prefill[mine])
         assert np.array_equal(engine.slots, want.slots), i
         assert np.array_equal(engine.pipeline_s, want.pipeline_s), i
+        mean, want_mean = engine.mean(), want.mean()  # computed with the others', or alone
+        assert np.array_equal(mean.slots, want_mean.slots), i
+        assert np.array_equal(mean.pipeline_s, want_mean.pipeline_s), i
+    got[1].serve(decode[:1].T, prefill[:1])  # a changed engine: its own mean again
+    assert np.array_equal(
+        got[1].mean().slots, EngineState(got[1].slots, got[1].pipeline_s).mean().slots
+    )
 
 
 def scalar_first_token_s(place: _Placement, g: int, i: int) -> float:

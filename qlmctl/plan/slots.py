@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -44,6 +44,8 @@ class EngineState:
 
     slots: np.ndarray  # [S, B], rows sorted ascending
     pipeline_s: np.ndarray  # [S]
+    # its mean, when computed with others' (started_engines); dropped when it changes
+    known_mean: EngineState | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def idle(cls, ready_s: float, batch: int, scenarios: int) -> EngineState:
@@ -57,6 +59,8 @@ class EngineState:
         """The one scenario of the means."""
         # NOTE: what ndarray.mean computes (a sum, then a division by the count), without
         # its Python wrapper: planning takes the mean of every engine at every re-plan
+        if self.known_mean is not None:
+            return self.known_mean
         count = self.slots.shape[0]
         return EngineState(
             np.add.reduce(self.slots, axis=0, keepdims=True) / count,
@@ -76,6 +80,7 @@ class EngineState:
         Returns:
             ([S, n] dispatch times, [S, n] times their prefill ends).
         """
+        self.known_mean = None
         n_s, b = self.slots.shape
         n = decode.shape[1]
         if n <= b:  # one round: the n earliest slots
@@ -121,6 +126,7 @@ class EngineState:
     def drain(self, swap_s: float, batch: int) -> None:
         """A model change: every slot and the pipeline wait until all is done, then for
         ``swap_s``; the new model may fit another batch size."""
+        self.known_mean = None
         end = np.maximum(self.slots.max(axis=1), self.pipeline_s) + swap_s
         self.slots = np.repeat(end[:, None], max(batch, 1), axis=1)
         self.pipeline_s = end.copy()
@@ -203,4 +209,15 @@ def _serve_idle(
     engine_slots[:, :, : b - width] = ready[:, None, None]
     engine_slots[:, :, b - width :] = np.maximum(tail, ready[:, None, None])
     pipelines = np.repeat(pipeline, n_s).reshape(len(insts), n_s)
-    return [EngineState(engine_slots[j], pipelines[j]) for j in range(len(insts))]
+    # NOTE: their means at once (each the one EngineState.mean computes): planning needs
+    # every instance's
+    mean_slots = np.add.reduce(engine_slots, axis=1) / n_s
+    mean_pipelines = np.add.reduce(pipelines, axis=1) / n_s
+    return [
+        EngineState(
+            engine_slots[j],
+            pipelines[j],
+            EngineState(mean_slots[j : j + 1], mean_pipelines[j : j + 1]),
+        )
+        for j in range(len(insts))
+    ]
