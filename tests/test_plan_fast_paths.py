@@ -10,7 +10,7 @@ from qlmctl.plan.estimator import LengthModel
 from qlmctl.plan.heuristics import _Placement
 from qlmctl.plan.policies import prepare
 from qlmctl.plan.slots import EngineState, started_engines
-from qlmctl.plan.types import InstanceState, QueueSnapshot, RecentArrivals, RunningRequest
+from qlmctl.plan.types import InstanceState, QueueSnapshot, RunningRequest
 from tests.helpers import SLO_CLASSES, make_perf, make_requests
 
 
@@ -73,36 +73,10 @@ def test_started_engines_equal_idle_engines_serving_their_running_requests() -> 
     )
 
 
-def scalar_first_token_s(place: _Placement, g: int, i: int) -> float:
-    """One instance's first-token time, scalar by scalar: what the vectorised
-    :meth:`_Placement.first_tokens_s` must give."""
-    pb = place.problem
-    if not pb.eligible[g, i]:
-        return np.inf
-    n = int(pb.size[g])
-    prefill = float(place.prefill_s[g, i])
-    hold = float(place.mean.decode_s[g, i, 0]) + prefill / n
-    m, engine = pb.group_model[g], place.engines[i]
-    free, pipeline = engine.slots[0], float(engine.pipeline_s[0])
-    if m != place.loaded[i]:
-        pipeline = max(float(free[-1]), pipeline) + float(pb.swap_s[i, place.loaded[i], m])
-        slot = max(pipeline, pb.release_s[g]) + (n - 1) // pb.group_batch(g, i) * hold
-    else:
-        b = len(free)
-        slot = max(float(free[(n - 1) % b]), pb.release_s[g]) + (n - 1) // b * hold
-    last = int(pb.req_offsets[g + 1]) - 1
-    token = max(
-        slot + float(pb.req_ttft_s[last, i]),
-        max(pipeline, pb.release_s[g]) + prefill + float(pb.overhead_s[m, i]),
-    )
-    urgent = float(place.mean.urgent_load[g, i, 0])
-    return pb.now_s + max(token - pb.now_s, 0.0) / (1.0 - urgent)
-
-
-def test_placement_first_tokens_and_work_equal_the_scalar_computation() -> None:
+def test_placement_shares_the_mean_engines_until_it_changes_them() -> None:
     """Two models, an instance that may serve only one, running requests, groups larger
-    than the batch, arrivals to come, swaps as groups are placed: every first-token time
-    and queued work is the scalar one."""
+    than the batch, swaps, removals: the mean scenario's engines never change, and the
+    work queued is each engine's own sum."""
     perf = {(m, "G"): make_perf(m, max_num_seqs=2) for m in ("m1", "m2")}
     running = tuple(
         RunningRequest(r, 0.0, 0.5, 3) for r in make_requests(3, gap_s=0.0, prefix="run-")
@@ -117,16 +91,18 @@ def test_placement_first_tokens_and_work_equal_the_scalar_computation() -> None:
         + make_requests(7, model="m2", slo_class="batch", gap_s=0.3, prefix="b-"),
         key=lambda r: (r.arrival_s, r.id),
     )
-    recent = RecentArrivals(30.0, tuple(waiting))  # arrivals to come go ahead of some
-    snap = QueueSnapshot(2.0, tuple(waiting), insts, SLO_CLASSES, perf, recent)
+    snap = QueueSnapshot(2.0, tuple(waiting), insts, SLO_CLASSES, perf)
     ctx = prepare(snap, LengthModel(), np.random.default_rng(3), max_group_size=3)
-    place = _Placement(ctx.problem, ctx.mean)
-    for k, g in enumerate(H.edf_order(ctx.problem)):
-        want = [scalar_first_token_s(place, g, i) for i in range(3)]
-        assert place.first_tokens_s(g).tolist() == want
-        place.add(g, 2 if k % 3 == 2 else place.best(g))  # i2 swaps now and then
-        assert place.queued == [float(e.slots.sum() + e.pipeline_s.sum()) for e in place.engines]
-    assert len({ctx.problem.group_model[g] for g in place.queues[2]}) == 2
+    before = [e.copy() for e in ctx.mean.engines]
+    for checkpoints in (False, True):
+        place = _Placement(ctx.problem, ctx.mean, checkpoints=checkpoints)
+        for k, g in enumerate(H.edf_order(ctx.problem)):
+            place.add(g, 2 if k % 3 == 2 else place.best(g))  # i2 swaps now and then
+        place.remove(place.queues[2][0], 2)
+        sums = [float(e.slots.sum() + e.pipeline_s.sum()) for e in place.engines]
+        assert place.queued == sums
+    for a, b in zip(ctx.mean.engines, before, strict=True):
+        assert np.array_equal(a.slots, b.slots) and np.array_equal(a.pipeline_s, b.pipeline_s)
 
 
 @pytest.mark.parametrize("overload", [False, True])

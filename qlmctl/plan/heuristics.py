@@ -69,32 +69,31 @@ class _Placement:
             [[] for _ in range(problem.num_instances)] if checkpoints else None
         )
 
-    def first_tokens_s(self, g: int) -> np.ndarray:
-        """[I] when ``g``'s last request would get its first token if queued next on each
-        instance (inf: ineligible), stretched by the arrivals that will go ahead of it there."""
+    def first_token_s(self, g: int, i: int) -> float:
+        """When ``g``'s last request would get its first token if queued next on ``i``
+        (inf: ineligible), stretched by the arrivals that will go ahead of it there."""
         pb = self.problem
-        n, m, release = int(pb.size[g]), pb.group_model[g], pb.release_s[g]
-        at = np.flatnonzero(pb.eligible[g])
-        loaded = self.loaded[at]
-        swap = loaded != m
-        # the last request's slot: free when the slot it takes frees (all of them before a
-        # swap), then its rounds before it each take a hold
-        engines = [self.engines[i] for i in at.tolist()]
-        free, pipeline, slots = _heads(engines, n, swap.tolist())
-        prefill = self.prefill_s[g, at]
-        hold = self.mean.decode_s[g, at, 0] + prefill / n  # a slot, if the pipeline keeps up
-        pipeline = np.where(swap, np.maximum(free, pipeline) + pb.swap_s[at, loaded, m], pipeline)
-        rounds = (n - 1) // np.where(swap, pb.batch[m, at], slots)
-        slot = np.maximum(np.where(swap, pipeline, free), release) + rounds * hold
+        if not pb.eligible[g, i]:
+            return np.inf
+        n = int(pb.size[g])
+        prefill = float(self.prefill_s[g, i])
+        hold = float(self.mean.decode_s[g, i, 0]) + prefill / n  # a slot, if the pipeline keeps up
+        m, engine = pb.group_model[g], self.engines[i]
+        free, pipeline = engine.slots[0], float(engine.pipeline_s[0])
+        # the last request's slot: its rounds before it each take a hold
+        if m != self.loaded[i]:
+            pipeline = max(float(free[-1]), pipeline) + float(pb.swap_s[i, self.loaded[i], m])
+            slot = max(pipeline, pb.release_s[g]) + (n - 1) // pb.group_batch(g, i) * hold
+        else:
+            b = len(free)
+            slot = max(float(free[(n - 1) % b]), pb.release_s[g]) + (n - 1) // b * hold
         last = int(pb.req_offsets[g + 1]) - 1
-        token = np.maximum(
-            slot + pb.req_ttft_s[last, at],
-            np.maximum(pipeline, release) + prefill + pb.overhead_s[m, at],
+        token = max(
+            slot + float(pb.req_ttft_s[last, i]),
+            max(pipeline, pb.release_s[g]) + prefill + float(pb.overhead_s[m, i]),
         )
-        urgent = self.mean.urgent_load[g, at, 0]  # arrivals that will go ahead
-        out = np.full(pb.num_instances, np.inf)
-        out[at] = pb.now_s + np.maximum(token - pb.now_s, 0.0) / (1.0 - urgent)
-        return out
+        urgent = float(self.mean.urgent_load[g, i, 0])  # arrivals that will go ahead
+        return pb.now_s + max(token - pb.now_s, 0.0) / (1.0 - urgent)
 
     def _engine(self, i: int) -> EngineState:
         """Instance ``i``'s engine, to change: its own copy."""
@@ -145,33 +144,21 @@ class _Placement:
         """The eligible instance where ``g``'s last request would get its first token
         first; among equals (free slots on several), the one with the least work queued,
         so load spreads."""
-        return int(np.lexsort((np.array(self.queued), self.first_tokens_s(g)))[0])
-
-
-def _heads(
-    engines: list[EngineState], n: int, swap: list[bool]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per engine (one scenario each): when the slot a group's ``n``-th request takes
-    frees (the last slot if the engine swaps first), when its pipeline frees, its slots."""
-    slots = [e.slots.shape[1] for e in engines]
-    free = [
-        e.slots[0, -1 if s else (n - 1) % b] for e, s, b in zip(engines, swap, slots, strict=True)
-    ]
-    pipeline = [e.pipeline_s[0] for e in engines]
-    return np.array(free, float), np.array(pipeline, float), np.array(slots)
+        token = [self.first_token_s(g, i) for i in range(self.problem.num_instances)]
+        return int(np.lexsort((self.queued, token))[0])
 
 
 def _work(engines: list[EngineState]) -> list[float]:
     """Per engine: its slot and pipeline free times summed (the work queued on it).
 
-    NOTE: engines of one batch size are summed together: row sums of the stacked slots,
-    each the sum a single engine's gives.
+    NOTE: engines of one shape are summed together: row sums of their stacked slots,
+    each the sum one engine's gives.
     """
-    if len({e.slots.shape for e in engines}) > 1:
+    if len(engines) == 1 or len({e.slots.shape for e in engines}) > 1:
         return [float(e.slots.sum() + e.pipeline_s.sum()) for e in engines]
-    slots = np.add.reduce(np.concatenate([e.slots for e in engines]), axis=1)
-    pipelines = np.add.reduce(np.stack([e.pipeline_s for e in engines]), axis=1)
-    return (slots + pipelines).tolist()
+    slots = np.concatenate([e.slots for e in engines]).reshape(len(engines), -1)
+    pipelines = np.array([e.pipeline_s for e in engines])
+    return (np.add.reduce(slots, axis=1) + np.add.reduce(pipelines, axis=1)).tolist()
 
 
 def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
