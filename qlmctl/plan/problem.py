@@ -193,32 +193,29 @@ def build_problem(
     mean_output = np.add.reduceat(outputs, offsets[:-1]) / size
     overhead = np.zeros((n_m, n_i))
     group_models = np.array([midx[g.model] for g in groups], int)
-    # NOTE: instances of one GPU type (and batch) get the same columns: computed once
-    columns: dict[tuple[str, str, float], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    # NOTE: instances of one GPU type (and batch) get the same columns: computed once,
+    # written to all of them at once
     for k, model in enumerate(models):
         mine = np.flatnonzero(group_models == k)
         if not mine.size:
             continue
-        rows = req_model == k
+        rows = np.flatnonzero(req_model == k)
+        alike: dict[tuple[str, float], list[int]] = {}  # (gpu, batch) -> instances
         for i, inst in enumerate(insts):
-            perf = snapshot.perf.get((model, inst.gpu))
-            if perf is None or not inst.can_serve(model):
-                continue
-            b = float(batch[k, i])
-            eligible[mine, i] = True
-            key = (model, inst.gpu, b)
-            if key not in columns:
-                mean_ctx = float(np.mean(prompts[rows] + outputs[rows] / 2))
-                busy_step, busy_rate = busy_step_s(perf, b, mean_prompt[mine], mean_output[mine])
-                rate_of = np.zeros(n_g)
-                rate_of[mine] = busy_rate
-                columns[key] = (
-                    first_token_s(perf, prompts[rows], b, mean_ctx),
-                    busy_step,
-                    prompts[rows] * rate_of[group_of[rows]],
-                )
-            ttft[rows, i], group_step[mine, i], pipeline[rows, i] = columns[key]
-            overhead[k, i] = perf.ttft_overhead_s
+            if (model, inst.gpu) in snapshot.perf and inst.can_serve(model):
+                alike.setdefault((inst.gpu, float(batch[k, i])), []).append(i)
+        for (gpu, b), at in alike.items():
+            perf = snapshot.perf[(model, gpu)]
+            mean_ctx = float(np.mean(prompts[rows] + outputs[rows] / 2))
+            busy_step, busy_rate = busy_step_s(perf, b, mean_prompt[mine], mean_output[mine])
+            rate_of = np.zeros(n_g)
+            rate_of[mine] = busy_rate
+            cols = np.array(at)
+            eligible[mine[:, None], cols] = True
+            ttft[rows[:, None], cols] = first_token_s(perf, prompts[rows], b, mean_ctx)[:, None]
+            group_step[mine[:, None], cols] = busy_step[:, None]
+            pipeline[rows[:, None], cols] = (prompts[rows] * rate_of[group_of[rows]])[:, None]
+            overhead[k, cols] = perf.ttft_overhead_s
     for g in np.flatnonzero(~eligible.any(axis=1)):
         grp = groups[g]
         raise BadInput(
@@ -228,7 +225,12 @@ def build_problem(
         )
 
     swap = np.full((n_i, n_m + 1, n_m), np.inf)
+    first_alike: dict[tuple[str, frozenset[str]], int] = {}  # NOTE: alike instances: once
     for i, inst in enumerate(insts):
+        alike_i = first_alike.setdefault((inst.gpu, inst.sleeping_models), i)
+        if alike_i != i:
+            swap[i] = swap[alike_i]
+            continue
         for t, to in enumerate(models):
             perf_to = snapshot.perf.get((to, inst.gpu))
             if perf_to is None:
