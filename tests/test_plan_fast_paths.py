@@ -9,6 +9,7 @@ from qlmctl.plan import heuristics as H
 from qlmctl.plan.estimator import LengthModel
 from qlmctl.plan.heuristics import _Placement
 from qlmctl.plan.policies import prepare
+from qlmctl.plan.simulate import first_tokens
 from qlmctl.plan.slots import EngineState, started_engines
 from qlmctl.plan.types import InstanceState, QueueSnapshot, RunningRequest
 from tests.helpers import SLO_CLASSES, make_perf, make_requests
@@ -124,3 +125,20 @@ def test_a_walk_that_sheds_nothing_gives_greedy_placements(overload: bool) -> No
     else:
         assert shed == edf and queues == H.greedy_place(ctx.problem, ctx.mean, edf)
         assert sum(len(q) > 0 for q in queues) > 1  # spread over several instances
+
+
+def test_first_tokens_with_nothing_going_ahead_are_the_unstretched_ones() -> None:
+    """With no urgent load the stretch is 0: the fast return equals the full formula."""
+    perf = {("m1", "G"): make_perf("m1", max_num_seqs=4)}
+    insts = (InstanceState("i0", "G", "m1", True, 1.0),)
+    snap = QueueSnapshot(1.0, tuple(make_requests(6, gap_s=0.1)), insts, SLO_CLASSES, perf)
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(1), max_group_size=6)
+    pb, scen = ctx.problem, ctx.scen
+    decode = np.repeat(scen.decode_s[0, 0][:, None], 6, axis=1)
+    urgent = np.zeros(scen.count)
+    got = first_tokens(pb, scen.engines[0].copy(), 0, 0, decode, urgent)
+    starts, prefilled = scen.engines[0].copy().serve(decode, pb.req_prefill_s[:6, 0], 0.0)
+    tokens = np.maximum(prefilled + pb.overhead_s[0, 0], starts + pb.req_ttft_s[:6, 0])
+    delay = np.maximum(starts - pb.now_s, 0.0) * (urgent / (1.0 - urgent))[:, None]
+    for a, b in zip(got, (starts + delay, prefilled + delay, tokens + delay), strict=True):
+        assert np.array_equal(a, b)

@@ -158,6 +158,8 @@ def first_tokens(
         starts, prefilled = _serve_kept(problem, engine, g, i, decode, skip)
     overhead = problem.overhead_s[problem.group_model[g], i]
     tokens = np.maximum(prefilled + overhead, starts + problem.req_ttft_s[rows, i])
+    if not urgent.any():  # NOTE: nothing goes ahead (one class, say): every delay is 0
+        return starts, prefilled, tokens
     stretch = (urgent / (1.0 - urgent))[:, None]
     delay = np.maximum(starts - problem.now_s, 0.0) * stretch
     return starts + delay, prefilled + delay, tokens + delay
