@@ -1,6 +1,9 @@
-"""Planner fast paths give exactly what the general computation gives (same floats)."""
+"""Fast paths of the planner and the serving core give exactly what the general
+computation gives (same floats)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from qlmctl.plan.policies import prepare
 from qlmctl.plan.simulate import first_tokens
 from qlmctl.plan.slots import EngineState, started_engines
 from qlmctl.plan.types import InstanceState, QueueSnapshot, RunningRequest
+from qlmctl.serve.calibration import _STEP_COEFFICIENTS, scaled
 from tests.helpers import SLO_CLASSES, make_perf, make_requests
 
 
@@ -142,3 +146,10 @@ def test_first_tokens_with_nothing_going_ahead_are_the_unstretched_ones() -> Non
     delay = np.maximum(starts - pb.now_s, 0.0) * (urgent / (1.0 - urgent))[:, None]
     for a, b in zip(got, (starts + delay, prefilled + delay, tokens + delay), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_scaled_profile_is_the_profile_with_its_step_times_multiplied() -> None:
+    """The calibration's field-by-field copy equals a validated replace."""
+    perf = make_perf("m1", sleep_s=2.0, wake_s=1.0)
+    step = {name: getattr(perf, name) * 1.25 for name in _STEP_COEFFICIENTS}
+    assert scaled(perf, 1.25) == dataclasses.replace(perf, **step)
