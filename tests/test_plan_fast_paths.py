@@ -54,9 +54,10 @@ def test_started_engines_equal_idle_engines_serving_their_running_requests() -> 
     """Instances with no running request, a few, more than their slots, another batch
     size, no slots (0): each engine is what an idle engine serving its requests gives."""
     rng = np.random.default_rng(7)
-    ready = np.array([1.0, 2.5, 2.5, 4.0, 0.5, 3.0])
-    batch = [4, 4, 4, 2, 0, 4]
-    running = np.array([1, 1, 1, 3, 3, 3, 4, 5, 5, 5, 5])  # none on 0 and 2
+    ready = np.array([1.0, 2.5, 2.5, 4.0, 0.5, 3.0, 1.5, 2.0, 2.0])
+    batch = [4, 4, 4, 2, 0, 4, 8, 8, 3]
+    # none on 0 and 2; all slots taken on 5; one left on 8, several on 6 and 7
+    running = np.array([1, 1, 1, 3, 3, 3, 4, 5, 5, 5, 5, 6, 7, 7, 7, 8, 8])
     decode = rng.uniform(0, 50, (len(running), 5))
     prefill = np.where(rng.random(len(running)) < 0.5, 0.0, rng.uniform(0, 2, len(running)))
     got = started_engines(ready, batch, running, decode, prefill)

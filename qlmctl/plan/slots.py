@@ -205,13 +205,23 @@ def _serve_idle(
         busy = [j for j, i in enumerate(insts) if first[i + 1] > first[i]]
         pipeline[busy] = end[busy, [first[insts[j] + 1] - first[insts[j]] - 1 for j in busy]]
     tail.sort(axis=2)  # padding (-inf) first: it becomes the untouched slots below
+    untouched = b - width
+    # each row's last slots: up to two untouched ones (ready_s), then those taken
+    kept = min(2, untouched)
+    short = np.empty((len(insts), n_s, kept + width))
+    short[:, :, :kept] = ready[:, None, None]
+    short[:, :, kept:] = np.maximum(tail, ready[:, None, None])
     engine_slots = np.empty((len(insts), n_s, b))
-    engine_slots[:, :, : b - width] = ready[:, None, None]
-    engine_slots[:, :, b - width :] = np.maximum(tail, ready[:, None, None])
+    engine_slots[:, :, :untouched] = ready[:, None, None]
+    engine_slots[:, :, untouched:] = short[:, :, kept:]
     pipelines = np.repeat(pipeline, n_s).reshape(len(insts), n_s)
-    # NOTE: their means at once (each the one EngineState.mean computes): planning needs
-    # every instance's
-    mean_slots = np.add.reduce(engine_slots, axis=1) / n_s
+    # NOTE: their means at once, each the one EngineState.mean computes (planning needs
+    # every instance's), from the short rows: the untouched slots all have the first's
+    # mean (a column sum adds the scenarios in order: the same as over whole rows)
+    sums = np.add.reduce(short, axis=1) / n_s
+    mean_slots = np.empty((len(insts), b))
+    mean_slots[:, :untouched] = sums[:, :1]
+    mean_slots[:, untouched:] = sums[:, kept:]
     mean_pipelines = np.add.reduce(pipelines, axis=1) / n_s
     return [
         EngineState(
