@@ -32,20 +32,51 @@ NOTE: every method works on all scenarios at once; callers loop over groups only
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import numpy as np
 
 
-@dataclass(slots=True)
 class EngineState:
     """When each batch slot and the prefill pipeline free, per scenario."""
 
-    slots: np.ndarray  # [S, B], rows sorted ascending
-    pipeline_s: np.ndarray  # [S]
-    # its mean, when computed with others' (started_engines); dropped when it changes
-    known_mean: EngineState | None = field(default=None, repr=False, compare=False)
+    __slots__ = ("_make_slots", "_slots", "known_mean", "pipeline_s")
+
+    def __init__(
+        self, slots: np.ndarray, pipeline_s: np.ndarray, known_mean: EngineState | None = None
+    ) -> None:
+        self._slots: np.ndarray | None = slots
+        self._make_slots: Callable[[], np.ndarray] | None = None
+        self.pipeline_s = pipeline_s  # [S]
+        # its mean, when computed with others' (started_engines); dropped when it changes
+        self.known_mean = known_mean
+
+    @classmethod
+    def deferred(
+        cls, make_slots: Callable[[], np.ndarray], pipeline_s: np.ndarray, mean: EngineState
+    ) -> EngineState:
+        """An engine of known ``mean`` whose slots ``make_slots`` builds when first read.
+
+        NOTE: planning reads every instance's mean but the slots of few (those it scores
+        groups on): the others are never built.
+        """
+        engine = cls.__new__(cls)
+        engine._slots, engine._make_slots = None, make_slots
+        engine.pipeline_s, engine.known_mean = pipeline_s, mean
+        return engine
+
+    @property
+    def slots(self) -> np.ndarray:
+        """[S, B] when each slot frees, rows sorted ascending."""
+        if self._slots is None:
+            assert self._make_slots is not None
+            self._slots, self._make_slots = self._make_slots(), None
+        return self._slots
+
+    @slots.setter
+    def slots(self, value: np.ndarray) -> None:
+        self._slots, self._make_slots = value, None
 
     @classmethod
     def idle(cls, ready_s: float, batch: int, scenarios: int) -> EngineState:
@@ -211,9 +242,6 @@ def _serve_idle(
     short = np.empty((len(insts), n_s, kept + width))
     short[:, :, :kept] = ready[:, None, None]
     short[:, :, kept:] = np.maximum(tail, ready[:, None, None])
-    engine_slots = np.empty((len(insts), n_s, b))
-    engine_slots[:, :, :untouched] = ready[:, None, None]
-    engine_slots[:, :, untouched:] = short[:, :, kept:]
     pipelines = np.repeat(pipeline, n_s).reshape(len(insts), n_s)
     # NOTE: their means at once, each the one EngineState.mean computes (planning needs
     # every instance's), from the short rows: the untouched slots all have the first's
@@ -224,10 +252,18 @@ def _serve_idle(
     mean_slots[:, untouched:] = sums[:, kept:]
     mean_pipelines = np.add.reduce(pipelines, axis=1) / n_s
     return [
-        EngineState(
-            engine_slots[j],
+        EngineState.deferred(
+            partial(_whole_rows, float(ready[j]), untouched, short[j, :, kept:]),
             pipelines[j],
             EngineState(mean_slots[j : j + 1], mean_pipelines[j : j + 1]),
         )
         for j in range(len(insts))
     ]
+
+
+def _whole_rows(ready_s: float, untouched: int, taken: np.ndarray) -> np.ndarray:
+    """[S, B] rows of ``untouched`` slots free at ``ready_s``, then the ``taken`` ones."""
+    rows = np.empty((taken.shape[0], untouched + taken.shape[1]))
+    rows[:, :untouched] = ready_s
+    rows[:, untouched:] = taken
+    return rows
