@@ -272,14 +272,14 @@ def _running_left(
     left = np.empty_like(u)
     step = max(1, _BLOCK // count)
     for k in range(0, n, step):  # NOTE: blocks that fit the cache, about twice as fast
-        rows = slice(k, k + step)
-        total = _norm_ppf(u[rows])
-        total *= sd[rows, None]
-        total += mu[rows, None]
+        block = slice(k, k + step)
+        total = _norm_ppf(u[block])
+        total *= sd[block, None]
+        total += mu[block, None]
         np.exp(total, out=total)
-        np.minimum(total, cap[rows, None], out=total)
-        total -= generated[rows, None]
-        np.maximum(total, 1.0, out=left[rows])
+        np.minimum(total, cap[block, None], out=total)
+        total -= generated[block, None]
+        np.maximum(total, 1.0, out=left[block])
     return left
 
 
