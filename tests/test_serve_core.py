@@ -455,3 +455,36 @@ def test_a_head_too_late_for_its_deadline_waits_behind_the_queue(defer_late: boo
         order += dispatched(finish(core, order[-1], "i0", t))
     assert order == (["f0", "x1", "x2"] if defer_late else ["x1", "x2", "f0"])
     assert core.stats().waiting == 0
+
+
+def test_under_a_flood_a_replan_plans_the_most_urgent_and_the_rest_still_run() -> None:
+    class Recording(TinyPolicy):
+        def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
+            self.seen.append([r.id for r in snapshot.waiting])
+            return super().plan(snapshot, rng)
+
+    policy = Recording()
+    policy.seen = []
+    core = make_core(policy=policy, max_inflight=1, max_planned=3)
+    batch = make_requests(3, slo_class="batch", gap_s=0.0, prefix="b")  # deadline 600 s
+    late = make_requests(2, gap_s=0.0, prefix="l")  # interactive: deadline 20 s, passed at 30
+    core.on_arrival(batch[0], 0.0)
+    core.decide(0.0)  # b0 dispatched
+    for r in [*batch[1:], *late]:
+        core.on_arrival(r, 0.0)
+    urgent = make_requests(2, start_s=30.0, prefix="u")  # deadlines 50 s and 51 s
+    for r in urgent:
+        core.on_arrival(r, r.arrival_s)
+    core.decide(31.0)
+    # the earliest deadlines not yet passed (the passed ones, l0 and l1, come last)
+    assert sorted(policy.seen[-1]) == ["b1", "u0", "u1"]
+    assert core.stats().waiting == 6
+    t, running = 31.0, "b0"
+    while running:  # one slot: finish what runs until nothing is left
+        t += 1.0
+        actions = finish(core, running, "i0", t)
+        while not dispatched(actions) and core.stats().waiting:
+            t = core.next_wakeup_s() or t + 1.0
+            actions = core.decide(t)
+        running = dispatched(actions)[0] if dispatched(actions) else ""
+    assert core.stats().finished == 7  # the unplanned were planned once room was left

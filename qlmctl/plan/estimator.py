@@ -241,35 +241,67 @@ def scenarios_from_tokens(
     return Scenarios(service, decode, tuple(engines), np.minimum(urgent, MAX_URGENT_LOAD))
 
 
+_BLOCK = 1 << 14  # array elements per block of the leftover transform
+
+
 def _running_left(
     problem: Problem, lengths: LengthModel, rng: np.random.Generator, count: int
 ) -> np.ndarray:
     """Tokens each running request still has to generate, [R, S], truncated sampling.
 
     NOTE: one vectorised draw; row k takes the same uniforms a per-request loop would.
+    Under overload thousands of requests run: the posteriors are read once per (model,
+    class) and gathered by index.
     """
     n = len(problem.running)
     if n == 0:
         return np.empty((0, count))
-    memo: dict[tuple[str, str], tuple[float, float, float]] = {}
-    for rr in problem.running:
-        key = (rr.request.model, rr.request.slo_class)
-        if key not in memo:
-            memo[key] = lengths.posterior(*key)
-    post = np.array([memo[rr.request.model, rr.request.slo_class] for rr in problem.running])
+    index: dict[tuple[str, str], int] = {}
+    rows = [
+        index.setdefault((rr.request.model, rr.request.slo_class), len(index))
+        for rr in problem.running
+    ]
+    post = np.array([lengths.posterior(*key) for key in index])[rows]
     mu, sd = post[:, 0], np.hypot(post[:, 1], post[:, 2])
     generated = np.array([rr.generated_tokens for rr in problem.running], float)
     cap = np.array([rr.request.max_output_tokens for rr in problem.running], float)
     z = (np.log(np.maximum(generated, 1.0)) - mu) / (sd * math.sqrt(2))
-    lo = np.array([0.5 * math.erfc(-x) for x in z.tolist()])  # P(L <= done)
+    lo = 0.5 * np.array(list(map(math.erfc, (-z).tolist())))  # P(L <= done)
     low = np.minimum(lo, 1 - 1e-9)[:, None]
     u = low + (1.0 - low) * rng.random((n, count))  # NOTE: rng.uniform(low, 1), faster
-    total = np.minimum(np.exp(mu[:, None] + sd[:, None] * _norm_ppf(u)), cap[:, None])
-    return np.maximum(total - generated[:, None], 1.0)
+    left = np.empty_like(u)
+    step = max(1, _BLOCK // count)
+    for k in range(0, n, step):  # NOTE: blocks that fit the cache, about twice as fast
+        block = slice(k, k + step)
+        total = _norm_ppf(u[block])
+        total *= sd[block, None]
+        total += mu[block, None]
+        np.exp(total, out=total)
+        np.minimum(total, cap[block, None], out=total)
+        total -= generated[block, None]
+        np.maximum(total, 1.0, out=left[block])
+    return left
+
+
+def _horner(x: np.ndarray, coefs: tuple[float, ...], last: float | None = None) -> np.ndarray:
+    """``((c0 x + c1) x + ...) x + c_n`` (then ``* x + last``), in place on one array."""
+    out = coefs[0] * x
+    for c in coefs[1:-1]:
+        out += c
+        out *= x
+    out += coefs[-1]
+    if last is not None:
+        out *= x
+        out += last
+    return out
 
 
 def _norm_ppf(p: np.ndarray) -> np.ndarray:
-    """Standard normal quantile (Acklam's rational approximation, rel. error < 1.2e-9)."""
+    """Standard normal quantile (Acklam's rational approximation, rel. error < 1.2e-9).
+
+    NOTE: each branch is evaluated only where it applies, in place: under overload this
+    runs on thousands of running requests times every scenario at every re-plan.
+    """
     a = (-39.69683028665376, 220.9460984245205, -275.9285104469687, 138.3577518672690,
          -30.66479806614716, 2.506628277459239)  # fmt: skip
     b = (-54.47609879822406, 161.5858368580409, -155.6989798598866, 66.80131188771972,
@@ -278,18 +310,18 @@ def _norm_ppf(p: np.ndarray) -> np.ndarray:
          4.374664141464968, 2.938163982698783)  # fmt: skip
     d = (7.784695709041462e-03, 0.3224671290700398, 2.445134137142996, 3.754408661907416)
     p = np.clip(p, 1e-12, 1 - 1e-12)
-    q = np.where(p < 0.5, p, 1 - p)
+    upper = p >= 0.5
+    q = np.where(upper, 1 - p, p)  # the lower tail's probability
+    x = np.empty_like(q)
     tail = q < 0.02425
-    r = np.sqrt(-2 * np.log(np.where(tail, q, 0.5)))
-    x_tail = (((((c[0] * r + c[1]) * r + c[2]) * r + c[3]) * r + c[4]) * r + c[5]) / (
-        (((d[0] * r + d[1]) * r + d[2]) * r + d[3]) * r + 1
-    )
-    t = q - 0.5
+    if tail.any():
+        r = np.sqrt(-2 * np.log(q[tail]))
+        x[tail] = _horner(r, c) / _horner(r, d, 1.0)
+    mid = ~tail
+    t = q[mid] - 0.5
     s = t * t
-    x_mid = (
-        (((((a[0] * s + a[1]) * s + a[2]) * s + a[3]) * s + a[4]) * s + a[5])
-        * t
-        / (((((b[0] * s + b[1]) * s + b[2]) * s + b[3]) * s + b[4]) * s + 1)
-    )
-    x = np.where(tail, x_tail, x_mid)  # quantile of q (<= 0.5)
-    return np.where(p < 0.5, x, -x)
+    num = _horner(s, a)
+    num *= t
+    x[mid] = num / _horner(s, b, 1.0)
+    np.negative(x, out=x, where=upper)
+    return x  # quantile of p

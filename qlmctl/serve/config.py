@@ -36,6 +36,10 @@ class CoreConfig:
     max_engine_waiting: int | None = 2
     max_kv_usage: float = 0.98  # pull only while vLLM's KV usage is below this
     replan_min_interval_s: float = 0.5
+    # A re-plan plans at most this many waiting requests (None: all): the earliest
+    # deadlines not yet passed first, then the longest waiting. The rest wait unplanned
+    # for a later re-plan, so planning under a flood costs what the cluster can use.
+    max_planned: int | None = 4096
     check_interval_s: float = 1.0  # predicted-violation checks while work is queued
     lag_tolerance_s: float = 2.0  # a head group this late against its plan is a violation
     max_attempts: int = 3  # failed attempts before a request is FAILED
@@ -55,9 +59,15 @@ class CoreConfig:
     defer_late: bool = True
 
     def __post_init__(self) -> None:
-        if (self.max_inflight or 1) < 1 or self.max_attempts < 1 or self.evict_batch < 0:
+        if (
+            (self.max_inflight or 1) < 1
+            or (self.max_planned or 1) < 1
+            or self.max_attempts < 1
+            or self.evict_batch < 0
+        ):
             raise BadInput(
-                "core config: max_inflight and max_attempts must be >= 1, evict_batch >= 0"
+                "core config: max_inflight, max_planned and max_attempts must be >= 1, "
+                "evict_batch >= 0"
             )
         if not self.kv_budget > 0:
             raise BadInput("core config: kv_budget must be > 0")

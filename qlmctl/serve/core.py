@@ -11,7 +11,8 @@ the rest, on the same records):
 
 * **Plan -> virtual queues.** A re-plan (on arrivals, re-queues, instance changes and
   predicted violations; at most every ``replan_min_interval_s``) asks the policy for a plan
-  over the waiting requests (:meth:`~ServeCore.snapshot`) and rebuilds one virtual queue
+  over the waiting requests (:meth:`~ServeCore.snapshot`; under a flood the
+  ``max_planned`` most urgent) and rebuilds one virtual queue
   per instance: its groups in order, each a FIFO of request ids
   (:class:`~qlmctl.serve.queues.VirtualQueues`). A background improvement (the MILP) may
   replace the plan later through :meth:`~ServeCore.on_plan`.
@@ -30,9 +31,10 @@ waiting requests and is rate-limited; virtual queues drop stale ids lazily at th
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import fields
 from typing import Any
 
@@ -360,7 +362,7 @@ class ServeCore:
             return
         snap = self.snapshot(now_s)
         plan = self._fast(snap, self._rng)
-        self._queues.adopt(plan, keep_leftovers=False)
+        self._queues.adopt(plan, keep_leftovers=False, must_place=snap.waiting)
         self._log_replan(now_s, plan, "policy")
         if (
             self.improver is not None
@@ -370,8 +372,9 @@ class ServeCore:
             self._offer = snap
 
     def snapshot(self, now_s: float) -> QueueSnapshot:
-        """The queue as a policy sees it: waiting requests in arrival order, instances."""
-        waiting = sorted(self._waiting.values(), key=lambda t: (t.request.arrival_s, t.id))
+        """The queue as a policy sees it: waiting requests (at most ``max_planned``, see
+        :meth:`_to_plan`) in arrival order, instances."""
+        waiting = sorted(self._to_plan(now_s), key=lambda t: (t.request.arrival_s, t.id))
         return QueueSnapshot(
             now_s=now_s,
             waiting=tuple(what_is_left(t) for t in waiting),
@@ -385,6 +388,19 @@ class ServeCore:
                 now_s, min(ARRIVAL_WINDOW_S, max(now_s - self._first_arrival_s, 0.0))
             ),
         )
+
+    def _to_plan(self, now_s: float) -> Collection[Tracked]:
+        """The waiting requests a re-plan plans: all, or under a flood the ``max_planned``
+        with the earliest deadlines not yet passed, then the longest waiting.
+
+        NOTE: a plan's cost grows faster than its size (about W^1.35 for the heuristic: 0.07
+        s at 4,096 waiting, 0.4 s at 16,000), and a flood of waiting requests is more than
+        the cluster can start before most deadlines pass; the rest wait unplanned.
+        """
+        cap = self.config.max_planned
+        if cap is None or len(self._waiting) <= cap:
+            return self._waiting.values()
+        return heapq.nsmallest(cap, self._waiting.values(), key=lambda t: _urgency(t, now_s))
 
     def _fail_unservable(self, now_s: float) -> None:
         """Fail waiting requests that no live instance may ever serve."""
@@ -509,3 +525,9 @@ class ServeCore:
         }
         duration_s = wall_s if self._log_wall_times else None
         self._log.add(now_s, "replan", duration_s=duration_s, detail=detail)
+
+
+def _urgency(tr: Tracked, now_s: float) -> tuple[bool, float, str]:
+    """Sort key, most urgent first: deadline not passed, by deadline; then by arrival."""
+    passed = tr.deadline_s < now_s
+    return passed, tr.request.arrival_s if passed else tr.deadline_s, tr.id

@@ -7,7 +7,9 @@ How it works:
   (:class:`~qlmctl.serve.state.QueuedGroup`). A request is in at most one queue; its
   record says which (``Tracked.vq_instance``) and every instance counts its queued
   requests (``InstanceRecord.queued``); both are set here and kept in step by the
-  dispatch that takes a head. A plan from the policy must place every waiting request;
+  dispatch that takes a head. A plan from the policy must place every request of the
+  snapshot it answers (under a flood that is not every waiting request: the core plans
+  at most ``max_planned``; the rest wait unplanned for a later re-plan);
   an improved plan (the MILP, answering an older snapshot) keeps the requests it does not
   place, behind its own groups, where they were. The first forecast (start, miss
   probability) made for a request in an attempt is kept for the run log.
@@ -25,7 +27,7 @@ How it works:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from qlmctl.domain import Request
 from qlmctl.perfmodel import PerfModel
@@ -52,8 +54,12 @@ class VirtualQueues:
         """The virtual queue of one instance: groups in order (its head may hold stale ids)."""
         return self._vq[instance_id]
 
-    def adopt(self, plan: Plan | None, *, keep_leftovers: bool) -> None:
-        """Rebuild the virtual queues from ``plan`` (None: empty queues)."""
+    def adopt(
+        self, plan: Plan | None, *, keep_leftovers: bool, must_place: Sequence[Request] = ()
+    ) -> None:
+        """Rebuild the virtual queues from ``plan`` (None: empty queues); a waiting
+        request of ``must_place`` (the snapshot the policy answered) it leaves out is a
+        policy's bug."""
         old = self._vq
         self._vq = {i: deque() for i in self._insts}
         placed: set[str] = set()
@@ -88,16 +94,18 @@ class VirtualQueues:
                     self._reqs[r].vq_instance = iid
                 self._insts[iid].queued += len(qg.ids)
         self.plan = plan
-        unplanned = len(self._waiting) - len(placed)
-        if unplanned and not keep_leftovers and plan is not None:
-            missing = next(r for r in self._waiting if r not in placed)
-            raise RuntimeError(f"policy {plan.policy!r} left waiting request {missing!r} unplanned")
+        missing = [r.id for r in must_place if r.id in self._waiting and r.id not in placed]
+        if missing and plan is not None:
+            raise RuntimeError(
+                f"policy {plan.policy!r} left waiting request {missing[0]!r} unplanned"
+            )
 
     def off_plan(self, now_s: float, lag_tolerance_s: float) -> bool:
         """Whether the plan in force no longer holds: a head group starts more than
         ``lag_tolerance_s`` later than planned, or an up instance's queue is empty while
-        requests are queued on others."""
-        backlog = any(i.queued for i in self._insts.values())
+        requests are queued on others or wait unplanned."""
+        queued = sum(i.queued for i in self._insts.values())
+        backlog = queued > 0 or len(self._waiting) > queued
         for inst in self._insts.values():
             vq = self._vq[inst.spec.id]
             if self._waiting and not vq and inst.status is InstStatus.UP and backlog:
