@@ -326,3 +326,23 @@ def test_placement_goes_where_the_first_token_comes_first() -> None:
     plan = make_policy("heuristic", lengths=lengths).plan(snap, np.random.default_rng(0))
     placed = {p.instance_id: [g.request_ids for g in p.groups] for p in plan.instances}
     assert placed == {"narrow-0": [], "wide-0": [("new-0",)]}
+
+
+def test_lost_groups_gather_while_some_can_make_it_and_spread_when_none_can() -> None:
+    # four equal instances at t=100; requests that arrived at 0 (TTFT 20 s) are lost
+    # anywhere, and the core serves them after each instance's queue
+    insts = tuple(InstanceState(f"i{k}", "G", "m1", True, 100.0) for k in range(4))
+    perf = {("m1", "G"): make_perf()}
+    lost = make_requests(64, gap_s=0.0, prefix="lost-")
+    fresh = make_requests(4, start_s=100.0, gap_s=0.0, prefix="new-")
+    policy = make_policy("heuristic", max_group_size=4)
+
+    def groups_per_instance(waiting: list[Request]) -> list[int]:
+        snap = QueueSnapshot(100.0, tuple(waiting), insts, SLO_CLASSES, perf)
+        plan = policy.plan(snap, np.random.default_rng(0))
+        return sorted(
+            sum(g.request_ids[0].startswith("lost-") for g in p.groups) for p in plan.instances
+        )
+
+    assert groups_per_instance([*lost, *fresh]) == [0, 0, 0, 16]  # the others stay free
+    assert groups_per_instance(lost) == [4, 4, 4, 4]  # the backlog drains everywhere
