@@ -63,7 +63,8 @@ class _Placement:
         self.prefill_s = problem.group_prefill_s()
         # groups served after the queue (deferred) wherever they go: see best()
         lost = lost_groups(problem)
-        self.lost = lost if lost.all() else np.zeros_like(lost)
+        nothing_to_save = lost.all() and not problem.stream_seen.any()
+        self.lost = lost if nothing_to_save else np.zeros_like(lost)
         self.deferred = [0.0] * problem.num_instances  # per instance: their work
         self._deferred_of: dict[int, float] = {}  # lost group -> its work where it is
         # per instance: the work queued on its engine (slot and pipeline free times summed)
@@ -158,12 +159,13 @@ class _Placement:
         so load spreads.
 
         Lost groups (:func:`lost_groups`) leave an instance's engine as it was (they are
-        served after its queue), so while some group can still make its deadline they tie
-        and gather where the least work is queued: one instance takes the doomed work and
-        the others stay free for requests that can still make it (worth 2.5-4.7 points of
-        attainment at the policy benchmark's reference loads). When every group is lost
-        (the tail of a flood), their work is counted and they spread, each where the least
-        work is queued: the backlog drains at the whole cluster's rate."""
+        served after its queue), so they tie and gather where the least work is queued:
+        one instance takes the doomed work and the others stay free for requests that can
+        still make it, or arrive (spreading them instead cost 2.5-4.7 points of attainment
+        in four of the five reference cells of the policy benchmark, three seeds). When
+        nothing is left to save (every group lost, nothing arrived in the window: the tail
+        of a flood), their work is counted and they spread, each where the least work is
+        queued, so the backlog drains at the whole cluster's rate."""
         if self.lost[g]:
             return int(np.argmin(np.where(self.problem.eligible[g], self.queued, np.inf)))
         token = [self.first_token_s(g, i) for i in range(self.problem.num_instances)]
