@@ -11,11 +11,12 @@ import pytest
 from qlmctl.plan import heuristics as H
 from qlmctl.plan.estimator import LengthModel
 from qlmctl.plan.heuristics import _Placement
-from qlmctl.plan.policies import prepare
+from qlmctl.plan.policies import make_policy, prepare
 from qlmctl.plan.simulate import first_tokens
 from qlmctl.plan.slots import EngineState, started_engines
-from qlmctl.plan.types import InstanceState, QueueSnapshot, RunningRequest
+from qlmctl.plan.types import InstanceState, QueueSnapshot, RecentArrivals, RunningRequest
 from qlmctl.serve.calibration import _STEP_COEFFICIENTS, scaled
+from qlmctl.serve.recent import RecentWindow
 from tests.helpers import SLO_CLASSES, make_perf, make_requests
 
 
@@ -154,3 +155,43 @@ def test_scaled_profile_is_the_profile_with_its_step_times_multiplied() -> None:
     perf = make_perf("m1", sleep_s=2.0, wake_s=1.0)
     step = {name: getattr(perf, name) * 1.25 for name in _STEP_COEFFICIENTS}
     assert scaled(perf, 1.25) == dataclasses.replace(perf, **step)
+
+
+def test_recent_window_keeps_what_a_summary_of_its_requests_gives() -> None:
+    """Streams kept as requests come and go (buffers grown and compacted on the way) are
+    the summaries of the window's requests, and plan alike."""
+    arrivals = sorted(
+        make_requests(150, gap_s=0.4, prefix="a-")
+        + make_requests(90, model="m2", slo_class="batch", gap_s=0.7, output_tokens=80),
+        key=lambda r: (r.arrival_s, r.id),
+    )
+    arrivals = [  # lengths that differ, so that their order counts
+        r.model_copy(update={"max_output_tokens": 40 + 7 * k % 90, "output_tokens": 1 + 5 * k % 40})
+        for k, r in enumerate(arrivals)
+    ]
+    window = RecentWindow(20.0)
+    perf = {(m, "G"): make_perf(m) for m in ("m1", "m2")}
+    insts = tuple(InstanceState(f"i{k}", "G", m, True, 0.0) for k, m in enumerate(("m1", "m2")))
+    for k, request in enumerate(arrivals):
+        window.add(request)
+        if k % 37 != 36:
+            continue
+        now = request.arrival_s
+        kept = window.arrivals(now, 20.0)
+        assert kept.requests == tuple(r for r in arrivals[: k + 1] if r.arrival_s >= now - 20.0)
+        summary = RecentArrivals(20.0, kept.requests).by_stream()
+        assert kept.streams is not None and kept.streams.keys() == summary.keys()
+        for key, stream in kept.streams.items():
+            want = summary[key]
+            assert (stream.count, stream.prompt_tokens) == (want.count, want.prompt_tokens)
+            assert np.array_equal(stream.max_output_tokens, want.max_output_tokens)
+            assert np.array_equal(stream.target_output_tokens, want.target_output_tokens)
+        waiting = tuple(arrivals[k - 5 : k + 1])
+        plans = [
+            make_policy("heuristic").plan(
+                QueueSnapshot(now, waiting, insts, SLO_CLASSES, perf, recent),
+                np.random.default_rng(k),
+            )
+            for recent in (kept, RecentArrivals(20.0, kept.requests))
+        ]
+        assert plans[0].instances == plans[1].instances

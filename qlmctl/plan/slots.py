@@ -88,10 +88,10 @@ class EngineState:
 
     def mean(self) -> EngineState:
         """The one scenario of the means."""
-        # NOTE: what ndarray.mean computes (a sum, then a division by the count), without
-        # its Python wrapper: planning takes the mean of every engine at every re-plan
         if self.known_mean is not None:
             return self.known_mean
+        # NOTE: what ndarray.mean computes (a sum, then a division by the count), without
+        # its Python wrapper: planning takes the mean of every engine at every re-plan
         count = self.slots.shape[0]
         return EngineState(
             np.add.reduce(self.slots, axis=0, keepdims=True) / count,
@@ -237,7 +237,8 @@ def _serve_idle(
         pipeline[busy] = end[busy, [first[insts[j] + 1] - first[insts[j]] - 1 for j in busy]]
     tail.sort(axis=2)  # padding (-inf) first: it becomes the untouched slots below
     untouched = b - width
-    # each row's last slots: up to two untouched ones (ready_s), then those taken
+    # each row's last slots: up to two untouched ones (ready_s), then those taken; two, as
+    # numpy adds a lone column's scenarios pairwise but several columns' in order
     kept = min(2, untouched)
     short = np.empty((len(insts), n_s, kept + width))
     short[:, :, :kept] = ready[:, None, None]
