@@ -17,7 +17,7 @@ from qlmctl.plan.estimator import LengthModel, _norm_ppf, known_scenario, sample
 from qlmctl.plan.groups import build_groups
 from qlmctl.plan.policies import POLICIES, make_policy, prepare
 from qlmctl.plan.simulate import simulate
-from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, RunningRequest
+from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, RecentArrivals, RunningRequest
 from tests.helpers import SLO_CLASSES, make_perf, make_requests
 
 MODELS = ("m1", "m2")
@@ -337,12 +337,14 @@ def test_lost_groups_gather_while_some_can_make_it_and_spread_when_none_can() ->
     fresh = make_requests(4, start_s=100.0, gap_s=0.0, prefix="new-")
     policy = make_policy("heuristic", max_group_size=4)
 
-    def groups_per_instance(waiting: list[Request]) -> list[int]:
-        snap = QueueSnapshot(100.0, tuple(waiting), insts, SLO_CLASSES, perf)
+    def groups_per_instance(waiting: list[Request], recent: tuple[Request, ...] = ()) -> list[int]:
+        arrivals = RecentArrivals(60.0, recent)
+        snap = QueueSnapshot(100.0, tuple(waiting), insts, SLO_CLASSES, perf, arrivals)
         plan = policy.plan(snap, np.random.default_rng(0))
         return sorted(
             sum(g.request_ids[0].startswith("lost-") for g in p.groups) for p in plan.instances
         )
 
     assert groups_per_instance([*lost, *fresh]) == [0, 0, 0, 16]  # the others stay free
-    assert groups_per_instance(lost) == [4, 4, 4, 4]  # the backlog drains everywhere
+    assert groups_per_instance(lost, tuple(fresh)) == [0, 0, 0, 16]  # more may come
+    assert groups_per_instance(lost) == [4, 4, 4, 4]  # nothing to save: drain everywhere
