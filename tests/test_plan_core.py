@@ -348,3 +348,15 @@ def test_lost_groups_gather_while_some_can_make_it_and_spread_when_none_can() ->
     assert groups_per_instance([*lost, *fresh]) == [0, 0, 0, 16]  # the others stay free
     assert groups_per_instance(lost, tuple(fresh)) == [0, 0, 0, 16]  # more may come
     assert groups_per_instance(lost) == [4, 4, 4, 4]  # nothing to save: drain everywhere
+
+
+def test_lost_groups_spread_without_swapping_models() -> None:
+    # two instances per model; lost requests of m1 only: they stay on the m1 instances
+    insts = tuple(InstanceState(f"i{k}", "G", ("m1", "m2")[k % 2], True, 100.0) for k in range(4))
+    perf = {(m, "G"): make_perf(m) for m in ("m1", "m2")}
+    lost = make_requests(64, gap_s=0.0, prefix="lost-")
+    snap = QueueSnapshot(100.0, tuple(lost), insts, SLO_CLASSES, perf)
+    plan = make_policy("heuristic", max_group_size=4).plan(snap, np.random.default_rng(0))
+    assert {p.instance_id: len(p.groups) for p in plan.instances} == {
+        "i0": 8, "i1": 0, "i2": 8, "i3": 0,
+    }  # fmt: skip

@@ -125,7 +125,7 @@ class _Placement:
         self.misses[g] = serve_group(pb, engine, g, i, decode, urgent)[2][0]
         self.queues[i].append(g)
         if self.lost[g]:  # each request holds a slot and the pipeline, after the rest
-            work = float(pb.size[g] * self.mean.decode_s[g, i, 0] + self.prefill_s[g, i])
+            work = float(self._lost_work(g)[i])
             self._deferred_of[g] = work
             self.deferred[i] += work
         self.queued[i] = _work([engine])[0] + self.deferred[i]
@@ -153,6 +153,10 @@ class _Placement:
         for h in rest:
             self.add(h, i)
 
+    def _lost_work(self, g: int) -> np.ndarray:
+        """[I] the work a lost group adds to each instance: its requests' slot holds."""
+        return self.problem.size[g] * self.mean.decode_s[g, :, 0] + self.prefill_s[g]
+
     def best(self, g: int) -> int:
         """The eligible instance where ``g``'s last request would get its first token
         first; among equals (free slots on several), the one with the least work queued,
@@ -164,10 +168,15 @@ class _Placement:
         still make it, or arrive (spreading them instead cost 2.5-4.7 points of attainment
         in four of the five reference cells of the policy benchmark, three seeds). When
         nothing is left to save (every group lost, nothing arrived in the window: the tail
-        of a flood), their work is counted and they spread, each where the least work is
-        queued, so the backlog drains at the whole cluster's rate."""
-        if self.lost[g]:
-            return int(np.argmin(np.where(self.problem.eligible[g], self.queued, np.inf)))
+        of a flood), their work is counted and they spread, each where its work would be
+        done first (queued work and its own over the slots) among the instances holding
+        its model (if any does), so the backlog drains at the whole cluster's rate."""
+        if self.lost[g]:  # no swap while an instance holds its model: swaps cost minutes
+            pb, ok = self.problem, self.problem.eligible[g]
+            swaps = np.where(ok, self.loaded != pb.group_model[g], 2)
+            slots = np.maximum(pb.batch[pb.group_model[g]], 1)
+            done = np.where(ok, (np.asarray(self.queued) + self._lost_work(g)) / slots, np.inf)
+            return int(np.lexsort((done, swaps))[0])
         token = [self.first_token_s(g, i) for i in range(self.problem.num_instances)]
         return int(np.lexsort((self.queued, token))[0])
 
