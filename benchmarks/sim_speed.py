@@ -338,7 +338,7 @@ def main() -> int:
             results["runs"].append(row)
             ok = row["speedup"] >= target
             print(f"  {policy:10} {row['wall_s']:7.1f} s wall  {row['span_s']:7.0f} s virtual  "
-                  f"{row['speedup']:6.0f}x (target {target:g}x{'' if ok else ', MISSED'}; "
+                  f"{row['speedup']:6.0f}x (target {_target(target)}{'' if ok else ', MISSED'}; "
                   f"{row['cpu_speedup']:.0f}x per CPU second)  "
                   f"peak RSS {row['peak_rss_mib']:5.0f} MiB  attainment {row['attainment']:.3f}",
                   flush=True)  # fmt: skip
@@ -382,10 +382,15 @@ def markdown(results: dict[str, Any]) -> str:
     for r in results["runs"]:
         lines.append(
             f"| {r['leg']} | {r['load']} | {r['policy']} | {r['requests']} | {r['wall_s']:.1f} | "
-            f"{r['span_s']:.0f} | {r['speedup']:.0f} | {r['target']:g} | {r['peak_rss_mib']:.0f} | "
-            f"{r['attainment']:.3f} |"
+            f"{r['span_s']:.0f} | {r['speedup']:.0f} | {_target(r['target'])} | "
+            f"{r['peak_rss_mib']:.0f} | {r['attainment']:.3f} |"
         )
     return "\n".join(lines)
+
+
+def _target(speedup: float) -> str:
+    """A leg's target: a speed-up, or (0) only that it finishes."""
+    return f"{speedup:g}x" if speedup else "finish"
 
 
 if __name__ == "__main__":
