@@ -61,10 +61,11 @@ class _Placement:
         self.loaded = problem.init_model.copy()
         self.misses: dict[int, np.ndarray] = {}  # group -> [n] whether each request misses
         self.prefill_s = problem.group_prefill_s()
-        # groups served after the queue (deferred) wherever they go: see best()
+        # lost groups placed by their work, which happens only when nothing is left to
+        # save (see best()); otherwise none
         lost = lost_groups(problem)
         nothing_to_save = lost.all() and not problem.stream_seen.any()
-        self.lost = lost if nothing_to_save else np.zeros_like(lost)
+        self.spreads = lost if nothing_to_save else np.zeros_like(lost)
         self.deferred = [0.0] * problem.num_instances  # per instance: their work
         self._deferred_of: dict[int, float] = {}  # lost group -> its work where it is
         # per instance: the work queued on its engine (slot and pipeline free times summed)
@@ -124,7 +125,7 @@ class _Placement:
         urgent = self.mean.urgent_load[g, i]
         self.misses[g] = serve_group(pb, engine, g, i, decode, urgent)[2][0]
         self.queues[i].append(g)
-        if self.lost[g]:  # each request holds a slot and the pipeline, after the rest
+        if self.spreads[g]:  # each request holds a slot and the pipeline, after the rest
             work = float(self._lost_work(g)[i])
             self._deferred_of[g] = work
             self.deferred[i] += work
@@ -171,7 +172,7 @@ class _Placement:
         of a flood), their work is counted and they spread, each where its work would be
         done first (queued work and its own over the slots) among the instances holding
         its model (if any does), so the backlog drains at the whole cluster's rate."""
-        if self.lost[g]:  # no swap while an instance holds its model: swaps cost minutes
+        if self.spreads[g]:  # no swap while an instance holds its model: swaps cost minutes
             pb, ok = self.problem, self.problem.eligible[g]
             swaps = np.where(ok, self.loaded != pb.group_model[g], 2)
             slots = np.maximum(pb.batch[pb.group_model[g]], 1)
