@@ -188,10 +188,15 @@ def lost_groups(problem: Problem) -> np.ndarray:
     request misses its deadline even if it started as soon as an instance is ready."""
     if not problem.defer_late:
         return np.zeros(problem.num_groups, bool)
-    last = problem.req_offsets[1:] - 1
+    return _late_even_first(problem, problem.req_offsets[1:] - 1)
+
+
+def _late_even_first(problem: Problem, rows: np.ndarray) -> np.ndarray:
+    """[G] bool: whether request ``rows[g]`` of each group misses its deadline even if an
+    instance started it as soon as it is ready (and the request has arrived)."""
     start = np.maximum(problem.ready_s[None, :], problem.release_s[:, None])
-    soonest = np.min(start + problem.req_ttft_s[last], axis=1)  # inf where not eligible
-    return soonest > problem.req_deadline_s[last]
+    soonest = np.min(start + problem.req_ttft_s[rows], axis=1)  # inf where not eligible
+    return soonest > problem.req_deadline_s[rows]
 
 
 def _work(engines: list[EngineState]) -> list[float]:
@@ -238,11 +243,10 @@ def shed_order_and_queues(
     place = _Placement(problem, mean, checkpoints=True)
     work = mean.service_s[:, :, 0] / problem.size[:, None]  # a request's fluid seconds
     cost = work / problem.weight[:, None]
+    lost_first = _late_even_first(problem, problem.req_offsets[:-1])
     shed: set[int] = set()
     for g in order:
-        first = problem.req_offsets[g]
-        soonest = np.maximum(problem.ready_s, problem.release_s[g]) + problem.req_ttft_s[first]
-        if np.min(soonest) > problem.req_deadline_s[first]:
+        if lost_first[g]:
             shed.add(g)  # lost even if it went first
             continue
         i = place.best(g)
