@@ -87,8 +87,12 @@ def test_metrics_parse_and_count_what_the_log_holds(tmp_path: Path) -> None:
         assert _sample(gw.base_url, "qlmctl:requests_total", outcome="finished") == 3
         assert _sample(gw.base_url, "qlmctl:slo_met_total") == 3
         assert _sample(gw.base_url, "qlmctl:time_to_first_token_seconds_count") == 3
-        assert _sample(gw.base_url, "qlmctl:plans_total") >= 1
-    assert len(read_run(tmp_path / "run").requests) == 4
+        plans = _sample(gw.base_url, "qlmctl:plans_total")
+        queued_s = _sample(gw.base_url, "qlmctl:request_queue_time_seconds_sum")
+    log = read_run(tmp_path / "run")
+    assert len(log.requests) == 4
+    assert plans == (log.operations.kind == "replan").sum()
+    assert plans == 0 and queued_s < 0.1  # one at a time to an idle engine: sent at once
 
 
 def _families(base_url: str) -> dict[str, list[tuple[str, dict[str, str], float]]]:

@@ -124,6 +124,37 @@ def finish(core: ServeCore, rid: str, iid: str, t: float, tokens: int = 50) -> l
     return core.decide(t)
 
 
+def test_while_nothing_waits_an_arrival_goes_at_once_to_an_engine_that_starts_it() -> None:
+    policy = TinyPolicy()  # would put every m1 request on i0
+    core = make_core(2, models=("m1",), policy=policy)
+    actions = arrive(core, make_requests(1))
+    assert actions == [Dispatch("r0", "i0", 0)] and policy.calls == 0  # no re-plan
+    assert core.next_wakeup_s() is None
+    # i0 is still prefilling r0: the next arrival goes where it starts at once
+    core.on_arrival(make_requests(1, prefix="x", start_s=0.1)[0], 0.1)
+    assert core.decide(0.1) == [Dispatch("x0", "i1", 0)] and policy.calls == 0
+    finish(core, "r0", "i0", 1.0)
+    finish(core, "x0", "i1", 1.0)
+    rows = core.take_log()[0]
+    assert [(r["predicted_start_s"], r["predicted_miss_prob"]) for r in rows] == [
+        (0.0, 0.0),
+        (0.1, 0.0),
+    ]
+
+
+def test_a_burst_or_a_backlog_is_planned() -> None:
+    policy = TinyPolicy()
+    core = make_core(2, models=("m1",), policy=policy, max_inflight=2)
+    # a burst: one request starts on each idle instance, the rest wait for the plan
+    actions = arrive(core, make_requests(4, gap_s=0.0))
+    assert dispatched(actions) == ["r0", "r1", "r2"] and policy.calls == 1
+    assert core.stats().queued_by_instance == {"i0": 1, "i1": 0}
+    # a backlog: a new request is planned with it, even where an engine has room
+    core.on_event(FirstToken("r1", "i1", 0.5), 0.5)
+    core.on_arrival(make_requests(1, prefix="x", start_s=0.6)[0], 0.6)
+    assert dispatched(core.decide(0.6)) == [] and policy.calls == 2  # planned behind r3
+
+
 def test_pulling_respects_inflight_limit_and_engine_backpressure() -> None:
     core = make_core(max_inflight=3, max_engine_waiting=2)
     actions = arrive(core, make_requests(10))
@@ -148,7 +179,9 @@ def test_fifo_within_a_group_and_priority_from_the_plan() -> None:
 
 def test_replans_are_rate_limited() -> None:
     policy = TinyPolicy()
-    core = make_core(policy=policy, replan_min_interval_s=1.0, max_inflight=1)
+    core = make_core(
+        policy=policy, replan_min_interval_s=1.0, max_inflight=1, dispatch_on_arrival=False
+    )
     arrive(core, make_requests(1))
     core.on_arrival(make_requests(1, prefix="x", start_s=0.2)[0], 0.2)
     core.decide(0.2)
@@ -256,7 +289,9 @@ def test_swap_sleeps_the_current_model_where_supported() -> None:
 
 
 def test_instance_failure_requeues_in_flight_work_which_finishes_elsewhere() -> None:
-    core = make_core(2, models=("m1",), policy=TinyPolicy(), max_inflight=2)
+    core = make_core(
+        2, models=("m1",), policy=TinyPolicy(), max_inflight=2, dispatch_on_arrival=False
+    )
     assert dispatched(arrive(core, make_requests(2))) == ["r0", "r1"]  # both on i0
     core.on_event(InstanceDown("i0", 1.0, "failed"), 1.0)
     core.on_event(Aborted("r0", "i0", 1.0, 0, "connection reset"), 1.0)  # stale: ignored

@@ -236,6 +236,9 @@ class ServingStyle:
     # plans do not count on it: they shed what they foresee will miss
     defers_late: bool = True
     vllm_priority: bool = False  # send each group's class priority to vLLM's scheduler
+    # its plans place requests before they arrive (a committed plan): each new request
+    # waits for a re-plan, even where an engine would start it at once
+    places_ahead: bool = False
 
 
 class LengthEstimates(Protocol):

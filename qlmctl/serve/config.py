@@ -36,6 +36,9 @@ class CoreConfig:
     max_engine_waiting: int | None = 2
     max_kv_usage: float = 0.98  # pull only while vLLM's KV usage is below this
     replan_min_interval_s: float = 0.5
+    # while nothing waits, a new request goes straight to an engine that would start it at
+    # once (no re-plan; ServeCore._admit_fresh)
+    dispatch_on_arrival: bool = True
     # A re-plan plans at most this many waiting requests (None: all): the earliest
     # deadlines not yet passed first, then the longest waiting. The rest wait unplanned
     # for a later re-plan, so planning under a flood costs what the cluster can use.

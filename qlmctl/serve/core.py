@@ -16,6 +16,12 @@ the rest, on the same records):
   per instance: its groups in order, each a FIFO of request ids
   (:class:`~qlmctl.serve.queues.VirtualQueues`). A background improvement (the MILP) may
   replace the plan later through :meth:`~ServeCore.on_plan`.
+* **Dispatch on arrival.** While nothing waits, a new request goes straight to an
+  instance holding its model that would start prefilling it at once (nothing sent there
+  still waiting for its first token, a free sequence, KV room): the one where its first
+  token comes first. There is no queue to order, so a plan could only pick the instance;
+  a burst or a backlog is planned (``CoreConfig.dispatch_on_arrival``; never for a
+  policy whose plans place requests before they arrive, ``ServingStyle.places_ahead``).
 * **Serving operations.** At each decision every up instance pulls the head of its
   virtual queue under backpressure (a head already too late for its deadline waits
   behind the rest), evicts less urgent work for a head that would miss its deadline, or
@@ -115,6 +121,9 @@ class ServeCore:
         self._speed = SpeedCalibration(perf) if self.config.calibrate_speed else None
         self._perf = self._speed.current if self._speed is not None else perf
         self.policy_name: str = policy.name
+        self._dispatch_on_arrival = (
+            self.config.dispatch_on_arrival and not policy.serving.places_ahead
+        )
         self._fast, improver = split_policy(policy)
         self._observe = length_observer(policy)  # output lengths seen, for its estimates
         self._expected_tokens = length_estimator(policy)  # request -> expected output tokens
@@ -126,6 +135,7 @@ class ServeCore:
             self._insts[i.id].sleeping.update(m for m in i.warm or () if m != i.model)
         self._reqs: dict[str, Tracked] = {}
         self._waiting: dict[str, Tracked] = {}  # id -> record, every WAITING request
+        self._fresh: list[Tracked] = []  # arrived since the last decision
         self._queues = VirtualQueues(self._insts, self._reqs, self._waiting)
         self._log = OperationLog()
         self._ops = ServingOps(
@@ -159,6 +169,7 @@ class ServeCore:
         tr = Tracked(request, self._slo[request.slo_class], self._expected_tokens(request))
         self._reqs[request.id] = tr
         self._waiting[request.id] = tr
+        self._fresh.append(tr)
         self._recent.add(request)
         self._first_arrival_s = min(self._first_arrival_s, now_s)
         self._replan_due = True
@@ -193,6 +204,7 @@ class ServeCore:
                 tr.move("start")
                 tr.first_token_s = event.time_s
                 inst = self._insts[event.instance_id]
+                inst.unstarted -= 1
                 if inst.engine_waiting:  # it runs: no longer in the engine's queue
                     inst.engine_waiting -= 1
                 p = tr.request.prompt_tokens
@@ -268,17 +280,41 @@ class ServeCore:
     # ---- decisions out --------------------------------------------------------------
 
     def decide(self, now_s: float) -> list[Action]:
-        """What to do now: re-plan if due, then pull, evict or swap per instance."""
+        """What to do now: new arrivals straight to an engine while nothing waits (see
+        :meth:`_admit_fresh`), re-plan if due, then pull, evict or swap per instance."""
         self._now = now_s
+        admitted = self._admit_fresh(now_s)
         if self._next_check_s is not None and now_s >= self._next_check_s:
             self._next_check_s = None
             if self._queues.off_plan(now_s, self.config.lag_tolerance_s):
                 self._replan_due = True  # a head group runs late, or capacity idles
         if self._replan_due and now_s >= self._last_replan_s + self.config.replan_min_interval_s:
             self._replan(now_s)
-        actions = self._ops.serve(now_s)
+        actions = admitted + self._ops.serve(now_s)
         if self._next_check_s is None and self._waiting:
             self._next_check_s = now_s + self.config.check_interval_s
+        return actions
+
+    def _admit_fresh(self, now_s: float) -> list[Action]:
+        """Dispatch at once the requests that arrived since the last decision, in arrival
+        order, while nothing else waits and an engine would start each at once
+        (:meth:`ServingOps.admit`); the first that none would start, and every one after,
+        waits for the re-plan. With no queue there is nothing to order, and a plan would
+        only pick the instance: this saves the re-plan's wait (up to
+        ``replan_min_interval_s``) and its cost, which under light load are most of a
+        request's time in qlmctl."""
+        fresh, self._fresh = self._fresh, []
+        if not self._dispatch_on_arrival or not fresh:
+            return []
+        fresh = [t for t in fresh if t.state is ReqState.WAITING]
+        if len(fresh) != len(self._waiting):
+            return []  # a backlog (or re-queued work): the new requests are planned with it
+        actions: list[Action] = []
+        for tr in fresh:
+            if not self._ops.admit(tr, now_s, actions):
+                break
+        if not self._waiting:
+            self._replan_due = False  # nothing to plan
         return actions
 
     def next_wakeup_s(self) -> float | None:

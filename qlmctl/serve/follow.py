@@ -49,7 +49,7 @@ class PlanFollower:
     def __init__(self, inner: BasePolicy, plan: Plan, margin: float = DEFAULT_MARGIN) -> None:
         self.name: str = inner.name
         self.inner = inner
-        self.serving = inner.serving
+        self.serving = replace(inner.serving, places_ahead=True)
         self.lengths = inner.lengths  # the core's length estimates
         self.committed = plan
         self.margin = margin

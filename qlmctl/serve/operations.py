@@ -142,6 +142,41 @@ class ServingOps:
             and (inst.kv_usage is None or inst.kv_usage < cfg.max_kv_usage)
         )
 
+    def admit(self, tr: Tracked, now_s: float, actions: list[Action]) -> bool:
+        """Dispatch the new arrival ``tr`` now if an instance holding its model would start
+        prefilling it at once (every request sent there has started, and it has a free
+        sequence and KV room): the one where its first token comes first by the planner's
+        estimate (its prefill beside the running decodes). Whether it was dispatched."""
+        best, best_s = None, math.inf
+        for inst in self._insts.values():
+            if inst.status is not InstStatus.UP or inst.model != tr.request.model:
+                continue
+            perf = self._perf[(tr.request.model, inst.spec.gpu)]
+            if not self._starts_at_once(inst, tr, perf):
+                continue
+            first_s = _first_token_alone_s(perf, tr.request.prompt_tokens, *inst.decode_load(tr))
+            if first_s < best_s:
+                best, best_s = inst, first_s
+        if best is None:
+            return False
+        tr.predicted_start_s = now_s  # no queue: its own prefill decides its first token
+        tr.predicted_miss_prob = float(now_s + best_s > tr.deadline_s)
+        self._start(best, tr, now_s, tr.slo.priority, actions)
+        return True
+
+    def _starts_at_once(self, inst: InstanceRecord, tr: Tracked, perf: PerfModel) -> bool:
+        """Whether the engine would start prefilling ``tr`` at its next step: nothing sent
+        there is still waiting for its first token, and ``tr`` is within the core's pull
+        limits and the engine's own (its sequences and KV cache)."""
+        cfg = self.config
+        n = len(inst.inflight)
+        return (
+            not inst.unstarted
+            and n < min(cfg.max_inflight or perf.max_num_seqs, perf.max_num_seqs)
+            and inst.kv_tokens + tr.kv_tokens <= min(cfg.kv_budget, 1.0) * perf.kv_capacity_tokens
+            and (inst.kv_usage is None or inst.kv_usage < min(cfg.max_kv_usage, 1.0))
+        )
+
     def _dispatch(
         self,
         inst: InstanceRecord,
@@ -150,17 +185,24 @@ class ServingOps:
         now_s: float,
         actions: list[Action],
     ) -> None:
+        """Dispatch ``tr``, the head of ``group`` in ``inst``'s virtual queue."""
         group.ids.popleft()
-        tr.move("dispatch")
-        del self._waiting[tr.id]
         inst.queued -= 1
         tr.vq_instance = None
-        tr.instance_id = inst.spec.id
-        tr.dispatch_s = now_s
-        tr.priority = group.plan.priority if self.config.vllm_priority else 0
         if tr.predicted_start_s is None:  # a plan without per-request forecasts
             tr.predicted_start_s = group.plan.predicted_start_s
             tr.predicted_miss_prob = group.plan.miss_probability
+        self._start(inst, tr, now_s, group.plan.priority, actions)
+
+    def _start(
+        self, inst: InstanceRecord, tr: Tracked, now_s: float, priority: int, actions: list[Action]
+    ) -> None:
+        """Send waiting ``tr`` to ``inst`` (with ``priority`` where vLLM is told it)."""
+        tr.move("dispatch")
+        del self._waiting[tr.id]
+        tr.instance_id = inst.spec.id
+        tr.dispatch_s = now_s
+        tr.priority = priority if self.config.vllm_priority else 0
         inst.add_inflight(tr)
         if inst.engine_waiting is not None:
             inst.engine_waiting += 1  # waits in the engine until its next report says otherwise

@@ -200,6 +200,7 @@ class InstanceRecord:
     evicting: dict[str, Tracked] = field(default_factory=dict)  # abort not yet confirmed
     prio_counts: Counter[int] = field(default_factory=Counter)  # class priority -> in flight
     kv_tokens: int = 0  # prompt + target output tokens of the requests in flight
+    unstarted: int = 0  # requests in flight without their first token yet (prefilling)
     sleeping: set[str] = field(default_factory=set)  # models asleep on it (warm start)
     load_kind: str = "swap"  # swap | wake, while LOADING
     load_from: str | None = None
@@ -219,6 +220,7 @@ class InstanceRecord:
         self.inflight[tr.id] = tr
         self.prio_counts[tr.slo.priority] += 1
         self.kv_tokens += tr.kv_tokens
+        self.unstarted += tr.first_token_s is None
 
     def decode_load(self, tr: Tracked) -> tuple[int, int]:
         """(batch, context tokens) ``tr`` decodes with at the instance's current load: what
@@ -231,3 +233,4 @@ class InstanceRecord:
         if self.inflight.pop(tr.id, None) is not None:
             self.prio_counts[tr.slo.priority] -= 1
             self.kv_tokens -= tr.kv_tokens
+            self.unstarted -= tr.first_token_s is None
