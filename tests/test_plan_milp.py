@@ -15,11 +15,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qlmctl.plan import heuristics as H
 from qlmctl.plan import highs
-from qlmctl.plan.edf_program import build_model, queues_of, scenario_data, solve
+from qlmctl.plan.edf_program import ProgramResult, build_model, queues_of, scenario_data, solve
 from qlmctl.plan.estimator import LengthModel, sample_scenarios
-from qlmctl.plan.policies import QlmPolicy, make_policy, prepare
-from qlmctl.plan.simulate import simulate
+from qlmctl.plan.policies import (
+    QlmPolicy,
+    _milp_sequence,
+    best_candidate,
+    heuristic_candidates,
+    make_policy,
+    prepare,
+    program_queues,
+)
+from qlmctl.plan.simulate import instance_of, simulate
 from tests.helpers import make_requests
 from tests.test_plan_core import mixed_requests, snapshot
 
@@ -70,11 +79,33 @@ def test_program_agrees_with_the_slot_model_on_one_instance() -> None:
     pb = ctx.problem
     res = solve(pb, ctx.scen, mip_gap=0.0, time_limit_s=30)
     assert res.instance_of is not None and res.miss is not None
-    late = simulate(pb, ctx.scen, queues_of(pb, res.instance_of, res.miss)).miss_prob
+    queues = queues_of(pb, res.instance_of, res.miss, H.edf_order(pb))
+    late = simulate(pb, ctx.scen, queues).miss_prob
     share = np.array(res.miss)
     assert 10 < (share < 0.5).sum() < pb.num_groups - 10
     agree = np.where(share < 0.5, late == 0, late == 1) | (share == 0.5)
     assert agree.sum() >= pb.num_groups - 1
+
+
+def test_the_programs_plan_with_the_heuristics_assignment_is_the_heuristics_plan() -> None:
+    # the long prompts' group is due later, but its last request's dispatch deadline comes
+    # first (its prefill is long): queued by dispatch deadlines, that prefill went first
+    # and held up the short prompts due before it
+    short = make_requests(8, gap_s=0.01, prompt_tokens=100, prefix="s")
+    long = make_requests(8, gap_s=0.01, start_s=0.5, prompt_tokens=8000, prefix="l")
+    snap = snapshot(short + long, residents=("m1",), now_s=1.0)
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), max_group_size=8)
+    pb = ctx.problem
+    assert pb.dispatch_deadline_s()[1, 0] < pb.dispatch_deadline_s()[0, 0]
+    cands = heuristic_candidates(ctx)
+    heuristic = cands[best_candidate(cands)][0]
+    assert heuristic == ((0, 1),)
+    assigned = ProgramResult(
+        instance_of(heuristic, pb.num_groups), [0.0] * pb.num_groups,
+        None, None, "Optimal", 0.0, 0.0, 0.0, 0.0, 0, 0,
+    )  # fmt: skip
+    sequence, _ = _milp_sequence(ctx, cands)
+    assert program_queues(ctx, assigned, sequence)["milp"] == heuristic
 
 
 def test_program_gives_up_a_lost_backlog_that_would_make_the_rest_late() -> None:
@@ -89,7 +120,7 @@ def test_program_gives_up_a_lost_backlog_that_would_make_the_rest_late() -> None
     assert res.status == "Optimal" and res.miss is not None and res.instance_of is not None
     is_fresh = [grp.requests[0].id.startswith("new-") for grp in pb.groups]
     assert all((share < 0.5) == f for share, f in zip(res.miss, is_fresh, strict=True))
-    queue = queues_of(pb, res.instance_of, res.miss)[0]
+    queue = queues_of(pb, res.instance_of, res.miss, H.edf_order(pb))[0]
     assert all(is_fresh[g] for g in queue[: sum(is_fresh)])  # the fresh ones run first
 
 

@@ -228,28 +228,32 @@ def extract(
 
 
 def queues_of(
-    problem: Problem, instance_of: Sequence[int], miss: Sequence[float]
+    problem: Problem, instance_of: Sequence[int], miss: Sequence[float], sequence: Sequence[int]
 ) -> tuple[tuple[int, ...], ...]:
-    """Each instance's queue: kept groups in model blocks (blocks by their earliest
-    dispatch deadline, the resident model's first on a tie), EDF inside; then the
-    groups the program gives up, EDF."""
-    due = problem.dispatch_deadline_s()
+    """Each instance's queue: kept groups in model blocks (a block where its first group
+    comes in ``sequence``, the resident model's first on a tie), in ``sequence`` inside;
+    then the groups the program gives up, in ``sequence``.
+
+    NOTE: ``sequence`` is the heuristic's order, not the program's dispatch deadlines:
+    those put a group of long prompts first where its last request's deadline is
+    nearest, and its prefill then holds up every group behind it (at one re-plan in
+    A-mixed at 2x the heuristic's own assignment scored 73.2 % in that order, 92.2 % in
+    its own)."""
+    rank = {g: k for k, g in enumerate(sequence)}
     out = []
     for i in range(problem.num_instances):
-        gs = [g for g, j in enumerate(instance_of) if j == i]
+        gs = sorted((g for g, j in enumerate(instance_of) if j == i), key=rank.__getitem__)
         kept = [g for g in gs if miss[g] < 0.5]
-        lost = sorted((g for g in gs if miss[g] >= 0.5), key=lambda g: (due[g, i], g))
-        first: dict[int, float] = {}
+        lost = [g for g in gs if miss[g] >= 0.5]
+        first: dict[int, int] = {}
         for g in kept:
-            mdl = int(problem.group_model[g])
-            first[mdl] = min(first.get(mdl, np.inf), due[g, i])
+            first.setdefault(int(problem.group_model[g]), rank[g])
         resident = int(problem.init_model[i])
         kept.sort(
             key=lambda g: (
                 first[int(problem.group_model[g])],
                 int(problem.group_model[g]) != resident,
-                due[g, i],
-                g,
+                rank[g],
             )
         )
         out.append(tuple(kept + lost))

@@ -260,16 +260,6 @@ def shed_order_and_queues(
     return [g for g in order if g not in shed] + [g for g in order if g in shed], None
 
 
-def shed_blocks(
-    problem: Problem, mean: Scenarios, order: Order, block_of: list[int]
-) -> tuple[Order, list[int]]:
-    """A block order after :func:`shed_order`, with its blocks renumbered in sequence."""
-    block = dict(zip(order, block_of, strict=True))
-    shed = shed_order(problem, mean, order)
-    runs = np.cumsum([k == 0 or block[g] != block[shed[k - 1]] for k, g in enumerate(shed)])
-    return shed, [int(b) - 1 for b in runs]
-
-
 def block_order(problem: Problem, bucket_s: float | None = None) -> tuple[Order, list[int]]:
     """Model-batched order and the block index of each position.
 

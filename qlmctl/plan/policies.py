@@ -297,11 +297,13 @@ def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order
 
 
 def _milp_sequence(ctx: Context, cands: dict[str, Any]) -> tuple[H.Order, list[int]]:
-    """The MILP's fixed sequence: the best candidate's order, after shedding."""
-    pb = ctx.problem
-    order = cands[best_candidate(cands)][2]
-    models = [int(pb.group_model[g]) for g in order]
-    return H.shed_blocks(pb, ctx.mean, order, models)
+    """The MILP's fixed sequence: the best candidate's order (and its model blocks).
+
+    NOTE: its queues follow this order (:func:`queues_of`), so the program's plan with
+    the best candidate's assignment is that candidate's plan (shedding its order again
+    here made that plan score 87.7 % against 92.2 % at one re-plan in A-mixed at 2x)."""
+    best = cands[best_candidate(cands)]
+    return best[2], best[3]
 
 
 def _kept_queues(ctx: Context, plan: Plan, sequence: H.Order) -> Queues | None:
@@ -336,7 +338,7 @@ def program_queues(ctx: Context, res: ProgramResult, sequence: H.Order) -> dict[
     order = [g for g in sequence if g not in lost] + [g for g in sequence if g in lost]
     fixed = dict(enumerate(res.instance_of))
     return {
-        "milp": queues_of(ctx.problem, res.instance_of, res.miss),
+        "milp": queues_of(ctx.problem, res.instance_of, res.miss, sequence),
         "milp-assign": H.greedy_place(ctx.problem, ctx.mean, order, fixed),
     }
 
