@@ -8,7 +8,9 @@ How it works (:meth:`ServingOps.serve`, once per decision, visits every up insta
   policy's serving style says) goes behind the rest of that queue: it misses either way,
   and served first it would make the requests behind it miss too (EDF's domino effect).
   The test is the planner's (its first-token time beside the decodes running there), and
-  plans are scored deferring the same requests: the two must agree.
+  plans are scored deferring the same requests: the two must agree. While nothing
+  waits, a new arrival skips the queue for an instance that would start it at once
+  (:meth:`ServingOps.admit`).
 * **Eviction.** When the plan in force says the head would miss its deadline waiting for
   a slot (or the start it forecast for the head has passed), the head can still make it,
   and less urgent work (a higher class ``priority`` number) fills the instance, the newest
