@@ -104,7 +104,7 @@ def test_the_programs_plan_with_the_heuristics_assignment_is_the_heuristics_plan
         instance_of(heuristic, pb.num_groups), [0.0] * pb.num_groups,
         None, None, "Optimal", 0.0, 0.0, 0.0, 0.0, 0, 0,
     )  # fmt: skip
-    sequence, _ = _milp_sequence(ctx, cands)
+    sequence, _ = _milp_sequence(cands)
     assert program_queues(ctx, assigned, sequence)["milp"] == heuristic
 
 

@@ -296,7 +296,7 @@ def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order
     return out
 
 
-def _milp_sequence(ctx: Context, cands: dict[str, Any]) -> tuple[H.Order, list[int]]:
+def _milp_sequence(cands: dict[str, Any]) -> tuple[H.Order, list[int]]:
     """The MILP's fixed sequence: the best candidate's order (and its model blocks).
 
     NOTE: its queues follow this order (:func:`queues_of`), so the program's plan with
@@ -401,7 +401,7 @@ class QlmPolicy(BasePolicy):
         cands = heuristic_candidates(ctx)
         kept = self._kept
         if kept is not None:
-            sequence, blocks = _milp_sequence(ctx, cands)
+            sequence, blocks = _milp_sequence(cands)
             queues = _kept_queues(ctx, kept, sequence)
             if queues is not None:
                 score = simulate(ctx.problem, ctx.scen, queues)
@@ -438,7 +438,7 @@ class QlmPolicy(BasePolicy):
         pb = ctx.problem
         cands = heuristic_candidates(ctx)
         best = best_candidate(cands)
-        order, _blocks = _milp_sequence(ctx, cands)
+        order, _blocks = _milp_sequence(cands)
         if self.clairvoyant:
             in_sample = known_scenario(pb, milp_rng, self.milp_scenarios)
         elif self.milp_scenarios == 1:
