@@ -358,9 +358,10 @@ def test_illegal_transitions_raise_and_leave_state_unchanged() -> None:
 
 
 def test_every_request_is_accounted_for_under_random_faults() -> None:
-    """A seeded fake engine finishes, fails, rejects and kills instances at random."""
+    """A seeded fake engine starts, finishes, fails, rejects and kills instances at random."""
     rng = np.random.default_rng(7)
-    core = make_core(3, models=("m1",), max_inflight=4, max_attempts=3)
+    policy = TinyPolicy()
+    core = make_core(3, models=("m1",), policy=policy, max_inflight=4, max_attempts=3)
     reqs = make_requests(200, gap_s=0.05)
     running: dict[str, str] = {}
     t, k = 0.0, 0
@@ -378,6 +379,8 @@ def test_every_request_is_accounted_for_under_random_faults() -> None:
             elif x < 0.37:
                 core.on_event(Aborted(rid, iid, t, 0, "HTTP 400", retryable=False), t)
             else:
+                if x < 0.6:
+                    core.on_event(FirstToken(rid, iid, t), t)  # a repeat is stale: ignored
                 continue
             del running[rid]
         if rng.random() < 0.02:
@@ -395,6 +398,13 @@ def test_every_request_is_accounted_for_under_random_faults() -> None:
     assert sorted(r["request_id"] for r in final) == sorted(r.id for r in reqs)
     s = core.stats()
     assert s.finished + s.failed + s.rejected == len(reqs) and s.failed > 0 and s.rejected > 0
+    # nothing left counted as prefilling anywhere: each instance in turn takes a new
+    # request at once, without a plan
+    calls = policy.calls
+    for n, iid in enumerate(["i0", "i1", "i2"]):
+        core.on_arrival(make_requests(1, prefix=f"late{n}-", start_s=t + n)[0], t + n)
+        assert core.decide(t + n) == [Dispatch(f"late{n}-0", iid, 0)]
+    assert policy.calls == calls
 
 
 def test_an_evicted_request_resumes_after_what_it_generated() -> None:
