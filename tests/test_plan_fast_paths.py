@@ -12,7 +12,7 @@ from qlmctl.plan import heuristics as H
 from qlmctl.plan.estimator import LengthModel
 from qlmctl.plan.heuristics import _Placement
 from qlmctl.plan.policies import make_policy, prepare
-from qlmctl.plan.simulate import first_tokens
+from qlmctl.plan.simulate import _serve_kept, first_tokens
 from qlmctl.plan.slots import EngineState, started_engines
 from qlmctl.plan.types import InstanceState, QueueSnapshot, RecentArrivals, RunningRequest
 from qlmctl.serve.calibration import _STEP_COEFFICIENTS, scaled
@@ -148,6 +148,74 @@ def test_first_tokens_with_nothing_going_ahead_are_the_unstretched_ones() -> Non
     delay = np.maximum(starts - pb.now_s, 0.0) * (urgent / (1.0 - urgent))[:, None]
     for a, b in zip(got, (starts + delay, prefilled + delay, tokens + delay), strict=True):
         assert np.array_equal(a, b)
+
+
+def random_engine(rng: np.random.Generator, scenarios: int, batch: int) -> EngineState:
+    return EngineState(
+        np.sort(rng.random((scenarios, batch)) * 10, axis=1), rng.random(scenarios) * 10
+    )
+
+
+@pytest.mark.parametrize("n", [1, 4, 7])
+def test_pass_through_is_serving_requests_that_take_no_time(n: int) -> None:
+    """Zero-length requests, one round (n <= B) or more: the same starts and engine as
+    :meth:`EngineState.serve` gives, and the pipeline as it was."""
+    rng = np.random.default_rng(n)
+    for release in (-np.inf, 5.0):
+        engine = random_engine(rng, 3, 4)
+        general, pipeline = engine.copy(), engine.pipeline_s.copy()
+        zeros = np.zeros((3, n))
+        starts, prefilled = general.serve(zeros, zeros, release)
+        got = engine.pass_through(n, release)
+        assert np.array_equal(got, starts) and np.array_equal(got, prefilled)
+        assert np.array_equal(engine.slots, general.slots)
+        assert np.array_equal(engine.pipeline_s, pipeline)
+
+
+def serve_kept_per_row(
+    engine: EngineState, decode: np.ndarray, prefill: np.ndarray, release: float, skip: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The general computation: each scenario's kept requests first (in queue order), the
+    skipped ones behind at no cost, rows reordered one by one; the pipeline then free
+    once the last kept prompt is in."""
+    order = np.argsort(skip, axis=1, kind="stable")
+    kept = ~np.take_along_axis(skip, order, axis=1)
+    pipeline = engine.pipeline_s.copy()
+    full = np.broadcast_to(prefill, decode.shape)
+    starts, prefilled = engine.serve(
+        np.take_along_axis(decode, order, axis=1) * kept,
+        np.take_along_axis(full, order, axis=1) * kept,
+        release,
+    )
+    engine.pipeline_s[:] = np.maximum(pipeline, np.where(kept, prefilled, -np.inf).max(axis=1))
+    back = np.argsort(order, axis=1)
+    return np.take_along_axis(starts, back, axis=1), np.take_along_axis(prefilled, back, axis=1)
+
+
+@pytest.mark.parametrize("skipped", ["all", "same columns", "per scenario"])
+def test_a_group_without_its_deferred_requests_is_served_as_row_by_row(skipped: str) -> None:
+    """The deferred requests of a group skipped in every scenario, or the same ones in
+    every scenario: the same floats as reordering each scenario's row on its own."""
+    perf = {("m1", "G"): make_perf("m1", max_num_seqs=8)}
+    insts = (InstanceState("i0", "G", "m1", True, 1.0),)
+    snap = QueueSnapshot(1.0, tuple(make_requests(6, gap_s=0.1)), insts, SLO_CLASSES, perf)
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(1), max_group_size=6)
+    pb, scen = ctx.problem, ctx.scen
+    rng = np.random.default_rng(3)
+    decode = rng.random((scen.count, 6))
+    skip = {
+        "all": np.ones((scen.count, 6), bool),
+        "same columns": np.repeat(rng.random((1, 6)) < 0.5, scen.count, axis=0),
+        "per scenario": rng.random((scen.count, 6)) < 0.5,
+    }[skipped]
+    engine = random_engine(rng, scen.count, 8)
+    general = engine.copy()
+    want = serve_kept_per_row(general, decode, pb.req_prefill_s[:6, 0], pb.release_s[0], skip)
+    got = _serve_kept(pb, engine, 0, 0, decode, skip)
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(a, b)
+    assert np.array_equal(engine.slots, general.slots)
+    assert np.array_equal(engine.pipeline_s, general.pipeline_s)
 
 
 def test_scaled_profile_is_the_profile_with_its_step_times_multiplied() -> None:

@@ -169,21 +169,40 @@ def _serve_kept(
     problem: Problem, engine: EngineState, g: int, i: int, decode: np.ndarray, skip: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """:meth:`EngineState.serve` of group ``g`` without the requests ``skip`` marks:
-    per scenario the kept ones run in queue order, the skipped ones cost nothing."""
+    per scenario the kept ones run in queue order, the skipped ones cost nothing.
+
+    NOTE: under overload most calls skip every request in every scenario (a group whose
+    deadlines have passed: :meth:`EngineState.pass_through`), or the same requests in
+    every scenario: those reorder whole columns, not each row (the same values, a
+    fraction of the work).
+    """
     rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
-    order = np.argsort(skip, axis=1, kind="stable")  # kept first, each in queue order
-    kept = ~np.take_along_axis(skip, order, axis=1)
-    prefill = np.broadcast_to(problem.req_prefill_s[rows, i], decode.shape)
+    prefill = problem.req_prefill_s[rows, i]
+    if skip.all():
+        starts = engine.pass_through(skip.shape[1], problem.release_s[g])
+        return starts, starts.copy()
     pipeline = engine.pipeline_s.copy()
-    starts, prefilled = engine.serve(
-        np.take_along_axis(decode, order, axis=1) * kept,
-        np.take_along_axis(prefill, order, axis=1) * kept,
-        problem.release_s[g],
-    )
+    if (skip == skip[:1]).all():  # the same requests in every scenario
+        order = np.argsort(skip[0], kind="stable")  # kept first, each in queue order
+        kept = ~skip[0, order]
+        starts, prefilled = engine.serve(
+            decode[:, order] * kept, prefill[order] * kept, problem.release_s[g]
+        )
+        back = np.argsort(order)
+        starts, prefilled = starts[:, back], prefilled[:, back]
+    else:
+        order = np.argsort(skip, axis=1, kind="stable")
+        row = np.arange(skip.shape[0])[:, None]
+        kept = ~skip[row, order]
+        starts, prefilled = engine.serve(
+            decode[row, order] * kept, prefill[order] * kept, problem.release_s[g]
+        )
+        back = np.argsort(order, axis=1)
+        starts, prefilled = starts[row, back], prefilled[row, back]
     # the pipeline is free once the last kept prompt is in
-    engine.pipeline_s[:] = np.maximum(pipeline, np.where(kept, prefilled, -np.inf).max(axis=1))
-    back = np.argsort(order, axis=1)
-    return np.take_along_axis(starts, back, axis=1), np.take_along_axis(prefilled, back, axis=1)
+    last_in = np.where(skip, -np.inf, prefilled).max(axis=1)
+    engine.pipeline_s[:] = np.maximum(pipeline, last_in)
+    return starts, prefilled
 
 
 def _mean(values: np.ndarray, axis: int) -> np.ndarray:

@@ -140,6 +140,26 @@ class EngineState:
         self.pipeline_s[:] = end[:, -1]
         return end - prefill, end
 
+    def pass_through(self, n: int, not_before: float = -np.inf) -> np.ndarray:
+        """:meth:`serve` of ``n`` requests that take no time (no prompt, no decode): each
+        takes a slot and frees it when it could start; returns [S, n] their start times
+        (also their prefill ends). The pipeline is left as it was.
+
+        NOTE: with n <= B, every slot free time is sorted, so the pipeline recursion of
+        :meth:`serve` reduces to the larger of each slot, ``not_before`` and the pipeline.
+        """
+        n_s, b = self.slots.shape
+        pipeline = self.pipeline_s.copy()
+        if n > b:
+            zeros = np.zeros((n_s, n))
+            starts = self.serve(zeros, zeros, not_before)[0]
+        else:
+            self.known_mean = None
+            starts = np.maximum(np.maximum(self.slots[:, :n], not_before), pipeline[:, None])
+            self._take_first(starts)
+        self.pipeline_s[:] = pipeline
+        return starts
+
     def _take_first(self, free: np.ndarray) -> None:
         """The first ``n`` slots of each row now free at ``free`` ([S, n]); rows stay sorted.
 
