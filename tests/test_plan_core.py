@@ -113,6 +113,32 @@ def test_running_requests_delay_their_instance() -> None:
     assert (idle_slots == 0).all()
 
 
+def test_an_instance_has_at_least_the_slots_its_running_requests_hold() -> None:
+    """Twenty short requests run; ten long ones wait. By the model's mean size fewer than
+    twenty fit the KV cache, but the twenty running fit (the core admitted each by its
+    size): the instance holding the model gets 20 slots, so none of them is modelled as
+    queued behind the others; an instance holding another model keeps the mean's count."""
+    perf = make_perf(kv_capacity_tokens=100_000)
+    running = tuple(
+        RunningRequest(r, 0.0, 0.1, 5) for r in make_requests(20, prefix="run", output_tokens=200)
+    )
+    waiting = make_requests(10, prompt_tokens=20_000, output_tokens=200, slo_class="batch")
+    snap = QueueSnapshot(
+        1.0,
+        tuple(waiting),
+        (
+            InstanceState("i0", "G", "m1", True, 1.0, running=running),
+            InstanceState("i1", "G", "m2", True, 1.0),
+        ),
+        SLO_CLASSES,
+        {("m1", "G"): perf, ("m2", "G"): make_perf("m2")},
+    )
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), scenarios=10)
+    held, by_mean = ctx.problem.batch[ctx.problem.models.index("m1")].tolist()
+    assert held == 20 and by_mean < 20
+    assert ctx.scen.engines[0].slots.shape[1] == 20
+
+
 def test_scenarios_spread_and_clairvoyant_truth() -> None:
     snap = snapshot(mixed_requests([("m1", "interactive", 40), ("m2", "batch", 5)]))
     ctx = prepare(snap, LengthModel(), np.random.default_rng(1), scenarios=200)
