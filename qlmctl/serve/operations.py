@@ -309,7 +309,17 @@ class ServingOps:
 def _first_token_alone_s(perf: PerfModel, prompt_tokens: int, batch: int, context: int) -> float:
     """The planner's first-token time of one prompt beside ``batch - 1`` decodes.
 
-    NOTE: asked for every queue head at every decision; the same head and load recur."""
+    NOTE: asked for every queue head at every decision; the same head and load recur.
+
+    NOTE: callers pass :meth:`InstanceRecord.decode_load`'s context, the batch's summed,
+    where :func:`~qlmctl.plan.problem.first_token_s` reads one sequence's: the decode
+    term grows with the batch squared (a 2,000-token prompt beside 136 running on an
+    A100: about 5 s, not 0.3 s), so a busy instance defers heads early. Measured
+    (2026-12-02, ``heuristic``, three seeds at the reference loads): the per-sequence
+    context defers fewer heads and scores 78.1 / 76.1 / 86.1 / 66.4 / 75.3 against
+    84.7 / 85.0 / 88.0 / 68.6 / 77.6; adding the engine's prefill backlog gives
+    84.1 / 79.0 / 87.6 / 69.9 / 79.4. Kept until a deferral rule from the engine's real
+    wait does better (issue 13)."""
     return float(first_token_s(perf, np.array([float(prompt_tokens)]), batch, context)[0])
 
 
