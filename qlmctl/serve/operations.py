@@ -318,7 +318,8 @@ def _first_token_alone_s(perf: PerfModel, prompt_tokens: int, batch: int, contex
     (2026-12-02, ``heuristic``, three seeds at the reference loads): the per-sequence
     context defers fewer heads and scores 78.1 / 76.1 / 86.1 / 66.4 / 75.3 against
     84.7 / 85.0 / 88.0 / 68.6 / 77.6; adding the engine's prefill backlog gives
-    84.1 / 79.0 / 87.6 / 69.9 / 79.4. Kept until a deferral rule from the engine's real
+    84.1 / 79.0 / 87.6 / 69.9 / 79.4; deferring also what the plan expects to miss,
+    82.5 / 80.3 / 87.9 / 69.7 / 78.3. Kept until a deferral rule from the engine's real
     wait does better (issue 13)."""
     return float(first_token_s(perf, np.array([float(prompt_tokens)]), batch, context)[0])
 
