@@ -142,8 +142,10 @@ def first_tokens(
     ([S, n] dispatch times, [S, n] prefill ends, [S, n] first-token times).
 
     Arrivals that will go ahead of the group take ``urgent`` ([S]) of the instance while
-    it waits: its wait stretches by ``1 / (1 - urgent)`` (the engine's own state does
-    not: every group is stretched from its unstretched start).
+    it waits for a slot: that wait stretches by ``1 / (1 - urgent)`` (the engine's own
+    state does not: every group is stretched from its unstretched start). Its wait in
+    the prefill pipeline after that does not: the core has sent it, and vLLM serves its
+    queue in order (a document of 30k tokens behind others' prompts waits there).
 
     ``skip`` ([S, n] bool) marks requests deferred in each scenario: they take neither
     slot time nor pipeline time here (their times are those of a zero-length request
@@ -154,14 +156,17 @@ def first_tokens(
         starts, prefilled = engine.serve(
             decode, problem.req_prefill_s[rows, i], problem.release_s[g]
         )
-    else:
+        slot_free = engine.slot_free_s
+        assert slot_free is not None  # serve sets it
+    else:  # NOTE: deferred requests in the group: stretched from their dispatch
         starts, prefilled = _serve_kept(problem, engine, g, i, decode, skip)
+        slot_free = starts
     overhead = problem.overhead_s[problem.group_model[g], i]
     tokens = np.maximum(prefilled + overhead, starts + problem.req_ttft_s[rows, i])
     if not urgent.any():  # NOTE: nothing goes ahead (one class, say): every delay is 0
         return starts, prefilled, tokens
     stretch = (urgent / (1.0 - urgent))[:, None]
-    delay = np.maximum(starts - problem.now_s, 0.0) * stretch
+    delay = np.maximum(slot_free - problem.now_s, 0.0) * stretch
     return starts + delay, prefilled + delay, tokens + delay
 
 

@@ -41,7 +41,7 @@ import numpy as np
 class EngineState:
     """When each batch slot and the prefill pipeline free, per scenario."""
 
-    __slots__ = ("_make_slots", "_slots", "known_mean", "pipeline_s")
+    __slots__ = ("_make_slots", "_slots", "known_mean", "pipeline_s", "slot_free_s")
 
     def __init__(
         self, slots: np.ndarray, pipeline_s: np.ndarray, known_mean: EngineState | None = None
@@ -51,6 +51,7 @@ class EngineState:
         self.pipeline_s = pipeline_s  # [S]
         # its mean, when computed with others' (started_engines); dropped when it changes
         self.known_mean = known_mean
+        self.slot_free_s: np.ndarray | None = None  # see serve
 
     @classmethod
     def deferred(
@@ -64,6 +65,7 @@ class EngineState:
         engine = cls.__new__(cls)
         engine._slots, engine._make_slots = None, make_slots
         engine.pipeline_s, engine.known_mean = pipeline_s, mean
+        engine.slot_free_s = None
         return engine
 
     @property
@@ -109,7 +111,10 @@ class EngineState:
             not_before: no request starts earlier (the group's release time).
 
         Returns:
-            ([S, n] dispatch times, [S, n] times their prefill ends).
+            ([S, n] dispatch times, [S, n] times their prefill ends). ``slot_free_s``
+            keeps the [S, n] times their slots freed, when the core sends them: from
+            there to their dispatch they wait in vLLM's queue, where later arrivals do
+            not go ahead.
         """
         self.known_mean = None
         n_s, b = self.slots.shape
@@ -138,6 +143,7 @@ class EngineState:
             self.slots[:] = end[:, last] + decode[:, last]
             self.slots.sort(axis=1)
         self.pipeline_s[:] = end[:, -1]
+        self.slot_free_s = ready
         return end - prefill, end
 
     def pass_through(self, n: int, not_before: float = -np.inf) -> np.ndarray:
