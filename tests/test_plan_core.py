@@ -16,7 +16,8 @@ from qlmctl.plan import heuristics as H
 from qlmctl.plan.estimator import LengthModel, _norm_ppf, known_scenario, sample_scenarios
 from qlmctl.plan.groups import build_groups
 from qlmctl.plan.policies import POLICIES, make_policy, prepare
-from qlmctl.plan.simulate import simulate
+from qlmctl.plan.simulate import first_tokens, simulate
+from qlmctl.plan.slots import EngineState
 from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, RecentArrivals, RunningRequest
 from tests.helpers import SLO_CLASSES, make_perf, make_requests
 
@@ -137,6 +138,27 @@ def test_an_instance_has_at_least_the_slots_its_running_requests_hold() -> None:
     held, by_mean = ctx.problem.batch[ctx.problem.models.index("m1")].tolist()
     assert held == 20 and by_mean < 20
     assert ctx.scen.engines[0].slots.shape[1] == 20
+
+
+def test_arrivals_going_ahead_stretch_the_wait_for_a_slot_not_for_the_pipeline() -> None:
+    """Half the instance taken by arrivals that go ahead: a request waiting 10 s for a
+    slot waits 10 s longer; one that has its slot now but waits 10 s behind other
+    prompts in the pipeline (already sent: vLLM serves its queue in order) does not."""
+    snap = snapshot(make_requests(2, slo_class="batch"))
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), max_group_size=2)
+    pb, s = ctx.problem, ctx.scen.count
+    decode = np.ones((s, 2))
+    half = np.full(s, 0.5)
+    b = ctx.scen.engines[0].slots.shape[1]
+
+    def dispatch(slots_free_s: float, pipeline_free_s: float, urgent: np.ndarray) -> np.ndarray:
+        engine = EngineState(np.full((s, b), slots_free_s), np.full(s, pipeline_free_s))
+        return first_tokens(pb, engine, 0, 0, decode, urgent)[0]
+
+    slot_bound, unstretched = dispatch(10.0, 0.0, half), dispatch(10.0, 0.0, 0 * half)
+    assert np.allclose(slot_bound, unstretched + 10.0)
+    pipeline_bound, unstretched = dispatch(0.0, 10.0, half), dispatch(0.0, 10.0, 0 * half)
+    assert (unstretched >= 10.0).all() and np.array_equal(pipeline_bound, unstretched)
 
 
 def test_scenarios_spread_and_clairvoyant_truth() -> None:
