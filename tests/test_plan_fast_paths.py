@@ -143,7 +143,7 @@ def test_first_tokens_with_nothing_going_ahead_are_the_unstretched_ones() -> Non
     decode = np.repeat(scen.decode_s[0, 0][:, None], 6, axis=1)
     urgent = np.zeros(scen.count)
     got = first_tokens(pb, scen.engines[0].copy(), 0, 0, decode, urgent)
-    starts, prefilled = scen.engines[0].copy().serve(decode, pb.req_prefill_s[:6, 0], 0.0)
+    starts, prefilled, _ = scen.engines[0].copy().serve(decode, pb.req_prefill_s[:6, 0], 0.0)
     tokens = np.maximum(prefilled + pb.overhead_s[0, 0], starts + pb.req_ttft_s[:6, 0])
     delay = np.maximum(starts - pb.now_s, 0.0) * (urgent / (1.0 - urgent))[:, None]
     for a, b in zip(got, (starts + delay, prefilled + delay, tokens + delay), strict=True):
@@ -165,7 +165,7 @@ def test_pass_through_is_serving_requests_that_take_no_time(n: int) -> None:
         engine = random_engine(rng, 3, 4)
         general, pipeline = engine.copy(), engine.pipeline_s.copy()
         zeros = np.zeros((3, n))
-        starts, prefilled = general.serve(zeros, zeros, release)
+        starts, prefilled, _ = general.serve(zeros, zeros, release)
         got = engine.pass_through(n, release)
         assert np.array_equal(got, starts) and np.array_equal(got, prefilled)
         assert np.array_equal(engine.slots, general.slots)
@@ -182,7 +182,7 @@ def serve_kept_per_row(
     kept = ~np.take_along_axis(skip, order, axis=1)
     pipeline = engine.pipeline_s.copy()
     full = np.broadcast_to(prefill, decode.shape)
-    starts, prefilled = engine.serve(
+    starts, prefilled, _ = engine.serve(
         np.take_along_axis(decode, order, axis=1) * kept,
         np.take_along_axis(full, order, axis=1) * kept,
         release,

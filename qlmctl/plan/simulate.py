@@ -153,11 +153,9 @@ def first_tokens(
     """
     rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
     if skip is None:
-        starts, prefilled = engine.serve(
+        starts, prefilled, slot_free = engine.serve(
             decode, problem.req_prefill_s[rows, i], problem.release_s[g]
         )
-        slot_free = engine.slot_free_s
-        assert slot_free is not None  # serve sets it
     else:  # NOTE: deferred requests in the group: stretched from their dispatch
         starts, prefilled = _serve_kept(problem, engine, g, i, decode, skip)
         slot_free = starts
@@ -190,7 +188,7 @@ def _serve_kept(
     if (skip == skip[:1]).all():  # the same requests in every scenario
         order = np.argsort(skip[0], kind="stable")  # kept first, each in queue order
         kept = ~skip[0, order]
-        starts, prefilled = engine.serve(
+        starts, prefilled, _ = engine.serve(
             decode[:, order] * kept, prefill[order] * kept, problem.release_s[g]
         )
         back = np.argsort(order)
@@ -199,7 +197,7 @@ def _serve_kept(
         order = np.argsort(skip, axis=1, kind="stable")
         row = np.arange(skip.shape[0])[:, None]
         kept = ~skip[row, order]
-        starts, prefilled = engine.serve(
+        starts, prefilled, _ = engine.serve(
             decode[row, order] * kept, prefill[order] * kept, problem.release_s[g]
         )
         back = np.argsort(order, axis=1)

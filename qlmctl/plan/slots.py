@@ -34,14 +34,25 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
+
+
+class Served(NamedTuple):
+    """What :meth:`EngineState.serve` gives for each request, [S, n] per scenario."""
+
+    start_s: np.ndarray  # dispatch: its slot is free and the prompts before it are in
+    prefilled_s: np.ndarray  # its prompt is in
+    # when its slot freed, when the core sends it: from there to its dispatch it waits in
+    # vLLM's queue, where later arrivals do not go ahead
+    slot_free_s: np.ndarray
 
 
 class EngineState:
     """When each batch slot and the prefill pipeline free, per scenario."""
 
-    __slots__ = ("_make_slots", "_slots", "known_mean", "pipeline_s", "slot_free_s")
+    __slots__ = ("_make_slots", "_slots", "known_mean", "pipeline_s")
 
     def __init__(
         self, slots: np.ndarray, pipeline_s: np.ndarray, known_mean: EngineState | None = None
@@ -51,7 +62,6 @@ class EngineState:
         self.pipeline_s = pipeline_s  # [S]
         # its mean, when computed with others' (started_engines); dropped when it changes
         self.known_mean = known_mean
-        self.slot_free_s: np.ndarray | None = None  # see serve
 
     @classmethod
     def deferred(
@@ -65,7 +75,6 @@ class EngineState:
         engine = cls.__new__(cls)
         engine._slots, engine._make_slots = None, make_slots
         engine.pipeline_s, engine.known_mean = pipeline_s, mean
-        engine.slot_free_s = None
         return engine
 
     @property
@@ -100,9 +109,7 @@ class EngineState:
             np.add.reduce(self.pipeline_s, keepdims=True) / count,
         )
 
-    def serve(
-        self, decode: np.ndarray, prefill: np.ndarray, not_before: float = -np.inf
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def serve(self, decode: np.ndarray, prefill: np.ndarray, not_before: float = -np.inf) -> Served:
         """Run requests in order; update the state.
 
         Args:
@@ -111,10 +118,7 @@ class EngineState:
             not_before: no request starts earlier (the group's release time).
 
         Returns:
-            ([S, n] dispatch times, [S, n] times their prefill ends). ``slot_free_s``
-            keeps the [S, n] times their slots freed, when the core sends them: from
-            there to their dispatch they wait in vLLM's queue, where later arrivals do
-            not go ahead.
+            Each request's dispatch, prefill end and slot-free times.
         """
         self.known_mean = None
         n_s, b = self.slots.shape
@@ -143,8 +147,7 @@ class EngineState:
             self.slots[:] = end[:, last] + decode[:, last]
             self.slots.sort(axis=1)
         self.pipeline_s[:] = end[:, -1]
-        self.slot_free_s = ready
-        return end - prefill, end
+        return Served(end - prefill, end, ready)
 
     def pass_through(self, n: int, not_before: float = -np.inf) -> np.ndarray:
         """:meth:`serve` of ``n`` requests that take no time (no prompt, no decode): each
@@ -158,7 +161,7 @@ class EngineState:
         pipeline = self.pipeline_s.copy()
         if n > b:
             zeros = np.zeros((n_s, n))
-            starts = self.serve(zeros, zeros, not_before)[0]
+            starts = self.serve(zeros, zeros, not_before).start_s
         else:
             self.known_mean = None
             starts = np.maximum(np.maximum(self.slots[:, :n], not_before), pipeline[:, None])
