@@ -408,3 +408,21 @@ def test_lost_groups_spread_without_swapping_models() -> None:
     assert {p.instance_id: len(p.groups) for p in plan.instances} == {
         "i0": 8, "i1": 0, "i2": 8, "i3": 0,
     }  # fmt: skip
+
+
+def test_a_model_change_only_where_the_resident_instance_would_miss() -> None:
+    """A swap drains the batch running there, which attainment does not see. i1 (m2,
+    idle, a swap of 20 ms) would start an m1 request before i0 (m1, every slot busy for
+    a few hundred ms): a request that i0 serves in time stays there; one that i0 would
+    serve too late goes to i1."""
+    running = tuple(RunningRequest(r, 0.0, 0.1, 1) for r in make_requests(64, prefix="run"))
+    cheap_swaps = {(m, "G"): make_perf(m, cold_start_s=0.01, stop_s=0.01) for m in MODELS}
+
+    def placed(arrival_s: float) -> str:
+        req = make_requests(1, start_s=arrival_s, prefix="new")  # 20 s to its first token
+        snap = replace(snapshot(req, now_s=30.0, running=(running, ())), perf=cheap_swaps)
+        plan = make_policy("heuristic").plan(snap, np.random.default_rng(0))
+        return next(p.instance_id for p in plan.instances if p.groups)
+
+    assert placed(30.0) == "i0"  # due at 50 s: i0 is in time
+    assert placed(10.1) == "i1"  # due at 30.1 s: only i1, after the swap, is

@@ -5,7 +5,8 @@ priority, or a model-batched block order; :func:`shed_order` moves the groups th
 make others late to the back). :func:`greedy_place` walks the order and puts each group
 on the eligible instance where its last request would get its first token earliest in
 the mean scenario (the slot model of :mod:`qlmctl.plan.slots`), counting the swap from
-that instance's last model and the group's release time; each instance runs its groups
+that instance's last model and the group's release time, and changing models only where
+no instance holding the group's model serves it in time; each instance runs its groups
 in the order's sequence. First token, not finish: the SLO is on the first token, and a
 wide GPU whose full batch decodes slowly still starts a request sooner than a narrow
 one with its slots taken. A candidate costs a few scalar operations per (group,
@@ -161,7 +162,11 @@ class _Placement:
     def best(self, g: int) -> int:
         """The eligible instance where ``g``'s last request would get its first token
         first; among equals (free slots on several), the one with the least work queued,
-        so load spreads.
+        so load spreads. A model change only where no instance holding the model serves
+        it in time: a swap drains the batch running there, a cost attainment does not
+        see (on vLLM-CPU, whose sleep and wake take milliseconds, the demo's qlm swapped
+        an instance ten times in one burst of batch jobs for interactive requests the
+        other instance served in time).
 
         Lost groups (:func:`lost_groups`) leave an instance's engine as it was (they are
         served after its queue), so they tie and gather where the least work is queued:
@@ -172,14 +177,20 @@ class _Placement:
         of a flood), their work is counted and they spread, each where its work would be
         done first (queued work and its own over the slots) among the instances holding
         its model (if any does), so the backlog drains at the whole cluster's rate."""
+        pb = self.problem
         if self.spreads[g]:  # no swap while an instance holds its model: swaps cost minutes
-            pb, ok = self.problem, self.problem.eligible[g]
+            ok = pb.eligible[g]
             swaps = np.where(ok, self.loaded != pb.group_model[g], 2)
             slots = np.maximum(pb.batch[pb.group_model[g]], 1)
             done = np.where(ok, (np.asarray(self.queued) + self._lost_work(g)) / slots, np.inf)
             return int(np.lexsort((done, swaps))[0])
-        token = [self.first_token_s(g, i) for i in range(self.problem.num_instances)]
-        return int(np.lexsort((self.queued, token))[0])
+        token = np.array([self.first_token_s(g, i) for i in range(pb.num_instances)])
+        on_time = (self.loaded == pb.group_model[g]) & (
+            token <= pb.req_deadline_s[pb.req_offsets[g + 1] - 1]
+        )
+        if on_time.any():
+            token[~on_time] = np.inf
+        return int(np.lexsort((np.asarray(self.queued), token))[0])
 
 
 def lost_groups(problem: Problem) -> np.ndarray:
