@@ -22,8 +22,9 @@ from qlmctl.workload import Workload
 from tests.helpers import SLO_CLASSES, make_cluster, make_perf
 
 
-def fake_vllm(token_delay_s: float = 0.0) -> httpx.MockTransport:
-    """Serves m1 and m2; prompt 'REJECT' gets HTTP 400, 'FAIL' HTTP 500, others stream."""
+def fake_vllm(token_delay_s: float = 0.0, bodies: list[dict] | None = None) -> httpx.MockTransport:
+    """Serves m1 and m2; prompt 'REJECT' gets HTTP 400, 'FAIL' HTTP 500, others stream.
+    Completion request bodies go to ``bodies`` if given."""
 
     async def stream(n: int) -> AsyncIterator[bytes]:
         for _ in range(n):
@@ -40,6 +41,8 @@ def fake_vllm(token_delay_s: float = 0.0) -> httpx.MockTransport:
         if path == "/metrics":
             return httpx.Response(200, text="vllm:num_requests_waiting 0\n")
         body = json.loads(request.content)
+        if bodies is not None:
+            bodies.append(body)
         if body["prompt"] == "REJECT":
             return httpx.Response(400, json={"error": {"message": "prompt too long"}})
         if body["prompt"] == "FAIL":
@@ -60,20 +63,28 @@ def requests(n: int, gap_s: float, prompts: dict[int, str] | None = None) -> lis
 
 
 def run(
-    tmp: Path, reqs: list[Request], policy: str = "heuristic", delay: float = 0.0
+    tmp: Path,
+    reqs: list[Request],
+    policy: str = "heuristic",
+    delay: float = 0.0,
+    bodies: list[dict] | None = None,
 ) -> RunSummary:
     perf = {(m, "G"): make_perf(m) for m in ("m1", "m2")}
+    options = RealOptions(transport=fake_vllm(delay, bodies), metrics_interval_s=0.05)
     return run_real(
         Workload.from_requests(reqs, SLO_CLASSES, "fake"), make_cluster(2), perf,
         make_policy(policy, time_limit_s=0.2), CoreConfig(improve_min_interval_s=0.0),
-        tmp / "run", options=RealOptions(transport=fake_vllm(delay), metrics_interval_s=0.05),
+        tmp / "run", options=options,
     )  # fmt: skip
 
 
 def test_requests_stream_concurrently_and_faults_end_properly(tmp_path: Path) -> None:
     reqs = requests(20, 0.05, {3: "REJECT", 4: "FAIL"})
-    run(tmp_path, reqs, policy="qlm")
+    bodies: list[dict] = []
+    run(tmp_path, reqs, policy="qlm", bodies=bodies)
     log = read_run(tmp_path / "run")
+    # replayed requests stream several tokens a chunk (RealOptions.stream_interval)
+    assert bodies and {b.get("stream_interval") for b in bodies} == {RealOptions().stream_interval}
     df = log.requests
     assert log.complete and set(df.request_id) == {r.id for r in reqs}
     rejected = df[df.request_id == "r3"]

@@ -59,7 +59,14 @@ def test_stream_counts_every_token_and_uses_usage() -> None:
     async def go() -> vllm.CompletionResult:
         async with client_for(handler) as c:
             return await vllm.stream_completion(
-                c, URL, "m", [1, 2, 3], 4, ignore_eos=True, on_first_token=firsts.append
+                c,
+                URL,
+                "m",
+                [1, 2, 3],
+                4,
+                ignore_eos=True,
+                on_first_token=firsts.append,
+                stream_interval=2,
             )
 
     res = run(go())
@@ -75,6 +82,7 @@ def test_stream_counts_every_token_and_uses_usage() -> None:
     assert body["stream_options"] == {"include_usage": True}
     assert body["prompt"] == [1, 2, 3] and body["max_tokens"] == 4
     assert "priority" not in body  # only sent when given
+    assert body["stream_interval"] == 2
 
 
 def test_priority_is_sent_when_given_and_text_chunks_count_without_token_ids() -> None:
@@ -90,6 +98,7 @@ def test_priority_is_sent_when_given_and_text_chunks_count_without_token_ids() -
 
     res = run(go())
     assert seen[0]["priority"] == -3
+    assert "stream_interval" not in seen[0]  # one token a chunk unless asked
     assert res.output_tokens == 2 and res.finish_reason == "stop"
 
 

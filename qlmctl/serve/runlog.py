@@ -86,7 +86,7 @@ REQUESTS_SCHEMA = pa.schema(
         ("ttft_slo_s", pa.float64()),
         ("e2e_slo_s", pa.float64()),  # null if the class has none
         ("tpot_s", pa.float64()),  # mean time per output token after the first
-        ("itl_max_s", pa.float64()),  # longest gap between two tokens
+        ("itl_max_s", pa.float64()),  # longest gap between two streamed chunks (RealOptions)
         ("slo_met", pa.bool_()),  # TTFT (and e2e if set) within target; false unless finished
         ("outcome", pa.string()),  # an Outcome value
         ("reason", pa.string()),  # why it was evicted, failed, rejected or cancelled
