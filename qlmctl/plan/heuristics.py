@@ -9,8 +9,9 @@ that instance's last model and the group's release time, and changing a busy ins
 model only where no instance holding the group's model serves it in time; each instance
 runs its groups in the order's sequence. First token, not finish: the SLO is on the
 first token, and a wide GPU whose full batch decodes slowly still starts a request
-sooner than a narrow one with its slots taken. A candidate costs a few scalar operations per (group,
-instance) and one slot update per group: hundreds of groups take a few milliseconds.
+sooner than a narrow one with its slots taken. A candidate costs a few scalar operations
+per (group, instance) and one slot update per group: hundreds of groups take a few
+milliseconds.
 
 Block order (model batching): groups fall into blocks
 ``(tier, model)``; the tier is the SLO class (most urgent TTFT first) or a deadline
