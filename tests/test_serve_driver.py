@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 
 from qlmctl.domain import Request
+from qlmctl.engine.events import Aborted, Dispatch, Evict
 from qlmctl.plan.policies import make_policy
 from qlmctl.serve.config import CoreConfig
-from qlmctl.serve.real_driver import RealOptions, run_real
+from qlmctl.serve.real_driver import RealDriver, RealOptions, run_real
 from qlmctl.serve.run import RunSummary
 from qlmctl.serve.runlog import read_run
 from qlmctl.workload import Workload
@@ -110,3 +111,21 @@ def test_ctrl_c_cancels_in_flight_work_and_closes_the_log(tmp_path: Path) -> Non
     final = log.final_attempts
     assert set(final.outcome) == {"cancelled"}  # 8 tokens at 0.2 s each: nothing finished
     assert final.request_id.nunique() == len(final) > 0
+
+
+def test_a_request_evicted_before_its_task_ran_is_reported_aborted() -> None:
+    """Dispatched and evicted in one decision: the task is cancelled before it starts, so
+    the driver itself reports the eviction (the request would be in flight forever)."""
+    reqs = requests(1, 0.0)
+    perf = {(m, "G"): make_perf(m) for m in ("m1", "m2")}
+    workload = Workload.from_requests(reqs, SLO_CLASSES, "fake")
+    driver = RealDriver(workload, make_cluster(2), perf, make_policy("fcfs"), CoreConfig(), 0, None)
+
+    async def dispatch_and_evict() -> Aborted:
+        driver._apply([Dispatch("r0", "i0", 0, 0), Evict("r0", "i0", "gave its place")])
+        event = await asyncio.wait_for(driver.queue.get(), timeout=5.0)
+        assert isinstance(event, Aborted)
+        return event
+
+    event = asyncio.run(dispatch_and_evict())
+    assert (event.request_id, event.output_tokens, event.reason) == ("r0", 0, "evicted")

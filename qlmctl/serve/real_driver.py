@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import signal
 from collections.abc import Callable, Mapping
@@ -398,6 +399,7 @@ class RealDriver:
         for a in actions:
             if isinstance(a, Dispatch):
                 task = asyncio.create_task(self._request(a))
+                task.add_done_callback(functools.partial(self._cancelled_unsent, a))
                 self.tasks[a.request_id] = (task, a.instance_id)
             elif isinstance(a, Evict):
                 current = self.tasks.get(a.request_id)
@@ -405,6 +407,16 @@ class RealDriver:
                     current[0].cancel()
             elif isinstance(a, LoadModel):
                 self._spawn(self._load(a.instance_id, a.model))
+
+    def _cancelled_unsent(self, a: Dispatch, task: asyncio.Task[None]) -> None:
+        """A request task cancelled before it ran (evicted in the decision that sent it, or
+        before the loop got to it) never reached :meth:`_request`, which reports its own
+        cancellation: report it here, with no output."""
+        current = self.tasks.get(a.request_id)
+        if task.cancelled() and current is not None and current[0] is task:
+            self.queue.put_nowait(
+                Aborted(a.request_id, a.instance_id, self.clock.now(), 0, "evicted")
+            )
 
     async def _request(self, a: Dispatch) -> None:
         req, inst = self.by_id[a.request_id], self.instances[a.instance_id]
