@@ -98,10 +98,11 @@ def make_core(
     num_instances: int = 1,
     policy: Any = None,
     models: tuple[str, ...] = ("m1", "m2"),
+    perf_fields: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> ServeCore:
     cluster = make_cluster(num_instances, models)
-    perf = {(m, "G"): make_perf(m) for m in models}
+    perf = {(m, "G"): make_perf(m, **(perf_fields or {})) for m in models}
     config = CoreConfig(**{"replan_min_interval_s": 0.0, **overrides})
     return ServeCore(
         cluster, SLO_CLASSES, perf, policy or TinyPolicy(), config, np.random.default_rng(0)
@@ -167,6 +168,34 @@ def test_pulling_respects_inflight_limit_and_engine_backpressure() -> None:
     assert core.decide(2.5) == []
     core.on_backpressure("i0", waiting=0, kv_usage=0.5)
     assert dispatched(core.decide(3.0)) == ["r4"]
+
+
+@pytest.mark.parametrize(("overhead_s", "wait_s"), [(0.0, 100.0), (0.01, 100.0), (0.01, 0.0)])
+def test_a_full_engine_keeps_one_more_waiting_where_requests_have_a_latency(
+    overhead_s: float, wait_s: float
+) -> None:
+    """Where the profile has a per-request latency, a full instance is sent one request
+    more, to wait in the engine; a head of a more urgent class takes its place where the
+    plan has it late (``wait_s``: every group's predicted wait)."""
+    perf_fields = {"max_num_seqs": 2, "ttft_overhead_s": overhead_s}
+    core = make_core(policy=TinyPolicy(by_priority=True, wait_s=wait_s), perf_fields=perf_fields)
+    batch = make_requests(5, slo_class="batch", gap_s=0.0, output_tokens=500, prefix="b")
+    sent = dispatched(arrive(core, batch))
+    assert sent == (["b0", "b1", "b2"] if overhead_s else ["b0", "b1"])
+    for rid in ("b0", "b1"):
+        core.on_event(FirstToken(rid, "i0", 0.1), 0.1)
+    urgent = make_requests(1, slo_class="interactive", start_s=1.0, output_tokens=10, prefix="u")
+    actions = arrive(core, urgent, now_s=1.0)
+    if overhead_s and wait_s:
+        assert [a for a in actions if isinstance(a, Evict)] == [
+            Evict("b2", "i0", "gave its place to u0 (interactive)")
+        ]
+        assert dispatched(actions) == ["u0"]
+        core.on_event(Aborted("b2", "i0", 1.0, 0, "evicted"), 1.0)
+        assert core.state_of("b2") is ReqState.WAITING
+    else:  # no place given up (without a latency the usual eviction may still act)
+        assert dispatched(actions) == []
+        assert not [a for a in actions if isinstance(a, Evict) and "place" in a.reason]
 
 
 def test_fifo_within_a_group_and_priority_from_the_plan() -> None:

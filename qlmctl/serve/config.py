@@ -30,6 +30,12 @@ class CoreConfig:
     """Knobs of the serving core (recorded in run.json)."""
 
     max_inflight: int | None = None  # per instance; None: the profile's max_num_seqs
+    # With max_inflight None, an instance whose sequences are all busy is sent this many
+    # more requests, to wait in the engine's own queue: a finishing request's slot is then
+    # refilled at the engine's next step, not a round trip (finish report, decision,
+    # HTTP, tokenizing) later. None: one where the profile has a per-request latency
+    # (ttft_overhead_s or admission_gap_s), none where it has not.
+    dispatch_ahead: int | None = None
     kv_budget: float = 1.0  # pull while in-flight prompt+output tokens fit this share of KV
     # Pull only while the engine has fewer requests waiting than this, so the backlog (and
     # its order) stays in qlmctl's queue rather than in vLLM's own FIFO queue.
@@ -67,10 +73,11 @@ class CoreConfig:
             or (self.max_planned or 1) < 1
             or self.max_attempts < 1
             or self.evict_batch < 0
+            or (self.dispatch_ahead or 0) < 0
         ):
             raise BadInput(
                 "core config: max_inflight, max_planned and max_attempts must be >= 1, "
-                "evict_batch >= 0"
+                "evict_batch and dispatch_ahead >= 0"
             )
         if not self.kv_budget > 0:
             raise BadInput("core config: kv_budget must be > 0")

@@ -3,7 +3,10 @@
 How it works (:meth:`ServingOps.serve`, once per decision, visits every up instance):
 
 * **Pulling.** An up instance dispatches the head of its virtual queue while its
-  in-flight count (and the engine's reported waiting count and KV usage) is under limits.
+  in-flight count (and the engine's reported waiting count and KV usage) is under limits;
+  the sequence limit leaves ``dispatch_ahead`` requests waiting in the engine, so a slot
+  that frees is refilled at once (one such request of a less urgent class gives its place
+  to a head: it has no output to lose).
   A head that can no longer get its first token by its deadline (``defer_late``, as the
   policy's serving style says) goes behind the rest of that queue: it misses either way,
   and served first it would make the requests behind it miss too (EDF's domino effect).
@@ -94,6 +97,9 @@ class ServingOps:
             if head is None or head[0].plan.model != inst.model:
                 return
             group, tr = head
+        if self._make_way(inst, group, tr, now_s, actions) and self._can_pull(inst, tr):
+            self._dispatch(inst, group, tr, now_s, actions)
+            return
         self._maybe_evict(inst, group, tr, now_s, actions, for_swap=False)
 
     def _head(self, inst: InstanceRecord, now_s: float) -> tuple[QueuedGroup, Tracked] | None:
@@ -132,7 +138,7 @@ class ServingOps:
         perf = self._perf[(head.request.model, inst.spec.gpu)]
         n = len(inst.inflight)
         return (
-            n < (cfg.max_inflight or perf.max_num_seqs)
+            n < (cfg.max_inflight or perf.max_num_seqs + self._ahead(perf))
             and (
                 n == 0 or inst.kv_tokens + head.kv_tokens <= cfg.kv_budget * perf.kv_capacity_tokens
             )
@@ -143,6 +149,13 @@ class ServingOps:
             )
             and (inst.kv_usage is None or inst.kv_usage < cfg.max_kv_usage)
         )
+
+    def _ahead(self, perf: PerfModel) -> int:
+        """Requests sent ahead to wait in a full engine (``CoreConfig.dispatch_ahead``)."""
+        ahead = self.config.dispatch_ahead
+        if ahead is None:
+            return int(perf.ttft_overhead_s + perf.admission_gap_s > 0)
+        return ahead
 
     def admit(self, tr: Tracked, now_s: float, actions: list[Action]) -> bool:
         """Dispatch the new arrival ``tr`` now if an instance holding its model would start
@@ -209,6 +222,38 @@ class ServingOps:
         if inst.engine_waiting is not None:
             inst.engine_waiting += 1  # waits in the engine until its next report says otherwise
         actions.append(Dispatch(tr.id, inst.spec.id, tr.priority, tr.kept_tokens))
+
+    def _make_way(
+        self,
+        inst: InstanceRecord,
+        group: QueuedGroup,
+        head: Tracked,
+        now_s: float,
+        actions: list[Action],
+    ) -> bool:
+        """Whether a request sent ahead of a full instance (no first token yet) of a less
+        urgent class than ``head`` was evicted to give ``head`` its place, the plan in force
+        having ``head`` late if it waits: the evicted request has no output to lose."""
+        cfg = self.config
+        perf = self._perf[(head.request.model, inst.spec.gpu)]
+        if (
+            cfg.max_inflight
+            or cfg.evict_batch == 0
+            or not self._ahead(perf)
+            or len(inst.inflight) < perf.max_num_seqs
+            or not _late_by_plan(group.plan, head.id, now_s)
+        ):
+            return False
+        for t in reversed(inst.inflight.values()):
+            if (
+                t.first_token_s is None
+                and t.slo.priority > head.slo.priority
+                and t.evictions < cfg.max_evictions
+            ):
+                why = f"gave its place to {head.id} ({head.slo.name})"
+                self._evict(inst, t, why, now_s, actions)
+                return True
+        return False
 
     def _maybe_evict(
         self,
