@@ -143,11 +143,44 @@ def test_while_nothing_waits_an_arrival_goes_at_once_to_an_engine_that_starts_it
     ]
 
 
+@pytest.mark.parametrize(("prompt_tokens", "at_once"), [(1000, True), (1949, False)])
+def test_an_arrival_goes_at_once_where_its_prompt_fits_in_the_next_step(
+    prompt_tokens: int, at_once: bool
+) -> None:
+    """Beside a prompt still prefilling (100 tokens) and no decodes, the next step's
+    2,048 tokens take a second prompt of up to 1,948 at once; a longer one is planned
+    (and pulled, as the engine has a free sequence)."""
+    policy = TinyPolicy()
+    core = make_core(1, models=("m1",), policy=policy)
+    arrive(core, make_requests(1))
+    second = make_requests(1, prefix="x", start_s=0.1, prompt_tokens=prompt_tokens)
+    assert dispatched(arrive(core, second, now_s=0.1)) == ["x0"]
+    assert policy.calls == (0 if at_once else 1)
+
+
+def test_an_arrival_that_could_not_start_goes_once_it_can_without_waiting_for_a_replan() -> None:
+    policy = TinyPolicy()
+    core = make_core(
+        1, models=("m1",), policy=policy, replan_min_interval_s=10.0, max_engine_waiting=1
+    )
+    core.on_backpressure("i0", waiting=0, kv_usage=0.1)
+    assert dispatched(arrive(core, make_requests(1))) == ["r0"]
+    # the engine's queue is full (r0 not started): x0 is planned (the first re-plan) ...
+    assert dispatched(arrive(core, make_requests(1, prefix="x", start_s=0.1), 0.1)) == []
+    core.on_event(FirstToken("r0", "i0", 0.2), 0.2)
+    assert dispatched(core.decide(0.2)) == ["x0"] and policy.calls == 1
+    # ... y0 cannot start either, and the next re-plan is 10 s away: it goes once it can
+    assert dispatched(arrive(core, make_requests(1, prefix="y", start_s=0.3), 0.3)) == []
+    core.on_event(FirstToken("x0", "i0", 0.4), 0.4)
+    assert dispatched(core.decide(0.4)) == ["y0"] and policy.calls == 1
+
+
 def test_a_burst_or_a_backlog_is_planned() -> None:
     policy = TinyPolicy()
     core = make_core(2, models=("m1",), policy=policy, max_inflight=2)
-    # a burst: one request starts on each idle instance, the rest wait for the plan
-    actions = arrive(core, make_requests(4, gap_s=0.0))
+    # a burst: one request starts on each idle instance, the rest wait for the plan (two
+    # of these prompts do not fit in one step's 2,048 tokens)
+    actions = arrive(core, make_requests(4, gap_s=0.0, prompt_tokens=1500))
     assert dispatched(actions) == ["r0", "r1", "r2"] and policy.calls == 1
     assert core.stats().queued_by_instance == {"i0": 1, "i1": 0}
     # a backlog: a new request is planned with it, even where an engine has room

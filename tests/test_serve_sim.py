@@ -117,8 +117,10 @@ def test_an_instance_failure_loses_nothing(tmp_path: Path) -> None:
     assert len(final_outcomes(reqs)) == 110 and set(final_outcomes(reqs)) == {1}
     failed_attempts = reqs[reqs.outcome == "failed"]
     assert len(failed_attempts) > 0 and (failed_attempts.instance_id == "i0").all()
-    retried = reqs[reqs.request_id.isin(failed_attempts.request_id) & (reqs.attempt == 1)]
-    assert (retried.outcome == "finished").all() and (retried.instance_id == "i1").all()
+    again = reqs[reqs.request_id.isin(failed_attempts.request_id)]
+    assert (again[again.attempt == 1].instance_id == "i1").all()  # retried on the other
+    last = again.sort_values("attempt").groupby("request_id").outcome.last()
+    assert (last == "finished").all()  # (evicted there for urgent work, maybe, first)
     ops = read_run(tmp_path / "f").operations
     assert "instance_down" in set(ops.kind)
 

@@ -135,7 +135,8 @@ class ServeCore:
             self._insts[i.id].sleeping.update(m for m in i.warm or () if m != i.model)
         self._reqs: dict[str, Tracked] = {}
         self._waiting: dict[str, Tracked] = {}  # id -> record, every WAITING request
-        self._fresh: list[Tracked] = []  # arrived since the last decision
+        # arrivals since the last re-plan not dispatched yet, in arrival order
+        self._unplanned: list[Tracked] = []
         self._queues = VirtualQueues(self._insts, self._reqs, self._waiting)
         self._log = OperationLog()
         self._ops = ServingOps(
@@ -169,7 +170,7 @@ class ServeCore:
         tr = Tracked(request, self._slo[request.slo_class], self._expected_tokens(request))
         self._reqs[request.id] = tr
         self._waiting[request.id] = tr
-        self._fresh.append(tr)
+        self._unplanned.append(tr)
         self._recent.add(request)
         self._first_arrival_s = min(self._first_arrival_s, now_s)
         self._replan_due = True
@@ -202,9 +203,9 @@ class ServeCore:
         if isinstance(event, FirstToken):
             if tr.state is ReqState.DISPATCHED:
                 tr.move("start")
-                tr.first_token_s = event.time_s
                 inst = self._insts[event.instance_id]
-                inst.unstarted -= 1
+                inst.started(tr)
+                tr.first_token_s = event.time_s
                 if inst.engine_waiting:  # it runs: no longer in the engine's queue
                     inst.engine_waiting -= 1
                 p = tr.request.prompt_tokens
@@ -296,23 +297,28 @@ class ServeCore:
         return actions
 
     def _admit_fresh(self, now_s: float) -> list[Action]:
-        """Dispatch at once the requests that arrived since the last decision, in arrival
-        order, while nothing else waits and an engine would start each at once
-        (:meth:`ServingOps.admit`); the first that none would start, and every one after,
-        waits for the re-plan. With no queue there is nothing to order, and a plan would
-        only pick the instance: this saves the re-plan's wait (up to
-        ``replan_min_interval_s``) and its cost, which under light load are most of a
-        request's time in qlmctl."""
-        fresh, self._fresh = self._fresh, []
-        if not self._dispatch_on_arrival or not fresh:
-            return []
-        fresh = [t for t in fresh if t.state is ReqState.WAITING]
-        if len(fresh) != len(self._waiting):
+        """Dispatch at once the requests that arrived since the last re-plan, in arrival
+        order, while no other request waits (none planned, none re-queued), none after the
+        next has an earlier deadline, and an engine would start it at once
+        (:meth:`ServingOps.admit`); the first that fails, and every one after, waits (for
+        a later decision, or the re-plan). With no queue and arrivals in deadline order
+        there is nothing to order, and a plan would only pick the instance: this saves the
+        re-plan's wait (up to ``replan_min_interval_s``) and its cost, which under light
+        load are most of a request's time in qlmctl."""
+        fresh = self._unplanned = [t for t in self._unplanned if t.state is ReqState.WAITING]
+        if not self._dispatch_on_arrival or not fresh or len(fresh) != len(self._waiting):
             return []  # a backlog (or re-queued work): the new requests are planned with it
         actions: list[Action] = []
-        for tr in fresh:
-            if not self._ops.admit(tr, now_s, actions):
+        soonest_after = math.inf  # the earliest deadline among the later arrivals
+        in_order = []
+        for tr in reversed(fresh):
+            in_order.append(tr.deadline_s <= soonest_after)
+            soonest_after = min(soonest_after, tr.deadline_s)
+        for tr, first in zip(fresh, reversed(in_order), strict=True):
+            if not first or not self._ops.admit(tr, now_s, actions):
                 break
+        if actions:
+            self._unplanned = [t for t in fresh if t.state is ReqState.WAITING]
         if not self._waiting:
             self._replan_due = False  # nothing to plan
         return actions
@@ -391,6 +397,7 @@ class ServeCore:
 
     def _replan(self, now_s: float) -> None:
         self._replan_due = False
+        self._unplanned = []
         self._last_replan_s = now_s
         self._fail_unservable(now_s)
         if not self._waiting:

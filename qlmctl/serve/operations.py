@@ -142,13 +142,14 @@ class ServingOps:
             and (
                 n == 0 or inst.kv_tokens + head.kv_tokens <= cfg.kv_budget * perf.kv_capacity_tokens
             )
-            and (
-                cfg.max_engine_waiting is None
-                or inst.engine_waiting is None
-                or inst.engine_waiting < cfg.max_engine_waiting
-            )
+            and self._engine_queue_short(inst)
             and (inst.kv_usage is None or inst.kv_usage < cfg.max_kv_usage)
         )
+
+    def _engine_queue_short(self, inst: InstanceRecord) -> bool:
+        """Whether fewer requests wait in the engine than ``max_engine_waiting``."""
+        limit = self.config.max_engine_waiting
+        return limit is None or inst.engine_waiting is None or inst.engine_waiting < limit
 
     def _ahead(self, perf: PerfModel) -> int:
         """Requests sent ahead to wait in a full engine (``CoreConfig.dispatch_ahead``)."""
@@ -159,9 +160,9 @@ class ServingOps:
 
     def admit(self, tr: Tracked, now_s: float, actions: list[Action]) -> bool:
         """Dispatch the new arrival ``tr`` now if an instance holding its model would start
-        prefilling it at once (every request sent there has started, and it has a free
-        sequence and KV room): the one where its first token comes first by the planner's
-        estimate (its prefill beside the running decodes). Whether it was dispatched."""
+        prefilling it at once (:meth:`_starts_at_once`): the one where its first token
+        comes first by the planner's estimate (its prefill, after the prompts sent there
+        not started yet, beside the running decodes). Whether it was dispatched."""
         best, best_s = None, math.inf
         for inst in self._insts.values():
             if inst.status is not InstStatus.UP or inst.model != tr.request.model:
@@ -169,7 +170,9 @@ class ServingOps:
             perf = self._perf[(tr.request.model, inst.spec.gpu)]
             if not self._starts_at_once(inst, tr, perf):
                 continue
-            first_s = _first_token_alone_s(perf, tr.request.prompt_tokens, *inst.decode_load(tr))
+            # the prompts sent there and not started yet go first in the engine's steps
+            ahead = inst.unstarted_tokens + tr.request.prompt_tokens
+            first_s = _first_token_alone_s(perf, ahead, *inst.decode_load(tr))
             if first_s < best_s:
                 best, best_s = inst, first_s
         if best is None:
@@ -181,12 +184,18 @@ class ServingOps:
 
     def _starts_at_once(self, inst: InstanceRecord, tr: Tracked, perf: PerfModel) -> bool:
         """Whether the engine would start prefilling ``tr`` at its next step: nothing sent
-        there is still waiting for its first token, and ``tr`` is within the core's pull
-        limits and the engine's own (its sequences and KV cache)."""
+        there is still waiting for its first token, or its whole prompt fits in the step's
+        token budget beside them (vLLM V1: one token per decode, then the waiting prompts
+        in order, chunked) and the engine's queue is short; and ``tr`` is within the
+        core's pull limits and the engine's own (its sequences and KV cache)."""
         cfg = self.config
         n = len(inst.inflight)
+        step = n - inst.unstarted + inst.unstarted_tokens + tr.prefill_tokens
         return (
-            not inst.unstarted
+            (
+                not inst.unstarted
+                or (step <= perf.max_num_batched_tokens and self._engine_queue_short(inst))
+            )
             and n < min(cfg.max_inflight or perf.max_num_seqs, perf.max_num_seqs)
             and inst.kv_tokens + tr.kv_tokens <= min(cfg.kv_budget, 1.0) * perf.kv_capacity_tokens
             and (inst.kv_usage is None or inst.kv_usage < min(cfg.max_kv_usage, 1.0))

@@ -104,6 +104,12 @@ class Tracked:
         return self.request.prompt_tokens + self.expected_output_tokens
 
     @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the engine prefills for this attempt (a resumed one's include the
+        output it kept)."""
+        return self.request.prompt_tokens + self.kept_tokens
+
+    @property
     def remaining_output_tokens(self) -> int:
         """Output tokens the request is still expected to generate (at least 1)."""
         return max(1, self.expected_output_tokens - self.kept_tokens)
@@ -201,6 +207,7 @@ class InstanceRecord:
     prio_counts: Counter[int] = field(default_factory=Counter)  # class priority -> in flight
     kv_tokens: int = 0  # prompt + target output tokens of the requests in flight
     unstarted: int = 0  # requests in flight without their first token yet (prefilling)
+    unstarted_tokens: int = 0  # their prompt tokens (Tracked.prefill_tokens)
     sleeping: set[str] = field(default_factory=set)  # models asleep on it (warm start)
     load_kind: str = "swap"  # swap | wake, while LOADING
     load_from: str | None = None
@@ -220,7 +227,9 @@ class InstanceRecord:
         self.inflight[tr.id] = tr
         self.prio_counts[tr.slo.priority] += 1
         self.kv_tokens += tr.kv_tokens
-        self.unstarted += tr.first_token_s is None
+        if tr.first_token_s is None:
+            self.unstarted += 1
+            self.unstarted_tokens += tr.prefill_tokens
 
     def decode_load(self, tr: Tracked) -> tuple[int, int]:
         """(batch, context tokens) ``tr`` decodes with at the instance's current load: what
@@ -233,4 +242,10 @@ class InstanceRecord:
         if self.inflight.pop(tr.id, None) is not None:
             self.prio_counts[tr.slo.priority] -= 1
             self.kv_tokens -= tr.kv_tokens
-            self.unstarted -= tr.first_token_s is None
+            if tr.first_token_s is None:
+                self.started(tr)
+
+    def started(self, tr: Tracked) -> None:
+        """``tr``, in flight here without its first token, got it (or left)."""
+        self.unstarted -= 1
+        self.unstarted_tokens -= tr.prefill_tokens
