@@ -77,6 +77,12 @@ def test_batch_file_reads_as_a_workload_and_bad_lines_are_one_line(tmp_path: Pat
     bad.write_text("\n".join([*good, good[0]]) + "\n")
     with pytest.raises(BadInput, match=r"bad.jsonl line 3: duplicate custom_id 'job-0'"):
         batch_workload(bad)
+    # JSON Lines break at LF only: a raw U+2028 inside a prompt is text, not a line break
+    odd = tmp_path / "odd.jsonl"
+    lines = [json.loads(line) for line in good]
+    lines[0]["body"]["prompt"] = "a\u2028b\x85c"
+    odd.write_text("\r\n".join(json.dumps(line, ensure_ascii=False) for line in lines))
+    assert len(batch_workload(odd).requests) == 2
 
 
 def test_gateway_runs_the_planned_batch_in_plan_order(tmp_path: Path) -> None:

@@ -102,6 +102,31 @@ def test_priority_is_sent_when_given_and_text_chunks_count_without_token_ids() -
     assert res.output_tokens == 2 and res.finish_reason == "stop"
 
 
+def test_text_with_unicode_line_separators_stays_in_its_line() -> None:
+    """vLLM writes JSON with raw non-ASCII text: U+2028 or U+0085 in a token is not a line
+    break of the event stream (CR, LF and CRLF are), and a CRLF may straddle two reads."""
+    body = (
+        'data: {"choices": [{"index": 0, "text": "a\u2028b\x85", "token_ids": [5]}]}\r'
+        '\ndata: {"choices": [{"index": 0, "text": "c", "token_ids": [6], '
+        '"finish_reason": "length"}]}\n\ndata: [DONE]\n\n'
+    )
+    pieces = [body[: body.index("\r") + 1], body[body.index("\r") + 1 :]]
+
+    async def stream() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece.encode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=stream())
+
+    async def go() -> vllm.CompletionResult:
+        async with client_for(handler) as c:
+            return await vllm.stream_completion(c, URL, "m", "hi", 2)
+
+    res = run(go())
+    assert res.output_tokens == 2 and res.finish_reason == "length"
+
+
 def test_http_4xx_is_request_rejected_with_the_server_message() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         err = {"error": {"message": "The model `nope` does not exist.", "code": 404}}

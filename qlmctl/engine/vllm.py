@@ -28,6 +28,7 @@ import asyncio
 import itertools
 import json
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -260,7 +261,7 @@ async def stream_chunks(
             if resp.status_code >= 400:
                 await resp.aread()
                 _raise_for_status(resp, url)
-            lines = resp.aiter_lines()
+            lines = sse_lines(resp.aiter_text())
             while True:
                 async with asyncio.timeout_at(deadline):
                     line = await anext(lines, None)
@@ -298,6 +299,21 @@ async def stream_chunks(
 
 
 _DONE: dict[str, Any] = {}  # the [DONE] marker
+_SSE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+async def sse_lines(texts: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of a server-sent-event stream: split at CR, LF or CRLF only, as the
+    SSE format says. NOTE: httpx's ``aiter_lines`` also splits at U+2028, U+0085 and the
+    other breaks ``str.splitlines`` knows, which vLLM sends raw inside a chunk's JSON
+    text (a random-weight model samples them): the line then is not JSON."""
+    rest = ""
+    async for text in texts:
+        *lines, rest = _SSE_BREAK.split(rest + text)
+        for line in lines:
+            yield line
+    if rest:
+        yield rest
 
 
 def _chunk(line: str, url: str) -> dict[str, Any] | None:

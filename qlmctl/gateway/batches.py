@@ -176,7 +176,7 @@ class BatchStore:
         out: list[tuple[str, dict[str, Any]]] = []
         seen: set[str] = set()
         text = self.file_content(file_id).decode("utf-8")
-        for number, raw in enumerate(text.splitlines(), start=1):
+        for number, raw in enumerate(text.split("\n"), start=1):
             if not raw.strip():
                 continue
             try:

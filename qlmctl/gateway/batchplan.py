@@ -88,7 +88,7 @@ def batch_workload(path: Path, window: str = DEFAULT_WINDOW) -> Workload:
     lines: list[tuple[str, dict[str, Any]]] = []
     endpoints: set[str] = set()
     seen: set[str] = set()
-    for number, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
         if not raw.strip():
             continue
         try:

@@ -66,7 +66,7 @@ def batch_results(base_url: str, batch_id: str, api_key_env: str | None = None) 
 
 
 def _first_url(path: Path, content: bytes) -> str:
-    for line in content.decode("utf-8", errors="replace").splitlines():
+    for line in content.decode("utf-8", errors="replace").split("\n"):
         if line.strip():
             try:
                 url = json.loads(line).get("url")

@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 
 from qlmctl.domain import Request
+from qlmctl.engine.vllm import sse_lines
 from qlmctl.errors import EngineError
 from qlmctl.gateway.app import SLO_HEADER
 from qlmctl.gateway.options import bearer
@@ -113,7 +114,7 @@ async def _send(client: httpx.AsyncClient, request: Request) -> tuple[str, float
         ) as resp:
             if resp.status_code != 200:
                 return f"HTTP {resp.status_code}", None
-            async for line in resp.aiter_lines():
+            async for line in sse_lines(resp.aiter_text()):
                 if line.startswith("data:") and line[5:].strip() != "[DONE]":
                     chunk = json.loads(line[5:])
                     if "error" in chunk:
