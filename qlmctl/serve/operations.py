@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import deque
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 
 import numpy as np
 
@@ -97,9 +97,12 @@ class ServingOps:
             if head is None or head[0].plan.model != inst.model:
                 return
             group, tr = head
-        if self._make_way(inst, group, tr, now_s, actions) and self._can_pull(inst, tr):
-            self._dispatch(inst, group, tr, now_s, actions)
-            return
+        ahead = self._sent_ahead_of(inst, group, tr, now_s)
+        if ahead is not None:
+            self._evict(inst, ahead, f"gave its place to {tr.id} ({tr.slo.name})", now_s, actions)
+            if self._can_pull(inst, tr):
+                self._dispatch(inst, group, tr, now_s, actions)
+                return
         self._maybe_evict(inst, group, tr, now_s, actions, for_swap=False)
 
     def _head(self, inst: InstanceRecord, now_s: float) -> tuple[QueuedGroup, Tracked] | None:
@@ -232,17 +235,12 @@ class ServingOps:
             inst.engine_waiting += 1  # waits in the engine until its next report says otherwise
         actions.append(Dispatch(tr.id, inst.spec.id, tr.priority, tr.kept_tokens))
 
-    def _make_way(
-        self,
-        inst: InstanceRecord,
-        group: QueuedGroup,
-        head: Tracked,
-        now_s: float,
-        actions: list[Action],
-    ) -> bool:
-        """Whether a request sent ahead of a full instance (no first token yet) of a less
-        urgent class than ``head`` was evicted to give ``head`` its place, the plan in force
-        having ``head`` late if it waits: the evicted request has no output to lose."""
+    def _sent_ahead_of(
+        self, inst: InstanceRecord, group: QueuedGroup, head: Tracked, now_s: float
+    ) -> Tracked | None:
+        """A request sent ahead to a full instance (no first token yet), of a less urgent
+        class than ``head``, to evict so ``head`` takes its place, the plan in force having
+        ``head`` late if it waits: it has no output to lose. None if there is none."""
         cfg = self.config
         perf = self._perf[(head.request.model, inst.spec.gpu)]
         if (
@@ -252,17 +250,15 @@ class ServingOps:
             or len(inst.inflight) < perf.max_num_seqs
             or not _late_by_plan(group.plan, head.id, now_s)
         ):
-            return False
+            return None
+        return next((t for t in self._evictable(inst, head) if t.first_token_s is None), None)
+
+    def _evictable(self, inst: InstanceRecord, head: Tracked) -> Iterator[Tracked]:
+        """The requests in flight on ``inst`` of a less urgent class than ``head`` that may
+        be evicted again, newest first."""
         for t in reversed(inst.inflight.values()):
-            if (
-                t.first_token_s is None
-                and t.slo.priority > head.slo.priority
-                and t.evictions < cfg.max_evictions
-            ):
-                why = f"gave its place to {head.id} ({head.slo.name})"
-                self._evict(inst, t, why, now_s, actions)
-                return True
-        return False
+            if t.slo.priority > head.slo.priority and t.evictions < self.config.max_evictions:
+                yield t
 
     def _maybe_evict(
         self,
@@ -290,10 +286,8 @@ class ServingOps:
             return  # the plan has the head on time by waiting (for a swap: by draining)
         victims = [
             t
-            for t in reversed(inst.inflight.values())
-            if t.slo.priority > head_prio
-            and t.evictions < cfg.max_evictions
-            and t.deadline_s - now_s > 2 * self._service_s(t, inst)
+            for t in self._evictable(inst, head)
+            if t.deadline_s - now_s > 2 * self._service_s(t, inst)
         ]
         if for_swap and len(victims) < len(inst.inflight):
             return  # some work must drain anyway: evicting the rest gains nothing
