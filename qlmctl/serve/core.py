@@ -309,13 +309,11 @@ class ServeCore:
         if not self._dispatch_on_arrival or not fresh or len(fresh) != len(self._waiting):
             return []  # a backlog (or re-queued work): the new requests are planned with it
         actions: list[Action] = []
-        soonest_after = math.inf  # the earliest deadline among the later arrivals
-        in_order = []
-        for tr in reversed(fresh):
-            in_order.append(tr.deadline_s <= soonest_after)
-            soonest_after = min(soonest_after, tr.deadline_s)
-        for tr, first in zip(fresh, reversed(in_order), strict=True):
-            if not first or not self._ops.admit(tr, now_s, actions):
+        soonest_after = [math.inf] * len(fresh)  # the earliest deadline of the later ones
+        for k in range(len(fresh) - 2, -1, -1):
+            soonest_after[k] = min(soonest_after[k + 1], fresh[k + 1].deadline_s)
+        for tr, soonest in zip(fresh, soonest_after, strict=True):
+            if tr.deadline_s > soonest or not self._ops.admit(tr, now_s, actions):
                 break
         if actions:
             self._unplanned = [t for t in fresh if t.state is ReqState.WAITING]
