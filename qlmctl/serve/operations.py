@@ -174,7 +174,7 @@ class ServingOps:
             if not self._starts_at_once(inst, tr, perf):
                 continue
             # the prompts sent there and not started yet go first in the engine's steps
-            prompts = inst.unstarted_tokens + tr.request.prompt_tokens
+            prompts = inst.unstarted_tokens + tr.prefill_tokens
             first_s = _first_token_alone_s(perf, prompts, *inst.decode_load(tr))
             if first_s < best_s:
                 best, best_s = inst, first_s

@@ -181,7 +181,7 @@ def what_is_left(tr: Tracked) -> Request:
     out = req.output_tokens
     return req.model_copy(
         update={
-            "prompt_tokens": req.prompt_tokens + kept,
+            "prompt_tokens": tr.prefill_tokens,
             "max_output_tokens": max(1, req.max_output_tokens - kept),
             "output_tokens": None if out is None else max(1, out - kept),
         }
