@@ -2,7 +2,8 @@
 
 Each repeat (in its own directory ``WORKDIR/repeat-K``) first profiles the tiny model with
 ``qlmctl profile``'s sweep (``--sweep``) on ``--servers`` real ``vllm serve`` at once
-(the demo's two servers share the host's cores, so a lone server is faster), then runs
+(the demo's two servers share the host's cores, so a lone server is faster) and keeps
+their mean (two servers swept side by side differ by 10-15 % in a decode step), then runs
 ``qlmctl demo``'s job (two tiny models, one real ``vllm serve`` each on the CPU,
 ``workloads/demo.yaml``) once per policy, then the same on the simulated engine, both
 with that profile. Matching requests by id, it prints per policy and repeat the median
@@ -30,6 +31,7 @@ import json
 import os
 import statistics
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ from qlmctl.domain import ClusterSpec
 from qlmctl.engine.tiny_model import build_tiny_model
 from qlmctl.fileio import atomic_write_text
 from qlmctl.perfmodel import PerfModel
+from qlmctl.profile.fit import COEFFICIENTS
 from qlmctl.profile.profiler import profile_cluster_model, profile_path
 from qlmctl.profile.sweeps import SweepConfig
 from qlmctl.report.metrics import request_table
@@ -80,10 +83,20 @@ def real_runs(workdir: Path, policy: str) -> list[Path]:
     return sorted((workdir / "runs").glob(f"*-{policy}-vllm"))
 
 
+def pooled(profiles: list[PerfModel]) -> PerfModel:
+    """One profile from several of the same model and GPU type: each fitted time the mean
+    of theirs (the sweeps' designs are the same, so this is the least-squares fit of
+    their samples pooled, up to the fit's non-negativity)."""
+    times = (*COEFFICIENTS, "admission_gap_s")
+    mean = {f: statistics.fmean(getattr(p, f) for p in profiles) for f in times}
+    note = f"; the mean of {len(profiles)} servers profiled at once" if len(profiles) > 1 else ""
+    return replace(profiles[0], **mean, provenance=profiles[0].provenance + note)
+
+
 def measure_profile(workdir: Path, sweep: SweepConfig, servers: int) -> PerfModel:
     """Profile the demo's tiny model now, on ``servers`` servers swept at once (the demo
-    runs two, which share the host's cores); the first server's profile is kept, all go
-    to ``workdir/measured-K``."""
+    runs two, which share the host's cores): their :func:`pooled` profile; each goes to
+    ``workdir/measured-K``."""
     model_dir = build_tiny_model(workdir / "models" / "tiny-a", seed=0)
 
     def one(k: int, port: int) -> PerfModel:
@@ -98,14 +111,15 @@ def measure_profile(workdir: Path, sweep: SweepConfig, servers: int) -> PerfMode
         return profile_cluster_model(cluster, "tiny", out, sweep=sweep, show_progress=False).perf
 
     with ThreadPoolExecutor(servers) as pool:
-        profiles = list(pool.map(one, range(servers), free_ports(servers)))
-    return profiles[0]
+        return pooled(list(pool.map(one, range(servers), free_ports(servers))))
 
 
 def saved_profile(workdir: Path) -> PerfModel | None:
-    """The profile :func:`measure_profile` left in ``workdir``, if any."""
-    path = profile_path(workdir / "measured-0", "tiny", "cpu")
-    return PerfModel.load(path) if path.exists() else None
+    """The pooled profile of what :func:`measure_profile` left in ``workdir``, if any."""
+    paths = sorted(workdir.glob("measured-*"))
+    profiles = [profile_path(p, "tiny", "cpu") for p in paths]
+    found = [PerfModel.load(p) for p in profiles if p.exists()]
+    return pooled(found) if found else None
 
 
 def run_repeat(
