@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.sim_fidelity import compare, merge_results
+from benchmarks.sim_fidelity import compare, merge_results, pooled, saved_profile
 from qlmctl.demo import run_demo
+from qlmctl.profile.profiler import profile_path
 from qlmctl.profile.store import ProfileStore
 
 
@@ -52,3 +53,19 @@ def test_runs_of_different_workloads_are_refused(tmp_path: Path) -> None:
     (other / "run.json").write_text(json.dumps(meta))
     with pytest.raises(SystemExit, match="different workloads"):
         compare(run.run_dir, other)
+
+
+def test_servers_profiled_at_once_are_pooled(tmp_path: Path) -> None:
+    tiny = ProfileStore.load(None).get("tiny", "cpu")
+    slow = replace(tiny, step_base_s=3 * tiny.step_base_s, decode_s_per_seq=1e-4)
+    for k, perf in enumerate((tiny, slow)):
+        path = profile_path(tmp_path / f"measured-{k}", "tiny", "cpu")
+        path.parent.mkdir(parents=True)
+        perf.save(path)
+    both = saved_profile(tmp_path)
+    assert both is not None
+    assert both.step_base_s == pytest.approx(2 * tiny.step_base_s)
+    assert both.decode_s_per_seq == pytest.approx((tiny.decode_s_per_seq + 1e-4) / 2)
+    assert both.max_num_seqs == tiny.max_num_seqs and "mean of 2 servers" in both.provenance
+    assert pooled([tiny]) == tiny
+    assert saved_profile(tmp_path / "nothing") is None
