@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ from qlmctl.cli import app
 from qlmctl.domain import ClusterSpec, SLOClass
 from qlmctl.errors import BadInput
 from qlmctl.perfmodel import PerfModel
-from qlmctl.plan.policies import make_policy
+from qlmctl.plan.policies import QlmPolicy, make_policy
+from qlmctl.plan.types import Plan, QueueSnapshot
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.runlog import read_run
 from qlmctl.serve.sim_driver import run_simulated
@@ -179,3 +181,29 @@ def test_serve_command_runs_the_simulator_and_reports(tmp_path: Path) -> None:
     assert isinstance(again.exception, BadInput) and "exists" in str(again.exception)
     bad = CliRunner().invoke(app, [*args[:-1], "y", "--policy", "nope"])
     assert isinstance(bad.exception, BadInput) and "unknown policy" in str(bad.exception)
+
+
+def test_the_improvers_answer_arrives_as_long_after_its_snapshot_as_the_solve_took(
+    tmp_path: Path,
+) -> None:
+    solve_s = 0.05
+    asked_at: list[float] = []
+
+    class SlowImprover(QlmPolicy):
+        def improve(self, snapshot: QueueSnapshot, budget_s: float, rng: Any) -> Plan | None:
+            asked_at.append(snapshot.now_s)
+            time.sleep(solve_s)
+            return None
+
+    cluster, perf = small_cluster()
+    config = CoreConfig(improve=True, improve_min_interval_s=1.0)
+    run_simulated(hol_workload(), cluster, perf, SlowImprover(), config, tmp_path / "r")
+    ops = read_run(tmp_path / "r").operations
+    answers = [
+        t
+        for t, d in zip(ops["time_s"], ops["detail"], strict=True)
+        if json.loads(d).get("source") == "improver"
+    ]
+    assert len(answers) == len(asked_at) >= 3
+    delays = [a - b for a, b in zip(answers, asked_at, strict=True)]
+    assert min(delays) >= solve_s

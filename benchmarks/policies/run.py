@@ -6,9 +6,10 @@ simulated vLLM engine) into a temporary run directory, and reads the metrics bac
 :func:`qlmctl.report.metrics.run_metrics`, the same code ``qlmctl report`` uses. So a
 row is exactly what a user would see for that run. Points run in a process pool.
 
-The ``qlm`` policy runs with its MILP improver on (``CoreConfig.improve``): the driver
-solves it synchronously while virtual time stands still, so its (time-limited) answers
-depend on the machine's speed; every other policy is deterministic for the seed.
+The ``qlm`` policy runs with its MILP improver on (``CoreConfig.improve``): its
+(time-limited) answers, and when they reach the core (as much virtual time after the
+snapshot as the solve took), depend on the machine's speed; every other policy is
+deterministic for the seed.
 ``clairvoyant`` is the ``qlm`` planner told every request's true output length: the
 bound on what better length estimates could buy. ``hindsight`` is no policy: the
 program's bound given the whole run (:mod:`.bound`), one row per point.

@@ -329,9 +329,8 @@ class RealDriver:
         self.core = core
         improve_rng = np.random.default_rng([self.seed, 1])
 
-        def improve(improver: ImproveFn, snap: QueueSnapshot, _now_s: float) -> bool:
-            self._spawn(self._improve(improver, snap, improve_rng))
-            return False  # the answer comes back through the queue
+        def improve(improver: ImproveFn, snap: QueueSnapshot, _now_s: float) -> None:
+            self._spawn(self._improve(improver, snap, improve_rng))  # answers via the queue
 
         step = DriverStep(
             core, self.workload.requests, log, self._apply, improve,

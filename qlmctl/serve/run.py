@@ -33,8 +33,8 @@ from qlmctl.workload import Workload
 
 ProgressFn = Callable[[CoreStats, float], None]  # (counts so far, run time)
 RowHook = Callable[[dict[str, Any]], None]  # sees (and may fill) one log row
-# (improver, snapshot, now) -> whether the core already has the answer (on_plan was called)
-ImproveHook = Callable[[ImproveFn, QueueSnapshot, float], bool]
+# (improver, snapshot, now): start it; its answer reaches the core later, through on_plan
+ImproveHook = Callable[[ImproveFn, QueueSnapshot, float], None]
 INTERRUPTED = "interrupted (Ctrl-C)"  # reason of the requests a Ctrl-C cancels
 
 
@@ -173,9 +173,9 @@ class DriverStep:
     decide and applies the actions, hands a snapshot to the background improver, moves
     the log rows to disk and reports progress. The drivers feed engine events themselves
     (before the step) and differ in two hooks: ``apply`` sends actions to their engine,
-    ``improve`` runs the improver: the simulated driver answers at once while virtual
-    time stands still (True: the core decides again with the new plan), the real one
-    starts it in a worker thread (False: the answer comes later through ``on_plan``).
+    ``improve`` starts the improver, whose answer reaches the core later through
+    ``on_plan``: the real driver runs it in a worker thread, the simulated one at once
+    and hands the answer over when as much virtual time has passed as the solve took.
     """
 
     def __init__(
@@ -226,14 +226,8 @@ class DriverStep:
         actions = core.decide(now_s)
         self._apply(actions)
         snap = core.wants_improvement()
-        if (
-            snap is not None
-            and core.improver is not None
-            and self._improve(core.improver, snap, now_s)
-        ):
-            again = core.decide(now_s)
-            self._apply(again)
-            actions += again
+        if snap is not None and core.improver is not None:
+            self._improve(core.improver, snap, now_s)
         self.write()
         self._steps += 1
         if self._on_progress is not None and self._steps % self._progress_every == 0:
