@@ -1,12 +1,12 @@
 """The simulated driver: the serving core against :class:`SimEngine` in virtual time.
 
 A discrete-event loop: the next moment is the earliest of the next arrival, the engine's
-next event and the core's next timer; the clock jumps there, the engine's events up to
-it are fed to the core, then the step both drivers share
-(:class:`~qlmctl.serve.run.DriverStep`) feeds the arrivals at it, asks the core to decide
-and applies the actions to the engine. Ties are broken in one fixed order (engine
-events, then arrivals, then decisions), so the same inputs and seed give byte-identical
-Parquet files: the policy's wall-clock solve times stay out of them (run.json's
+next event, the core's next timer and the improver's next answer; the clock jumps there,
+the engine's events up to it are fed to the core, then the improver's answer if due,
+then the step both drivers share (:class:`~qlmctl.serve.run.DriverStep`) feeds the
+arrivals at it, asks the core to decide and applies the actions to the engine. Ties are
+broken in that fixed order, so the same inputs and seed give byte-identical Parquet
+files: the policy's wall-clock solve times stay out of them (run.json's
 ``solver_wall_s`` has their total).
 
 The background improver (the ``qlm`` policy's MILP) runs at the re-plan that offers a
