@@ -315,7 +315,7 @@ class ServeCore:
         for tr, soonest in zip(fresh, soonest_after, strict=True):
             if tr.deadline_s > soonest or not self._ops.admit(tr, now_s, actions):
                 break
-        if actions:
+        if actions:  # forget the dispatched now: one re-queued later is no new arrival
             self._unplanned = [t for t in fresh if t.state is ReqState.WAITING]
         if not self._waiting:
             self._replan_due = False  # nothing to plan
