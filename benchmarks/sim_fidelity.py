@@ -17,9 +17,11 @@ to the fidelity runs themselves. ``--sweep none`` uses the shipped ``tiny@cpu`` 
 
 The figures go into ``benchmarks/results/estimator.json`` under ``sim_fidelity.<policy>``
 (``ttft_median_err``, ``e2e_median_err``: the median over repeats; ``repeats``: each
-repeat's figures). The file is read, updated and written atomically: other benchmarks
-own its other keys. ``--reuse-real`` re-simulates the real runs already in ``--workdir``
-(after a simulator change) with their repeat's profile, without starting vLLM.
+repeat's figures; ``real_floor``: the same two errors of one repeat's real run against
+the next's, the noise floor of the measurement on this host). The file is read, updated
+and written atomically: other benchmarks own its other keys. ``--reuse-real``
+re-simulates the real runs already in ``--workdir`` (after a simulator change) with their
+repeat's profile, without starting vLLM.
 
     .venv/bin/python -m benchmarks.sim_fidelity --repeats 2   # about 10 min a repeat
 """
@@ -27,6 +29,7 @@ own its other keys. ``--reuse-real`` re-simulates the real runs already in ``--w
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -51,6 +54,7 @@ from qlmctl.report.runs import load_run
 
 RESULTS = Path(__file__).resolve().parent / "results" / "estimator.json"
 TARGET = 0.10  # median relative error, TTFT and end-to-end
+ERRORS = ("ttft_median_err", "e2e_median_err")
 
 
 def paired(real: pd.DataFrame, sim: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -76,6 +80,17 @@ def compare(real_dir: Path, sim_dir: Path) -> dict[str, float]:
         out[f"{key}_median_bias_s"] = float(np.median(diff))  # > 0: the simulator is slower
         out["requests"] = len(err)
     return out
+
+
+def real_floor(reals: list[Path]) -> dict[str, float] | None:
+    """How far real runs of one policy are from each other: the median, over consecutive
+    pairs, of each figure of :func:`compare` with the later run in the simulator's place
+    (None with fewer than two runs). No simulator can be expected to come closer to one
+    real run than another real run does."""
+    pairs = [compare(a, b) for a, b in itertools.pairwise(reals)]
+    if not pairs:
+        return None
+    return {key: statistics.median(p[key] for p in pairs) for key in ERRORS}
 
 
 def real_runs(workdir: Path, policy: str) -> list[Path]:
@@ -189,14 +204,22 @@ def main() -> None:
             )
     results: dict[str, dict[str, Any]] = {}
     for policy, repeats in by_policy.items():
-        results[policy] = {
-            key: statistics.median(r[key] for r in repeats)
-            for key in ("ttft_median_err", "e2e_median_err")
-        } | {"repeats": repeats, "target": TARGET}
+        floor = real_floor([args.workdir / r["real_run"] for r in repeats])
+        results[policy] = {key: statistics.median(r[key] for r in repeats) for key in ERRORS} | {
+            "repeats": repeats,
+            "target": TARGET,
+            "real_floor": floor,
+        }
+        between = (
+            f"; real runs against each other: TTFT {floor['ttft_median_err']:.1%}, "
+            f"E2E {floor['e2e_median_err']:.1%}"
+            if floor
+            else ""
+        )
         print(
             f"{policy:>6}: median over {len(repeats)} repeats: TTFT "
             f"{results[policy]['ttft_median_err']:.1%}, E2E "
-            f"{results[policy]['e2e_median_err']:.1%} (target < {TARGET:.0%})"
+            f"{results[policy]['e2e_median_err']:.1%} (target < {TARGET:.0%}){between}"
         )
     merge_results(args.results, results)
     print(f"wrote {args.results}")

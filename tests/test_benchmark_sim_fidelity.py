@@ -8,21 +8,30 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.sim_fidelity import compare, merge_results, pooled, saved_profile
+from benchmarks.sim_fidelity import compare, merge_results, pooled, real_floor, saved_profile
 from qlmctl.demo import run_demo
 from qlmctl.profile.profiler import profile_path
 from qlmctl.profile.store import ProfileStore
 
 
-def test_a_run_against_itself_has_no_error_and_a_slower_one_does(tmp_path: Path) -> None:
+@pytest.fixture
+def base_and_slow(tmp_path: Path) -> tuple[Path, Path]:
+    """The demo's fcfs run simulated with the shipped profile, and with twice its step base."""
     (base,), _ = run_demo(tmp_path / "a", ("fcfs",), engine="sim")
     tiny = ProfileStore.load(None).get("tiny", "cpu")
     slow_perf = replace(tiny, step_base_s=2 * tiny.step_base_s)
     (slow,), _ = run_demo(tmp_path / "b", ("fcfs",), engine="sim", profile=slow_perf)
-    same = compare(base.run_dir, base.run_dir)
+    return base.run_dir, slow.run_dir
+
+
+def test_a_run_against_itself_has_no_error_and_a_slower_one_does(
+    base_and_slow: tuple[Path, Path],
+) -> None:
+    base, slow = base_and_slow
+    same = compare(base, base)
     assert same["ttft_median_err"] == same["e2e_median_err"] == 0.0
     assert same["requests"] == 405
-    worse = compare(slow.run_dir, base.run_dir)  # the base simulation is the faster one
+    worse = compare(slow, base)  # the base simulation is the faster one
     assert worse["e2e_median_err"] > 0.05 and worse["e2e_median_bias_s"] < 0
 
 
@@ -69,3 +78,14 @@ def test_servers_profiled_at_once_are_pooled(tmp_path: Path) -> None:
     assert both.max_num_seqs == tiny.max_num_seqs and "mean of 2 servers" in both.provenance
     assert pooled([tiny]) == tiny
     assert saved_profile(tmp_path / "nothing") is None
+
+
+def test_the_real_floor_compares_consecutive_runs(base_and_slow: tuple[Path, Path]) -> None:
+    base, slow = base_and_slow
+    assert real_floor([base]) is None
+    assert real_floor([base, base]) == {"ttft_median_err": 0.0, "e2e_median_err": 0.0}
+    floor = real_floor([base, slow, base])
+    assert floor is not None
+    both_ways = compare(base, slow)["e2e_median_err"] + compare(slow, base)["e2e_median_err"]
+    assert floor["e2e_median_err"] == pytest.approx(both_ways / 2)
+    assert floor["e2e_median_err"] > 0.05
