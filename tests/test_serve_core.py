@@ -94,6 +94,9 @@ class TinyPolicy:
         )
 
 
+AT_ONCE = CoreConfig(replan_min_interval_s=0, arrival_replan_share=0)  # every re-plan at once
+
+
 def make_core(
     num_instances: int = 1,
     policy: Any = None,
@@ -103,7 +106,7 @@ def make_core(
 ) -> ServeCore:
     cluster = make_cluster(num_instances, models)
     perf = {(m, "G"): make_perf(m, **(perf_fields or {})) for m in models}
-    config = CoreConfig(**{"replan_min_interval_s": 0.0, **overrides})
+    config = CoreConfig(**{"replan_min_interval_s": 0.0, "arrival_replan_share": 0.0, **overrides})
     return ServeCore(
         cluster, SLO_CLASSES, perf, policy or TinyPolicy(), config, np.random.default_rng(0)
     )
@@ -253,6 +256,30 @@ def test_replans_are_rate_limited() -> None:
     assert policy.calls == 2
 
 
+def test_arrivals_alone_are_planned_every_share_of_the_tightest_target() -> None:
+    policy = TinyPolicy()  # SLO_CLASSES: 20 s and 600 s; a tenth of 20 s is 2 s
+    core = make_core(
+        policy=policy,
+        replan_min_interval_s=0.5,
+        arrival_replan_share=0.1,
+        max_inflight=1,
+        dispatch_on_arrival=False,
+    )
+    assert dispatched(arrive(core, make_requests(2))) == ["r0"] and policy.calls == 1
+    core.on_arrival(make_requests(1, prefix="x", start_s=0.6)[0], 0.6)
+    core.decide(1.9)
+    assert policy.calls == 1
+    core.decide(2.0)
+    assert policy.calls == 2  # x0 planned beside r1
+    core.on_arrival(make_requests(1, prefix="y", start_s=2.1)[0], 2.1)  # due at 4.0
+    (second,) = dispatched(finish(core, "r0", "i0", 2.2))
+    (third,) = dispatched(finish(core, second, "i0", 2.3))
+    assert {second, third} == {"r1", "x0"}
+    # the instance's queue ran dry while y0 waits: a re-plan 0.5 s after the last one
+    assert dispatched(finish(core, third, "i0", 2.4)) == [] and core.next_wakeup_s() == 2.5
+    assert dispatched(core.decide(2.5)) == ["y0"] and policy.calls == 3
+
+
 def _blocked_by_batch(**overrides: Any) -> tuple[ServeCore, list[Action]]:
     """One instance full of long batch work; an urgent interactive request arrives."""
     policy = TinyPolicy(by_priority=True, wait_s=100.0)
@@ -337,7 +364,7 @@ def test_swap_sleeps_the_current_model_where_supported() -> None:
     cluster = make_cluster(1)
     perf = {(m, "G"): make_perf(m, sleep_s=1.0, wake_s=2.0) for m in ("m1", "m2")}
     policy = TinyPolicy(route={"m1": "i0", "m2": "i0"})
-    core = ServeCore(cluster, SLO_CLASSES, perf, policy, CoreConfig(replan_min_interval_s=0))
+    core = ServeCore(cluster, SLO_CLASSES, perf, policy, AT_ONCE)
     actions = arrive(core, make_requests(1, model="m2"))
     assert actions == [LoadModel("i0", "m2", sleep_current=True)]
     core.on_event(InstanceReady("i0", 3.0, "m2"), 3.0)
@@ -518,7 +545,7 @@ def test_models_kept_warm_start_asleep_and_a_change_to_one_is_a_wake() -> None:
     cluster = base.model_copy(update={"instances": [spec]})
     perf = {(m, "G"): make_perf(m, sleep_s=0.01, wake_s=0.02) for m in ("m1", "m2")}
     policy = TinyPolicy(route={"m1": "i0", "m2": "i0"})
-    core = ServeCore(cluster, SLO_CLASSES, perf, policy, CoreConfig(replan_min_interval_s=0))
+    core = ServeCore(cluster, SLO_CLASSES, perf, policy, AT_ONCE)
     assert core.snapshot(0.0).instances[0].sleeping_models == frozenset({"m2"})
     assert arrive(core, make_requests(1, model="m2")) == [LoadModel("i0", "m2", sleep_current=True)]
     core.on_event(InstanceReady("i0", 0.02, "m2"), 0.02)
@@ -533,7 +560,7 @@ def test_an_instance_that_keeps_nothing_warm_restarts_even_where_sleep_works() -
     )
     perf = {(m, "G"): make_perf(m, sleep_s=0.01, wake_s=0.02) for m in ("m1", "m2")}
     policy = TinyPolicy(route={"m1": "i0", "m2": "i0"})
-    core = ServeCore(cluster, SLO_CLASSES, perf, policy, CoreConfig(replan_min_interval_s=0))
+    core = ServeCore(cluster, SLO_CLASSES, perf, policy, AT_ONCE)
     assert arrive(core, make_requests(1, model="m2")) == [
         LoadModel("i0", "m2", sleep_current=False)
     ]

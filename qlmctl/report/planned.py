@@ -32,6 +32,7 @@ import pandas as pd
 
 from qlmctl.errors import BadInput
 from qlmctl.plan.types import Plan
+from qlmctl.serve.config import arrival_replan_s
 from qlmctl.serve.runlog import Outcome, RunLog
 
 DEPARTURE_COLUMNS = ["time_s", "kind", "instance_id", "request_id", "what", "why"]
@@ -201,7 +202,12 @@ def _departures(
             rows.append([disp[r], "instance", ran_on[r], r, f"planned on {plan_inst[r]}",
                          cause(disp[r])])  # fmt: skip
             bad.add(r)
-    interval = float((run.meta.get("config") or {}).get("replan_min_interval_s") or 0.0)
+    config = run.meta.get("config") or {}
+    interval = arrival_replan_s(
+        float(config.get("replan_min_interval_s") or 0.0),
+        float(config.get("arrival_replan_share") or 0.0),
+        (float(c["ttft_s"]) for c in (run.meta.get("slo_classes") or {}).values()),
+    )
     for inst in sorted(set(plan_inst.values())):
         peers = [r for r in plan_inst if plan_inst[r] == inst]
         rank = np.array([plan_rank[r] for r in peers])

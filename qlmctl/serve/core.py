@@ -9,8 +9,10 @@ decisions come out (:meth:`~ServeCore.decide` -> actions, :meth:`~ServeCore.next
 How it works (the core keeps the records and handles the events; two helpers it owns do
 the rest, on the same records):
 
-* **Plan -> virtual queues.** A re-plan (on arrivals, re-queues, instance changes and
-  predicted violations; at most every ``replan_min_interval_s``) asks the policy for a plan
+* **Plan -> virtual queues.** A re-plan (on re-queues, instance changes, an instance
+  running dry and predicted violations, at most every ``replan_min_interval_s``; on
+  arrivals alone, every ``arrival_replan_share`` of the tightest TTFT target, if longer:
+  :meth:`CoreConfig.arrival_replan_s`) asks the policy for a plan
   over the waiting requests (:meth:`~ServeCore.snapshot`; under a flood the
   ``max_planned`` most urgent) and rebuilds one virtual queue
   per instance: its groups in order, each a FIFO of request ids
@@ -144,7 +146,7 @@ class ServeCore:
         )
         self._recent = RecentWindow(ARRIVAL_WINDOW_S)
         self._first_arrival_s = math.inf
-        self._replan_due = False
+        self._replan_at_s = math.inf  # when the re-plan asked for is due (inf: none asked)
         self._last_replan_s = -math.inf
         self._next_check_s: float | None = None
         self._offer: QueueSnapshot | None = None
@@ -173,7 +175,7 @@ class ServeCore:
         self._unplanned.append(tr)
         self._recent.add(request)
         self._first_arrival_s = min(self._first_arrival_s, now_s)
-        self._replan_due = True
+        self._replan_after(self.config.arrival_replan_s(c.ttft_s for c in self._slo.values()))
         self._now = now_s
 
     def add_slo_class(self, slo: SLOClass) -> None:
@@ -220,7 +222,7 @@ class ServeCore:
             if self._observe is not None:
                 self._observe(tr.request.model, tr.request.slo_class, total)
             if not self._queues[inst.spec.id] and self._waiting:
-                self._replan_due = True  # an instance ran dry while work waits elsewhere
+                self._replan_after()  # an instance ran dry while work waits elsewhere
         elif isinstance(event, Aborted):
             self._on_aborted(tr, event)
 
@@ -288,8 +290,8 @@ class ServeCore:
         if self._next_check_s is not None and now_s >= self._next_check_s:
             self._next_check_s = None
             if self._queues.off_plan(now_s, self.config.lag_tolerance_s):
-                self._replan_due = True  # a head group runs late, or capacity idles
-        if self._replan_due and now_s >= self._last_replan_s + self.config.replan_min_interval_s:
+                self._replan_after()  # a head group runs late, or capacity idles
+        if now_s >= self._replan_at_s:
             self._replan(now_s)
         actions = admitted + self._ops.serve(now_s)
         if self._next_check_s is None and self._waiting:
@@ -303,7 +305,7 @@ class ServeCore:
         (:meth:`ServingOps.admit`); the first that fails, and every one after, waits (for
         a later decision, or the re-plan). With no queue and arrivals in deadline order
         there is nothing to order, and a plan would only pick the instance: this saves the
-        re-plan's wait (up to ``replan_min_interval_s``) and its cost, which under light
+        re-plan's wait (up to :meth:`CoreConfig.arrival_replan_s`) and its cost, which under light
         load are most of a request's time in qlmctl."""
         fresh = self._unplanned = [t for t in self._unplanned if t.state is ReqState.WAITING]
         if not self._dispatch_on_arrival or not fresh or len(fresh) != len(self._waiting):
@@ -318,14 +320,14 @@ class ServeCore:
         if actions:  # forget the dispatched now: one re-queued later is no new arrival
             self._unplanned = [t for t in fresh if t.state is ReqState.WAITING]
         if not self._waiting:
-            self._replan_due = False  # nothing to plan
+            self._replan_at_s = math.inf  # nothing to plan
         return actions
 
     def next_wakeup_s(self) -> float | None:
         """When :meth:`decide` should run again if no event comes first (absolute time)."""
         times = [self._ops.hint_s]
-        if self._replan_due:
-            times.append(max(self._now, self._last_replan_s + self.config.replan_min_interval_s))
+        if self._replan_at_s < math.inf:
+            times.append(max(self._now, self._replan_at_s))
         if self._next_check_s is not None:
             times.append(self._next_check_s)
         t = min(times)
@@ -393,8 +395,14 @@ class ServeCore:
 
     # ---- planning -------------------------------------------------------------------
 
+    def _replan_after(self, wait_s: float | None = None) -> None:
+        """Ask for a re-plan ``wait_s`` (default ``replan_min_interval_s``) after the last
+        one, or sooner if asked so before."""
+        wait_s = self.config.replan_min_interval_s if wait_s is None else wait_s
+        self._replan_at_s = min(self._replan_at_s, self._last_replan_s + wait_s)
+
     def _replan(self, now_s: float) -> None:
-        self._replan_due = False
+        self._replan_at_s = math.inf
         self._unplanned = []
         self._last_replan_s = now_s
         self._fail_unservable(now_s)
@@ -501,7 +509,7 @@ class ServeCore:
             self._attempt_rows[-1]["kept_tokens"] = tr.kept_tokens
             tr.reset_attempt()
             self._waiting[tr.id] = tr
-            self._replan_due = True
+            self._replan_after()
             return
         if was_waiting:
             del self._waiting[tr.id]
@@ -531,7 +539,7 @@ class ServeCore:
                 self._topology += 1
                 self._log.add(now_s, "instance_up", inst.spec.id, ev.model)
             inst.status, inst.model = InstStatus.UP, ev.model
-            self._replan_due = True
+            self._replan_after()
             return
         if ev.reason == "swap" and inst.status is InstStatus.LOADING:
             return  # the expected first half of a load
@@ -546,7 +554,7 @@ class ServeCore:
                 self._end(tr, now_s, "requeue", None, tr.evict_reason, outcome=Outcome.EVICTED)
             else:
                 self._fail_attempt(tr, now_s, None, f"instance {inst.spec.id} down: {ev.reason}")
-        self._replan_due = True
+        self._replan_after()
 
     # ---- log rows ---------------------------------------------------------------------
 
