@@ -33,9 +33,9 @@ def arrival_replan_s(min_interval_s: float, share: float, ttft_targets: Iterable
     reference loads of ``benchmarks.policies``, whose tightest target is 20 s): arrivals
     planned every 0.5 s (share 0) and every 2 s (share 0.1) gave the same attainment
     within the seeds' spread (84.2 / 85.2 / 77.1 / 67.8 / 76.9 % and 84.1 / 85.5 / 76.8 /
-    69.2 / 78.0 %) and throughput (within 1 %) at 146 and 86 s of CPU; every re-plan at
-    most every 2 s (an instance running dry, a late head) cost C-longprompt 6 % of its
-    throughput.
+    69.2 / 78.0 %) and throughput (within 1 %) at 146 and 86 s of CPU, and -1.5 to +2.7
+    points (mean +0.1) at the sweep's other loads; every re-plan at most every 2 s (an
+    instance running dry, a late head too) cost C-longprompt 6 % of its throughput.
     """
     return max(min_interval_s, share * min(ttft_targets, default=0.0))
 
