@@ -305,8 +305,8 @@ class ServeCore:
         (:meth:`ServingOps.admit`); the first that fails, and every one after, waits (for
         a later decision, or the re-plan). With no queue and arrivals in deadline order
         there is nothing to order, and a plan would only pick the instance: this saves the
-        re-plan's wait (up to :meth:`CoreConfig.arrival_replan_s`) and its cost, which under light
-        load are most of a request's time in qlmctl."""
+        re-plan's wait (up to :meth:`CoreConfig.arrival_replan_s`) and its cost, which
+        under light load are most of a request's time in qlmctl."""
         fresh = self._unplanned = [t for t in self._unplanned if t.state is ReqState.WAITING]
         if not self._dispatch_on_arrival or not fresh or len(fresh) != len(self._waiting):
             return []  # a backlog (or re-queued work): the new requests are planned with it
