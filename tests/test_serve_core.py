@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -106,7 +107,7 @@ def make_core(
 ) -> ServeCore:
     cluster = make_cluster(num_instances, models)
     perf = {(m, "G"): make_perf(m, **(perf_fields or {})) for m in models}
-    config = CoreConfig(**{"replan_min_interval_s": 0.0, "arrival_replan_share": 0.0, **overrides})
+    config = replace(AT_ONCE, **overrides)
     return ServeCore(
         cluster, SLO_CLASSES, perf, policy or TinyPolicy(), config, np.random.default_rng(0)
     )
