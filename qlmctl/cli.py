@@ -221,7 +221,8 @@ def plan(
     if len(result) == 1:
         only = next(iter(result.values()))
         for inst, rows in instance_rows(only.plan).items():
-            cols = ["#", "group", "model", "class", "size", "deadline s", "start s", "finish s"]
+            cols = ["#", "group", "model", "class", "size", "deadline s", "start s"]
+            cols += ["first tokens by (p90) s", "finish s"]
             print_table(f"instance {inst}", [*cols, "P(miss)"], rows)
     classes = sorted({c for r in result.values() for c in r.held_out.by_class})
     rows = [

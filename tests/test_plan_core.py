@@ -16,7 +16,7 @@ from qlmctl.plan import heuristics as H
 from qlmctl.plan.estimator import LengthModel, _norm_ppf, known_scenario, sample_scenarios
 from qlmctl.plan.groups import build_groups
 from qlmctl.plan.policies import POLICIES, make_policy, prepare
-from qlmctl.plan.simulate import first_tokens, simulate
+from qlmctl.plan.simulate import first_tokens, scenario_quantiles, simulate
 from qlmctl.plan.slots import EngineState
 from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, RecentArrivals, RunningRequest
 from tests.helpers import SLO_CLASSES, make_perf, make_requests
@@ -349,6 +349,46 @@ def test_the_scorer_serves_the_hopeless_last_when_the_core_defers_them() -> None
     deferring = simulate(replace(ctx.problem, defer_late=True), ctx.scen, edf)
     assert deferring.attainment == pytest.approx(4 / 204)
     assert simulate(ctx.problem, ctx.scen, edf).attainment < 4 / 204 - 1 / 204
+
+
+def test_plans_forecast_each_requests_first_token_and_finish_with_a_p90() -> None:
+    snap = snapshot(mixed_requests([("m1", "interactive", 12), ("m2", "batch", 40)]))
+    plan = make_policy("heuristic").plan(snap, np.random.default_rng(0))
+    groups = [g for ip in plan.instances for g in ip.groups]
+    assert groups
+    for g in groups:
+        cols = (g.request_first_token_s, g.request_first_token_p90_s, g.request_finish_s,
+                g.request_finish_p90_s)  # fmt: skip
+        assert all(len(c) == len(g.request_ids) for c in cols)
+        for token, token_p90, finish, finish_p90 in zip(*cols, strict=True):
+            # every scenario's finish comes after its first token, so every quantile does
+            assert snap.now_s < token <= token_p90 and token < finish <= finish_p90
+
+
+def test_a_request_served_after_the_queue_has_no_time_forecast(tmp_path: Path) -> None:
+    # as in the test above: the old backlog is lost and served after the fresh four
+    lost = make_requests(200, gap_s=0.01, output_tokens=3000, prefix="old-")
+    fresh = make_requests(4, gap_s=0.01, start_s=29.0, prefix="new-")
+    plan = make_policy("heuristic").plan(
+        snapshot(lost + fresh, residents=("m1",), now_s=30.0), np.random.default_rng(0)
+    )
+    token = {r: t for ip in plan.instances for g in ip.groups
+             for r, t in zip(g.request_ids, g.request_first_token_p90_s, strict=True)}  # fmt: skip
+    assert all(np.isfinite(token[r.id]) for r in fresh)
+    assert all(token[r.id] == np.inf for r in lost)
+    plan.save(tmp_path / "p.json")
+    data = __import__("json").loads((tmp_path / "p.json").read_text())
+    nulls = [t for g in data["instances"][0]["groups"] for t in g["request_first_token_p90_s"]]
+    assert nulls.count(None) == len(lost)
+    assert Plan.from_dict(data) == plan
+
+
+def test_scenario_quantiles_are_order_statistics() -> None:
+    values = np.array([[float(s), 10.0 * s] for s in range(1, 11)])  # [S=10, N=2]
+    values[9, 1] = np.inf  # one scenario serves request 1 after the queue
+    p50, p90, p100 = scenario_quantiles(values, (0.5, 0.9, 1.0))
+    assert p50.tolist() == [5.0, 50.0] and p90.tolist() == [9.0, 90.0]
+    assert p100.tolist() == [10.0, np.inf]
 
 
 def test_placement_goes_where_the_first_token_comes_first() -> None:

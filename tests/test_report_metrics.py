@@ -55,14 +55,20 @@ def write_run(
     rows = [
         _attempt("a", "interactive", "m1", 0.0, **i0, dispatch_s=0.5, first_token_s=0.6,
                  finish_s=2.0, slo_met=True, tpot_s=0.05,
-                 predicted_start_s=0.4, predicted_miss_prob=0.1),
+                 predicted_start_s=0.4, predicted_miss_prob=0.1,
+                 predicted_first_token_s=0.5, predicted_first_token_p90_s=0.7,
+                 predicted_finish_s=1.8, predicted_finish_p90_s=2.5),
         _attempt("b", "interactive", "m1", 1.0, **i0, dispatch_s=1.0, first_token_s=1.2,
                  finish_s=3.0, slo_met=True, tpot_s=0.1,
-                 predicted_start_s=1.0, predicted_miss_prob=0.2),
+                 predicted_start_s=1.0, predicted_miss_prob=0.2,
+                 predicted_first_token_s=1.5, predicted_first_token_p90_s=1.6,
+                 predicted_finish_s=2.0, predicted_finish_p90_s=2.5),
         _attempt("c", "batch", "m2", 2.0, instance_id="i1", dispatch_s=2.0, first_token_s=2.5,
                  finish_s=4.0, slo_met=False, outcome="evicted", reason="evicted",
                  prompt_tokens=200, output_tokens=5,
-                 predicted_start_s=2.5, predicted_miss_prob=0.3),
+                 predicted_start_s=2.5, predicted_miss_prob=0.3,
+                 predicted_first_token_s=2.6, predicted_first_token_p90_s=2.4,
+                 predicted_finish_s=3.0, predicted_finish_p90_s=3.5),
         _attempt("c", "batch", "m2", 2.0, attempt=1, instance_id="i1", dispatch_s=6.0,
                  first_token_s=6.4, finish_s=8.0, slo_met=True, tpot_s=0.02,
                  prompt_tokens=200, output_tokens=40,
@@ -70,7 +76,8 @@ def write_run(
         _attempt("d", "interactive", "m1", 3.0, **i0, dispatch_s=3.5,
                  first_token_s=d_first_token_s, finish_s=7.0,
                  slo_met=d_first_token_s - 3.0 <= 1.0, tpot_s=0.2,
-                 predicted_start_s=3.0, predicted_miss_prob=0.6),
+                 predicted_start_s=3.0, predicted_miss_prob=0.6,
+                 predicted_first_token_s=d_first_token_s - 1.0, predicted_finish_s=6.0),
         _attempt("e", "batch", "m2", 9.0, finish_s=9.0, slo_met=False, outcome="rejected",
                  reason="HTTP 400", output_tokens=0),
     ]  # fmt: skip
@@ -178,6 +185,20 @@ def test_predicted_against_observed(metrics: RunMetrics) -> None:
     assert p.overall.observed_miss_rate == pytest.approx(0.25)
     inter = p.by_class["interactive"]
     assert (inter.predicted_miss_rate, inter.observed_miss_rate) == pytest.approx((0.3, 1 / 3))
+
+
+def test_forecast_first_tokens_and_finishes_against_observed(metrics: RunMetrics) -> None:
+    p = metrics.predictions
+    assert p is not None
+    # first tokens: a +0.1, b -0.3, c (evicted, its token came) -0.1, d +1.0 (no p90);
+    # by the p90: a and b, not c
+    t = p.first_token
+    assert (t.count, t.p90_count) == (4, 3)
+    assert (t.bias_s, t.mae_s, t.p90_cover) == pytest.approx((0.0, 0.2, 2 / 3))
+    # finishes of attempts that finished: a +0.2 (by its p90), b +1.0 (not), d +1.0
+    f = p.finish
+    assert (f.count, f.p90_count) == (3, 2)
+    assert (f.bias_s, f.mae_s, f.p90_cover) == pytest.approx((1.0, 1.0, 0.5))
 
 
 def test_crashed_run_infers_duration_and_counts_unfinished(tmp_path: Path) -> None:

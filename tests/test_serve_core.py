@@ -145,6 +145,10 @@ def test_while_nothing_waits_an_arrival_goes_at_once_to_an_engine_that_starts_it
         (0.0, 0.0),
         (0.1, 0.0),
     ]
+    # its first token and finish from the engine's state, with no spread to bound
+    for r in rows:
+        assert r["predicted_start_s"] < r["predicted_first_token_s"] < r["predicted_finish_s"]
+        assert r["predicted_first_token_p90_s"] is None and r["predicted_finish_p90_s"] is None
 
 
 @pytest.mark.parametrize(("prompt_tokens", "at_once"), [(1000, True), (1949, False)])

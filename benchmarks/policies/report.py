@@ -25,7 +25,10 @@ import pandas as pd
 
 from qlmctl.fileio import atomic_path
 
-FORECAST_KEYS = ("start_mae_s", "start_bias_s", "wait_s", "miss_pred", "miss_obs", "brier")
+FORECAST_KEYS = (
+    "start_mae_s", "start_bias_s", "wait_s", "miss_pred", "miss_obs", "brier",
+    "first_token_mae_s", "first_token_p90_cover", "finish_mae_s", "finish_p90_cover",
+)  # fmt: skip
 COLUMNS = (
     "scenario", "instances", "load", "offered_load", "time_scale", "policy", "seed", "requests",
     "ended", "finished", "met", "failed", "rejected", "cancelled", "attainment",
@@ -140,17 +143,25 @@ def _forecast_rows(qlm: pd.Series) -> list[str]:
         f"qlm's MILP plans adopted: {int(qlm['milp_adopted'])} of {int(qlm['milp_offered'])}"
         f" ({int(qlm['seeds'])} run(s)). "
         "Forecasts (the first per request): dispatch error (median |error|, median "
-        "signed, > 0 later than forecast) against the median wait; miss probability.",
+        "signed, > 0 later than forecast) against the median wait; miss probability; "
+        "first token and finish (median |error| of the forecast median, and the share "
+        "that came by the forecast's 90th percentile).",
         "",
-        "| class | start error s | bias s | wait s | predicted miss % | observed miss % | Brier |",
-        "|---|--:|--:|--:|--:|--:|--:|",
+        "| class | start error s | bias s | wait s | predicted miss % | observed miss % "
+        "| Brier | first token error s | by its p90 % | finish error s | by its p90 % |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for c in ("interactive", "batch-1", "batch-2"):
         if qlm[f"n_{c}"]:
             lines.append(
                 f"| {c} | {qlm[f'start_mae_s_{c}']:.2f} | {qlm[f'start_bias_s_{c}']:.2f} "
                 f"| {qlm[f'wait_s_{c}']:.2f} | {_pct(qlm[f'miss_pred_{c}'])} "
-                f"| {_pct(qlm[f'miss_obs_{c}'])} | {qlm[f'brier_{c}']:.3f} |"
+                f"| {_pct(qlm[f'miss_obs_{c}'])} | {qlm[f'brier_{c}']:.3f} "
+                + "".join(
+                    f"| {qlm[f'{w}_mae_s_{c}']:.2f} | {_pct(qlm[f'{w}_p90_cover_{c}'])} "
+                    for w in ("first_token", "finish")
+                )
+                + "|"
             )
     return lines
 

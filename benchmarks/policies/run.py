@@ -33,7 +33,7 @@ from benchmarks.policies.bound import hindsight_bound
 from benchmarks.policies.scenarios import SCENARIOS, build_point, slo_classes
 from qlmctl.plan.policies import make_policy
 from qlmctl.profile.store import ProfileStore
-from qlmctl.report.metrics import run_metrics
+from qlmctl.report.metrics import run_metrics, time_forecast
 from qlmctl.report.runs import load_run
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.sim_driver import run_simulated
@@ -155,7 +155,11 @@ def forecast_errors(requests: pd.DataFrame) -> dict[str, dict[str, float]]:
     ``start_mae_s`` / ``start_bias_s``: median absolute / signed error of the predicted
     dispatch (dispatch - forecast: > 0 is later than forecast) over first attempts,
     ``wait_s`` their median wait; ``miss_pred`` the mean forecast miss probability,
-    ``miss_obs`` the share that missed, ``brier`` the forecasts' Brier score.
+    ``miss_obs`` the share that missed, ``brier`` the forecasts' Brier score;
+    ``first_token_mae_s`` / ``finish_mae_s`` the median absolute error of the forecast
+    first token and finish (median over the scoring scenarios), ``first_token_p90_cover``
+    / ``finish_p90_cover`` the share that came by the forecast's 90th percentile
+    (:func:`~qlmctl.report.metrics.time_forecast`).
     """
     first = requests.sort_values(["request_id", "attempt"]).groupby("request_id").first()
     final = requests.sort_values(["request_id", "attempt"]).groupby("request_id").last()
@@ -175,7 +179,15 @@ def forecast_errors(requests: pd.DataFrame) -> dict[str, dict[str, float]]:
             "miss_obs": float(missed.mean()) if len(forecast) else float("nan"),
             "brier": float(((forecast - missed) ** 2).mean()) if len(forecast) else float("nan"),
         }
+        for what in ("first_token", "finish"):
+            t = time_forecast(rows, what)
+            out[str(c)][f"{what}_mae_s"] = _nan(t.mae_s)
+            out[str(c)][f"{what}_p90_cover"] = _nan(t.p90_cover)
     return out
+
+
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else x
 
 
 def milp_counts(operations: pd.DataFrame) -> dict[str, int]:

@@ -125,7 +125,7 @@ class _Placement:
             self.loaded[i] = m
         decode = np.full((1, int(pb.size[g])), self.mean.decode_s[g, i, 0])
         urgent = self.mean.urgent_load[g, i]
-        self.misses[g] = serve_group(pb, engine, g, i, decode, urgent)[2][0]
+        self.misses[g] = serve_group(pb, engine, g, i, decode, urgent)[3][0]
         self.queues[i].append(g)
         if self.spreads[g]:  # each request holds a slot and the pipeline, after the rest
             work = float(self._lost_work(g)[i])

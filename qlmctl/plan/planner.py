@@ -10,6 +10,7 @@ comparison does not favour the policy whose own scenarios were used to pick its 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -25,7 +26,7 @@ from qlmctl.plan.estimator import LengthModel, sample_scenarios
 from qlmctl.plan.groups import DEFAULT_MAX_GROUP_SIZE
 from qlmctl.plan.policies import make_policy, prepare
 from qlmctl.plan.simulate import Score, check_queues, simulate
-from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot
+from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, known_time
 from qlmctl.workload import Workload
 
 HELD_OUT_SCENARIOS = 200
@@ -141,7 +142,9 @@ def plan_workload(
 
 
 def instance_rows(plan: Plan) -> dict[str, list[list[Any]]]:
-    """Per instance, one row per group: order, group, model, class, size, times, miss."""
+    """Per instance, one row per group: order, group, model, class, size, times (and
+    when its last first token comes, 90th percentile: None if it may come after the
+    queue, see :class:`~qlmctl.plan.types.PlannedGroup`), miss."""
     return {
         ip.instance_id: [
             [
@@ -152,6 +155,7 @@ def instance_rows(plan: Plan) -> dict[str, list[list[Any]]]:
                 len(g.request_ids),
                 g.deadline_s,
                 g.predicted_start_s,
+                known_time(max(g.request_first_token_p90_s, default=math.inf)),
                 g.predicted_finish_s,
                 g.miss_probability,
             ]

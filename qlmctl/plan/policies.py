@@ -62,6 +62,7 @@ from qlmctl.plan.simulate import (
     Queues,
     Score,
     instance_of,
+    scenario_quantiles,
     simulate,
 )
 from qlmctl.plan.types import (
@@ -168,6 +169,8 @@ def to_plan(
 ) -> Plan:
     """The :class:`Plan` of ``queues`` with the predictions of ``score``."""
     pb = ctx.problem
+    token_p50, token_p90 = scenario_quantiles(score.request_first_token_s, (0.5, 0.9))
+    finish_p50, finish_p90 = scenario_quantiles(score.request_finish_s, (0.5, 0.9))
     instances = []
     for i, queue in enumerate(queues):
         planned = []
@@ -187,6 +190,10 @@ def to_plan(
                     priority=grp.priority if with_priority else 0,
                     request_start_s=tuple(score.request_start_s[rows].tolist()),
                     request_miss_probability=tuple(score.request_miss_prob[rows].tolist()),
+                    request_first_token_s=tuple(token_p50[rows].tolist()),
+                    request_first_token_p90_s=tuple(token_p90[rows].tolist()),
+                    request_finish_s=tuple(finish_p50[rows].tolist()),
+                    request_finish_p90_s=tuple(finish_p90[rows].tolist()),
                 )
             )
         instances.append(InstancePlan(pb.instance_ids[i], tuple(planned)))

@@ -18,6 +18,7 @@ model; its plans are scored here like every other candidate.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,10 @@ class Score:
     miss: np.ndarray  # [G, S] fraction of the group's requests missing in scenario s
     request_start_s: np.ndarray  # [N] mean predicted start (slot taken) per request
     request_miss_prob: np.ndarray  # [N] probability each request misses
+    # [S, N] each request's first token and finish per scenario; inf where it is served
+    # after the instance's queue (deferred): the scorer does not time that tail
+    request_first_token_s: np.ndarray
+    request_finish_s: np.ndarray
 
 
 def check_queues(problem: Problem, queues: Queues) -> None:
@@ -78,6 +83,8 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
     n_r = int(problem.req_offsets[-1])
     req_start = np.zeros((n_s, n_r))
     req_late = np.zeros((n_s, n_r), bool)
+    req_token = np.full((n_s, n_r), np.inf)  # a group on no queue: never timed
+    req_finish = np.full((n_s, n_r), np.inf)
     swap_total = 0.0
     for i, queue in enumerate(queues):
         if not queue:
@@ -94,26 +101,31 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
             rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
             decode = np.repeat(scen.decode_s[g, i][:, None], int(problem.size[g]), axis=1)
             urgent = scen.urgent_load[g, i]
-            starts, prefilled, late = serve_group(problem, engine, g, i, decode, urgent)
+            starts, prefilled, tokens, late = serve_group(problem, engine, g, i, decode, urgent)
             req_late[:, rows] = late
             req_start[:, rows] = starts
+            req_token[:, rows] = tokens
+            req_finish[:, rows] = tokens + decode
             start[g], finish[g] = starts[:, 0], prefilled[:, -1] + decode[:, -1]
     first = problem.req_offsets[:-1]
     miss = (np.add.reduceat(req_late, first, axis=1) / problem.size).T  # [G, S]
     return _summarise(
-        problem, start, finish, miss, swap_total, _mean(req_start, 0), _mean(req_late, 0)
-    )
+        problem, start, finish, miss, swap_total, _mean(req_start, 0), _mean(req_late, 0),
+        req_token, req_finish,
+    )  # fmt: skip
 
 
 def serve_group(
     problem: Problem, engine: EngineState, g: int, i: int, decode: np.ndarray, urgent: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Serve group ``g`` on instance ``i``'s ``engine`` (updated) as the core would;
-    its requests' ([S, n] dispatch times, [S, n] prefill ends, [S, n] whether each misses).
+    its requests' ([S, n] dispatch times, [S, n] prefill ends, [S, n] first tokens,
+    [S, n] whether each misses).
 
     With ``problem.defer_late``, a request whose first token would be late even alone
     when its turn comes goes behind the instance's queue: it misses and holds up no one
-    (its times are those it had before it was deferred).
+    (its dispatch and prefill times are those it had before it was deferred; its first
+    token is inf: it comes after the queue, which is not timed here).
     """
     rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
     deadline = problem.req_deadline_s[rows]
@@ -126,7 +138,8 @@ def serve_group(
             engine.slots, engine.pipeline_s = before.slots, before.pipeline_s
             tokens = first_tokens(problem, engine, g, i, decode, urgent, hopeless)[2]
             late = hopeless | (tokens > deadline)
-    return starts, prefilled, late
+            tokens = np.where(hopeless, np.inf, tokens)
+    return starts, prefilled, tokens, late
 
 
 def first_tokens(
@@ -208,6 +221,14 @@ def _serve_kept(
     return starts, prefilled
 
 
+def scenario_quantiles(values: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:
+    """Per column of ``values`` ([S, N], one row per scenario), its empirical ``qs``
+    quantiles (the smallest value at or above that share of the scenarios)."""
+    ranked = np.sort(values, axis=0)
+    n_s = values.shape[0]
+    return [ranked[min(n_s - 1, max(0, math.ceil(q * n_s) - 1))] for q in qs]
+
+
 def _mean(values: np.ndarray, axis: int) -> np.ndarray:
     """``values.mean(axis)`` (the same sum and division) without its Python wrapper."""
     return np.add.reduce(values, axis=axis, dtype=float) / values.shape[axis]
@@ -221,6 +242,8 @@ def _summarise(
     swap_s: float,
     request_start_s: np.ndarray,
     request_miss_prob: np.ndarray,
+    request_first_token_s: np.ndarray,
+    request_finish_s: np.ndarray,
 ) -> Score:
     miss_prob = _mean(miss, 1)
     wn = problem.weight * problem.size
@@ -241,4 +264,6 @@ def _summarise(
         miss=miss,
         request_start_s=request_start_s,
         request_miss_prob=request_miss_prob,
+        request_first_token_s=request_first_token_s,
+        request_finish_s=request_finish_s,
     )

@@ -9,6 +9,7 @@ keep arrival (FIFO) order. Deadlines are absolute: arrival + the class's TTFT ta
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -129,9 +130,16 @@ class PlannedGroup:
     predicted_finish_s: float
     miss_probability: float  # expected fraction of its requests missing their SLO
     priority: int = 0  # vLLM request priority for this group's requests
-    # per request, aligned with request_ids: when it takes a batch slot, and P(miss)
+    # per request, aligned with request_ids: when it takes a batch slot (mean), P(miss),
+    # and its first token and finish (median and 90th percentile over the scoring
+    # scenarios; inf where it is served after its instance's queue in that many of them,
+    # null in the JSON form)
     request_start_s: tuple[float, ...] = ()
     request_miss_probability: tuple[float, ...] = ()
+    request_first_token_s: tuple[float, ...] = ()
+    request_first_token_p90_s: tuple[float, ...] = ()
+    request_finish_s: tuple[float, ...] = ()
+    request_finish_p90_s: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +196,13 @@ class Plan:
         return [r for ip in self.instances for g in ip.groups for r in g.request_ids]
 
     def to_dict(self) -> dict[str, Any]:
-        """The versioned JSON form written to ``plans/``."""
-        return asdict(self)
+        """The versioned JSON form written to ``plans/`` (an untimed forecast is null)."""
+        data = asdict(self)
+        for ip in data["instances"]:
+            for g in ip["groups"]:
+                for k in _UNTIMED_IS_NULL:
+                    g[k] = [known_time(t) for t in g[k]]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "plan") -> Plan:
@@ -200,7 +213,7 @@ class Plan:
             InstancePlan(
                 ip["instance_id"],
                 tuple(
-                    PlannedGroup(**{**g, **{k: tuple(g.get(k, ())) for k in _PER_REQUEST}})
+                    PlannedGroup(**{**g, **{k: _per_request(g, k) for k in PER_REQUEST}})
                     for g in ip["groups"]
                 ),
             )
@@ -221,7 +234,28 @@ class Plan:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
 
-_PER_REQUEST = ("request_ids", "request_start_s", "request_miss_probability")
+_UNTIMED_IS_NULL = (
+    "request_first_token_s",
+    "request_first_token_p90_s",
+    "request_finish_s",
+    "request_finish_p90_s",
+)
+# PlannedGroup's per-request columns (aligned with request_ids), and those holding times
+PER_REQUEST_TIMES = ("request_start_s", *_UNTIMED_IS_NULL)
+PER_REQUEST = ("request_ids", "request_miss_probability", *PER_REQUEST_TIMES)
+
+
+def known_time(t: float) -> float | None:
+    """``t``, or None where a forecast has none (inf: served after the queue)."""
+    return None if t == math.inf else t
+
+
+def _per_request(group: Mapping[str, Any], key: str) -> tuple[Any, ...]:
+    """A per-request column of a group's JSON form (absent in older plans: empty)."""
+    values = group.get(key) or ()
+    if key in _UNTIMED_IS_NULL:
+        return tuple(math.inf if v is None else v for v in values)
+    return tuple(values)
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,6 +33,9 @@ Every metric is a pure, vectorised (pandas) function of a :class:`RunLog`. Defin
 * **predictions**: start error = dispatch − ``predicted_start_s`` per attempt; the miss
   forecast of a request is the ``predicted_miss_prob`` of its first attempt that has one,
   scored against its final outcome (Brier score; mean forecast vs observed miss rate).
+  First tokens and finishes (:func:`time_forecast`): observed − forecast median per
+  attempt (median bias and absolute error), and the share that came by the forecast's
+  90th percentile (0.9 when the forecast's spread is honest).
 """
 
 from __future__ import annotations
@@ -141,6 +144,18 @@ class Calibration:
 
 
 @dataclass(frozen=True, slots=True)
+class TimeForecast:
+    """Forecast first tokens (or finishes) against what happened, over the attempts that
+    had both (None: none had)."""
+
+    count: int
+    bias_s: float | None  # median (observed − forecast median); > 0: later than forecast
+    mae_s: float | None  # median |observed − forecast median|
+    p90_count: int  # attempts whose forecast has a 90th percentile
+    p90_cover: float | None  # share of those that came by it (calibrated: 0.9)
+
+
+@dataclass(frozen=True, slots=True)
 class PredictionMetrics:
     """How good the plan's estimates were (None parts: the log had no such predictions)."""
 
@@ -150,6 +165,8 @@ class PredictionMetrics:
     start_p90_abs_s: float | None
     overall: Calibration | None
     by_class: Mapping[str, Calibration]
+    first_token: TimeForecast
+    finish: TimeForecast
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +378,25 @@ def _calibration(forecast: pd.Series, missed: pd.Series) -> Calibration:
     )
 
 
+def time_forecast(attempts: pd.DataFrame, what: str) -> TimeForecast:
+    """How the first forecast of ``what`` (``first_token`` or ``finish``) of each of
+    ``attempts`` (run-log rows) compares with what happened: for ``finish``, over the
+    attempts that finished."""
+    done = attempts.dropna(subset=[f"predicted_{what}_s", f"{what}_s"])
+    if what == "finish":
+        done = done[done["outcome"] == Outcome.FINISHED]
+    err = done[f"{what}_s"] - done[f"predicted_{what}_s"]
+    bounded = done.dropna(subset=[f"predicted_{what}_p90_s"])
+    within = bounded[f"{what}_s"] <= bounded[f"predicted_{what}_p90_s"]
+    return TimeForecast(
+        count=len(err),
+        bias_s=float(err.median()) if len(err) else None,
+        mae_s=float(err.abs().median()) if len(err) else None,
+        p90_count=len(within),
+        p90_cover=float(within.mean()) if len(within) else None,
+    )
+
+
 def prediction_metrics(run: RunLog, req: pd.DataFrame) -> PredictionMetrics | None:
     """Predicted against observed, or None if the log holds no predictions."""
     att = run.requests
@@ -391,6 +427,8 @@ def prediction_metrics(run: RunLog, req: pd.DataFrame) -> PredictionMetrics | No
         start_p90_abs_s=float(np.percentile(err.abs(), 90)) if len(err) else None,
         overall=_calibration(scored["p"], scored["missed"]) if len(scored) else None,
         by_class=by_class,
+        first_token=time_forecast(att, "first_token"),
+        finish=time_forecast(att, "finish"),
     )
 
 

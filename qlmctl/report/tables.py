@@ -115,6 +115,16 @@ def print_run(m: RunMetrics) -> None:
             ["requests", "n", "predicted miss", "observed miss", "Brier"],
             rows,
         )
+        times = [
+            [what, t.count, _s(t.bias_s), _s(t.mae_s), t.p90_count, _pct(t.p90_cover)]
+            for what, t in (("first token", p.first_token), ("finish", p.finish))
+        ]
+        print_table(
+            "forecast times · observed − forecast median (seconds, medians), and the share "
+            "that came by the forecast's 90th percentile",
+            ["time", "n", "bias s", "MAE s", "with p90", "by p90"],
+            times,
+        )
 
 
 def print_comparison(c: Comparison) -> None:

@@ -24,13 +24,22 @@ import math
 import time
 from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 
 from qlmctl.plan import heuristics as H
 from qlmctl.plan.policies import BasePolicy, Context
 from qlmctl.plan.simulate import Queues, Score, simulate
-from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, QueueSnapshot, SolverStats
+from qlmctl.plan.types import (
+    PER_REQUEST,
+    PER_REQUEST_TIMES,
+    InstancePlan,
+    Plan,
+    PlannedGroup,
+    QueueSnapshot,
+    SolverStats,
+)
 from qlmctl.serve.config import split_policy
 
 DEFAULT_MARGIN = 0.05  # a fresh plan must predict this much more attainment to replace it
@@ -141,12 +150,15 @@ def shifted(plan: Plan, offset_s: float) -> Plan:
     by ``offset_s``."""
 
     def move(pg: PlannedGroup) -> PlannedGroup:
+        times: dict[str, Any] = {
+            k: tuple(t + offset_s for t in getattr(pg, k)) for k in PER_REQUEST_TIMES
+        }
         return replace(
             pg,
             deadline_s=pg.deadline_s + offset_s,
             predicted_start_s=pg.predicted_start_s + offset_s,
             predicted_finish_s=pg.predicted_finish_s + offset_s,
-            request_start_s=tuple(t + offset_s for t in pg.request_start_s),
+            **times,
         )
 
     return replace(
@@ -163,12 +175,8 @@ def _subset(pg: PlannedGroup, keep: list[int]) -> PlannedGroup:
     if len(keep) == len(pg.request_ids):
         return pg
     pick = lambda xs: tuple(xs[k] for k in keep) if xs else ()  # noqa: E731
-    return replace(
-        pg,
-        request_ids=pick(pg.request_ids),
-        request_start_s=pick(pg.request_start_s),
-        request_miss_probability=pick(pg.request_miss_probability),
-    )
+    columns: dict[str, Any] = {k: pick(getattr(pg, k)) for k in PER_REQUEST}
+    return replace(pg, **columns)
 
 
 def _merge(fresh: Plan, old: Plan) -> Plan:

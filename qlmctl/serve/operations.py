@@ -45,7 +45,14 @@ from qlmctl.plan.types import PlannedGroup
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.queues import VirtualQueues
 from qlmctl.serve.runlog import OperationLog
-from qlmctl.serve.state import InstanceRecord, InstStatus, QueuedGroup, ReqState, Tracked
+from qlmctl.serve.state import (
+    Forecast,
+    InstanceRecord,
+    InstStatus,
+    QueuedGroup,
+    ReqState,
+    Tracked,
+)
 
 
 class ServingOps:
@@ -180,8 +187,10 @@ class ServingOps:
                 best, best_s = inst, first_s
         if best is None:
             return False
-        tr.predicted_start_s = now_s  # no queue: its own prefill decides its first token
-        tr.predicted_miss_prob = float(now_s + best_s > tr.deadline_s)
+        # no queue: its own prefill decides its first token (no spread to give a p90 of)
+        first_s = now_s + best_s
+        finish_s = first_s + tr.remaining_output_tokens * self._step_s(tr, best)
+        tr.forecast = Forecast(now_s, float(first_s > tr.deadline_s), first_s, finish_s=finish_s)
         self._start(best, tr, now_s, tr.slo.priority, actions)
         return True
 
@@ -216,9 +225,8 @@ class ServingOps:
         group.ids.popleft()
         inst.queued -= 1
         tr.vq_instance = None
-        if tr.predicted_start_s is None:  # a plan without per-request forecasts
-            tr.predicted_start_s = group.plan.predicted_start_s
-            tr.predicted_miss_prob = group.plan.miss_probability
+        if tr.forecast is None:  # a plan without per-request forecasts
+            tr.forecast = Forecast(group.plan.predicted_start_s, group.plan.miss_probability)
         self._start(inst, tr, now_s, group.plan.priority, actions)
 
     def _start(
@@ -349,8 +357,11 @@ class ServingOps:
         """Estimated time from dispatch to finish of ``tr`` at the instance's current load."""
         perf = self._perf[(tr.request.model, inst.spec.gpu)]
         out = tr.remaining_output_tokens  # a resumed request only generates the rest
-        step_s = perf.decode_step_s(*inst.decode_load(tr))
-        return perf.prefill_time_s(tr.request.prompt_tokens) + out * step_s
+        return perf.prefill_time_s(tr.request.prompt_tokens) + out * self._step_s(tr, inst)
+
+    def _step_s(self, tr: Tracked, inst: InstanceRecord) -> float:
+        """A decode step of ``tr``'s model on ``inst`` at its current load."""
+        return self._perf[(tr.request.model, inst.spec.gpu)].decode_step_s(*inst.decode_load(tr))
 
 
 @functools.lru_cache(maxsize=4096)

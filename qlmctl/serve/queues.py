@@ -32,7 +32,14 @@ from collections.abc import Mapping, Sequence
 from qlmctl.domain import Request
 from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.types import InstanceState, Plan, PlannedGroup, RunningRequest
-from qlmctl.serve.state import InstanceRecord, InstStatus, QueuedGroup, ReqState, Tracked
+from qlmctl.serve.state import (
+    Forecast,
+    InstanceRecord,
+    InstStatus,
+    QueuedGroup,
+    ReqState,
+    Tracked,
+)
 
 
 class VirtualQueues:
@@ -115,13 +122,14 @@ class VirtualQueues:
         return False
 
     def _take_forecasts(self, group: PlannedGroup) -> None:
-        """Keep the first forecast (start, miss probability) made for each request of
-        ``group`` in this attempt: what the run log sets against what happened."""
-        starts, misses = group.request_start_s, group.request_miss_probability
-        for rid, start_s, miss in zip(group.request_ids, starts, misses, strict=False):
+        """Keep the first forecast made for each request of ``group`` in this attempt:
+        what the run log sets against what happened."""
+        if not group.request_start_s:
+            return  # none per request: each takes its group's when dispatched
+        for k, rid in enumerate(group.request_ids):
             tr = self._waiting.get(rid)
-            if tr is not None and tr.predicted_start_s is None:
-                tr.predicted_start_s, tr.predicted_miss_prob = start_s, miss
+            if tr is not None and tr.forecast is None:
+                tr.forecast = Forecast.of_group(group, k)
 
 
 def instance_state(

@@ -99,6 +99,12 @@ REQUESTS_SCHEMA = pa.schema(
         ),  # output tokens kept from earlier attempts (in output_tokens)
         ("kept_tokens", pa.int32()),  # re-queued attempt: output tokens the next one resumes after
         ("cached_tokens", pa.int32()),  # prompt tokens the prefix cache served (if reported)
+        # the first forecast's first token and finish (median, 90th percentile; null where
+        # none was made; added in place: null in older logs)
+        ("predicted_first_token_s", pa.float64()),
+        ("predicted_first_token_p90_s", pa.float64()),
+        ("predicted_finish_s", pa.float64()),
+        ("predicted_finish_p90_s", pa.float64()),
     ]
 )
 

@@ -21,7 +21,7 @@ from enum import IntEnum
 from typing import Any
 
 from qlmctl.domain import InstanceSpec, Request, SLOClass
-from qlmctl.plan.types import PlannedGroup
+from qlmctl.plan.types import PlannedGroup, known_time
 from qlmctl.serve.runlog import Outcome
 
 
@@ -68,6 +68,48 @@ class IllegalTransition(RuntimeError):
     """A request was asked to do something its state does not allow."""
 
 
+@dataclass(frozen=True, slots=True)
+class Forecast:
+    """The first forecast made for one attempt of a request (absolute times in s; a
+    time is None where none was made: a plan without it, or a request its instance
+    serves after its queue in at least that share of the scoring scenarios)."""
+
+    start_s: float  # dispatch (a batch slot taken), mean
+    miss_prob: float
+    first_token_s: float | None = None  # median
+    first_token_p90_s: float | None = None
+    finish_s: float | None = None  # median
+    finish_p90_s: float | None = None
+
+    @classmethod
+    def of_group(cls, group: PlannedGroup, k: int) -> Forecast:
+        """The forecast ``group`` makes for its ``k``-th request (it has per-request ones)."""
+        times = [
+            known_time(column[k]) if column else None
+            for column in (
+                group.request_first_token_s,
+                group.request_first_token_p90_s,
+                group.request_finish_s,
+                group.request_finish_p90_s,
+            )
+        ]
+        return cls(group.request_start_s[k], group.request_miss_probability[k], *times)
+
+    def row(self) -> dict[str, float | None]:
+        """Its run-log columns (``REQUESTS_SCHEMA``)."""
+        return {
+            "predicted_start_s": self.start_s,
+            "predicted_miss_prob": self.miss_prob,
+            "predicted_first_token_s": self.first_token_s,
+            "predicted_first_token_p90_s": self.first_token_p90_s,
+            "predicted_finish_s": self.finish_s,
+            "predicted_finish_p90_s": self.finish_p90_s,
+        }
+
+
+_NO_FORECAST = dict.fromkeys(Forecast(0.0, 0.0).row())
+
+
 @dataclass(slots=True, eq=False)
 class Tracked:
     """The core's record of one request across its attempts."""
@@ -86,8 +128,7 @@ class Tracked:
     dispatch_s: float | None = None
     first_token_s: float | None = None
     prefilled_mark: tuple[int, int] = (0, 0)  # its instance's ``prefilled`` at first token
-    predicted_start_s: float | None = None
-    predicted_miss_prob: float | None = None
+    forecast: Forecast | None = None  # the first made in this attempt
     evict_reason: str = ""
     # output tokens kept from ended attempts: the next attempt resumes after them
     # (evict-and-resume), so it is sent prompt + these and asked only for the rest
@@ -163,8 +204,7 @@ class Tracked:
             "slo_met": met,
             "outcome": outcome,
             "reason": reason or None,
-            "predicted_start_s": self.predicted_start_s,
-            "predicted_miss_prob": self.predicted_miss_prob,
+            **(self.forecast.row() if self.forecast is not None else _NO_FORECAST),
             "resumed_tokens": self.kept_tokens,
         }
 
@@ -173,7 +213,7 @@ class Tracked:
         self.attempt += 1
         self.instance_id = None
         self.dispatch_s = self.first_token_s = None
-        self.predicted_start_s = self.predicted_miss_prob = None
+        self.forecast = None
         self.evict_reason = ""
         self.extra.clear()
 
