@@ -76,4 +76,6 @@ def test_real_leg_table_has_a_row_per_policy(tmp_path: Path) -> None:
     assert set(frame["policy"]) == {"fcfs", "qlm"} and (frame["requests"] == 405).all()
     lines = real.markdown(frame)
     rows = [line for line in lines if line.startswith(("| fcfs |", "| qlm |"))]
-    assert len(rows) == 2 and all(line.count("|") == 12 for line in rows)
+    assert len(rows) == 2 and all(line.count("|") == 16 for line in rows)
+    # qlm's requests are planned: their first tokens have forecasts with a p90
+    assert frame.loc[frame["policy"] == "qlm", "first_token_p90_cover"].notna().all()

@@ -36,6 +36,7 @@ def run_real_leg(workdir: Path, policies: Sequence[str] = REAL_POLICIES) -> pd.D
 
 def metrics_row(engine: str, m: RunMetrics) -> dict[str, Any]:
     """One run's figures for the real leg's table."""
+    first_token = m.predictions.first_token if m.predictions else None
     return {
         "engine": engine,
         "policy": m.policy,
@@ -47,6 +48,10 @@ def metrics_row(engine: str, m: RunMetrics) -> dict[str, Any]:
         "ttft_p50_s": m.overall.ttft.p50_s,
         "evictions": m.operations.evictions,
         "duration_s": m.duration_s,
+        # the first forecast of each attempt's first token against the token (median |error|)
+        # and the share that came by its 90th percentile
+        "first_token_mae_s": first_token.mae_s if first_token else None,
+        "first_token_p90_cover": first_token.p90_cover if first_token else None,
     }
 
 
@@ -61,18 +66,29 @@ def markdown(frame: pd.DataFrame) -> list[str]:
         "each); the simulator replays it on the same cluster and profile.",
         "",
         "| policy | attainment % real | sim | interactive % real | sim | batch % real | sim "
-        "| throughput req/s real | TTFT p50 s real | evictions real | failed real |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| throughput req/s real | TTFT p50 s real | evictions real | failed real "
+        "| first-token forecast error s real | sim | by its p90 % real | sim |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for p in policies:
         real, sim = by[("vllm", p)], by[("sim", p)]
         pct = [
-            f"{100 * r[k]:.1f}" if pd.notna(r.get(k)) else ""
+            _fmt(r.get(k), 100, ".1f")
             for k in ("attainment", "att_interactive", "att_batch")
+            for r in (real, sim)
+        ]
+        forecast = [
+            _fmt(r.get(k), scale, ".2f" if scale == 1 else ".1f")
+            for k, scale in (("first_token_mae_s", 1), ("first_token_p90_cover", 100))
             for r in (real, sim)
         ]
         out.append(
             f"| {p} | {' | '.join(pct)} | {real['throughput_rps']:.2f} "
-            f"| {real['ttft_p50_s']:.2f} | {int(real['evictions'])} | {int(real['failed'])} |"
+            f"| {real['ttft_p50_s']:.2f} | {int(real['evictions'])} | {int(real['failed'])} "
+            f"| {' | '.join(forecast)} |"
         )
     return [*out, ""]
+
+
+def _fmt(x: Any, scale: float, spec: str) -> str:
+    return format(scale * x, spec) if x is not None and pd.notna(x) else ""
