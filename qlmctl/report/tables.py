@@ -122,7 +122,7 @@ def print_run(m: RunMetrics) -> None:
         print_table(
             "forecast times · observed − forecast median (seconds, medians), and the share "
             "that came by the forecast's 90th percentile",
-            ["time", "n", "bias s", "MAE s", "with p90", "by p90"],
+            ["time", "n", "bias s", "|error| s", "with p90", "by p90"],
             times,
         )
 
