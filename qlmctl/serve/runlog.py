@@ -11,7 +11,10 @@ A run is a directory ``RUN/`` holding
   evicted request keeps its output (evict-and-resume): the evicted row's ``kept_tokens``
   is what the next attempt resumes after, that attempt's ``resumed_tokens``; its
   ``output_tokens`` count the whole output so far and ``cached_tokens`` the prompt tokens
-  (original prompt plus resumed output) the engine's prefix cache served;
+  (original prompt plus resumed output) the engine's prefix cache served; and the
+  first forecast made for the attempt (``predicted_*``: dispatch, miss probability,
+  first token and finish with their 90th percentiles; see
+  :class:`~qlmctl.serve.state.Forecast`);
 * ``operations.parquet``: swaps, wakes, sleeps, evictions, re-plans (solver stats in
   ``detail`` as JSON), instances going down or up. A simulated run's re-plans carry no
   wall-clock time (``duration_s`` null, no ``build_s``/``solve_s`` in ``detail``), so its
