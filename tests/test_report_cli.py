@@ -24,7 +24,7 @@ def test_json_comparison_and_plots(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["baseline"] == "fcfs" and len(doc["runs"]) == 2
-    assert (out / "report.html").is_file() and len(list(out.glob("*.png"))) == 8
+    assert (out / "report.html").is_file() and len(list(out.glob("*.png"))) == 10
 
 
 def test_table_and_csv(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qlmctl.report.plots import write_plots
+from qlmctl.report.plots import _forecasts, write_plots
 from qlmctl.report.runs import build_report, load_run
 from qlmctl.report.timeline import attainment_over_time, in_flight, waiting
 from tests.test_report_metrics import write_run
@@ -46,7 +46,9 @@ def test_write_plots_and_html(tmp_path: Path) -> None:
     out = tmp_path / "out"
     written = write_plots(build_report(runs), out)
     pngs = [p for p in written if p.suffix == ".png"]
-    assert len(pngs) == 2 * 3 + 2  # per run: attainment, queues, gantt; CDF; bars
+    # per run: attainment, queues, gantt and forecasts (its attempts have some); CDF; bars
+    assert len(pngs) == 2 * 4 + 2
+    assert [p.name for p in pngs].count("1-fcfs-forecasts.png") == 1
     for png in pngs:
         data = png.read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 8_000, png.name
@@ -55,3 +57,9 @@ def test_write_plots_and_html(tmp_path: Path) -> None:
     assert base64.b64encode(pngs[0].read_bytes()).decode()[:200] in page
     assert "<table" in page and "Comparison (baseline fcfs)" in page
     assert not list(out.glob(".*tmp"))  # no temporary files left behind
+
+
+def test_a_run_without_forecasts_has_no_forecast_plot(tmp_path: Path) -> None:
+    run = load_run(write_run(tmp_path / "f", "fcfs"))
+    run.requests[[c for c in run.requests if c.startswith("predicted_")]] = None
+    assert _forecasts(run, "fcfs") is None

@@ -5,9 +5,10 @@ Per run: SLO attainment over time per class (rolling window over arrivals), queu
 instance: every attempt's [dispatch, finish] bar coloured by model (by SLO class when the
 run serves one model), overlapping bars drawn translucent so batch depth shows, swaps and
 wakes as hatched spans with a ▼, sleeps as a grey ▲, evictions as ×, instances going
-down as a red |. For the whole report: TTFT CDFs (all requests and one panel per class),
-one line per run, the class's TTFT target dashed; with several runs also SLO attainment
-per class and run as grouped bars.
+down as a red |; where the plans made forecasts, observed first tokens and finishes
+against them (log-log, the diagonal where they match). For the whole report: TTFT CDFs
+(all requests and one panel per class), one line per run, the class's TTFT target
+dashed; with several runs also SLO attainment per class and run as grouped bars.
 
 Every file is written to a temporary name and renamed, so nothing is half-written.
 """
@@ -29,11 +30,11 @@ from matplotlib.figure import Figure
 from qlmctl.fileio import atomic_path
 from qlmctl.report.compare import run_labels
 from qlmctl.report.html import write_html
-from qlmctl.report.metrics import request_table, run_duration_s
+from qlmctl.report.metrics import request_table, run_duration_s, time_forecast
 from qlmctl.report.planned import PlanComparison
 from qlmctl.report.runs import Report
 from qlmctl.report.timeline import attainment_over_time, in_flight, waiting
-from qlmctl.serve.runlog import RunLog
+from qlmctl.serve.runlog import Outcome, RunLog
 
 Draw = Callable[[Figure], None]
 
@@ -163,6 +164,41 @@ def _plan_vs_run(p: PlanComparison, label: str) -> Draw:
     return draw
 
 
+def _forecasts(run: RunLog, label: str) -> Draw | None:
+    """Observed time from arrival to first token and to finish against each attempt's
+    first forecast (its median), per class, with the share that came by the forecast's
+    90th percentile; None when the run has no such forecasts."""
+    att = run.requests
+    panels = []
+    for what, name in (("first_token", "first token"), ("finish", "finish")):
+        rows = att.dropna(subset=[f"predicted_{what}_s", f"{what}_s"])
+        if what == "finish":
+            rows = rows[rows["outcome"] == Outcome.FINISHED]
+        if not rows.empty:
+            panels.append((what, name, rows, time_forecast(att, what)))
+    if not panels:
+        return None
+
+    def draw(fig: Figure) -> None:
+        for ax, (what, name, rows, t) in zip(fig.subplots(1, len(panels)), panels, strict=True):
+            floor = 1e-2  # log axes: times under 10 ms drawn at 10 ms
+            for cls, g in rows.groupby("slo_class", sort=False):
+                x = (g[f"predicted_{what}_s"] - g["arrival_s"]).clip(lower=floor)
+                y = (g[f"{what}_s"] - g["arrival_s"]).clip(lower=floor)
+                ax.scatter(x, y, s=6, alpha=0.5, label=str(cls))
+            times = rows[[f"predicted_{what}_s", f"{what}_s"]].sub(rows["arrival_s"], axis=0)
+            low, top = max(floor, float(times.min().min())), float(times.max().max())
+            ax.plot([low, top], [low, top], color="black", lw=0.8, label="as forecast")
+            ax.set(xscale="log", yscale="log", xlabel=f"forecast {name}, from arrival (s)",
+                   ylabel=f"observed {name}, from arrival (s)")  # fmt: skip
+            by_p90 = "-" if t.p90_cover is None else f"{100 * t.p90_cover:.0f} %"
+            ax.set_title(f"{label}: {name} ({by_p90} by the forecast's p90)")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="upper left", fontsize="small")
+
+    return draw
+
+
 def _instance_axes(ax: Any, instances: list[str], title: str, top: float) -> None:
     """Time on x, one row per instance, the legend outside on the right."""
     ax.set_yticks(range(len(instances)), instances)
@@ -246,6 +282,9 @@ def write_plots(report: Report, out: Path) -> list[Path]:
         pngs.append(_save(_queues(run, label), out / f"{stem}-queues.png", (9.0, 5.0)))
         height = 1.5 + 0.6 * max(len(run.meta.get("instances") or []), 2)
         pngs.append(_save(_gantt(run, label), out / f"{stem}-gantt.png", (11.0, height)))
+        forecasts = _forecasts(run, label)
+        if forecasts is not None:
+            pngs.append(_save(forecasts, out / f"{stem}-forecasts.png", (11.0, 4.5)))
         planned = report.plans[k] if k < len(report.plans) else None
         if planned is not None:
             pngs.append(_save(_plan_vs_run(planned, label), out / f"{stem}-plan.png",
