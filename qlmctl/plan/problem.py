@@ -28,7 +28,7 @@ import numpy as np
 
 from qlmctl.domain import Request
 from qlmctl.errors import BadInput
-from qlmctl.perfmodel import PerfModel, swap_time_s
+from qlmctl.perfmodel import Num, PerfModel, swap_time_s
 from qlmctl.plan.groups import RequestGroup
 from qlmctl.plan.types import QueueSnapshot, RunningRequest, StreamArrivals
 
@@ -64,13 +64,16 @@ def busy_step_s(
     return step, perf.step_time_s(room, decodes, context) / room
 
 
-def first_token_s(
-    perf: PerfModel, prompts: np.ndarray, batch: float, context_tokens: float
-) -> np.ndarray:
+def first_token_s(perf: PerfModel, prompts: Num, batch: float, context_tokens: float) -> Num:
     """Seconds from taking a slot to the first token, per prompt: the request overhead
-    plus one step per prefill chunk, each beside ``batch - 1`` decodes of this context."""
+    plus one step per prefill chunk, each beside ``batch - 1`` decodes of this context.
+    Prompt lengths as a number or a numpy array.
+
+    NOTE: the serving core asks this for one prompt at a time, tens of thousands of times
+    per run: a number costs a tenth of a one-element array (ceil as negated floor
+    division, the same values)."""
     chunk = perf.max_num_batched_tokens
-    chunks = np.maximum(np.ceil(prompts / chunk), 1.0)
+    chunks = np.maximum(-(-prompts // chunk), 1.0)
     last = prompts - (chunks - 1) * chunk
     squares = (chunks - 1) * chunk**2 + last**2
     before = chunk * (chunks - 1) * chunks / 2  # context of the earlier chunks, summed

@@ -36,8 +36,6 @@ import math
 from collections import deque
 from collections.abc import Iterator, Mapping, MutableMapping
 
-import numpy as np
-
 from qlmctl.engine.events import Action, Dispatch, Evict, LoadModel
 from qlmctl.perfmodel import PerfModel, swap_time_s
 from qlmctl.plan.problem import first_token_s
@@ -380,7 +378,7 @@ def _first_token_alone_s(perf: PerfModel, prompt_tokens: int, batch: int, contex
     84.1 / 79.0 / 87.6 / 69.9 / 79.4; deferring also what the plan expects to miss,
     82.5 / 80.3 / 87.9 / 69.7 / 78.3. Kept until a deferral rule from the engine's real
     wait does better (issue 13)."""
-    return float(first_token_s(perf, np.array([float(prompt_tokens)]), batch, context)[0])
+    return float(first_token_s(perf, float(prompt_tokens), batch, context))
 
 
 def _defer(vq: deque[QueuedGroup], group: QueuedGroup, request_id: str) -> None:
