@@ -307,9 +307,11 @@ class ServeCore:
         there is nothing to order, and a plan would only pick the instance: this saves the
         re-plan's wait (up to :meth:`CoreConfig.arrival_replan_s`) and its cost, which
         under light load are most of a request's time in qlmctl."""
-        fresh = self._unplanned = [t for t in self._unplanned if t.state is ReqState.WAITING]
-        if not self._dispatch_on_arrival or not fresh or len(fresh) != len(self._waiting):
+        if not self._dispatch_on_arrival or len(self._waiting) > len(self._unplanned):
             return []  # a backlog (or re-queued work): the new requests are planned with it
+        fresh = self._unplanned = [t for t in self._unplanned if t.state is ReqState.WAITING]
+        if not fresh or len(fresh) != len(self._waiting):
+            return []
         actions: list[Action] = []
         soonest_after = [math.inf] * len(fresh)  # the earliest deadline of the later ones
         for k in range(len(fresh) - 2, -1, -1):
