@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qlmctl.report.plots import _forecasts, write_plots
+from qlmctl.report.plots import _forecasts, _save, write_plots
 from qlmctl.report.runs import build_report, load_run
 from qlmctl.report.timeline import attainment_over_time, in_flight, waiting
 from tests.test_report_metrics import write_run
@@ -63,3 +63,12 @@ def test_a_run_without_forecasts_has_no_forecast_plot(tmp_path: Path) -> None:
     run = load_run(write_run(tmp_path / "f", "fcfs"))
     run.requests[[c for c in run.requests if c.startswith("predicted_")]] = None
     assert _forecasts(run, "fcfs") is None
+
+
+def test_a_run_with_first_token_forecasts_only_draws_one_panel(tmp_path: Path) -> None:
+    run = load_run(write_run(tmp_path / "f", "fcfs"))
+    run.requests[["predicted_finish_s", "predicted_finish_p90_s"]] = None
+    draw = _forecasts(run, "fcfs")
+    assert draw is not None
+    png = _save(draw, tmp_path / "forecasts.png")
+    assert png.read_bytes().startswith(b"\x89PNG")

@@ -180,7 +180,8 @@ def _forecasts(run: RunLog, label: str) -> Draw | None:
         return None
 
     def draw(fig: Figure) -> None:
-        for ax, (what, name, rows, t) in zip(fig.subplots(1, len(panels)), panels, strict=True):
+        axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+        for ax, (what, name, rows, t) in zip(axes, panels, strict=True):
             floor = 1e-2  # log axes: times under 10 ms drawn at 10 ms
             for cls, g in rows.groupby("slo_class", sort=False):
                 x = (g[f"predicted_{what}_s"] - g["arrival_s"]).clip(lower=floor)
