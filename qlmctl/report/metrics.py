@@ -378,13 +378,20 @@ def _calibration(forecast: pd.Series, missed: pd.Series) -> Calibration:
     )
 
 
-def time_forecast(attempts: pd.DataFrame, what: str) -> TimeForecast:
-    """How the first forecast of ``what`` (``first_token`` or ``finish``) of each of
-    ``attempts`` (run-log rows) compares with what happened: for ``finish``, over the
-    attempts that finished."""
+def forecast_rows(attempts: pd.DataFrame, what: str) -> pd.DataFrame:
+    """The ``attempts`` (run-log rows) whose first forecast of ``what`` (``first_token``
+    or ``finish``) can be set against what happened: both times known, and for
+    ``finish`` the attempt finished."""
     done = attempts.dropna(subset=[f"predicted_{what}_s", f"{what}_s"])
     if what == "finish":
         done = done[done["outcome"] == Outcome.FINISHED]
+    return done
+
+
+def time_forecast(attempts: pd.DataFrame, what: str) -> TimeForecast:
+    """How the first forecast of ``what`` of each of ``attempts`` compares with what
+    happened, over :func:`forecast_rows`."""
+    done = forecast_rows(attempts, what)
     err = done[f"{what}_s"] - done[f"predicted_{what}_s"]
     bounded = done.dropna(subset=[f"predicted_{what}_p90_s"])
     within = bounded[f"{what}_s"] <= bounded[f"predicted_{what}_p90_s"]

@@ -30,11 +30,11 @@ from matplotlib.figure import Figure
 from qlmctl.fileio import atomic_path
 from qlmctl.report.compare import run_labels
 from qlmctl.report.html import write_html
-from qlmctl.report.metrics import request_table, run_duration_s, time_forecast
+from qlmctl.report.metrics import forecast_rows, request_table, run_duration_s, time_forecast
 from qlmctl.report.planned import PlanComparison
 from qlmctl.report.runs import Report
 from qlmctl.report.timeline import attainment_over_time, in_flight, waiting
-from qlmctl.serve.runlog import Outcome, RunLog
+from qlmctl.serve.runlog import RunLog
 
 Draw = Callable[[Figure], None]
 
@@ -168,14 +168,11 @@ def _forecasts(run: RunLog, label: str) -> Draw | None:
     """Observed time from arrival to first token and to finish against each attempt's
     first forecast (its median), per class, with the share that came by the forecast's
     90th percentile; None when the run has no such forecasts."""
-    att = run.requests
     panels = []
     for what, name in (("first_token", "first token"), ("finish", "finish")):
-        rows = att.dropna(subset=[f"predicted_{what}_s", f"{what}_s"])
-        if what == "finish":
-            rows = rows[rows["outcome"] == Outcome.FINISHED]
+        rows = forecast_rows(run.requests, what)
         if not rows.empty:
-            panels.append((what, name, rows, time_forecast(att, what)))
+            panels.append((what, name, rows, time_forecast(rows, what)))
     if not panels:
         return None
 
