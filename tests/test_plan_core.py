@@ -140,6 +140,33 @@ def test_an_instance_has_at_least_the_slots_its_running_requests_hold() -> None:
     assert ctx.scen.engines[0].slots.shape[1] == 20
 
 
+def test_running_requests_decode_at_the_step_of_the_batch_running_not_of_the_queue() -> None:
+    """The step a running request decodes at comes from the sizes of the requests running
+    beside it: a queue of longer prompts (under overload, those served last pile up
+    there) does not slow it down; a request of another model has its own step. (Forty
+    run; the waiting prompts are so long that fewer than forty fit: the batch is forty
+    either way.)"""
+    running = tuple(
+        RunningRequest(r, 0.0, 0.1, 5) for r in make_requests(40, prefix="run", output_tokens=200)
+    )
+    other = (RunningRequest(make_requests(1, model="m2", prefix="o")[0], 0.0, 0.1, 5),)
+
+    def steps(prompt_tokens: int) -> np.ndarray:
+        waiting = make_requests(10, prompt_tokens=prompt_tokens, slo_class="batch")
+        ctx = prepare(
+            snapshot(waiting, running=(running, other)),
+            LengthModel(),
+            np.random.default_rng(0),
+            scenarios=4,
+        )
+        assert ctx.problem.batch[0, 0] == 40
+        return ctx.problem.running_step_s
+
+    long, longer = steps(20_000), steps(30_000)
+    assert np.array_equal(long, longer)
+    assert len(set(long[:40].tolist())) == 1 and long[40] != long[0]
+
+
 def test_arrivals_going_ahead_stretch_the_wait_for_a_slot_not_for_the_pipeline() -> None:
     """Half the instance taken by arrivals that go ahead: a request waiting 10 s for a
     slot waits 10 s longer; one that has its slot now but waits 10 s behind other

@@ -168,14 +168,18 @@ def _generated(
     tr: Tracked, inst: InstanceRecord, perf: Mapping[tuple[str, str], PerfModel], now_s: float
 ) -> int:
     """Output tokens ``tr`` has produced by ``now_s``: one at its first token, then one
-    per decode step at the instance's current load (capped below its limit)."""
+    per decode step at the instance's current load, in the time since then less the
+    prefill the instance did meanwhile (vLLM runs prompts' chunks in the same steps: the
+    speed calibration's model, inverted); capped below its limit."""
     if tr.first_token_s is None:
         return 0
     model = perf.get((tr.request.model, inst.spec.gpu))
     if model is None:
         return 1
+    (tokens, squares), (tokens0, squares0) = inst.prefilled, tr.prefilled_mark
+    decode_s = now_s - tr.first_token_s - model.prefill_work_s(tokens - tokens0, squares - squares0)
     step_s = model.decode_step_s(*inst.decode_load(tr))
-    steps = int((now_s - tr.first_token_s) / step_s) if step_s > 0 else 0
+    steps = int(decode_s / step_s) if step_s > 0 and decode_s > 0 else 0
     return min(1 + steps, tr.request.max_output_tokens - 1)
 
 
