@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +14,13 @@ from hypothesis import strategies as st
 from qlmctl.domain import Request
 from qlmctl.errors import BadInput
 from qlmctl.plan import heuristics as H
-from qlmctl.plan.estimator import LengthModel, _norm_ppf, known_scenario, sample_scenarios
+from qlmctl.plan.estimator import (
+    LengthModel,
+    _inverse_mills,
+    _norm_ppf,
+    known_scenario,
+    sample_scenarios,
+)
 from qlmctl.plan.groups import build_groups
 from qlmctl.plan.policies import POLICIES, make_policy, prepare
 from qlmctl.plan.simulate import first_tokens, scenario_quantiles, simulate
@@ -97,6 +104,34 @@ def test_length_posterior_moves_towards_observations() -> None:
     assert lm.expected(make_requests(1, slo_class="batch", output_tokens=5000)[0]) == pytest.approx(
         before, rel=0.3
     )
+
+
+def test_running_requests_count_as_lengths_at_least_what_they_generated() -> None:
+    """Under load the short requests finish first: fifty 100-token completions alone put
+    the median near 100; fifty requests still running past 400 tokens lift it (EM on the
+    censored ones), while fifty just started carry no information (mean and spread as
+    before)."""
+    lm = LengthModel(prior_strength=10)
+    lm.set_priors({("m1", "G"): make_perf(output_len_sample=(100, 200, 400))})
+    for _ in range(50):
+        lm.observe("m1", "batch", 100)
+    mu, tau, sigma = lm.posterior("m1", "batch")
+    lm.observe_running([("m1", "batch", 1)] * 50)
+    assert lm.posterior("m1", "batch") == pytest.approx((mu, tau, sigma), rel=1e-3)
+    lm.observe_running([("m1", "batch", 400)] * 50)
+    mu_c, tau_c, _ = lm.posterior("m1", "batch")
+    assert math.exp(mu) < 150 and math.exp(mu_c) > 200 and tau_c < tau
+    lm.observe_running([])  # they ended: back to the completions alone
+    assert lm.posterior("m1", "batch") == pytest.approx((mu, tau, sigma))
+
+
+def test_inverse_mills_ratio_matches_erfc_into_the_far_tail() -> None:
+    a = np.array([-6.0, -1.0, 0.0, 0.5, 2.0, 8.0, 30.0])
+    ref = [
+        math.exp(-x * x / 2) / math.sqrt(2 * math.pi) / (0.5 * math.erfc(x / math.sqrt(2)))
+        for x in a
+    ]
+    assert _inverse_mills(a) == pytest.approx(ref, rel=1e-6)
 
 
 def test_norm_ppf_matches_known_quantiles() -> None:

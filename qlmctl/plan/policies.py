@@ -101,6 +101,11 @@ def prepare(
     plans will be served deferring hopeless requests (:attr:`Problem.defer_late`).
     """
     lengths.set_priors(snapshot.perf)
+    lengths.observe_running(
+        (rr.request.model, rr.request.slo_class, rr.generated_tokens)
+        for inst in snapshot.instances
+        for rr in inst.running
+    )
     expected = Expected(None if clairvoyant else lengths)
     groups = build_groups(snapshot.waiting, snapshot.slo_classes, expected, max_group_size)
     problem = replace(build_problem(snapshot, groups, expected), defer_late=defer_late)
