@@ -117,11 +117,12 @@ class LengthModel:
         from 92 to 182 tokens over the run (the true one is 217); with the running ones
         censored, 188-210 throughout.
         """
-        by_key: dict[tuple[str, str], list[float]] = {}
+        by_key: dict[tuple[str, str], list[int]] = {}
         for model, slo_class, tokens in running:
-            by_key.setdefault((model, slo_class), []).append(math.log(max(tokens, 1)))
+            if tokens > 1:  # one token (or none) says nothing of the length
+                by_key.setdefault((model, slo_class), []).append(tokens)
         with self._lock:
-            self._running = {key: np.array(logs) for key, logs in by_key.items()}
+            self._running = {key: np.log(np.array(v, float)) for key, v in by_key.items()}
             self._memo.clear()
             self._mean_memo.clear()
 
@@ -165,22 +166,26 @@ class LengthModel:
 def _censored_mean(
     total: float, weight: float, bounds: np.ndarray, sigma: float, tol: float = 1e-7
 ) -> tuple[float, float]:
-    """EM for the mean of normal log-lengths of known ``sigma``: ``weight`` observations
-    (prior included) summing ``total``, and right-censored ones at ``bounds``. Each
-    censored value counts as its expectation above its bound (``mu + sigma * lambda``,
-    lambda the inverse Mills ratio); the mean is the fixed point. Also the censored
-    observations' Fisher information about the mean, in observations."""
+    """The posterior mode of the mean of normal log-lengths of known ``sigma``, given
+    ``weight`` observations (prior included) summing ``total`` and right-censored ones
+    at ``bounds``, and those censored ones' Fisher information about it, in observations.
+
+    The mode solves ``weight * mu = total + sigma * sum(lambda)``, lambda the inverse
+    Mills ratio at each bound (each censored value counts as its expectation above its
+    bound: EM's fixed point); the left side less the right grows with ``mu`` at slope
+    ``weight + information``, so Newton's method takes a few steps from the mean of the
+    complete observations (EM's plain iteration took about 60 under overload).
+    """
     mu = total / weight
-    for _ in range(200):  # NOTE: a contraction; a few dozen steps at most
-        lam = _inverse_mills((bounds - mu) / sigma)
-        new = (total + bounds.size * mu + sigma * float(lam.sum())) / (weight + bounds.size)
-        if abs(new - mu) < tol:
-            mu = new
+    for _ in range(50):
+        a = (bounds - mu) / sigma
+        lam = _inverse_mills(a)
+        info = float(np.clip(lam * (lam - a), 0.0, 1.0).sum())
+        step = (weight * mu - total - sigma * float(lam.sum())) / (weight + info)
+        mu -= step
+        if abs(step) < tol:
             break
-        mu = new
-    a = (bounds - mu) / sigma
-    lam = _inverse_mills(a)
-    return mu, float(np.clip(lam * (lam - a), 0.0, 1.0).sum())
+    return mu, info
 
 
 def _inverse_mills(a: np.ndarray) -> np.ndarray:
