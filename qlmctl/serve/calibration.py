@@ -70,15 +70,13 @@ class SpeedCalibration:
         if tr.first_token_s is None or output_tokens < 2:
             return
         batch, context = inst.decode_load(tr)
-        (tokens, squares), (tokens0, squares0) = inst.prefilled, tr.prefilled_mark
         self.observe(
             (tr.request.model, inst.spec.gpu),
             finish_s - tr.first_token_s,
             output_tokens - 1,
             batch,
             context,
-            tokens - tokens0,
-            squares - squares0,
+            *inst.prefilled_since(tr),
         )
 
     def observe(

@@ -176,8 +176,7 @@ def _generated(
     model = perf.get((tr.request.model, inst.spec.gpu))
     if model is None:
         return 1
-    (tokens, squares), (tokens0, squares0) = inst.prefilled, tr.prefilled_mark
-    decode_s = now_s - tr.first_token_s - model.prefill_work_s(tokens - tokens0, squares - squares0)
+    decode_s = now_s - tr.first_token_s - model.prefill_work_s(*inst.prefilled_since(tr))
     step_s = model.decode_step_s(*inst.decode_load(tr))
     steps = int(decode_s / step_s) if step_s > 0 and decode_s > 0 else 0
     return min(1 + steps, tr.request.max_output_tokens - 1)

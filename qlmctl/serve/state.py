@@ -271,6 +271,12 @@ class InstanceRecord:
             self.unstarted += 1
             self.unstarted_tokens += tr.prefill_tokens
 
+    def prefilled_since(self, tr: Tracked) -> tuple[int, int]:
+        """Prompt tokens (and their squares) the instance prefilled since ``tr``'s first
+        token: the prefill that shared its decode steps."""
+        (tokens, squares), (tokens0, squares0) = self.prefilled, tr.prefilled_mark
+        return tokens - tokens0, squares - squares0
+
     def decode_load(self, tr: Tracked) -> tuple[int, int]:
         """(batch, context tokens) ``tr`` decodes with at the instance's current load: what
         the service-time estimates and the speed calibration both assume."""
