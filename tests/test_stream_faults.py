@@ -32,6 +32,7 @@ from tests.helpers import SLO_CLASSES, make_cluster, make_perf
 URL = "http://vllm.test:8000"
 TOKEN = {"choices": [{"text": "x", "token_ids": [7], "finish_reason": None}]}
 LAST = {"choices": [{"text": "x", "token_ids": [7], "finish_reason": "length"}]}
+ABORTED = {"choices": [{"text": "", "token_ids": [], "finish_reason": "abort"}]}
 FAST = StreamTimeouts(connect_s=1.0, first_token_s=0.3, token_s=0.3)
 
 
@@ -54,6 +55,8 @@ FAULTS: dict[str, Callable[[], AsyncIterator[bytes]]] = {
     "bad-choices": lambda: body(data({"choices": ["x"]}), data("[DONE]")),
     "error-event": lambda: body(data(TOKEN), data({"error": {"message": "engine dead"}})),
     "truncated": lambda: body(data(TOKEN), data(TOKEN)),  # 2 of 5 tokens, then the end
+    # vLLM shutting down on SIGTERM (or put to sleep) ends what it runs so
+    "aborted": lambda: body(data(TOKEN), data(ABORTED), data("[DONE]")),
     "no-first-token": lambda: body(5.0, data(LAST), data("[DONE]")),
     "stalls": lambda: body(data(TOKEN), 5.0, data(LAST), data("[DONE]")),
 }
@@ -63,6 +66,7 @@ MESSAGES = {
     "bad-choices": "malformed choices",
     "error-event": "engine dead",
     "truncated": "truncated",
+    "aborted": "server aborted it",
     "no-first-token": "0.3 s for the first token",
     "stalls": "0.3 s after token 1",
 }

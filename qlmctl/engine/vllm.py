@@ -16,8 +16,10 @@ is how eviction works from outside). HTTP 4xx is :class:`RequestRejected` carryi
 server's own message (401/403: "needs an API key"); everything else that goes wrong is
 an :class:`EngineError` naming the URL, never another exception: connection problems,
 the :class:`StreamTimeouts` (connect, first token, between tokens), a line that is not
-JSON, a chunk that is not an object, an error event, and a stream that ends without
-``[DONE]`` or a finish reason (truncated: the caller retries it). ``priority`` is only
+JSON, a chunk that is not an object, an error event, a request the server gave up
+(finish reason ``abort``, as vLLM ends what it runs when it shuts down on SIGTERM, or
+``error``), and a stream that ends without ``[DONE]`` or a finish reason (truncated).
+The caller retries each. ``priority`` is only
 sent when given, because servers without ``--scheduling-policy priority`` may refuse
 it. ``headers`` carry an API key (``Authorization: Bearer``); they are never logged.
 """
@@ -240,7 +242,8 @@ async def stream_chunks(
         RequestRejected: HTTP 4xx (``detail`` holds the server's own message).
         EngineError: connection problems, a :class:`StreamTimeouts` limit, HTTP 5xx, a
             line that is not JSON, a chunk that is not an object or has malformed
-            choices, an error event, a stream that ends without ``[DONE]`` or a finish
+            choices, an error event, a finish reason of a request the server gave up
+            (``abort``, ``error``), a stream that ends without ``[DONE]`` or a finish
             reason (truncated).
     """
     limits = timeouts or StreamTimeouts()
@@ -274,7 +277,13 @@ async def stream_chunks(
                     continue
                 for choice in chunk["choices"]:
                     tokens += _tokens_in(choice)
-                    finished = finished or bool(choice.get("finish_reason"))
+                    reason = choice.get("finish_reason")
+                    if reason in _SERVER_ENDED:
+                        raise EngineError(
+                            f"{url}: the server aborted it after {tokens} tokens "
+                            f"(finish reason {reason!r})"
+                        )
+                    finished = finished or bool(reason)
                 if tokens:
                     deadline = loop.time() + limits.token_s
                 yield chunk
@@ -299,6 +308,7 @@ async def stream_chunks(
 
 
 _DONE: dict[str, Any] = {}  # the [DONE] marker
+_SERVER_ENDED = frozenset({"abort", "error"})  # finish reasons of a request given up
 _SSE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
