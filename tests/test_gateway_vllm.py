@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,8 +21,9 @@ from qlmctl.gateway.options import GatewayOptions
 from qlmctl.gateway.server import GatewayJob
 from qlmctl.plan.policies import make_policy
 from qlmctl.serve.config import CoreConfig
-from qlmctl.serve.real_driver import RealOptions
+from qlmctl.serve.real_driver import RealDriver, RealOptions
 from qlmctl.serve.runlog import read_run
+from qlmctl.serve.state import ReqState
 from tests.conftest import VllmServer, free_port
 from tests.gateway_helpers import running_gateway
 from tests.test_serve_real import tiny_perf
@@ -136,6 +137,26 @@ def test_interactive_request_overtakes_a_batch_burst(
     assert len(after) >= 4 and len(queued) - len(after) <= 3, df[columns]
 
 
+async def kill_mid_stream(driver: RealDriver) -> tuple[str, str]:
+    """Kill the server of the first request seen to start streaming, in the same step of
+    the driver's loop (so it is a few milliseconds into its 2,000 tokens): (its
+    instance, its id). Requests streaming before the first look do not count."""
+    first_look: set[str] | None = None
+    while True:
+        running = {
+            rid: iid
+            for rid, (_, iid) in driver.tasks.items()
+            if driver.core.state_of(rid) is ReqState.RUNNING
+        }
+        if first_look is None:
+            first_look = set(running)
+        fresh = sorted(running.keys() - first_look)
+        if fresh:
+            driver.instances[running[fresh[0]]].kill()
+            return running[fresh[0]], fresh[0]
+        await asyncio.sleep(0.005)
+
+
 def test_killing_a_server_mid_stream_continues_or_ends_cleanly(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -143,7 +164,7 @@ def test_killing_a_server_mid_stream_continues_or_ends_cleanly(
         {
             "gpu_types": [{"name": "cpu"}],
             "models": [
-                {"name": "tiny-a", "path": str(tiny_models["tiny-a"]), "max_model_len": 1024}
+                {"name": "tiny-a", "path": str(tiny_models["tiny-a"]), "max_model_len": 2048}
             ],
             "instances": [
                 {"id": f"i{k}", "gpu": "cpu", "launch": {"port": free_port()}, "model": "tiny-a",
@@ -158,21 +179,18 @@ def test_killing_a_server_mid_stream_continues_or_ends_cleanly(
         options=GatewayOptions(port=free_port(), default_class="batch"), run_dir=tmp_path / "run",
         real=RealOptions(ready_timeout_s=240),
     )  # fmt: skip
-    n, started = 6, threading.Barrier(7, timeout=120)
+    n = 6
     with running_gateway(job) as gw:
         client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key="unused", max_retries=0)
 
         def stream(k: int) -> str:
             parts = client.completions.create(
-                model="tiny-a", prompt=f"story {k}", max_tokens=600, stream=True,
+                model="tiny-a", prompt=f"story {k}", max_tokens=2000, stream=True,
                 extra_body={"ignore_eos": True},
             )  # fmt: skip
-            waited, finish = False, None
+            finish = None
             try:
                 for p in parts:
-                    if not waited:
-                        started.wait()  # every client is streaming before the kill
-                        waited = True
                     finish = p.choices[0].finish_reason if p.choices else finish
             except openai.APIError as exc:
                 return f"error: {exc}"
@@ -180,21 +198,21 @@ def test_killing_a_server_mid_stream_continues_or_ends_cleanly(
 
         with ThreadPoolExecutor(n) as pool:
             results = [pool.submit(stream, k) for k in range(n)]
-            started.wait()
             driver, loop = gw.gateway.driver, gw.gateway.loop
             assert driver is not None and loop is not None
-            loop.call_soon_threadsafe(driver.instances["i1"].kill)  # the loop owns the process
+            killing = asyncio.run_coroutine_threadsafe(kill_mid_stream(driver), loop)
+            killed, streaming = killing.result(timeout=120)
             outcomes = [r.result(timeout=120) for r in results]
     assert all(o == "length" or o.startswith("error: ") for o in outcomes), outcomes
     log = read_run(tmp_path / "run")
     df = log.requests
     final = df.sort_values("attempt").groupby("request_id").tail(1)
     assert len(final) == n and final.request_id.is_unique
-    hit = df[(df.instance_id == "i1") & (df.outcome == "failed")]
-    assert len(hit) > 0  # i1 had streams in flight when it died
-    assert (final[final.request_id.isin(hit.request_id)].instance_id == "i0").all()
+    hit = df[(df.instance_id == killed) & (df.outcome == "failed")]
+    assert streaming in set(hit.request_id)  # it was in flight when the server died
+    assert (final[final.request_id.isin(hit.request_id)].instance_id != killed).all()
     assert sum(o == "length" for o in outcomes) == (final.outcome == "finished").sum()
-    assert list(log.operations[log.operations.kind == "instance_down"].instance_id) == ["i1"]
+    assert list(log.operations[log.operations.kind == "instance_down"].instance_id) == [killed]
 
 
 def test_vllm_bench_serve_runs_through_the_gateway_without_failures(
