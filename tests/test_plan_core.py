@@ -318,8 +318,9 @@ def test_groups_already_lost_go_last_under_overload() -> None:
     lost = make_requests(200, gap_s=0.01, output_tokens=3000, prefix="old-")
     fresh = make_requests(4, gap_s=0.01, start_s=29.0, prefix="new-")
     snap = snapshot(lost + fresh, residents=("m1",), now_s=30.0)
-    edf = make_policy("edf").plan(snap, np.random.default_rng(0))
-    heur = make_policy("heuristic").plan(snap, np.random.default_rng(0))
+    # groups of 32: the lost ones take the instance long enough to lose a fresh one
+    edf = make_policy("edf", max_group_size=32).plan(snap, np.random.default_rng(0))
+    heur = make_policy("heuristic", max_group_size=32).plan(snap, np.random.default_rng(0))
     assert edf.instances[0].groups[-1].deadline_s == 49.0  # EDF: the fresh group waits
     # the heuristic's plan is served deferring the lost (or it sheds them itself)
     assert heur.predicted_attainment == pytest.approx(4 / 204)  # the fresh four, surely
@@ -406,7 +407,7 @@ def test_the_scorer_serves_the_hopeless_last_when_the_core_defers_them() -> None
     lost = make_requests(200, gap_s=0.01, output_tokens=3000, prefix="old-")
     fresh = make_requests(4, gap_s=0.01, start_s=29.0, prefix="new-")
     snap = snapshot(lost + fresh, residents=("m1",), now_s=30.0)
-    ctx = prepare(snap, LengthModel(), np.random.default_rng(0))
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), max_group_size=32)
     edf = (tuple(H.edf_order(ctx.problem)),)
     deferring = simulate(replace(ctx.problem, defer_late=True), ctx.scen, edf)
     assert deferring.attainment == pytest.approx(4 / 204)

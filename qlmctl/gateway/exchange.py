@@ -17,8 +17,9 @@ or the chat's final assistant message (``continue_final_message``), carries the 
 already sent, and the token cap shrinks by the tokens already sent. Where that is not
 possible (several choices, ``echo``, a token-id prompt) the attempt is refused (HTTP
 409, not retried) and the client gets a clean error. A stream that ends without a
-finish reason, or with vLLM's ``abort`` (it shuts down), is a failed attempt. Only the driver's loop and the route touch an
-exchange, both in one event loop, so there is no locking.
+finish reason, or with vLLM's ``abort`` (it shuts down), is a failed attempt. Only the
+driver's loop and the route touch an exchange, both in one event loop, so there is no
+locking.
 """
 
 from __future__ import annotations

@@ -25,7 +25,15 @@ LENGTH_CLASSES: tuple[tuple[str, float], ...] = (
     ("medium", 2048),
     ("long", float("inf")),
 )
-DEFAULT_MAX_GROUP_SIZE = 32
+# NOTE: a group is the unit the planner places, orders and sheds, and its deadline is its
+# first request's: under overload, 32 sheds or keeps 32 requests at once. Measured
+# (2026-12-03, heuristic, the policy benchmark's five reference cells, three seeds): 32
+# 74.1 / 76.5 / 77.4 / 71.4 / 78.3 %, 16 75.9 / 79.0 / 78.9 / 76.5 / 81.8, 8
+# 74.3 / 80.2 / 79.8 / 78.8 / 84.2, 4 72.1 / 76.2 / 79.6 / 78.8 / 85.5 (twice the
+# planning time of 32); seeds 3-5, 32 against 8: +3.1, +2.7, +2.2, +6.3, +4.6 points;
+# loads 0.5-2x, one seed: within -0.8..+6.6. The overload leg of sim_speed runs faster
+# with 8 (62x real time against 55x, heuristic).
+DEFAULT_MAX_GROUP_SIZE = 8
 
 
 @dataclass(frozen=True, slots=True)
