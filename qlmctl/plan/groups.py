@@ -31,8 +31,8 @@ LENGTH_CLASSES: tuple[tuple[str, float], ...] = (
 # 74.1 / 76.5 / 77.4 / 71.4 / 78.3 %, 16 75.9 / 79.0 / 78.9 / 76.5 / 81.8, 8
 # 74.3 / 80.2 / 79.8 / 78.8 / 84.2, 4 72.1 / 76.2 / 79.6 / 78.8 / 85.5 (twice the
 # planning time of 32); seeds 3-5, 32 against 8: +3.1, +2.7, +2.2, +6.3, +4.6 points;
-# loads 0.5-2x, one seed: within -0.8..+6.6. The overload leg of sim_speed runs faster
-# with 8 (62x real time against 55x, heuristic).
+# loads 0.5-2x, one seed: within -0.8..+6.6. sim_speed's 2.5x leg runs faster with 8
+# (62x real time against 55x, heuristic), its 100k requests at 4x slower (112 s, 80 s).
 DEFAULT_MAX_GROUP_SIZE = 8
 
 
