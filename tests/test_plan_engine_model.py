@@ -46,10 +46,9 @@ def burst(n: int, seed: int) -> Workload:
 def dispatch_errors(tmp: Path, workload: Workload, max_num_seqs: int) -> pd.DataFrame:
     cluster = make_cluster(1, models=("m1",))
     perf = {("m1", "G"): make_perf("m1", max_num_seqs=max_num_seqs, prefill_s_per_token2=1e-6)}
-    # NOTE: groups of 32: with 8 (the default) and 64 sequences, re-plans of this burst
-    # switch between candidate orders that score alike (all on time), and first forecasts
-    # of the requests they move are off by 8.7 s (a median, against 3.4 s with 32): a
-    # matter of the planner's choice, not of its engine model, which this checks
+    # NOTE: groups of 32, as this was written for: with 8 (the default) and 64 sequences
+    # the first forecasts are off by a median 8.7 s (3.4 s with 32), early and late alike
+    # (the re-plans move requests after their first forecast); not yet explained
     policy = make_policy("heuristic", clairvoyant=True, max_group_size=32)
     run_simulated(workload, cluster, perf, policy, CoreConfig(improve=False), tmp / "run", 0)
     reqs = pd.read_parquet(tmp / "run" / "requests.parquet")

@@ -19,9 +19,9 @@ the :class:`StreamTimeouts` (connect, first token, between tokens), a line that 
 JSON, a chunk that is not an object, an error event, a request the server gave up
 (finish reason ``abort``, as vLLM ends what it runs when it shuts down on SIGTERM, or
 ``error``), and a stream that ends without ``[DONE]`` or a finish reason (truncated).
-The caller retries each. ``priority`` is only
-sent when given, because servers without ``--scheduling-policy priority`` may refuse
-it. ``headers`` carry an API key (``Authorization: Bearer``); they are never logged.
+The caller retries each. ``priority`` is only sent when given, because servers without
+``--scheduling-policy priority`` may refuse it. ``headers`` carry an API key
+(``Authorization: Bearer``); they are never logged.
 """
 
 from __future__ import annotations
