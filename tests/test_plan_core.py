@@ -76,6 +76,22 @@ def test_groups_fifo_absolute_deadlines_and_split() -> None:
     assert [g.deadline_s for g in groups] == [120.0, 124.0, 128.0]
 
 
+def test_groups_tied_on_deadline_keep_one_order_across_replans() -> None:
+    # A burst at one instant: every group's deadline ties. A re-plan after the first
+    # dispatches re-cuts and renumbers the groups; the rest must keep their order
+    # (ids "…/10" before "…/2" once reordered them).
+    reqs = make_requests(60, gap_s=0.0) + make_requests(
+        60, gap_s=0.0, prefix="b", prompt_tokens=900
+    )
+
+    def order(waiting: list[Request]) -> list[str]:
+        groups = build_groups(waiting, SLO_CLASSES, lambda r: 50.0, max_size=4)
+        return [r.id for g in groups for r in g.requests]
+
+    first = order(reqs)
+    assert order([r for r in reqs if r.id not in set(first[:6])]) == first[6:]
+
+
 def test_groups_split_by_span_and_length_class() -> None:
     reqs = make_requests(3, gap_s=6.0) + make_requests(1, prompt_tokens=5000, prefix="long")
     groups = build_groups(reqs, SLO_CLASSES, lambda r: 50.0)

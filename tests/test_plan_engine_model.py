@@ -46,11 +46,7 @@ def burst(n: int, seed: int) -> Workload:
 def dispatch_errors(tmp: Path, workload: Workload, max_num_seqs: int) -> pd.DataFrame:
     cluster = make_cluster(1, models=("m1",))
     perf = {("m1", "G"): make_perf("m1", max_num_seqs=max_num_seqs, prefill_s_per_token2=1e-6)}
-    # NOTE: groups of 32, as this was written for: with 8 (the default) and 64 sequences
-    # the first forecasts are off by a median 8.7 s (3.4 s with 32), early and late alike,
-    # likely because build_groups orders deadline ties by group id, which a re-plan
-    # renumbers (a stable tie-break gave 1.9 s here; not fixed)
-    policy = make_policy("heuristic", clairvoyant=True, max_group_size=32)
+    policy = make_policy("heuristic", clairvoyant=True)
     run_simulated(workload, cluster, perf, policy, CoreConfig(improve=False), tmp / "run", 0)
     reqs = pd.read_parquet(tmp / "run" / "requests.parquet")
     reqs = reqs[reqs["attempt"] == 0]

@@ -83,7 +83,7 @@ def build_groups(
             (None: half the class's TTFT).
 
     Returns:
-        Groups sorted by (deadline, group id).
+        Groups sorted by deadline; ties by (model, class, length class), then arrival.
     """
     if max_size < 1:
         raise BadInput(f"max group size must be >= 1, got {max_size}")
@@ -109,7 +109,9 @@ def build_groups(
             current.append(r)
         if current:
             groups.append(_group(model, cls, lc, len(groups), current))
-    groups.sort(key=lambda g: (g.deadline_s, g.group_id))
+    # A stable sort: deadline ties keep chain-key order and, within a chain, FIFO order,
+    # the same in every re-plan (a group's id is renumbered when the chains are re-cut).
+    groups.sort(key=lambda g: g.deadline_s)
     return groups
 
 
