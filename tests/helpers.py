@@ -5,14 +5,26 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
+from typing import Any
 
 from qlmctl.domain import ClusterSpec, Request, SLOClass
 from qlmctl.perfmodel import PerfModel
+from qlmctl.plan.policies import QlmPolicy
+from qlmctl.plan.types import Plan, QueueSnapshot
 
 SLO_CLASSES = {
     "interactive": SLOClass(name="interactive", ttft_s=20, weight=1.0, priority=0),
     "batch": SLOClass(name="batch", ttft_s=600, weight=1.0, priority=10),
 }
+
+
+class LosingQlm(QlmPolicy):
+    """``qlm`` whose fast plans all expect to lose some request, so the serving core
+    offers its MILP improver a snapshot at every re-plan due."""
+
+    def quick(self, snapshot: QueueSnapshot, rng: Any) -> Plan:
+        return replace(super().quick(snapshot, rng), predicted_attainment=0.5)
 
 
 def make_cluster(num_instances: int = 2, models: tuple[str, ...] = ("m1", "m2")) -> ClusterSpec:

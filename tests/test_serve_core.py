@@ -261,6 +261,23 @@ def test_replans_are_rate_limited() -> None:
     assert policy.calls == 2
 
 
+@pytest.mark.parametrize("predicted", [0.0, 0.6, 1.0])
+def test_the_improver_is_offered_only_a_plan_it_could_beat(predicted: float) -> None:
+    class TinyImprover(TinyPolicy):
+        time_limit_s = 1.0
+
+        def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
+            return replace(self.plan(snapshot, rng), predicted_attainment=predicted)
+
+        def improve(self, snapshot: QueueSnapshot, budget_s: float, rng: Any) -> Plan | None:
+            return None
+
+    core = make_core(policy=TinyImprover(), max_inflight=1, dispatch_on_arrival=False)
+    arrive(core, make_requests(3))
+    # all met or all lost: no plan can score strictly higher, so none is asked for
+    assert (core.wants_improvement() is not None) == (0.0 < predicted < 1.0)
+
+
 def test_arrivals_alone_are_planned_every_share_of_the_tightest_target() -> None:
     policy = TinyPolicy()  # SLO_CLASSES: 20 s and 600 s; a tenth of 20 s is 2 s
     core = make_core(

@@ -15,12 +15,13 @@ import httpx
 from qlmctl.domain import Request
 from qlmctl.engine.events import Aborted, Dispatch, Evict
 from qlmctl.plan.policies import make_policy
+from qlmctl.plan.types import Policy
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.real_driver import RealDriver, RealOptions, run_real
 from qlmctl.serve.run import RunSummary
 from qlmctl.serve.runlog import read_run
 from qlmctl.workload import Workload
-from tests.helpers import SLO_CLASSES, make_cluster, make_perf
+from tests.helpers import SLO_CLASSES, LosingQlm, make_cluster, make_perf
 
 
 def fake_vllm(token_delay_s: float = 0.0, bodies: list[dict] | None = None) -> httpx.MockTransport:
@@ -66,7 +67,7 @@ def requests(n: int, gap_s: float, prompts: dict[int, str] | None = None) -> lis
 def run(
     tmp: Path,
     reqs: list[Request],
-    policy: str = "heuristic",
+    policy: Policy | None = None,
     delay: float = 0.0,
     bodies: list[dict] | None = None,
 ) -> RunSummary:
@@ -74,7 +75,7 @@ def run(
     options = RealOptions(transport=fake_vllm(delay, bodies), metrics_interval_s=0.05)
     return run_real(
         Workload.from_requests(reqs, SLO_CLASSES, "fake"), make_cluster(2), perf,
-        make_policy(policy, time_limit_s=0.2), CoreConfig(improve_min_interval_s=0.0),
+        policy or make_policy("heuristic"), CoreConfig(improve_min_interval_s=0.0),
         tmp / "run", options=options,
     )  # fmt: skip
 
@@ -82,7 +83,7 @@ def run(
 def test_requests_stream_concurrently_and_faults_end_properly(tmp_path: Path) -> None:
     reqs = requests(20, 0.05, {3: "REJECT", 4: "FAIL"})
     bodies: list[dict] = []
-    run(tmp_path, reqs, policy="qlm", bodies=bodies)
+    run(tmp_path, reqs, policy=LosingQlm(time_limit_s=0.2), bodies=bodies)
     log = read_run(tmp_path / "run")
     # replayed requests stream several tokens a chunk (RealOptions.stream_interval)
     assert bodies and {b.get("stream_interval") for b in bodies} == {RealOptions().stream_interval}

@@ -15,14 +15,14 @@ from qlmctl.cli import app
 from qlmctl.domain import ClusterSpec, SLOClass
 from qlmctl.errors import BadInput
 from qlmctl.perfmodel import PerfModel
-from qlmctl.plan.policies import QlmPolicy, make_policy
+from qlmctl.plan.policies import make_policy
 from qlmctl.plan.types import Plan, QueueSnapshot
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.runlog import read_run
 from qlmctl.serve.sim_driver import run_simulated
 from qlmctl.specs import dump_spec
 from qlmctl.workload import Workload, write_workload
-from tests.helpers import SLO_CLASSES, make_cluster, make_perf, make_requests
+from tests.helpers import SLO_CLASSES, LosingQlm, make_cluster, make_perf, make_requests
 
 FINAL = {"finished", "rejected", "cancelled"}
 
@@ -189,7 +189,7 @@ def test_the_improvers_answer_arrives_as_long_after_its_snapshot_as_the_solve_to
     solve_s = 0.05
     asked_at: list[float] = []
 
-    class SlowImprover(QlmPolicy):
+    class SlowImprover(LosingQlm):
         def improve(self, snapshot: QueueSnapshot, budget_s: float, rng: Any) -> Plan | None:
             asked_at.append(snapshot.now_s)
             time.sleep(solve_s)

@@ -17,7 +17,8 @@ the rest, on the same records):
   ``max_planned`` most urgent) and rebuilds one virtual queue
   per instance: its groups in order, each a FIFO of request ids
   (:class:`~qlmctl.serve.queues.VirtualQueues`). A background improvement (the MILP) may
-  replace the plan later through :meth:`~ServeCore.on_plan`.
+  replace the plan later through :meth:`~ServeCore.on_plan`; it is offered a snapshot
+  only when the fast plan expects some waiting request to miss and some to be met.
 * **Dispatch on arrival.** While nothing waits, a new request goes straight to an
   instance holding its model that would start prefilling it at once (nothing sent there
   still waiting for its first token, a free sequence, KV room): the one where its first
@@ -419,7 +420,10 @@ class ServeCore:
             self.improver is not None
             and not self._improving
             and now_s >= self._last_improve_s + self.config.improve_min_interval_s
+            and 0.0 < plan.predicted_attainment < 1.0
         ):
+            # NOTE: only a plan that loses some request and can still save some leaves the
+            # improver anything to win: it is adopted only when it scores strictly higher
             self._offer = snap
 
     def snapshot(self, now_s: float) -> QueueSnapshot:
