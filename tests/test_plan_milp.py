@@ -68,6 +68,30 @@ def test_program_matches_enumeration_of_assignments(seed: int) -> None:
     assert value(tuple(res.instance_of)) == pytest.approx(best, abs=1e-5)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_choices_are_the_warm_start_and_the_roomiest_and_dropped_rows_change_nothing(
+    seed: int,
+) -> None:
+    rng = np.random.default_rng(seed)
+    reqs = make_requests(400, gap_s=0.02, output_tokens=1000)  # overloaded: capacity binds
+    snap = snapshot(reqs, ("m1", "m1", "m1"), now_s=10.0)
+    ctx = prepare(snap, LengthModel(), rng, scenarios=3, max_group_size=8, clairvoyant=True)
+    pb = ctx.problem
+    warm = [int(g) for g in rng.integers(0, pb.num_instances, pb.num_groups)]
+    pairs = scenario_data(pb, ctx.scen, warm=warm, max_choices=2)["pairs"]
+    assert all(sum(1 for gg, _ in pairs if gg == g) == 2 for g in range(pb.num_groups))
+    assert all((g, warm[g]) in pairs for g in range(pb.num_groups))
+    # with one choice, the program keeps only the warm start's capacity rows: its optimum
+    # is that of the whole program with every group fixed where the warm start puts it
+    full = build_model(scenario_data(pb, ctx.scen))
+    for (g, i), var in full.x.items():
+        var.fix(float(warm[g] == i))
+    fixed = highs.run(full, 30.0, 0.0).objective
+    res = solve(pb, ctx.scen, warm, mip_gap=0.0, time_limit_s=30, max_choices=1)
+    assert res.instance_of == warm
+    assert fixed is not None and res.objective == pytest.approx(fixed, abs=1e-6)
+
+
 def test_program_agrees_with_the_slot_model_on_one_instance() -> None:
     # one instance, the true lengths, overloaded: the groups the program keeps are the
     # ones the slot model serves on time in the program's queue, the ones it gives up
