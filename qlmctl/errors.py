@@ -28,6 +28,10 @@ class EngineError(QlmError):
     exit_code = EXIT_FAILURE
 
 
+class EngineUnreachable(EngineError):
+    """Nothing accepted the connection to an engine (refused): its server is gone."""
+
+
 class FetchError(QlmError):
     """Downloading a dataset failed at run time (network, HTTP status): exit code 1."""
 

@@ -7,7 +7,8 @@ import json
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -24,9 +25,14 @@ from qlmctl.workload import Workload
 from tests.helpers import SLO_CLASSES, LosingQlm, make_cluster, make_perf
 
 
-def fake_vllm(token_delay_s: float = 0.0, bodies: list[dict] | None = None) -> httpx.MockTransport:
+def fake_vllm(
+    token_delay_s: float = 0.0,
+    bodies: list[dict] | None = None,
+    refuses: Callable[[httpx.Request], bool] = lambda _r: False,
+) -> httpx.MockTransport:
     """Serves m1 and m2; prompt 'REJECT' gets HTTP 400, 'FAIL' HTTP 500, others stream.
-    Completion request bodies go to ``bodies`` if given."""
+    Completion request bodies go to ``bodies`` if given; a request ``refuses`` picks gets
+    its connection refused."""
 
     async def stream(n: int) -> AsyncIterator[bytes]:
         for _ in range(n):
@@ -37,6 +43,8 @@ def fake_vllm(token_delay_s: float = 0.0, bodies: list[dict] | None = None) -> h
         yield b"data: [DONE]\n\n"
 
     async def handler(request: httpx.Request) -> httpx.Response:
+        if refuses(request):
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
         path = request.url.path
         if path == "/v1/models":
             return httpx.Response(200, json={"data": [{"id": "m1"}, {"id": "m2"}]})
@@ -97,6 +105,41 @@ def test_requests_stream_concurrently_and_faults_end_properly(tmp_path: Path) ->
     assert len(done) == 18 and (done.output_tokens == 8).all() and done.itl_max_s.notna().all()
     sources = [json.loads(d).get("source") for d in log.operations.detail.dropna()]
     assert "improver" in sources  # the MILP ran in a worker thread beside the loop
+
+
+def test_an_endpoint_that_refuses_connections_is_down_until_it_serves_again(
+    tmp_path: Path,
+) -> None:
+    # i1 refuses every connection for 0.6 s of the run, as a restarting server does
+    start: list[float] = []  # the first request of the run (the endpoints' check)
+
+    def restarting(request: httpx.Request) -> bool:
+        start[:] = start or [time.monotonic()]
+        return request.url.port == 8101 and 0.3 < time.monotonic() - start[0] < 0.9
+
+    reqs = [
+        Request(id=f"r{k}", arrival_s=0.02 * k, model="m1", slo_class="interactive",
+                prompt="hello", prompt_tokens=5, max_output_tokens=8, output_tokens=8)
+        for k in range(80)
+    ]  # fmt: skip
+    options = RealOptions(transport=fake_vllm(0.01, refuses=restarting), metrics_interval_s=0.2)
+    run_real(
+        Workload.from_requests(reqs, SLO_CLASSES, "fake"), make_cluster(2, ("m1",)),
+        {("m1", "G"): make_perf("m1")}, make_policy("heuristic"), CoreConfig(),
+        tmp_path / "run", options=options,
+    )  # fmt: skip
+    log = read_run(tmp_path / "run")
+    assert (log.final_attempts.outcome == "finished").all() and len(log.final_attempts) == 80
+    ops = log.operations[log.operations.instance_id == "i1"]
+    assert list(ops.kind[ops.kind.str.startswith("instance")]) == ["instance_down", "instance_up"]
+    down_s, up_s = (ops.time_s[ops.kind == k].iloc[0] for k in ("instance_down", "instance_up"))
+    assert "refused a connection" in ops.detail[ops.kind == "instance_down"].iloc[0]
+    # down at the first refusal (not after three missed polls), up once it serves again
+    on_i1 = log.requests[log.requests.instance_id == "i1"]
+    refused = on_i1.reason.fillna("").str.contains("Connection refused")
+    assert refused.sum() <= 2  # then no more dispatches there until it is back
+    assert (on_i1[on_i1.dispatch_s > up_s].outcome == "finished").sum() > 0
+    assert up_s - down_s >= 0.3
 
 
 def test_ctrl_c_cancels_in_flight_work_and_closes_the_log(tmp_path: Path) -> None:

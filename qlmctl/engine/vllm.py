@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from qlmctl.errors import BadInput, EngineError
+from qlmctl.errors import BadInput, EngineError, EngineUnreachable
 
 # Prometheus sample name -> our key. V0 servers call the KV gauge gpu_cache_usage_perc.
 _METRICS = {
@@ -298,6 +298,8 @@ async def stream_chunks(
         raise EngineError(f"{url}: timed out waiting {waited}") from None
     except httpx.TimeoutException as exc:
         raise EngineError(f"{url}: timed out ({type(exc).__name__})") from None
+    except httpx.ConnectError as exc:
+        raise EngineUnreachable(f"{url}: {type(exc).__name__}: {exc}") from None
     except httpx.HTTPError as exc:
         raise EngineError(f"{url}: {type(exc).__name__}: {exc}") from None
     if not finished:

@@ -28,8 +28,10 @@ arrivals due, decide, apply the actions, start the improver, write rows):
   (recorded in run.json ``sleep_wake_measured``), so the core prices what it will get.
 
 A poller per instance reads ``/metrics`` (waiting requests, KV usage) and watches the
-process: a launched server that exited, or an endpoint unreachable three polls in a
-row, is reported down (its requests are re-queued by the core). The policy's MILP
+process: a launched server that exited, an endpoint unreachable three polls in a row,
+or one that refused a request's connection, is reported down (its requests are
+re-queued by the core); an attached endpoint is reported up again once it serves its
+model again (a launched server that exited stays down). The policy's MILP
 improver runs in a worker thread (``asyncio.to_thread``) so dispatch never waits on it.
 Ctrl-C stops dispatching, cancels what is in flight (logged ``cancelled``), closes the
 log and reports an interrupted run. Events from a request task that is no longer the
@@ -78,10 +80,11 @@ from qlmctl.engine.vllm import (
     RequestRejected,
     StreamProgress,
     StreamTimeouts,
+    check_endpoint,
     fetch_metrics,
     stream_completion,
 )
-from qlmctl.errors import EngineError
+from qlmctl.errors import EngineError, EngineUnreachable
 from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.types import Plan, Policy, QueueSnapshot
 from qlmctl.serve.config import CoreConfig, ImproveFn
@@ -472,6 +475,8 @@ class RealDriver:
             push(Aborted(rid, iid, self.clock.now(), self._made(got, kept, live), str(exc)[:300]))
             if inst.launched and not inst.alive() and not inst.swapping:
                 self._report_down(inst, "process exited")
+            elif isinstance(exc, EngineUnreachable) and not inst.swapping:
+                self._report_down(inst, "refused a connection")
         except Exception as exc:  # a bug must not leave the request in flight forever
             why = f"{type(exc).__name__}: {exc}"[:300]
             push(Aborted(rid, iid, self.clock.now(), self._made(got, kept, live), why))
@@ -538,12 +543,15 @@ class RealDriver:
     # ---- background -------------------------------------------------------------------
 
     async def _poll(self, inst: RealInstance) -> None:
-        """Backpressure from /metrics; report the instance down if it died or went silent."""
+        """Backpressure from /metrics; report the instance down if it died or went silent,
+        and an attached one up again once it serves its model again."""
         misses = 0
         while True:
             await asyncio.sleep(self.options.metrics_interval_s)
             if inst.down or inst.swapping:
                 misses = 0
+                if inst.down and not inst.launched and not inst.swapping:
+                    await self._check_back(inst)
                 continue
             if inst.launched and not inst.alive():
                 self._report_down(inst, "process exited")
@@ -564,6 +572,16 @@ class RealDriver:
                     m.get("kv_cache_usage_perc"),
                 )
             )
+
+    async def _check_back(self, inst: RealInstance) -> None:
+        """Report a down attached endpoint up if it serves its model again (a restarted
+        server: the core plans work for it from then on)."""
+        try:
+            await check_endpoint(self.client, inst.base_url, inst.model, inst.headers)
+        except Exception:  # still gone (or serving another model): poll again later
+            return
+        inst.down = False
+        self.queue.put_nowait(InstanceReady(inst.spec.id, self.clock.now(), inst.model))
 
     async def _improve(
         self, improver: ImproveFn, snap: QueueSnapshot, rng: np.random.Generator
