@@ -7,6 +7,7 @@ import itertools
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from qlmctl.plan.policies import (
     program_queues,
 )
 from qlmctl.plan.simulate import instance_of, simulate
+from qlmctl.plan.types import RecentArrivals
 from tests.helpers import make_requests
 from tests.test_plan_core import mixed_requests, snapshot
 
@@ -109,6 +111,27 @@ def test_program_agrees_with_the_slot_model_on_one_instance() -> None:
     assert 10 < (share < 0.5).sum() < pb.num_groups - 10
     agree = np.where(share < 0.5, late == 0, late == 1) | (share == 0.5)
     assert agree.sum() >= pb.num_groups - 1
+
+
+def test_program_keeps_what_the_slot_model_serves_when_arrivals_go_ahead() -> None:
+    # 1,200 batch requests of 3,000 tokens on one instance while interactive requests
+    # keep arriving (10/s over the last minute): those go ahead and stretch the batch
+    # groups' wait for a slot. The program keeps as many groups as the slot model serves
+    # on time in its queue (scaling the capacity by the share left over kept 51 of 48).
+    waiting = make_requests(1200, slo_class="batch", gap_s=0.01, start_s=95.0, output_tokens=3000)
+    seen = make_requests(600, gap_s=0.1, start_s=40.0, prefix="past-")
+    snap = replace(
+        snapshot(waiting, residents=("m1",), now_s=100.0), recent=RecentArrivals(60.0, tuple(seen))
+    )
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), max_group_size=8, clairvoyant=True)
+    pb = ctx.problem
+    assert 0.1 < ctx.scen.urgent_load.mean() < 0.5
+    res = solve(pb, ctx.scen, mip_gap=0.0, time_limit_s=30)
+    assert res.instance_of is not None and res.miss is not None
+    late = simulate(pb, ctx.scen, queues_of(pb, res.instance_of, res.miss, H.edf_order(pb)))
+    kept = int((np.array(res.miss) < 0.5).sum())
+    assert 10 < kept < pb.num_groups - 10
+    assert abs(kept - int((late.miss_prob == 0).sum())) <= 1
 
 
 def test_the_programs_plan_with_the_heuristics_assignment_is_the_heuristics_plan() -> None:

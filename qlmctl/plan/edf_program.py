@@ -74,9 +74,7 @@ def scenario_data(
     for i in range(pb.num_instances):
         gs = np.flatnonzero(pb.eligible[:, i])
         if gs.size:
-            done_by, drain_s[i] = _dispatch_capacity(pb, scen, i, gs)
-            # arrivals going ahead of a group take their share of the capacity before it
-            done[i] = done_by * (1.0 - scen.urgent_load[gs, i])
+            done[i], drain_s[i] = _dispatch_capacity(pb, scen, i, gs)
     pairs = _choices(pb, scen, done, warm, max_choices)
     rows: list[tuple[int, int, int]] = []  # (i, s, q)
     row_group: dict[tuple[int, int, int], int] = {}  # the group whose due is the q-th
@@ -174,8 +172,19 @@ def _dispatch_capacity(
     model: the groups' requests, in deadline order, run through a copy of the
     instance's engine; each request counts its share of its group's time at its
     dispatch; past the last, work accrues at 1 per s. A model change drains the busy
-    batch: the engine idles, on average, from each slot's end to the last one's."""
+    batch: the engine idles, on average, from each slot's end to the last one's.
+
+    Arrivals going ahead of a group take ``urgent`` of the instance while it waits: as
+    in the scorer (:func:`~qlmctl.plan.simulate.first_tokens`), its wait from now
+    stretches by ``1 / (1 - urgent)``, so its capacity is what is dispatched by
+    ``now + (deadline - now) * (1 - urgent)``, not that share of what is dispatched by
+    its deadline (the engine's first seconds, its running requests' slots still
+    taken, dispatch little)."""
     due = problem.dispatch_deadline_s()[gs, i]
+    now = problem.now_s
+    # [n, S] the times the work must be dispatched by (the deadline itself where nothing
+    # goes ahead, or where it has passed: before now, nothing is dispatched by then)
+    reach = now + (due - now)[:, None] * (1.0 - scen.urgent_load[gs, i])
     engine = scen.engines[i].copy()
     starts, shares = [], []
     for g in gs[np.argsort(due, kind="stable")]:
@@ -191,10 +200,11 @@ def _dispatch_capacity(
     work = np.cumsum(np.take_along_axis(share, by_time, axis=1), axis=1)
     out = np.empty((len(gs), scen.count))
     for s in range(scen.count):
-        k = np.searchsorted(start[s], due, side="right")  # requests dispatched by due
+        by = reach[:, s]
+        k = np.searchsorted(start[s], by, side="right")  # requests dispatched by then
         done = np.where(k > 0, work[s, np.maximum(k - 1, 0)], 0.0)
         beyond = k == start.shape[1]
-        out[:, s] = done + np.where(beyond, due - start[s, -1], 0.0)
+        out[:, s] = done + np.where(beyond, by - start[s, -1], 0.0)
     drain_s = float(np.mean(engine.slots.max(axis=1) - engine.slots.mean(axis=1)))
     return out, drain_s
 
