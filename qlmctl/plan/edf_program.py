@@ -69,13 +69,13 @@ def scenario_data(
     its due date where ``warm`` puts the rest (:func:`_choices`)."""
     pb = problem
     n_s = scen.count
+    eligible = {i: np.flatnonzero(pb.eligible[:, i]) for i in range(pb.num_instances)}
+    eligible = {i: gs for i, gs in eligible.items() if gs.size}
     done: dict[int, np.ndarray] = {}  # i -> [n, S] capacity by each eligible group's due
     drain_s = {}
-    for i in range(pb.num_instances):
-        gs = np.flatnonzero(pb.eligible[:, i])
-        if gs.size:
-            done[i], drain_s[i] = _dispatch_capacity(pb, scen, i, gs)
-    pairs = _choices(pb, scen, done, warm, max_choices)
+    for i, gs in eligible.items():
+        done[i], drain_s[i] = _dispatch_capacity(pb, scen, i, gs)
+    pairs = _choices(pb, scen, eligible, done, warm, max_choices)
     rows: list[tuple[int, int, int]] = []  # (i, s, q)
     row_group: dict[tuple[int, int, int], int] = {}  # the group whose due is the q-th
     cap: dict[tuple[int, int, int], float] = {}
@@ -84,11 +84,10 @@ def scenario_data(
     insts = sorted({i for _g, i in pairs})
     mine = {i: [g for g, j in pairs if j == i] for i in insts}
     for i in insts:
-        eligible = np.flatnonzero(pb.eligible[:, i])
         # NOTE: a group that may not go to i adds no work there, so the capacity row at
         # its due is implied by the row before it: only the choices' rows are kept
-        k_of = np.flatnonzero(np.isin(eligible, mine[i]))
-        gs = eligible[k_of]
+        k_of = np.flatnonzero(np.isin(eligible[i], mine[i]))
+        gs = eligible[i][k_of]
         done_by = done[i][k_of]
         svc = scen.service_s[gs, i, :]  # [n, S]
         for s in range(n_s):
@@ -130,6 +129,7 @@ def scenario_data(
 def _choices(
     problem: Problem,
     scen: Scenarios,
+    eligible: dict[int, np.ndarray],
     done: dict[int, np.ndarray],
     warm: Sequence[int] | None,
     max_choices: int | None,
@@ -149,12 +149,12 @@ def _choices(
             if pb.eligible[g, i]
         ]  # fmt: skip
     room = np.full((pb.num_groups, pb.num_instances), -np.inf)
-    for i, capacity in done.items():
-        gs = np.flatnonzero(pb.eligible[:, i])
-        by_due = np.argsort(capacity.mean(axis=1), kind="stable")
+    for i, gs in eligible.items():  # ``done[i]``'s rows are ``gs``
+        capacity = done[i].mean(axis=1)
+        by_due = np.argsort(capacity, kind="stable")
         placed = np.array([warm[g] == i for g in gs[by_due]], float)
         work = np.cumsum(placed * scen.service_s[gs[by_due], i, :].mean(axis=1))
-        room[gs[by_due], i] = capacity.mean(axis=1)[by_due] - work
+        room[gs[by_due], i] = capacity[by_due] - work
     pairs = []
     for g in range(pb.num_groups):
         kept = [warm[g]] if 0 <= warm[g] < pb.num_instances and pb.eligible[g, warm[g]] else []
