@@ -475,7 +475,7 @@ class RealDriver:
             push(Aborted(rid, iid, self.clock.now(), self._made(got, kept, live), str(exc)[:300]))
             if inst.launched and not inst.alive() and not inst.swapping:
                 self._report_down(inst, "process exited")
-            elif isinstance(exc, EngineUnreachable) and not inst.swapping:
+            elif isinstance(exc, EngineUnreachable) and not inst.launched:
                 self._report_down(inst, "refused a connection")
         except Exception as exc:  # a bug must not leave the request in flight forever
             why = f"{type(exc).__name__}: {exc}"[:300]
@@ -550,7 +550,7 @@ class RealDriver:
             await asyncio.sleep(self.options.metrics_interval_s)
             if inst.down or inst.swapping:
                 misses = 0
-                if inst.down and not inst.launched and not inst.swapping:
+                if inst.down and not inst.launched:
                     await self._check_back(inst)
                 continue
             if inst.launched and not inst.alive():
