@@ -133,6 +133,25 @@ def test_a_walk_that_sheds_nothing_gives_greedy_placements(overload: bool) -> No
         assert sum(len(q) > 0 for q in queues) > 1  # spread over several instances
 
 
+def test_a_fixed_assignment_is_kept_and_the_walk_sheds_on_it() -> None:
+    """The program's assignment shed by the slot model (``qlm``'s ``milp-shed``): every
+    group stays where it was put, and crowding one instance sheds what a free walk over
+    three does not need to."""
+    perf = {("m1", "G"): make_perf("m1", max_num_seqs=4)}
+    insts = tuple(InstanceState(f"i{k}", "G", "m1", True, 30.0) for k in range(3))
+    # about 3 s of prefill each: 36 s on one instance, 12 s over three (TTFT 20 s)
+    waiting = make_requests(12, gap_s=0.1, start_s=28.0, prompt_tokens=30_000)
+    snap = QueueSnapshot(30.0, tuple(waiting), insts, SLO_CLASSES, perf)
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), max_group_size=3)
+    pb, edf = ctx.problem, H.edf_order(ctx.problem)
+    assert H.shed_order_and_queues(pb, ctx.mean, edf)[0] == edf
+    fixed = dict.fromkeys(range(pb.num_groups), 0)
+    shed, queues = H.shed_order_and_queues(pb, ctx.mean, edf, fixed)
+    assert shed != edf and queues is None
+    placed = H.greedy_place(pb, ctx.mean, shed, fixed)
+    assert placed == (tuple(shed), (), ())
+
+
 def test_first_tokens_with_nothing_going_ahead_are_the_unstretched_ones() -> None:
     """With no urgent load the stretch is 0: the fast return equals the full formula."""
     perf = {("m1", "G"): make_perf("m1", max_num_seqs=4)}

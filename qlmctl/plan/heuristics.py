@@ -254,10 +254,10 @@ def shed_order(problem: Problem, mean: Scenarios, order: Order) -> Order:
 
 
 def shed_order_and_queues(
-    problem: Problem, mean: Scenarios, order: Order
+    problem: Problem, mean: Scenarios, order: Order, fixed: Mapping[int, int] | None = None
 ) -> tuple[Order, Queues | None]:
     """:func:`shed_order`, and when it sheds nothing the queues :func:`greedy_place`
-    gives ``order`` (None otherwise).
+    gives ``order`` (None otherwise); ``fixed`` as there (group -> instance chosen).
 
     NOTE: a walk that sheds nothing places every group of ``order`` where
     :func:`greedy_place` would, in the same sequence: its queues are greedy_place's, and
@@ -272,7 +272,7 @@ def shed_order_and_queues(
         if lost_first[g]:
             shed.add(g)  # lost even if it went first
             continue
-        i = place.best(g)
+        i = fixed[g] if fixed is not None and g in fixed else place.best(g)
         place.add(g, i)
         while g not in shed and len(place.queues[i]) > 1 and place.late(g):
             victim = max(place.queues[i], key=lambda h: cost[h, i])

@@ -343,15 +343,22 @@ def _kept_queues(ctx: Context, plan: Plan, sequence: H.Order) -> Queues | None:
 
 
 def program_queues(ctx: Context, res: ProgramResult, sequence: H.Order) -> dict[str, Queues]:
-    """The program's two plans: its own queues, and its assignment run in ``sequence``
-    with the groups it gives up moved to the back."""
+    """The program's three plans: its own queues; its assignment run in ``sequence`` with
+    the groups it gives up moved to the back; and its assignment with the groups to give
+    up chosen as the heuristic chooses them (:func:`~qlmctl.plan.heuristics.shed_order`
+    on the slot model, in deadline order), not by the program's fluid misses."""
     assert res.instance_of is not None and res.miss is not None
+    pb = ctx.problem
     lost = {g for g, share in enumerate(res.miss) if share >= 0.5}
     order = [g for g in sequence if g not in lost] + [g for g in sequence if g in lost]
     fixed = dict(enumerate(res.instance_of))
+    shed, shed_queues = H.shed_order_and_queues(pb, ctx.mean, H.edf_order(pb), fixed)
+    if shed_queues is None:
+        shed_queues = H.greedy_place(pb, ctx.mean, shed, fixed)
     return {
-        "milp": queues_of(ctx.problem, res.instance_of, res.miss, sequence),
-        "milp-assign": H.greedy_place(ctx.problem, ctx.mean, order, fixed),
+        "milp": queues_of(pb, res.instance_of, res.miss, sequence),
+        "milp-assign": H.greedy_place(pb, ctx.mean, order, fixed),
+        "milp-shed": shed_queues,
     }
 
 
