@@ -18,8 +18,10 @@ and miss probability.
 - ``qlm``: the heuristic's candidates plus the F3 stochastic program
   (:mod:`qlmctl.plan.edf_program`: which instance serves each group and which groups to
   give up, solved on its own in-sample scenarios, warm-started from the best candidate).
-  Its answer becomes two candidates: its own queues (EDF in model blocks) and its
-  assignment run in the best candidate's order with the given-up groups at the back.
+  Its answer becomes four candidates: its own queues (EDF in model blocks), its
+  assignment run in the best candidate's order with the given-up groups at the back,
+  its assignment with the groups to give up chosen by the heuristic's shedding walk, and
+  the best candidate with the program's moves kept one at a time where they score.
   The best on the held-out scoring scenarios wins, so it never scores below the
   heuristic. For the serving core it splits into
   :meth:`QlmPolicy.quick` (the heuristic answer now, or the MILP's last placements while
@@ -74,6 +76,8 @@ from qlmctl.plan.types import (
     SolverStats,
     StreamArrivals,
 )
+
+MAX_PROGRAM_MOVES = 16  # the program's moves tried one by one on the heuristic's plan
 
 
 @dataclass(frozen=True)
@@ -362,6 +366,29 @@ def program_queues(ctx: Context, res: ProgramResult, sequence: H.Order) -> dict[
     }
 
 
+def program_moves(
+    ctx: Context, cand: tuple[Queues, Score, H.Order, list[int]], res: ProgramResult
+) -> tuple[Queues, Score]:
+    """``cand`` (a heuristic candidate) with the program's moves (the groups it puts on
+    another instance) tried one at a time in the candidate's order, each kept where the
+    plan then scores higher: the program says where to look, the scorer decides.
+
+    NOTE: at most :data:`MAX_PROGRAM_MOVES` are tried (each one places and scores the
+    whole plan again)."""
+    assert res.instance_of is not None
+    pb = ctx.problem
+    queues, score, order, _blocks = cand
+    where = dict(enumerate(instance_of(queues, pb.num_groups)))
+    moves = [g for g in order if res.instance_of[g] not in (where[g], -1)]
+    for g in moves[:MAX_PROGRAM_MOVES]:
+        trial = {**where, g: res.instance_of[g]}
+        q = H.greedy_place(pb, ctx.mean, order, trial)
+        sc = simulate(pb, ctx.scen, q)
+        if sc.attainment > score.attainment:
+            where, queues, score = trial, q, sc
+    return queues, score
+
+
 def best_candidate(cands: dict[str, Any]) -> str:
     """Candidate with the highest score; ties go to the first listed."""
     return max(cands, key=lambda k: cands[k][1].attainment)
@@ -480,8 +507,12 @@ class QlmPolicy(BasePolicy):
         if res.instance_of is None:
             note = f"MILP found no plan ({res.status}); fell back to the heuristic"
         else:
-            for name, q in program_queues(ctx, res, order).items():
-                sc = simulate(pb, ctx.scen, q)
+            scored = {
+                n: (q, simulate(pb, ctx.scen, q))
+                for n, q in program_queues(ctx, res, order).items()
+            }
+            scored["milp-moves"] = program_moves(ctx, cands[best], res)
+            for name, (q, sc) in scored.items():
                 scores[name] = sc.attainment
                 if sc.attainment > chosen_s.attainment:
                     chosen_q, chosen_s, chosen = q, sc, name
