@@ -31,7 +31,6 @@ append their actions to the decision's list and log evictions and sleeps.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections import deque
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -74,6 +73,8 @@ class ServingOps:
         self._queues = queues
         self._log = log
         self.hint_s = math.inf  # the earliest end of an eviction cooldown met in the last pass
+        # instance -> (head, profile, requests in flight, first-token time): _alone_s's last
+        self._last_alone: dict[str, tuple[Tracked, PerfModel, int, float]] = {}
 
     def serve(self, now_s: float) -> list[Action]:
         """Pull, evict or swap on every up instance, in order; the actions to apply."""
@@ -134,11 +135,26 @@ class ServingOps:
         """Whether ``tr``, dispatched now on ``inst``, gets its first token past its
         deadline even with the prefill pipeline to itself (beside the decodes running
         there: the planner's ``req_ttft_s``)."""
-        if now_s > tr.deadline_s:
-            return True
+        deadline_s = tr.deadline_s
+        return now_s > deadline_s or now_s + self._alone_s(tr, inst) > deadline_s
+
+    def _alone_s(self, tr: Tracked, inst: InstanceRecord) -> float:
+        """The planner's first-token time of ``tr`` dispatched now on ``inst`` beside the
+        decodes running there (:func:`_first_token_alone_s`).
+
+        NOTE: asked for every instance's head at every decision, mostly for the same head,
+        load and profile as the last time: the last answer per instance is kept, matched
+        by identity (the speed calibration replaces a profile it moves, never changes it).
+        It replaces an LRU cache of :func:`_first_token_alone_s`, whose every call hashed
+        the profile (a dataclass of 20 fields)."""
         perf = self._perf[(tr.request.model, inst.spec.gpu)]
+        n = len(inst.inflight)
+        last = self._last_alone.get(inst.spec.id)
+        if last is not None and last[0] is tr and last[1] is perf and last[2] == n:
+            return last[3]
         ttft = _first_token_alone_s(perf, tr.request.prompt_tokens, *inst.decode_load(tr))
-        return now_s + ttft > tr.deadline_s
+        self._last_alone[inst.spec.id] = (tr, perf, n, ttft)
+        return ttft
 
     def _can_pull(self, inst: InstanceRecord, head: Tracked) -> bool:
         """Backpressure: sequences, KV tokens, and what vLLM itself reports."""
@@ -362,11 +378,8 @@ class ServingOps:
         return self._perf[(tr.request.model, inst.spec.gpu)].decode_step_s(*inst.decode_load(tr))
 
 
-@functools.lru_cache(maxsize=4096)
 def _first_token_alone_s(perf: PerfModel, prompt_tokens: int, batch: int, context: int) -> float:
     """The planner's first-token time of one prompt beside ``batch - 1`` decodes.
-
-    NOTE: asked for every queue head at every decision; the same head and load recur.
 
     NOTE: callers pass :meth:`InstanceRecord.decode_load`'s context, the batch's summed,
     where :func:`~qlmctl.plan.problem.first_token_s` reads one sequence's: the decode
