@@ -30,7 +30,7 @@ from qlmctl.plan.policies import (
     program_moves,
     program_queues,
 )
-from qlmctl.plan.simulate import Queues, Score, instance_of, simulate
+from qlmctl.plan.simulate import Queues, Score, instance_of, queue_misses, simulate
 from qlmctl.plan.types import RecentArrivals
 from tests.helpers import make_requests
 from tests.test_plan_core import mixed_requests, snapshot
@@ -177,6 +177,9 @@ def test_the_programs_moves_are_kept_only_where_the_plan_scores_higher() -> None
     def candidate(queues: Queues) -> tuple[Queues, Score, list[int], list[int]]:
         return queues, simulate(pb, ctx.scen, queues), edf, [0] * len(edf)
 
+    for queues in (crowded, spread):  # each queue's misses add up to the plan's
+        parts = [queue_misses(pb, ctx.scen, i, q) for i, q in enumerate(queues)]
+        assert sum(parts) == pytest.approx(simulate(pb, ctx.scen, queues).expected_misses)
     low = simulate(pb, ctx.scen, crowded).attainment
     moved, score = program_moves(ctx, candidate(crowded), program(spread))
     assert score.attainment > low and moved != crowded

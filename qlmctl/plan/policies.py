@@ -64,6 +64,7 @@ from qlmctl.plan.simulate import (
     Queues,
     Score,
     instance_of,
+    queue_misses,
     scenario_quantiles,
     simulate,
 )
@@ -78,6 +79,7 @@ from qlmctl.plan.types import (
 )
 
 MAX_PROGRAM_MOVES = 16  # the program's moves tried one by one on the heuristic's plan
+_BETTER = 1e-9  # expected weighted misses a move must save (not float noise)
 
 
 @dataclass(frozen=True)
@@ -373,20 +375,29 @@ def program_moves(
     another instance) tried one at a time in the candidate's order, each kept where the
     plan then scores higher: the program says where to look, the scorer decides.
 
-    NOTE: at most :data:`MAX_PROGRAM_MOVES` are tried (each one places and scores the
-    whole plan again)."""
+    NOTE: a candidate's queues are its order's groups on each instance (greedy placement
+    with every instance chosen), so a move changes two queues and only those two are
+    scored again; at most :data:`MAX_PROGRAM_MOVES` are tried."""
     assert res.instance_of is not None
-    pb = ctx.problem
-    queues, score, order, _blocks = cand
-    where = dict(enumerate(instance_of(queues, pb.num_groups)))
+    pb, scen = ctx.problem, ctx.scen
+    queues, _score, order, _blocks = cand
+    where = instance_of(queues, pb.num_groups)
+
+    def queue(i: int) -> tuple[int, ...]:
+        return tuple(g for g in order if where[g] == i)
+
+    misses = [queue_misses(pb, scen, i, q) for i, q in enumerate(queues)]
     moves = [g for g in order if res.instance_of[g] not in (where[g], -1)]
     for g in moves[:MAX_PROGRAM_MOVES]:
-        trial = {**where, g: res.instance_of[g]}
-        q = H.greedy_place(pb, ctx.mean, order, trial)
-        sc = simulate(pb, ctx.scen, q)
-        if sc.attainment > score.attainment:
-            where, queues, score = trial, q, sc
-    return queues, score
+        a, b = where[g], res.instance_of[g]
+        where[g] = b
+        trial_a, trial_b = queue_misses(pb, scen, a, queue(a)), queue_misses(pb, scen, b, queue(b))
+        if trial_a + trial_b < misses[a] + misses[b] - _BETTER:
+            misses[a], misses[b] = trial_a, trial_b
+        else:
+            where[g] = a
+    moved = tuple(queue(i) for i in range(pb.num_instances))
+    return moved, simulate(pb, scen, moved)
 
 
 def best_candidate(cands: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ model; its plans are scored here like every other candidate.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,21 +88,11 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
     req_finish = np.full((n_s, n_r), np.inf)
     swap_total = 0.0
     for i, queue in enumerate(queues):
-        if not queue:
-            continue
-        engine = scen.engines[i].copy()
-        loaded = int(problem.init_model[i])
-        for g in queue:
-            m = int(problem.group_model[g])
-            if m != loaded:
-                swap = float(problem.swap_s[i, loaded, m])
-                engine.drain(swap, problem.group_batch(g, i))
-                swap_total += swap
-                loaded = m
+        for g, swap, decode, (starts, prefilled, tokens, late) in _serve_queue(
+            problem, scen, i, queue
+        ):
+            swap_total += swap
             rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
-            decode = np.repeat(scen.decode_s[g, i][:, None], int(problem.size[g]), axis=1)
-            urgent = scen.urgent_load[g, i]
-            starts, prefilled, tokens, late = serve_group(problem, engine, g, i, decode, urgent)
             req_late[:, rows] = late
             req_start[:, rows] = starts
             req_token[:, rows] = tokens
@@ -113,6 +104,38 @@ def simulate(problem: Problem, scen: Scenarios, queues: Queues) -> Score:
         problem, start, finish, miss, swap_total, _mean(req_start, 0), _mean(req_late, 0),
         req_token, req_finish,
     )  # fmt: skip
+
+
+def queue_misses(problem: Problem, scen: Scenarios, i: int, queue: Sequence[int]) -> float:
+    """Expected weighted requests of ``queue`` that miss on instance ``i``: that queue's
+    part of :func:`simulate`'s count (instances do not share work)."""
+    return sum(
+        float(problem.weight[g]) * float(_mean(late.sum(axis=1), 0))
+        for g, _swap, _decode, (_starts, _prefilled, _tokens, late) in _serve_queue(
+            problem, scen, i, queue
+        )
+    )
+
+
+def _serve_queue(
+    problem: Problem, scen: Scenarios, i: int, queue: Sequence[int]
+) -> Iterator[tuple[int, float, np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
+    """Serve ``queue``'s groups in order on a copy of instance ``i``'s engine: per group,
+    the swap it paid, its requests' decode times [S, n] and :func:`serve_group`'s answer."""
+    if not queue:
+        return
+    engine = scen.engines[i].copy()
+    loaded = int(problem.init_model[i])
+    for g in queue:
+        m = int(problem.group_model[g])
+        swap = 0.0
+        if m != loaded:
+            swap = float(problem.swap_s[i, loaded, m])
+            engine.drain(swap, problem.group_batch(g, i))
+            loaded = m
+        decode = np.repeat(scen.decode_s[g, i][:, None], int(problem.size[g]), axis=1)
+        urgent = scen.urgent_load[g, i]
+        yield g, swap, decode, serve_group(problem, engine, g, i, decode, urgent)
 
 
 def serve_group(
