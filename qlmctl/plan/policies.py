@@ -377,16 +377,18 @@ def program_moves(
 
     NOTE: a candidate's queues are its order's groups on each instance (greedy placement
     with every instance chosen), so a move changes two queues and only those two are
-    scored again; at most :data:`MAX_PROGRAM_MOVES` are tried."""
+    scored again (each queue's misses before any move are read off the candidate's
+    score); at most :data:`MAX_PROGRAM_MOVES` are tried."""
     assert res.instance_of is not None
     pb, scen = ctx.problem, ctx.scen
-    queues, _score, order, _blocks = cand
+    queues, score, order, _blocks = cand
     where = instance_of(queues, pb.num_groups)
 
     def queue(i: int) -> tuple[int, ...]:
         return tuple(g for g in order if where[g] == i)
 
-    misses = [queue_misses(pb, scen, i, q) for i, q in enumerate(queues)]
+    lost = pb.weight * pb.size * score.miss_prob  # [G] expected weighted misses
+    misses = [float(lost[list(q)].sum()) for q in queues]
     moves = [g for g in order if res.instance_of[g] not in (where[g], -1)]
     for g in moves[:MAX_PROGRAM_MOVES]:
         a, b = where[g], res.instance_of[g]
