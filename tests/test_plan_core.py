@@ -141,6 +141,23 @@ def test_running_requests_count_as_lengths_at_least_what_they_generated() -> Non
     assert lm.posterior("m1", "batch") == pytest.approx((mu, tau, sigma))
 
 
+def test_a_long_answer_is_expected_to_go_on() -> None:
+    """What is left after k tokens is the predictive log-normal's mean above k, less k
+    (checked by sampling it), capped by the request's limit."""
+    lm = LengthModel(prior_strength=10)
+    lm.set_priors({("m1", "G"): make_perf(output_len_sample=(100, 200, 400))})
+    mu, tau, sigma = lm.posterior("m1", "interactive")
+    draws = np.exp(np.random.default_rng(0).normal(mu, math.hypot(tau, sigma), 2_000_000))
+    req = make_requests(1, output_tokens=100_000)[0]
+    for k in (1, 200, 1000):
+        sampled = draws[draws > k].mean() - k
+        assert lm.expected_left(req, k) == pytest.approx(sampled, rel=0.02)
+    assert lm.expected_left(req, 1000) > lm.expected_left(req, 200) > lm.expected(req) - 200
+    capped = make_requests(1, output_tokens=1100)[0]
+    assert lm.expected_left(capped, 1000) == pytest.approx(100)
+    assert lm.expected_left(capped, 1100) == 1.0
+
+
 def test_inverse_mills_ratio_matches_erfc_into_the_far_tail() -> None:
     a = np.array([-6.0, -1.0, 0.0, 0.5, 2.0, 8.0, 30.0])
     ref = [

@@ -25,8 +25,8 @@ def test_single_run_json_is_bench_serve_like(tmp_path: Path) -> None:
     doc = report_json(build_report([write_run(tmp_path / "run")]))
     assert set(doc) >= BENCH_KEYS
     assert (doc["completed"], doc["failed"], doc["duration"]) == (4, 1, 10.0)
-    assert doc["median_ttft_ms"] == pytest.approx(1300.0)
-    assert doc["p99_ttft_ms"] == pytest.approx(1000 * (2.0 + 0.97 * 2.4))
+    assert doc["median_ttft_ms"] == pytest.approx(550.0)
+    assert doc["p99_ttft_ms"] == pytest.approx(1000 * (0.6 + 0.97 * 1.4))
     assert doc["request_goodput"] == pytest.approx(0.3)
     assert doc["total_input_tokens"] == 500 and doc["total_output_tokens"] == 100
     assert doc["slo_attainment"] == pytest.approx(0.6)

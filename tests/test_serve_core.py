@@ -670,3 +670,62 @@ def test_a_running_request_is_credited_with_the_decode_steps_left_by_others_pref
     assert running["s0"].generated_tokens == 1 + int((3.0 - 0.1 - prefill_s) / step_s)
     assert running["s0"].generated_tokens < 1 + int((3.0 - 0.1) / step_s)
     assert running["l0"].generated_tokens == 1 + int((3.0 - 2.1) / step_s)
+
+
+# ---- moving a running request ---------------------------------------------------------
+
+
+def _slow_and_fast(fast_step_s: float, **overrides: Any) -> tuple[ServeCore, list[Action]]:
+    """i0 (slow GPU) decodes one long request, started at 0.5 s; i1 holds the same model
+    on a GPU whose decode step is ``fast_step_s`` (i0's: 40 ms); nothing waits."""
+    cluster = make_cluster(2, ("m1",))
+    fast_gpu = cluster.gpu_types[0].model_copy(update={"name": "F"})
+    on_fast = cluster.instances[1].model_copy(update={"gpu": "F"})
+    gpus, insts = [*cluster.gpu_types, fast_gpu], [cluster.instances[0], on_fast]
+    cluster = cluster.model_copy(update={"gpu_types": gpus, "instances": insts})
+    perf = {
+        ("m1", "G"): make_perf("m1", "G", step_base_s=0.04),
+        ("m1", "F"): make_perf("m1", "F", step_base_s=fast_step_s),
+    }
+    config = replace(AT_ONCE, dispatch_on_arrival=False, calibrate_speed=False, **overrides)
+    core = ServeCore(
+        cluster, SLO_CLASSES, perf, TinyPolicy(route={"m1": "i0"}), config,
+        np.random.default_rng(0),
+    )  # fmt: skip
+    assert dispatched(arrive(core, make_requests(1, output_tokens=2000))) == ["r0"]
+    core.on_event(FirstToken("r0", "i0", 0.5), 0.5)
+    return core, core.decide(10.0)
+
+
+def test_once_nothing_waits_a_long_answer_moves_where_it_decodes_at_least_twice_as_fast() -> None:
+    core, actions = _slow_and_fast(fast_step_s=0.01)
+    # about 237 tokens made in 9.5 s; the other 1,763 take 71 s here, 18 s there
+    [evict] = actions
+    assert isinstance(evict, Evict) and (evict.request_id, evict.instance_id) == ("r0", "i0")
+    assert evict.reason.startswith("moved to i1 (5") and evict.reason.endswith(" s sooner)")
+    core.on_event(Aborted("r0", "i0", 10.0, 240, "evicted"), 10.0)
+    assert core.decide(10.0) == [Dispatch("r0", "i1", 0, kept_tokens=240)]
+    core.on_event(FirstToken("r0", "i1", 10.1), 10.1)
+    core.on_event(Finished("r0", "i1", 30.0, 1760), 30.0)
+    rows = core.take_log()[0]
+    assert [(r["instance_id"], r["outcome"]) for r in rows] == [
+        ("i0", "evicted"), ("i1", "finished"),
+    ]  # fmt: skip
+    # its client got its first token at 0.5 s: a TTFT of 0.5 s, met
+    assert rows[-1]["slo_met"] and rows[-1]["output_tokens"] == 2000
+
+
+@pytest.mark.parametrize(
+    ("fast_step_s", "overrides"),
+    [
+        (0.025, {}),  # less than twice as fast
+        (0.01, {"move_running": False}),
+        (0.01, {"evict_batch": 0}),  # never evicts
+        (0.01, {"resume_evicted": False}),  # would throw its output away
+        (0.01, {"max_evictions": 0}),
+    ],
+)
+def test_a_running_request_stays_where_moving_does_not_pay_or_is_not_allowed(
+    fast_step_s: float, overrides: dict[str, Any]
+) -> None:
+    assert _slow_and_fast(fast_step_s, **overrides)[1] == []

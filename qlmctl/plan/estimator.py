@@ -150,6 +150,26 @@ class LengthModel:
             self.mean_tokens(request.model, request.slo_class), float(request.max_output_tokens)
         )
 
+    def expected_left(self, request: Request, generated: int) -> float:
+        """Output tokens ``request`` is expected to generate after the ``generated`` it
+        has: the posterior predictive (log-normal) mean above ``generated``, capped by its
+        limit, less ``generated``; at least 1.
+
+        NOTE: for a log-normal of parameters (mu, s), E[L | L > k] = exp(mu + s^2 / 2)
+        Phi(s - a) / Phi(-a), a = (ln k - mu) / s: a long answer is expected to go on.
+        """
+        if generated < 1:
+            return max(1.0, self.expected(request))
+        mu, tau, sigma = self.posterior(request.model, request.slo_class)
+        sd = math.hypot(tau, sigma)
+        a = (math.log(generated) - mu) / sd
+        above = math.erfc(a / math.sqrt(2.0))  # 2 P(L > k)
+        cap = float(request.max_output_tokens)
+        mean = cap
+        if above > 0.0:
+            mean = math.exp(mu + sd * sd / 2) * math.erfc((a - sd) / math.sqrt(2.0)) / above
+        return max(1.0, min(mean, cap) - generated)
+
     def mean_tokens(self, model: str, slo_class: str) -> float:
         """Posterior predictive mean of the output length of (model, class), uncapped."""
         key = (model, slo_class)

@@ -282,6 +282,10 @@ class LengthEstimates(Protocol):
         """Expected output tokens of ``request``."""
         ...
 
+    def expected_left(self, request: Request, generated: int) -> float:
+        """Output tokens ``request`` is expected to generate after the ``generated`` it has."""
+        ...
+
     def observe(self, model: str, slo_class: str, output_tokens: int) -> None:
         """A request of this (model, class) finished with ``output_tokens``."""
         ...

@@ -14,7 +14,8 @@ Every metric is a pure, vectorised (pandas) function of a :class:`RunLog`. Defin
   throughput** = output tokens of finished requests / duration; **total token
   throughput** adds their prompt tokens.
 * **TTFT** = first token − arrival and **E2E** = finish − arrival of finished requests
-  (so both include queueing and any evicted attempts); **TPOT** is the final attempt's
+  (so both include queueing and any evicted attempts; the first token is the earliest of
+  any attempt: a later one continues the client's stream); **TPOT** is the final attempt's
   ``tpot_s``; **queueing** = first dispatch − arrival (requests ever dispatched).
   Percentiles interpolate linearly (``numpy.percentile``); std is the population std.
 * **utilisation** of an instance = length of the union of its attempts'
@@ -220,7 +221,7 @@ def request_table(run: RunLog) -> pd.DataFrame:
     finished = out["outcome"] == Outcome.FINISHED
     out["met"] = finished & out["slo_met"].eq(True)
     out["weight"] = out["slo_class"].map(class_weights(run)).fillna(1.0).astype(float)
-    out["ttft_s"] = (out["first_token_s"] - out["arrival_s"]).where(finished)
+    out["ttft_s"] = (by_req["first_token_s"].min() - out["arrival_s"]).where(finished)
     out["e2e_s"] = (out["finish_s"] - out["arrival_s"]).where(finished)
     out["queue_s"] = out["first_dispatch_s"] - out["arrival_s"]
     return out

@@ -83,6 +83,11 @@ class CoreConfig:
     # an evicted (or failed) request keeps what it generated and resumes after it; off:
     # it starts again from nothing
     resume_evicted: bool = True
+    # while nothing waits, a request decoding where it would take at least twice as long
+    # as on another instance holding its model (its prompt and output so far prefilled
+    # again there) moves there: evicted, resumed on that instance (with resume_evicted,
+    # never with evict_batch 0)
+    move_running: bool = True
     # a request that can no longer make its deadline when it reaches the head of its
     # virtual queue is served after the rest of that queue (requests mid-stream never)
     defer_late: bool = True
@@ -187,6 +192,15 @@ def length_estimator(policy: Policy) -> Callable[[Request], int]:
     if lengths is None:
         return lambda request: request.max_output_tokens
     return lambda request: max(1, round(lengths.expected(request)))
+
+
+def left_estimator(policy: Policy) -> Callable[[Request, int], float]:
+    """Output tokens a request is expected to generate after those it has: the policy's
+    length model, else up to its cap."""
+    lengths = policy.lengths
+    if lengths is None:
+        return lambda request, generated: max(1.0, request.max_output_tokens - generated)
+    return lengths.expected_left
 
 
 def length_observer(policy: Policy) -> Callable[[str, str, int], None] | None:

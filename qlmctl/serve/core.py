@@ -68,6 +68,7 @@ from qlmctl.serve.config import (
     CoreConfig,
     CoreStats,
     ImproveFn,
+    left_estimator,
     length_estimator,
     length_observer,
     split_policy,
@@ -143,8 +144,9 @@ class ServeCore:
         self._queues = VirtualQueues(self._insts, self._reqs, self._waiting)
         self._log = OperationLog()
         self._ops = ServingOps(
-            self.config, self._perf, self._insts, self._reqs, self._waiting, self._queues, self._log
-        )
+            self.config, self._perf, self._insts, self._reqs, self._waiting, self._queues,
+            self._log, left_estimator(policy),
+        )  # fmt: skip
         self._recent = RecentWindow(ARRIVAL_WINDOW_S)
         self._first_arrival_s = math.inf
         self._replan_at_s = math.inf  # when the re-plan asked for is due (inf: none asked)
@@ -209,6 +211,8 @@ class ServeCore:
                 inst = self._insts[event.instance_id]
                 inst.started(tr)
                 tr.first_token_s = event.time_s
+                if tr.first_output_s is None:
+                    tr.first_output_s = event.time_s
                 if inst.engine_waiting:  # it runs: no longer in the engine's queue
                     inst.engine_waiting -= 1
                 p = tr.request.prompt_tokens

@@ -21,6 +21,13 @@ How it works (:meth:`ServingOps.serve`, once per decision, visits every up insta
   instance (``evict_batch`` per round, ``evict_cooldown_s`` between rounds). A victim must
   have twice its estimated service time (:meth:`ServingOps._service_s`: prefill plus the
   rest of its output at the instance's current load) left before its own deadline.
+* **Moving.** While nothing waits, a request decoding where the rest of its output would
+  take at least twice as long as on another instance holding its model (its prompt and
+  the output so far prefilled again there, beside what runs there) is evicted and resumed
+  there (:meth:`ServingOps._move_running`): the one that saves the most, one at a time,
+  at most every ``evict_cooldown_s``. What is left is the length model's expectation
+  given the output so far (a long answer is expected to go on). Once the queue drains,
+  long answers left on slow instances otherwise decide when the work is done.
 * **Swap.** When the head group needs another model, the instance stops pulling, drains
   (or evicts for an urgent head), then loads the model, waking it where it sleeps; nothing
   is dispatched until the engine reports ``InstanceReady``.
@@ -33,14 +40,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 
+from qlmctl.domain import Request
 from qlmctl.engine.events import Action, Dispatch, Evict, LoadModel
 from qlmctl.perfmodel import PerfModel, swap_time_s
 from qlmctl.plan.problem import first_token_s
 from qlmctl.plan.types import PlannedGroup
 from qlmctl.serve.config import CoreConfig
-from qlmctl.serve.queues import VirtualQueues
+from qlmctl.serve.queues import VirtualQueues, generated_tokens
 from qlmctl.serve.runlog import OperationLog
 from qlmctl.serve.state import (
     Forecast,
@@ -64,14 +72,19 @@ class ServingOps:
         waiting: MutableMapping[str, Tracked],
         queues: VirtualQueues,
         log: OperationLog,
+        left_tokens: Callable[[Request, int], float],
     ) -> None:
         """Args: the core's knobs, profiles (as calibrated), instances, requests (all and
-        waiting, by id), virtual queues and operation log, shared with the core."""
+        waiting, by id), virtual queues and operation log, shared with the core; the
+        output a request is expected to generate after the tokens it has."""
         self.config = config
         self._perf = perf
         self._insts, self._reqs, self._waiting = insts, reqs, waiting
         self._queues = queues
         self._log = log
+        self._left_tokens = left_tokens
+        self._moving: dict[str, InstanceRecord] = {}  # request id -> where it moves
+        self._next_move_s = -math.inf  # the next look for a request to move
         self.hint_s = math.inf  # the earliest end of an eviction cooldown met in the last pass
         # instance -> (head, profile, requests in flight, first-token time): _alone_s's last
         self._last_alone: dict[str, tuple[Tracked, PerfModel, int, float]] = {}
@@ -80,9 +93,22 @@ class ServingOps:
         """Pull, evict or swap on every up instance, in order; the actions to apply."""
         self.hint_s = math.inf
         actions: list[Action] = []
+        if self._moving:
+            self._land_moved(now_s, actions)
         for inst in self._insts.values():
             if inst.status is InstStatus.UP:
                 self._serve(inst, now_s, actions)
+        cfg = self.config
+        if (
+            not self._waiting
+            and not self._moving
+            and now_s >= self._next_move_s
+            and cfg.move_running
+            and cfg.resume_evicted
+            and cfg.evict_batch > 0
+        ):
+            self._next_move_s = now_s + cfg.evict_cooldown_s
+            self._move_running(now_s, actions)
         return actions
 
     def _serve(self, inst: InstanceRecord, now_s: float, actions: list[Action]) -> None:
@@ -336,6 +362,83 @@ class ServingOps:
             request_id=tr.id,
             detail={"reason": reason, "attempt": tr.attempt},
         )
+
+    def _move_running(self, now_s: float, actions: list[Action]) -> None:
+        """Evict the started request that saves the most time resumed on another
+        instance holding its model, if it saves at least half (see the module
+        docstring); it lands there in :meth:`_land_moved`."""
+        up = [i for i in self._insts.values() if i.status is InstStatus.UP and i.model]
+        step_s = {i.spec.id: (self._mean_step_s(i, 0), self._mean_step_s(i, 1)) for i in up}
+        best: tuple[float, Tracked, InstanceRecord, InstanceRecord] | None = None
+        for dst in up:
+            if dst.evicting or dst.unstarted:
+                continue  # prompts wait there: no room to start one at once
+            for src in up:
+                # NOTE: a first test per pair, at each one's mean request: tested request
+                # by request, the look took a fifth of sim_speed's trace replay
+                if (
+                    src is dst
+                    or src.model != dst.model
+                    or 2 * step_s[dst.spec.id][1] > step_s[src.spec.id][0]
+                ):
+                    continue
+                for tr in src.inflight.values():
+                    if tr.first_token_s is None or tr.evictions >= self.config.max_evictions:
+                        continue
+                    saved_s = self._move_saves_s(tr, src, dst, now_s)
+                    if saved_s > 0 and (best is None or saved_s > best[0]):
+                        best = (saved_s, tr, src, dst)
+        if best is not None:
+            saved_s, tr, src, dst = best
+            self._evict(src, tr, f"moved to {dst.spec.id} ({saved_s:.0f} s sooner)", now_s, actions)
+            self._moving[tr.id] = dst
+
+    def _mean_step_s(self, inst: InstanceRecord, joining: int) -> float:
+        """A decode step of ``inst`` at its current load, ``joining`` more requests of its
+        mean context (prompt + expected output) beside it."""
+        n = len(inst.inflight)
+        context = inst.kv_tokens * (n + joining) // n if n else 0
+        return self._perf[(inst.model or "", inst.spec.gpu)].decode_step_s(n + joining, context)
+
+    def _move_saves_s(
+        self, tr: Tracked, src: InstanceRecord, dst: InstanceRecord, now_s: float
+    ) -> float:
+        """Seconds ``tr``, decoding on ``src``, would finish sooner resumed on ``dst``
+        now; 0 unless it takes at most half as long there, and ``dst`` would start it at
+        once."""
+        perf_src = self._perf[(tr.request.model, src.spec.gpu)]
+        perf_dst = self._perf[(tr.request.model, dst.spec.gpu)]
+        step_src = perf_src.decode_step_s(*src.decode_load(tr))
+        step_dst = perf_dst.decode_step_s(*dst.decode_load(tr, joining=True))
+        if 2 * step_dst > step_src:  # decoding alone is not twice as fast there
+            return 0.0
+        generated = tr.kept_tokens + generated_tokens(tr, src, self._perf, now_s)
+        left = self._left_tokens(tr.request, generated)
+        stay_s = left * step_src
+        move_s = perf_dst.prefill_time_s(tr.request.prompt_tokens + generated) + left * step_dst
+        if 2 * move_s > stay_s or not self._starts_at_once(dst, tr, perf_dst):
+            return 0.0
+        return stay_s - move_s
+
+    def _land_moved(self, now_s: float, actions: list[Action]) -> None:
+        """Dispatch the requests :meth:`_move_running` evicted, once re-queued, where they
+        move (if it can still take them; else they wait for the plan like any other)."""
+        for rid, dst in list(self._moving.items()):
+            tr = self._reqs[rid]
+            if tr.state is ReqState.EVICTED:
+                continue  # the engine has not confirmed the abort yet
+            del self._moving[rid]
+            if (
+                tr.state is not ReqState.WAITING
+                or dst.status is not InstStatus.UP
+                or dst.model != tr.request.model
+                or not self._can_pull(dst, tr)
+            ):
+                continue
+            if tr.vq_instance is not None:  # a re-plan queued it meanwhile
+                self._insts[tr.vq_instance].queued -= 1
+                tr.vq_instance = None
+            self._start(dst, tr, now_s, tr.slo.priority, actions)
 
     def _load(self, inst: InstanceRecord, model: str, now_s: float, actions: list[Action]) -> None:
         """Start loading ``model`` on a drained instance."""

@@ -155,7 +155,7 @@ def instance_state(
                 t.dispatch_s or now_s,
                 t.first_token_s,
                 min(
-                    t.kept_tokens + _generated(t, inst, perf, now_s),
+                    t.kept_tokens + generated_tokens(t, inst, perf, now_s),
                     max(0, t.request.max_output_tokens - 1),
                 ),
             )
@@ -164,7 +164,7 @@ def instance_state(
     )
 
 
-def _generated(
+def generated_tokens(
     tr: Tracked, inst: InstanceRecord, perf: Mapping[tuple[str, str], PerfModel], now_s: float
 ) -> int:
     """Output tokens ``tr`` has produced by ``now_s``: one at its first token, then one

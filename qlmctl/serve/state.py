@@ -126,7 +126,11 @@ class Tracked:
     instance_id: str | None = None  # where the current attempt runs
     priority: int = 0
     dispatch_s: float | None = None
-    first_token_s: float | None = None
+    first_token_s: float | None = None  # of the current attempt
+    # when its client got its first token, in whichever attempt: a later attempt
+    # continues the same stream (the gateway sends what the client has seen), so the
+    # request's TTFT is this one's
+    first_output_s: float | None = None
     prefilled_mark: tuple[int, int] = (0, 0)  # its instance's ``prefilled`` at first token
     forecast: Forecast | None = None  # the first made in this attempt
     evict_reason: str = ""
@@ -172,7 +176,7 @@ class Tracked:
     ) -> dict[str, Any]:
         """The run-log row of the attempt that just ended (see ``REQUESTS_SCHEMA``)."""
         req = self.request
-        ttft = None if self.first_token_s is None else self.first_token_s - req.arrival_s
+        ttft = None if self.first_output_s is None else self.first_output_s - req.arrival_s
         met = (
             outcome == Outcome.FINISHED
             and ttft is not None
@@ -277,10 +281,11 @@ class InstanceRecord:
         (tokens, squares), (tokens0, squares0) = self.prefilled, tr.prefilled_mark
         return tokens - tokens0, squares - squares0
 
-    def decode_load(self, tr: Tracked) -> tuple[int, int]:
-        """(batch, context tokens) ``tr`` decodes with at the instance's current load: what
-        the service-time estimates and the speed calibration both assume."""
-        batch = max(1, len(self.inflight))
+    def decode_load(self, tr: Tracked, joining: bool = False) -> tuple[int, int]:
+        """(batch, context tokens) ``tr`` decodes with at the instance's current load (one
+        more if it is ``joining``): what the service-time estimates and the speed
+        calibration both assume."""
+        batch = max(1, len(self.inflight) + joining)
         return batch, batch * (tr.request.prompt_tokens + tr.expected_output_tokens // 2)
 
     def remove_inflight(self, tr: Tracked) -> None:
