@@ -1,9 +1,11 @@
-"""Admission decisions on hand-made snapshots, and how a started stream continues."""
+"""Admission decisions on hand-made snapshots, and how (whether) a started stream continues."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+import pytest
 
 from qlmctl.domain import Request
 from qlmctl.gateway.admission import check_admission
@@ -79,3 +81,25 @@ def test_a_started_chat_stream_continues_the_assistant_message() -> None:
     assert body["messages"][-1] == {"role": "assistant", "content": "Hel"}
     assert body["continue_final_message"] and not body["add_generation_prompt"]
     assert body["max_tokens"] == 4 and len(messages) == 1  # the client's body is untouched
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "resumable"),
+    [
+        (COMPLETIONS, {"prompt": "Once"}, True),
+        (CHAT, {"messages": [{"role": "user", "content": "hi"}]}, True),
+        (COMPLETIONS, {"prompt": "Once", "n": 2}, False),  # two answers: one stream each
+        (COMPLETIONS, {"prompt": "Once", "echo": True}, False),
+        (COMPLETIONS, {"prompt": [1, 2, 3]}, False),  # token ids: no text to append to
+    ],
+)
+def test_a_stream_that_cannot_be_continued_tells_the_core_so(
+    route: str, body: dict[str, Any], resumable: bool
+) -> None:
+    """The core never cuts such a request mid-stream (evicts or moves it): a next attempt
+    could not continue what its client has seen."""
+
+    async def go() -> bool:
+        return Exchange(request(), route, {"model": "m1", "stream": True, **body}).resumable
+
+    assert asyncio.run(go()) is resumable

@@ -675,7 +675,9 @@ def test_a_running_request_is_credited_with_the_decode_steps_left_by_others_pref
 # ---- moving a running request ---------------------------------------------------------
 
 
-def _slow_and_fast(fast_step_s: float, **overrides: Any) -> tuple[ServeCore, list[Action]]:
+def _slow_and_fast(
+    fast_step_s: float, resumable: bool = True, **overrides: Any
+) -> tuple[ServeCore, list[Action]]:
     """i0 (slow GPU) decodes one long request, started at 0.5 s; i1 holds the same model
     on a GPU whose decode step is ``fast_step_s`` (i0's: 40 ms); nothing waits."""
     cluster = make_cluster(2, ("m1",))
@@ -692,7 +694,8 @@ def _slow_and_fast(fast_step_s: float, **overrides: Any) -> tuple[ServeCore, lis
         cluster, SLO_CLASSES, perf, TinyPolicy(route={"m1": "i0"}), config,
         np.random.default_rng(0),
     )  # fmt: skip
-    assert dispatched(arrive(core, make_requests(1, output_tokens=2000))) == ["r0"]
+    core.on_arrival(make_requests(1, output_tokens=2000)[0], 0.0, resumable)
+    assert dispatched(core.decide(0.0)) == ["r0"]
     core.on_event(FirstToken("r0", "i0", 0.5), 0.5)
     return core, core.decide(10.0)
 
@@ -723,9 +726,23 @@ def test_once_nothing_waits_a_long_answer_moves_where_it_decodes_at_least_twice_
         (0.01, {"evict_batch": 0}),  # never evicts
         (0.01, {"resume_evicted": False}),  # would throw its output away
         (0.01, {"max_evictions": 0}),
+        (0.01, {"resumable": False}),  # its stream could not be continued
     ],
 )
 def test_a_running_request_stays_where_moving_does_not_pay_or_is_not_allowed(
     fast_step_s: float, overrides: dict[str, Any]
 ) -> None:
     assert _slow_and_fast(fast_step_s, **overrides)[1] == []
+
+
+@pytest.mark.parametrize("resumable", [True, False])
+def test_a_stream_that_cannot_be_continued_is_not_evicted_once_started(resumable: bool) -> None:
+    core = make_core(policy=TinyPolicy(by_priority=True, wait_s=100.0), max_inflight=2)
+    for r in make_requests(2, slo_class="batch", gap_s=0.0, output_tokens=5000, prefix="b"):
+        core.on_arrival(r, 0.0, resumable)
+    assert dispatched(core.decide(0.0)) == ["b0", "b1"]
+    for rid in ("b0", "b1"):
+        core.on_event(FirstToken(rid, "i0", 0.5), 0.5)
+    urgent = make_requests(1, slo_class="interactive", start_s=1.0, output_tokens=10, prefix="u")
+    evicted = [a.request_id for a in arrive(core, urgent, 1.0) if isinstance(a, Evict)]
+    assert evicted == (["b1"] if resumable else [])

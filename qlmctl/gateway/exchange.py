@@ -67,6 +67,13 @@ class Exchange:
         self.response: asyncio.Future[tuple[int, dict[str, Any]]] = (
             asyncio.get_running_loop().create_future()
         )  # (status, JSON body) for a non-streaming client
+        prompt = body.get("prompt")
+        # an attempt cut mid-stream can be continued: one answer, no echo, a text prompt
+        self.resumable = not (
+            (body.get("n") or 1) > 1
+            or body.get("echo")
+            or (route == COMPLETIONS and not isinstance(prompt, str))
+        )
         self._sent_text = ""  # choice 0's text a streaming client has seen
         self._sent_tokens = 0
         self._answer: _Assembly | None = None  # the finished attempt's assembled response
@@ -155,11 +162,7 @@ class Exchange:
     def _continue(self, body: dict[str, Any]) -> None:
         """Make ``body`` continue the answer the client has partly seen."""
         prompt = body.get("prompt")
-        if (
-            (body.get("n") or 1) > 1
-            or body.get("echo")
-            or (self.route == COMPLETIONS and not isinstance(prompt, str))
-        ):
+        if not self.resumable:  # never evicted mid-stream; failed there, it cannot go on
             self._error = (_CONTINUATION_REFUSED, "the stream started and cannot be resumed")
             raise RequestRejected(_CONTINUATION_REFUSED, self._error[1])
         if self.route == COMPLETIONS:

@@ -166,13 +166,17 @@ class ServeCore:
 
     # ---- facts in -------------------------------------------------------------------
 
-    def on_arrival(self, request: Request, now_s: float) -> None:
-        """A request joined the queue; it is planned at the next (rate-limited) re-plan."""
+    def on_arrival(self, request: Request, now_s: float, resumable: bool = True) -> None:
+        """A request joined the queue; it is planned at the next (rate-limited) re-plan.
+
+        ``resumable``: an attempt cut mid-stream can be continued (False: it is never
+        evicted or moved once its first token came; a live client's ``n`` > 1, say)."""
         if request.id in self._reqs:
             raise BadInput(f"request {request.id!r} arrived twice")
         if request.slo_class not in self._slo:
             raise BadInput(f"request {request.id!r}: unknown SLO class {request.slo_class!r}")
         tr = Tracked(request, self._slo[request.slo_class], self._expected_tokens(request))
+        tr.resumable = resumable
         self._reqs[request.id] = tr
         self._waiting[request.id] = tr
         self._unplanned.append(tr)

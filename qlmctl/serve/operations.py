@@ -303,9 +303,13 @@ class ServingOps:
 
     def _evictable(self, inst: InstanceRecord, head: Tracked) -> Iterator[Tracked]:
         """The requests in flight on ``inst`` of a less urgent class than ``head`` that may
-        be evicted again, newest first."""
+        be evicted again (not mid-stream where that cannot be resumed), newest first."""
         for t in reversed(inst.inflight.values()):
-            if t.slo.priority > head.slo.priority and t.evictions < self.config.max_evictions:
+            if (
+                t.slo.priority > head.slo.priority
+                and t.evictions < self.config.max_evictions
+                and (t.resumable or t.first_token_s is None)
+            ):
                 yield t
 
     def _maybe_evict(
@@ -385,7 +389,11 @@ class ServingOps:
                 ):
                     continue
                 for tr in src.inflight.values():
-                    if tr.first_token_s is None or tr.evictions >= self.config.max_evictions:
+                    if (
+                        tr.first_token_s is None
+                        or not tr.resumable
+                        or tr.evictions >= self.config.max_evictions
+                    ):
                         continue
                     saved_s = self._move_saves_s(tr, src, dst, now_s)
                     if saved_s > 0 and (best is None or saved_s > best[0]):

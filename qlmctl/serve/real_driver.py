@@ -143,6 +143,7 @@ class LiveRequest(Protocol):
     """A request from a live client (the gateway): it talks to vLLM itself, hears its end."""
 
     request: Request
+    resumable: bool  # an attempt cut mid-stream can be continued (evicted, moved)
 
     async def attempt(
         self,
@@ -382,7 +383,7 @@ class RealDriver:
         if isinstance(item, _Arrival):
             self.by_id[item.live.request.id] = item.live.request
             self.live[item.live.request.id] = item.live
-            core.on_arrival(item.live.request, now)
+            core.on_arrival(item.live.request, now, item.live.resumable)
         elif isinstance(item, _Cancel):
             self._apply(list(core.cancel(item.request_id, now, item.reason)))
         elif isinstance(item, _Backpressure):

@@ -134,6 +134,8 @@ class Tracked:
     prefilled_mark: tuple[int, int] = (0, 0)  # its instance's ``prefilled`` at first token
     forecast: Forecast | None = None  # the first made in this attempt
     evict_reason: str = ""
+    # an attempt cut mid-stream can be continued (a live client's n > 1 or echo cannot)
+    resumable: bool = True
     # output tokens kept from ended attempts: the next attempt resumes after them
     # (evict-and-resume), so it is sent prompt + these and asked only for the rest
     kept_tokens: int = 0
