@@ -718,6 +718,15 @@ def test_once_nothing_waits_a_long_answer_moves_where_it_decodes_at_least_twice_
     assert rows[-1]["slo_met"] and rows[-1]["output_tokens"] == 2000
 
 
+def test_a_move_whose_destination_went_down_waits_for_the_plan_like_any_other() -> None:
+    core, actions = _slow_and_fast(fast_step_s=0.01)
+    assert [type(a) for a in actions] == [Evict]
+    core.on_event(InstanceDown("i1", 10.0, "failed"), 10.0)
+    core.on_event(Aborted("r0", "i0", 10.0, 240, "evicted"), 10.0)
+    # the plan routes it back to i0 (TinyPolicy), where it resumes
+    assert core.decide(10.0) == [Dispatch("r0", "i0", 0, kept_tokens=240)]
+
+
 @pytest.mark.parametrize(
     ("fast_step_s", "overrides"),
     [
