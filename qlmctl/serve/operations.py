@@ -90,7 +90,8 @@ class ServingOps:
         self._last_alone: dict[str, tuple[Tracked, PerfModel, int, float]] = {}
 
     def serve(self, now_s: float) -> list[Action]:
-        """Pull, evict or swap on every up instance, in order; the actions to apply."""
+        """Pull, evict or swap on every up instance, in order (first landing the requests
+        being moved), then look for one to move; the actions to apply."""
         self.hint_s = math.inf
         actions: list[Action] = []
         if self._moving:
