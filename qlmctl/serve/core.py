@@ -175,8 +175,10 @@ class ServeCore:
             raise BadInput(f"request {request.id!r} arrived twice")
         if request.slo_class not in self._slo:
             raise BadInput(f"request {request.id!r}: unknown SLO class {request.slo_class!r}")
-        tr = Tracked(request, self._slo[request.slo_class], self._expected_tokens(request))
-        tr.resumable = resumable
+        tr = Tracked(
+            request, self._slo[request.slo_class], self._expected_tokens(request),
+            resumable=resumable,
+        )  # fmt: skip
         self._reqs[request.id] = tr
         self._waiting[request.id] = tr
         self._unplanned.append(tr)
@@ -527,9 +529,7 @@ class ServeCore:
             return
         if was_waiting:
             del self._waiting[tr.id]
-            if tr.vq_instance is not None:
-                self._insts[tr.vq_instance].queued -= 1
-                tr.vq_instance = None
+            self._queues.leave(tr)
         self._final[tr.state] += 1
         met = self._met_by_class[tr.request.slo_class]
         met[0] += bool(self._attempt_rows[-1]["slo_met"])

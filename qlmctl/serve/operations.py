@@ -417,10 +417,8 @@ class ServingOps:
         """Seconds ``tr``, decoding on ``src``, would finish sooner resumed on ``dst``
         now; 0 unless it takes at most half as long there, and ``dst`` would start it at
         once."""
-        perf_src = self._perf[(tr.request.model, src.spec.gpu)]
         perf_dst = self._perf[(tr.request.model, dst.spec.gpu)]
-        step_src = perf_src.decode_step_s(*src.decode_load(tr))
-        step_dst = perf_dst.decode_step_s(*dst.decode_load(tr, joining=True))
+        step_src, step_dst = self._step_s(tr, src), self._step_s(tr, dst, joining=True)
         if 2 * step_dst > step_src:  # decoding alone is not twice as fast there
             return 0.0
         generated = tr.kept_tokens + generated_tokens(tr, src, self._perf, now_s)
@@ -446,9 +444,7 @@ class ServingOps:
                 or not self._can_pull(dst, tr)
             ):
                 continue
-            if tr.vq_instance is not None:  # a re-plan queued it meanwhile
-                self._insts[tr.vq_instance].queued -= 1
-                tr.vq_instance = None
+            self._queues.leave(tr)  # a re-plan may have queued it meanwhile
             self._start(dst, tr, now_s, tr.slo.priority, actions)
 
     def _load(self, inst: InstanceRecord, model: str, now_s: float, actions: list[Action]) -> None:
@@ -487,9 +483,11 @@ class ServingOps:
         out = tr.remaining_output_tokens  # a resumed request only generates the rest
         return perf.prefill_time_s(tr.request.prompt_tokens) + out * self._step_s(tr, inst)
 
-    def _step_s(self, tr: Tracked, inst: InstanceRecord) -> float:
-        """A decode step of ``tr``'s model on ``inst`` at its current load."""
-        return self._perf[(tr.request.model, inst.spec.gpu)].decode_step_s(*inst.decode_load(tr))
+    def _step_s(self, tr: Tracked, inst: InstanceRecord, joining: bool = False) -> float:
+        """A decode step of ``tr``'s model on ``inst`` at its current load (``joining``:
+        with ``tr`` added to it)."""
+        perf = self._perf[(tr.request.model, inst.spec.gpu)]
+        return perf.decode_step_s(*inst.decode_load(tr, joining))
 
 
 def _first_token_alone_s(perf: PerfModel, prompt_tokens: int, batch: int, context: int) -> float:

@@ -57,6 +57,12 @@ class VirtualQueues:
         self._vq: dict[str, deque[QueuedGroup]] = {i: deque() for i in insts}
         self.plan: Plan | None = None  # the plan in force
 
+    def leave(self, tr: Tracked) -> None:
+        """``tr`` no longer waits in a virtual queue (its id there is dropped at the head)."""
+        if tr.vq_instance is not None:
+            self._insts[tr.vq_instance].queued -= 1
+            tr.vq_instance = None
+
     def __getitem__(self, instance_id: str) -> deque[QueuedGroup]:
         """The virtual queue of one instance: groups in order (its head may hold stale ids)."""
         return self._vq[instance_id]
