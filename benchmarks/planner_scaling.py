@@ -9,7 +9,8 @@ out), the expected value of perfect information (the program given the true outp
 lengths against the S=10 plan, on the truth), its promise (what the S=10 program
 expects of its own plan against that plan's held-out score: how much the program's
 model of the engine flatters the plans it picks), the MIP gap and the build and solve
-times; these go to ``benchmarks/results/planner.json``.
+times, each cell over ``PROGRAM_INSTANCES`` backlogs (their means; the gap and times
+their medians); these go to ``benchmarks/results/planner.json``.
 
 Synthetic, seeded instances: 3 models of different cost, 3 GPU speeds, a backlog of
 requests that arrived over the last 0.3 H seconds (H = fluid makespan of the backlog),
@@ -25,6 +26,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +56,8 @@ MODELS = {"m0": 0.7, "m1": 1.0, "m2": 1.5}  # model -> cost factor
 GPUS = {"slow": 1.0, "mid": 1.5, "fast": 2.5}  # gpu -> speed
 GROUP_SIZE = 16
 RESULTS = Path(__file__).resolve().parent / "results" / "planner.json"
+# backlogs per planner cell: one instance's VSS ranged from -1.0 to +5.4 points in a cell
+PROGRAM_INSTANCES = 6
 
 
 def perf_for(model: str, gpu: str, rng: np.random.Generator) -> PerfModel:
@@ -177,16 +181,21 @@ def main() -> None:
     print("truth: the true output lengths); VSS = stochastic S=10 - mean-value S=1 plan,")
     print("EVPI = the program given the truth - the S=10 plan, both on the truth;")
     print("promise = what the S=10 program expects of its plan - its held-out score")
-    print(f"{'G':>4} {'I':>3} {'heur':>6} {'mean-value':>10} {'stochastic':>10} {'VSS pts':>8} "
-          f"{'EVPI pts':>8} {'promise':>8} {'gap':>6} {'build s':>8} {'solve s':>8}")  # fmt: skip
+    print(f"{'G':>4} {'I':>3} {'run':>4} {'heur':>6} {'mean-value':>10} {'stochastic':>10} "
+          f"{'VSS pts':>8} {'EVPI pts':>8} {'promise':>8} {'gap':>6} {'build s':>8} "
+          f"{'solve s':>8}")  # fmt: skip
     cells = {}
     for g, i in [(10, 4), (50, 4), (50, 8)]:
-        c = program_cell(g, i, seed=7 * g + i, time_limit=args.time_limit)
-        cells[f"G{g}-I{i}-S10"] = c
-        print(f"{g:>4} {i:>3} {c['heuristic']:>6.3f} {c['mean_value']:>10.3f} "
-              f"{c['stochastic']:>10.3f} {c['vss_pts']:>8.1f} {c['evpi_pts']:>8.1f} "
-              f"{c['promise_pts']:>8.1f} {c['mip_gap']:>6.3f} {c['build_s']:>8.2f} "
-              f"{c['solve_s']:>8.2f}")  # fmt: skip
+        runs = [
+            program_cell(g, i, seed=7 * g + i + 1000 * k, time_limit=args.time_limit)
+            for k in range(PROGRAM_INSTANCES)
+        ]
+        c = cells[f"G{g}-I{i}-S10"] = summarise_cell(runs)
+        for name, r in [*((f"#{k}", r) for k, r in enumerate(runs)), ("mean", c)]:
+            print(f"{g:>4} {i:>3} {name:>4} {r['heuristic']:>6.3f} {r['mean_value']:>10.3f} "
+                  f"{r['stochastic']:>10.3f} {r['vss_pts']:>8.1f} {r['evpi_pts']:>8.1f} "
+                  f"{r['promise_pts']:>8.1f} {r['mip_gap']:>6.3f} {r['build_s']:>8.2f} "
+                  f"{r['solve_s']:>8.2f}")  # fmt: skip
     seeds = range(5)
     runs = [gap_run(50, 8, seed, args.time_limit) for seed in seeds]
     gap50 = {
@@ -202,6 +211,19 @@ def main() -> None:
     out = {"time_limit_s": args.time_limit, "cells": cells, "G50-I8-S10": gap50}
     atomic_write_text(RESULTS, json.dumps(out, indent=2, sort_keys=True) + "\n")
     print(f"wrote {RESULTS}")
+
+
+def summarise_cell(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """A planner cell over its instances: the mean of each figure (the median of the
+    gap and the times), each instance's VSS and EVPI beside them."""
+    means = ("G", "heuristic", "mean_value", "stochastic", "vss_pts", "evpi_pts", "promise_pts")
+    out: dict[str, Any] = {k: float(np.mean([r[k] for r in runs])) for k in means}
+    for k in ("mip_gap", "build_s", "solve_s"):
+        out[k] = float(np.median([r[k] for r in runs]))
+    out["instances"] = len(runs)
+    out["vss_pts_by_instance"] = [r["vss_pts"] for r in runs]
+    out["evpi_pts_by_instance"] = [r["evpi_pts"] for r in runs]
+    return out
 
 
 def gap_run(g: int, i: int, seed: int, time_limit: float) -> dict[str, float]:
