@@ -23,7 +23,7 @@ from qlmctl.engine.events import (
 from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, QueueSnapshot, ServingStyle
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
-from qlmctl.serve.queues import generated_on, generated_tokens
+from qlmctl.serve.queues import generated_on
 from qlmctl.serve.state import IllegalTransition, InstStatus, ReqState, Tracked
 from tests.helpers import SLO_CLASSES, make_cluster, make_perf, make_requests
 
@@ -687,9 +687,12 @@ def test_a_snapshot_credits_running_requests_as_one_at_a_time_would() -> None:
     running = list(inst.inflight.values())
     for perf in ({("m1", "G"): make_perf(decode_s_per_ctx_token=1e-6)}, {}):
         for now_s in (2.5, 3.0, 40.0):
-            one_by_one = [generated_tokens(t, inst, perf, now_s) for t in running]
+            one_by_one = [generated_on(inst, [t], perf, now_s)[0] for t in running]
             assert generated_on(inst, running, perf, now_s) == one_by_one
             assert min(one_by_one) == 0 and max(one_by_one) >= 1
+    ids = [t.id for t in running]
+    unprofiled = dict(zip(ids, generated_on(inst, running, {}, 3.0), strict=True))
+    assert unprofiled == {"s0": 1, "s1": 0, "s2": 1, "l0": 1}
 
 
 # ---- moving a running request ---------------------------------------------------------

@@ -176,13 +176,16 @@ def generated_on(
     perf: Mapping[tuple[str, str], PerfModel],
     now_s: float,
 ) -> list[int]:
-    """:func:`generated_tokens` of each of ``running`` (all on ``inst``), the same values.
+    """Output tokens each of ``running`` (all on ``inst``) has produced by ``now_s``: one
+    at its first token, then one per decode step at the instance's current load, in the
+    time since then less the prefill the instance did meanwhile (vLLM runs prompts'
+    chunks in the same steps: the speed calibration's model, inverted); capped below its
+    limit. One without a first token has none; one of a model without a profile, one.
 
     NOTE: under overload a snapshot asks this of thousands of running requests at every
-    re-plan: one numpy pass per model instead of a call per request (identical floating
-    point: the same operations in the same order).
+    re-plan: one numpy pass per model, not a call per request.
     """
-    out = [0] * len(running)  # no first token yet: none
+    out = [0] * len(running)
     by_model: dict[str, list[int]] = {}
     for k, t in enumerate(running):
         if t.first_token_s is not None:
@@ -200,7 +203,8 @@ def generated_on(
         decode_s = now_s - first - model.prefill_work_s(since[:, 0], since[:, 1])
         half = np.array([t.request.prompt_tokens + t.expected_output_tokens // 2 for t in mine])
         loads = np.full(len(mine), batch)
-        step_s = model.step_time_s(0 * loads, loads, batch * half)  # each one's decode_step_s
+        # each one's decode_step_s at decode_load: no prefill, the batch, its context
+        step_s = model.step_time_s(np.zeros(len(mine)), loads, batch * half)
         live = (step_s > 0) & (decode_s > 0)
         steps = np.divide(decode_s, step_s, out=np.zeros(len(mine)), where=live).astype(np.int64)
         cap = np.array([t.request.max_output_tokens - 1 for t in mine])
@@ -212,19 +216,8 @@ def generated_on(
 def generated_tokens(
     tr: Tracked, inst: InstanceRecord, perf: Mapping[tuple[str, str], PerfModel], now_s: float
 ) -> int:
-    """Output tokens ``tr`` has produced by ``now_s``: one at its first token, then one
-    per decode step at the instance's current load, in the time since then less the
-    prefill the instance did meanwhile (vLLM runs prompts' chunks in the same steps: the
-    speed calibration's model, inverted); capped below its limit."""
-    if tr.first_token_s is None:
-        return 0
-    model = perf.get((tr.request.model, inst.spec.gpu))
-    if model is None:
-        return 1
-    decode_s = now_s - tr.first_token_s - model.prefill_work_s(*inst.prefilled_since(tr))
-    step_s = model.decode_step_s(*inst.decode_load(tr))
-    steps = int(decode_s / step_s) if step_s > 0 and decode_s > 0 else 0
-    return min(1 + steps, tr.request.max_output_tokens - 1)
+    """Output tokens ``tr`` has produced by ``now_s`` (:func:`generated_on`)."""
+    return generated_on(inst, [tr], perf, now_s)[0]
 
 
 def what_is_left(tr: Tracked) -> Request:
