@@ -23,7 +23,6 @@ from qlmctl.engine.events import (
 from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, QueueSnapshot, ServingStyle
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
-from qlmctl.serve.queues import generated_on
 from qlmctl.serve.state import IllegalTransition, InstStatus, ReqState, Tracked
 from tests.helpers import SLO_CLASSES, make_cluster, make_perf, make_requests
 
@@ -671,28 +670,6 @@ def test_a_running_request_is_credited_with_the_decode_steps_left_by_others_pref
     assert running["s0"].generated_tokens == 1 + int((3.0 - 0.1 - prefill_s) / step_s)
     assert running["s0"].generated_tokens < 1 + int((3.0 - 0.1) / step_s)
     assert running["l0"].generated_tokens == 1 + int((3.0 - 2.1) / step_s)
-
-
-def test_a_snapshot_credits_running_requests_as_one_at_a_time_would() -> None:
-    """A snapshot reads the output of every running request in one numpy pass: the same
-    numbers as asking for each alone, with and without a first token, with and without
-    a profile for the model."""
-    core = make_core(models=("m1",))
-    reqs = make_requests(3, output_tokens=5000, prefix="s")
-    reqs.append(make_requests(1, prompt_tokens=20_000, output_tokens=5000, prefix="l")[0])
-    assert len(dispatched(arrive(core, reqs))) == 4
-    for rid, t in (("s0", 0.1), ("l0", 2.1), ("s2", 2.5)):  # s1 has no first token yet
-        core.on_event(FirstToken(rid, "i0", t), t)
-    inst = core._insts["i0"]
-    running = list(inst.inflight.values())
-    for perf in ({("m1", "G"): make_perf(decode_s_per_ctx_token=1e-6)}, {}):
-        for now_s in (2.5, 3.0, 40.0):
-            one_by_one = [generated_on(inst, [t], perf, now_s)[0] for t in running]
-            assert generated_on(inst, running, perf, now_s) == one_by_one
-            assert min(one_by_one) == 0 and max(one_by_one) >= 1
-    ids = [t.id for t in running]
-    unprofiled = dict(zip(ids, generated_on(inst, running, {}, 3.0), strict=True))
-    assert unprofiled == {"s0": 1, "s1": 0, "s2": 1, "l0": 1}
 
 
 # ---- moving a running request ---------------------------------------------------------

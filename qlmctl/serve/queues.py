@@ -29,8 +29,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
 from qlmctl.domain import Request
 from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.types import InstanceState, Plan, PlannedGroup, RunningRequest
@@ -148,7 +146,6 @@ def instance_state(
 ) -> InstanceState:
     """``inst`` as a policy sees it at ``now_s`` (``max_running``: the core's cap)."""
     running = [*inst.inflight.values(), *inst.evicting.values()]
-    generated = generated_on(inst, running, perf, now_s)
     return InstanceState(
         instance_id=inst.spec.id,
         gpu=inst.spec.gpu,
@@ -163,61 +160,32 @@ def instance_state(
                 t.request,
                 t.dispatch_s or now_s,
                 t.first_token_s,
-                min(t.kept_tokens + n, max(0, t.request.max_output_tokens - 1)),
+                min(
+                    t.kept_tokens + generated_tokens(t, inst, perf, now_s),
+                    max(0, t.request.max_output_tokens - 1),
+                ),
             )
-            for t, n in zip(running, generated, strict=True)
+            for t in running
         ),
     )
-
-
-def generated_on(
-    inst: InstanceRecord,
-    running: Sequence[Tracked],
-    perf: Mapping[tuple[str, str], PerfModel],
-    now_s: float,
-) -> list[int]:
-    """Output tokens each of ``running`` (all on ``inst``) has produced by ``now_s``: one
-    at its first token, then one per decode step at the instance's current load, in the
-    time since then less the prefill the instance did meanwhile (vLLM runs prompts'
-    chunks in the same steps: the speed calibration's model, inverted); capped below its
-    limit. One without a first token has none; one of a model without a profile, one.
-
-    NOTE: under overload a snapshot asks this of thousands of running requests at every
-    re-plan: one numpy pass per model, not a call per request.
-    """
-    out = [0] * len(running)
-    by_model: dict[str, list[int]] = {}
-    for k, t in enumerate(running):
-        if t.first_token_s is not None:
-            by_model.setdefault(t.request.model, []).append(k)
-    batch = max(1, len(inst.inflight))  # InstanceRecord.decode_load
-    for name, ks in by_model.items():
-        model = perf.get((name, inst.spec.gpu))
-        if model is None:
-            for k in ks:
-                out[k] = 1
-            continue
-        mine = [running[k] for k in ks]
-        since = np.array(inst.prefilled, np.int64) - np.array([t.prefilled_mark for t in mine])
-        first = np.array([t.first_token_s for t in mine])
-        decode_s = now_s - first - model.prefill_work_s(since[:, 0], since[:, 1])
-        half = np.array([t.request.prompt_tokens + t.expected_output_tokens // 2 for t in mine])
-        loads = np.full(len(mine), batch)
-        # each one's decode_step_s at decode_load: no prefill, the batch, its context
-        step_s = model.step_time_s(np.zeros(len(mine)), loads, batch * half)
-        live = (step_s > 0) & (decode_s > 0)
-        steps = np.divide(decode_s, step_s, out=np.zeros(len(mine)), where=live).astype(np.int64)
-        cap = np.array([t.request.max_output_tokens - 1 for t in mine])
-        for k, n in zip(ks, np.minimum(1 + steps, cap).tolist(), strict=True):
-            out[k] = n
-    return out
 
 
 def generated_tokens(
     tr: Tracked, inst: InstanceRecord, perf: Mapping[tuple[str, str], PerfModel], now_s: float
 ) -> int:
-    """Output tokens ``tr`` has produced by ``now_s`` (:func:`generated_on`)."""
-    return generated_on(inst, [tr], perf, now_s)[0]
+    """Output tokens ``tr`` has produced by ``now_s``: one at its first token, then one
+    per decode step at the instance's current load, in the time since then less the
+    prefill the instance did meanwhile (vLLM runs prompts' chunks in the same steps: the
+    speed calibration's model, inverted); capped below its limit."""
+    if tr.first_token_s is None:
+        return 0
+    model = perf.get((tr.request.model, inst.spec.gpu))
+    if model is None:
+        return 1
+    decode_s = now_s - tr.first_token_s - model.prefill_work_s(*inst.prefilled_since(tr))
+    step_s = model.decode_step_s(*inst.decode_load(tr))
+    steps = int(decode_s / step_s) if step_s > 0 and decode_s > 0 else 0
+    return min(1 + steps, tr.request.max_output_tokens - 1)
 
 
 def what_is_left(tr: Tracked) -> Request:
