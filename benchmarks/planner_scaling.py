@@ -8,8 +8,13 @@ the value of the stochastic solution (S=10 against the mean-value program, S=1, 
 out), the expected value of perfect information (the program given the true output
 lengths against the S=10 plan, on the truth), its promise (what the S=10 program
 expects of its own plan against that plan's held-out score: how much the program's
-model of the engine flatters the plans it picks), the MIP gap and the build and solve
-times, each cell over ``PROGRAM_INSTANCES`` backlogs (their means; the gap and times
+model of the engine flatters the plans it picks; split into its model against the slot
+model on its own ten scenarios, and those scenarios against the held-out ones), what it
+expects to gain over the heuristic's assignment (its objective with that assignment
+fixed), what a local search on the slot model finds from the heuristic's plan
+(:func:`local_search`, on the program's scenarios, scored held out: how much better a
+plan of this snapshot there is to find), the MIP gap and the build and solve times, each
+cell over ``PROGRAM_INSTANCES`` backlogs (their means; the gap and times
 their medians); these go to ``benchmarks/results/planner.json``.
 
 Synthetic, seeded instances: 3 models of different cost, 3 GPU speeds, a backlog of
@@ -25,6 +30,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +55,8 @@ from qlmctl.plan.policies import (
     prepare,
     program_queues,
 )
-from qlmctl.plan.simulate import Queues, instance_of, simulate
+from qlmctl.plan.problem import Problem
+from qlmctl.plan.simulate import Queues, instance_of, queue_misses, simulate
 from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot
 
 MODELS = {"m0": 0.7, "m1": 1.0, "m2": 1.5}  # model -> cost factor
@@ -58,6 +65,7 @@ GROUP_SIZE = 16
 RESULTS = Path(__file__).resolve().parent / "results" / "planner.json"
 # backlogs per planner cell: one instance's VSS ranged from -1.0 to +5.4 points in a cell
 PROGRAM_INSTANCES = 6
+SEARCH_MOVES = 20  # improving moves per phase of the local search (the cells took <= 11)
 
 
 def perf_for(model: str, gpu: str, rng: np.random.Generator) -> PerfModel:
@@ -180,10 +188,13 @@ def main() -> None:
     print("\nthe stochastic program on the planner cells (held-out: 300 sampled scenarios;")
     print("truth: the true output lengths); VSS = stochastic S=10 - mean-value S=1 plan,")
     print("EVPI = the program given the truth - the S=10 plan, both on the truth;")
-    print("promise = what the S=10 program expects of its plan - its held-out score")
+    print("promise = what the S=10 program expects of its plan - its held-out score (model:")
+    print("its objective - the slot model's score on its scenarios; sampling: the rest);")
+    print("gain = what it expects over the heuristic's assignment; search = a local search")
+    print("from the heuristic's plan on the program's scenarios, held out - the heuristic")
     print(f"{'G':>4} {'I':>3} {'run':>4} {'heur':>6} {'mean-value':>10} {'stochastic':>10} "
-          f"{'VSS pts':>8} {'EVPI pts':>8} {'promise':>8} {'gap':>6} {'build s':>8} "
-          f"{'solve s':>8}")  # fmt: skip
+          f"{'VSS pts':>8} {'EVPI pts':>8} {'promise':>8} {'model':>6} {'sampl':>6} "
+          f"{'gain':>6} {'search':>6} {'gap':>6} {'build s':>8} {'solve s':>8}")  # fmt: skip
     cells = {}
     for g, i in [(10, 4), (50, 4), (50, 8)]:
         runs = [
@@ -194,7 +205,9 @@ def main() -> None:
         for name, r in [*((f"#{k}", r) for k, r in enumerate(runs)), ("mean", c)]:
             print(f"{g:>4} {i:>3} {name:>4} {r['heuristic']:>6.3f} {r['mean_value']:>10.3f} "
                   f"{r['stochastic']:>10.3f} {r['vss_pts']:>8.1f} {r['evpi_pts']:>8.1f} "
-                  f"{r['promise_pts']:>8.1f} {r['mip_gap']:>6.3f} {r['build_s']:>8.2f} "
+                  f"{r['promise_pts']:>8.1f} {r['promise_model_pts']:>6.1f} "
+                  f"{r['promise_sampling_pts']:>6.1f} {r['program_gain_pts']:>6.1f} "
+                  f"{r['search_pts']:>6.1f} {r['mip_gap']:>6.3f} {r['build_s']:>8.2f} "
                   f"{r['solve_s']:>8.2f}")  # fmt: skip
     seeds = range(5)
     runs = [gap_run(50, 8, seed, args.time_limit) for seed in seeds]
@@ -216,7 +229,11 @@ def main() -> None:
 def summarise_cell(runs: list[dict[str, float]]) -> dict[str, Any]:
     """A planner cell over its instances: the mean of each figure (the median of the
     gap and the times), each instance's VSS and EVPI beside them."""
-    means = ("G", "heuristic", "mean_value", "stochastic", "vss_pts", "evpi_pts", "promise_pts")
+    means = (
+        "G", "heuristic", "mean_value", "stochastic", "vss_pts", "evpi_pts", "promise_pts",
+        "promise_model_pts", "promise_sampling_pts", "program_gain_pts", "search_pts",
+        "search_in_sample_pts",
+    )  # fmt: skip
     out: dict[str, Any] = {k: float(np.mean([r[k] for r in runs])) for k in means}
     for k in ("mip_gap", "build_s", "solve_s"):
         out[k] = float(np.median([r[k] for r in runs]))
@@ -261,9 +278,14 @@ def program_cell(g: int, i: int, seed: int, time_limit: float) -> dict[str, floa
         plans = program_queues(ctx, res, order).values()
         return max(plans, key=lambda q: simulate(pb, in_sample, q).attainment), res
 
+    in_sample = sample_scenarios(pb, LengthModel(), np.random.default_rng(seed + 1), 10)
     mv, _ = program_plan(mean_scenario(pb, LengthModel()))
-    st, res = program_plan(sample_scenarios(pb, LengthModel(), np.random.default_rng(seed + 1), 10))
+    st, res = program_plan(in_sample)
     ws, _ = program_plan(truth)
+    # the program's objective with the heuristic's assignment fixed (one choice per group)
+    fixed = solve(pb, in_sample, warm, time_limit_s=time_limit, max_choices=1)
+    searched = local_search(pb, in_sample, cands[best][0], order)
+    total = pb.total_weight()
     return {
         "G": float(pb.num_groups),
         "heuristic": simulate(pb, held, cands[best][0]).attainment,
@@ -275,10 +297,68 @@ def program_cell(g: int, i: int, seed: int, time_limit: float) -> dict[str, floa
         # requests less the tiny swap cost) over what the plan scores held out
         "promise_pts": 100
         * (-(res.objective or 0.0) / pb.total_weight() - simulate(pb, held, st).attainment),
+        # the promise, split: the program's model against the slot model on its own
+        # scenarios, then those ten scenarios against the held-out ones
+        "promise_model_pts": 100
+        * (-(res.objective or 0.0) / total - simulate(pb, in_sample, st).attainment),
+        "promise_sampling_pts": 100
+        * (simulate(pb, in_sample, st).attainment - simulate(pb, held, st).attainment),
+        # what the program expects its plan to gain over the heuristic's assignment
+        "program_gain_pts": 100 * ((fixed.objective or 0.0) - (res.objective or 0.0)) / total,
+        # what a local search on the slot model finds from the heuristic's plan, held out
+        "search_pts": 100
+        * (simulate(pb, held, searched).attainment - simulate(pb, held, cands[best][0]).attainment),
+        "search_in_sample_pts": 100
+        * (
+            simulate(pb, in_sample, searched).attainment
+            - simulate(pb, in_sample, cands[best][0]).attainment
+        ),
         "mip_gap": res.mip_gap if res.mip_gap is not None else float("nan"),
         "build_s": res.build_s + res.translate_s,
         "solve_s": res.solve_s,
     }
+
+
+def local_search(pb: Problem, scen: Scenarios, queues: Queues, order: Sequence[int]) -> Queues:
+    """The plan a best-improvement local search on the slot model reaches from ``queues``
+    on ``scen``: single groups moved to another eligible instance (at their place in
+    ``order``), then single groups moved to another place in their queue, at most
+    :data:`SEARCH_MOVES` improving moves each. A trial scores only the queues it changes."""
+    rank = {g: k for k, g in enumerate(order)}
+    qs = [list(q) for q in queues]
+    misses = [queue_misses(pb, scen, i, q) for i, q in enumerate(qs)]
+
+    def insert(q: list[int], g: int) -> list[int]:
+        k = next((j for j, x in enumerate(q) if rank[x] > rank[g]), len(q))
+        return [*q[:k], g, *q[k:]]
+
+    def moves() -> Iterator[dict[int, list[int]]]:
+        for a, q in enumerate(qs):
+            for g in q:
+                for b in np.flatnonzero(pb.eligible[g]):
+                    if b != a:
+                        yield {a: [x for x in q if x != g], int(b): insert(qs[b], g)}
+
+    def reorders() -> Iterator[dict[int, list[int]]]:
+        for a, q in enumerate(qs):
+            for k, g in enumerate(q):
+                rest = q[:k] + q[k + 1 :]
+                for j in range(len(q)):
+                    if j != k:
+                        yield {a: [*rest[:j], g, *rest[j:]]}
+
+    for trials in (moves, reorders):
+        for _ in range(SEARCH_MOVES):
+            gains = [
+                (sum(misses[i] - queue_misses(pb, scen, i, q) for i, q in t.items()), t)
+                for t in trials()
+            ]
+            gain, best = max(gains, key=lambda x: x[0], default=(0.0, {}))
+            if gain <= 1e-9:
+                break
+            for i, q in best.items():
+                qs[i], misses[i] = q, queue_misses(pb, scen, i, q)
+    return tuple(tuple(q) for q in qs)
 
 
 if __name__ == "__main__":
