@@ -10,8 +10,10 @@ mixing A100 and A10 GPUs with the shipped default profiles. The shapes follow th
   Poisson stream are batch-2 (1 h).
 * ``B-multimodel``: batch work only (conversation trace as batch-1, arXiv jobs as
   batch-2) over three models mapped by a stable hash of the request id; the 70B model
-  (a 4-GPU tensor-parallel instance in its profile) runs on A100 instances only, so
-  which model an instance holds, and swaps, matter.
+  (a 4-GPU tensor-parallel instance in its profile) runs on A100 instances only. Which
+  model an instance holds could matter here, but in the sweep qlmctl's policies never
+  swap (the routers at most twice a run): the hash split keeps each model's instances
+  busy with its own share, so no cell tests model placement over time.
 * ``C-longprompt``: one model; interactive code-trace traffic beside arXiv-length jobs
   (prompts of about 2,600 tokens) with the batch-1 SLO.
 * ``D-longdoc``: like C, but the jobs are long documents: prompts uniform in 8k-32k
