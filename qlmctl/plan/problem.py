@@ -45,11 +45,6 @@ class ExpectedOutputs(Protocol):
         ...
 
 
-# rounds of busy_step_s's fixed point: on the shipped profiles the step moves by less
-# than 1e-4 of itself in the 30th (most by far less than 1e-9)
-STEADY_ROUNDS = 30
-
-
 def busy_step_s(
     perf: PerfModel, batch: float, prompt: np.ndarray, output: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -58,33 +53,15 @@ def busy_step_s(
 
     A step carries D decodes and prefill chunks within its token budget C: each request
     decodes for ``output`` steps while its prompt took ``prompt / (C - D)`` steps, so
-    D = min(B, C * output / (prompt + output)). The pipeline runs full steps (C - D
-    tokens). The step a decode waits for is the steady state of the B slots
-    (:data:`STEADY_ROUNDS` damped rounds of a fixed point): a request holds its slot for
-    its prompt's pipeline time and its ``output`` steps, so ``B / (prompt * rate + output
-    * step)`` requests pass per second; per step they bring that many times ``prompt *
-    step`` tokens of prefill (at most the room left) and keep that many times ``output *
-    step`` decoding (at most D).
-
-    NOTE: taking D decodes and ``D * prompt / output`` tokens of prefill in every step
-    ignored that a slot holds its request while its own prompt is prefilled; where the KV
-    cache holds few prompts and answers are short, the slots then decode in steps with no
-    prefill at all. On an A10, 8k-token prompts with 30-token answers came out 17 % late
-    against the simulated engine (``benchmarks/engine_agreement.py``; 0.1 % now).
+    D = min(B, C * output / (prompt + output)); the prefill between two decode steps is
+    what the stream brings, ``D * prompt / output``, at most the room left.
     """
     budget = perf.max_num_batched_tokens
     decodes = np.minimum(batch, budget * output / (prompt + output))
     room = np.maximum(budget - decodes, 1.0)
-    rate = perf.step_time_s(room, decodes, decodes * (prompt + output / 2)) / room
-    step = perf.step_time_s(
-        np.minimum(room, decodes * prompt / output), decodes, decodes * (prompt + output / 2)
-    )
-    for _ in range(STEADY_ROUNDS):
-        per_s = batch / (prompt * rate + output * step)  # requests through the B slots
-        decoding = np.minimum(decodes, per_s * output * step)
-        fill = np.minimum(room, per_s * prompt * step)  # prefill tokens per step
-        step = 0.5 * (step + perf.step_time_s(fill, decoding, decoding * (prompt + output / 2)))
-    return step, rate
+    context = decodes * (prompt + output / 2)
+    step = perf.step_time_s(np.minimum(room, decodes * prompt / output), decodes, context)
+    return step, perf.step_time_s(room, decodes, context) / room
 
 
 def first_token_s(perf: PerfModel, prompts: Num, batch: float, context_tokens: float) -> Num:
