@@ -284,35 +284,35 @@ def program_cell(g: int, i: int, seed: int, time_limit: float) -> dict[str, floa
     ws, _ = program_plan(truth)
     # the program's objective with the heuristic's assignment fixed (one choice per group)
     fixed = solve(pb, in_sample, warm, time_limit_s=time_limit, max_choices=1)
-    searched = local_search(pb, in_sample, cands[best][0], order)
+    heur = cands[best][0]
+    searched = local_search(pb, in_sample, heur, order)
     total = pb.total_weight()
+    # each plan's attainment on each scenario set, scored once
+    plans = {"heur": heur, "mv": mv, "st": st, "searched": searched}
+    on_held = {k: simulate(pb, held, q).attainment for k, q in plans.items()}
+    on_sample = {
+        k: simulate(pb, in_sample, plans[k]).attainment for k in ("heur", "st", "searched")
+    }
+    expected = -(res.objective or 0.0) / total  # what the S=10 program expects of its plan
     return {
         "G": float(pb.num_groups),
-        "heuristic": simulate(pb, held, cands[best][0]).attainment,
-        "mean_value": simulate(pb, held, mv).attainment,
-        "stochastic": simulate(pb, held, st).attainment,
-        "vss_pts": 100 * (simulate(pb, held, st).attainment - simulate(pb, held, mv).attainment),
+        "heuristic": on_held["heur"],
+        "mean_value": on_held["mv"],
+        "stochastic": on_held["st"],
+        "vss_pts": 100 * (on_held["st"] - on_held["mv"]),
         "evpi_pts": 100 * (simulate(pb, truth, ws).attainment - simulate(pb, truth, st).attainment),
         # what the S=10 program expects of its plan (its objective: on-time weighted
         # requests less the tiny swap cost) over what the plan scores held out
-        "promise_pts": 100
-        * (-(res.objective or 0.0) / pb.total_weight() - simulate(pb, held, st).attainment),
+        "promise_pts": 100 * (expected - on_held["st"]),
         # the promise, split: the program's model against the slot model on its own
         # scenarios, then those ten scenarios against the held-out ones
-        "promise_model_pts": 100
-        * (-(res.objective or 0.0) / total - simulate(pb, in_sample, st).attainment),
-        "promise_sampling_pts": 100
-        * (simulate(pb, in_sample, st).attainment - simulate(pb, held, st).attainment),
+        "promise_model_pts": 100 * (expected - on_sample["st"]),
+        "promise_sampling_pts": 100 * (on_sample["st"] - on_held["st"]),
         # what the program expects its plan to gain over the heuristic's assignment
         "program_gain_pts": 100 * ((fixed.objective or 0.0) - (res.objective or 0.0)) / total,
         # what a local search on the slot model finds from the heuristic's plan, held out
-        "search_pts": 100
-        * (simulate(pb, held, searched).attainment - simulate(pb, held, cands[best][0]).attainment),
-        "search_in_sample_pts": 100
-        * (
-            simulate(pb, in_sample, searched).attainment
-            - simulate(pb, in_sample, cands[best][0]).attainment
-        ),
+        "search_pts": 100 * (on_held["searched"] - on_held["heur"]),
+        "search_in_sample_pts": 100 * (on_sample["searched"] - on_sample["heur"]),
         "mip_gap": res.mip_gap if res.mip_gap is not None else float("nan"),
         "build_s": res.build_s + res.translate_s,
         "solve_s": res.solve_s,
@@ -349,15 +349,16 @@ def local_search(pb: Problem, scen: Scenarios, queues: Queues, order: Sequence[i
 
     for trials in (moves, reorders):
         for _ in range(SEARCH_MOVES):
-            gains = [
-                (sum(misses[i] - queue_misses(pb, scen, i, q) for i, q in t.items()), t)
-                for t in trials()
+            # each trial's changed queues with their misses, scored once
+            scored = [
+                {i: (q, queue_misses(pb, scen, i, q)) for i, q in t.items()} for t in trials()
             ]
+            gains = [(sum(misses[i] - m for i, (_q, m) in t.items()), t) for t in scored]
             gain, best = max(gains, key=lambda x: x[0], default=(0.0, {}))
             if gain <= 1e-9:
                 break
-            for i, q in best.items():
-                qs[i], misses[i] = q, queue_misses(pb, scen, i, q)
+            for i, (q, m) in best.items():
+                qs[i], misses[i] = q, m
     return tuple(tuple(q) for q in qs)
 
 
