@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from qlmctl.plan.arrivals import EXPECTED_PREFIX, is_expected, repeat_window
 from qlmctl.plan.estimator import LengthModel, arrival_rates
 from qlmctl.plan.policies import make_policy, prepare
 from qlmctl.plan.types import Plan, QueueSnapshot, RecentArrivals
@@ -80,3 +81,32 @@ def test_core_snapshot_carries_the_recent_window() -> None:
     assert snap.recent.window_s == ARRIVAL_WINDOW_S
     assert min(r.arrival_s for r in snap.recent.requests) >= 99.0 - ARRIVAL_WINDOW_S
     assert len(snap.recent.requests) == 61
+
+
+def test_the_window_repeats_one_window_later() -> None:
+    seen = make_requests(6, gap_s=10.0, start_s=40.0, prefix="past-")  # 40, 50, ..., 90
+    coming = repeat_window(RecentArrivals(60.0, tuple(seen)), now_s=105.0)
+    assert [r.arrival_s for r in coming] == [110.0, 120.0, 130.0, 140.0, 150.0]  # not 100
+    assert [r.id for r in coming] == [f"{EXPECTED_PREFIX}past-{k}" for k in range(1, 6)]
+    assert all(is_expected(r.id) for r in coming)
+    assert [r.prompt_tokens for r in coming] == [r.prompt_tokens for r in seen[1:]]
+    assert repeat_window(RecentArrivals(0.0, tuple(seen)), now_s=105.0) == ()
+
+
+def test_a_look_ahead_plan_leaves_room_for_arrivals_and_queues_none() -> None:
+    rng = np.random.default_rng(0)
+    plans = {
+        n: make_policy("heuristic", scenarios=20, look_ahead=True).plan(busy_batch_queue(n), rng)
+        for n in (0, 1800)
+    }
+    assert last_start(plans[1800]) > last_start(plans[0]) + 5.0  # batch waits behind them
+    waiting = {r.id for r in busy_batch_queue(1800).waiting}
+    for plan in plans.values():
+        placed = [r for ip in plan.instances for g in ip.groups for r in g.request_ids]
+        assert sorted(placed) == sorted(waiting)  # every waiting request, nothing expected
+    ctx = prepare(busy_batch_queue(1800), LengthModel(), rng, scenarios=2, look_ahead=True)
+    groups = ctx.problem.groups
+    assert not ctx.problem.stream_seen.size  # planned as requests, not as a stretch
+    assert sum(is_expected(g.group_id) for g in groups) >= 1800 // 8
+    assert all(is_expected(g.group_id) == is_expected(g.requests[0].id) for g in groups)
+    assert all(len({is_expected(r.id) for r in g.requests}) == 1 for g in groups)

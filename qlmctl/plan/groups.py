@@ -71,6 +71,7 @@ def build_groups(
     expected_output: Callable[[Request], float],
     max_size: int = DEFAULT_MAX_GROUP_SIZE,
     max_span_s: float | None = None,
+    id_prefix: str = "",
 ) -> list[RequestGroup]:
     """Group ``requests`` (any order) into FIFO request groups.
 
@@ -81,6 +82,7 @@ def build_groups(
         max_size: a group is cut when it reaches this many requests.
         max_span_s: a group is cut when a request arrives this long after its first one
             (None: half the class's TTFT).
+        id_prefix: starts every group id.
 
     Returns:
         Groups sorted by deadline; ties by (model, class, length class), then arrival.
@@ -104,20 +106,22 @@ def build_groups(
         current: list[Request] = []
         for r in chain:
             if current and (len(current) >= max_size or r.arrival_s - current[0].arrival_s > span):
-                groups.append(_group(model, cls, lc, len(groups), current))
+                groups.append(_group(model, cls, lc, len(groups), current, id_prefix))
                 current = []
             current.append(r)
         if current:
-            groups.append(_group(model, cls, lc, len(groups), current))
+            groups.append(_group(model, cls, lc, len(groups), current, id_prefix))
     # A stable sort: deadline ties keep chain-key order and, within a chain, FIFO order,
     # the same in every re-plan (a group's id is renumbered when the chains are re-cut).
     groups.sort(key=lambda g: g.deadline_s)
     return groups
 
 
-def _group(model: str, cls: SLOClass, lc: str, k: int, reqs: list[Request]) -> RequestGroup:
+def _group(
+    model: str, cls: SLOClass, lc: str, k: int, reqs: list[Request], id_prefix: str
+) -> RequestGroup:
     return RequestGroup(
-        group_id=f"{model}/{cls.name}/{lc}/{k}",
+        group_id=f"{id_prefix}{model}/{cls.name}/{lc}/{k}",
         model=model,
         slo_class=cls.name,
         length_class=lc,
