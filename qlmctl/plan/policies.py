@@ -32,8 +32,9 @@ and miss probability.
 Every policy takes ``look_ahead``: the arrivals to come are then planned as requests
 (the recent window repeated, :mod:`qlmctl.plan.arrivals`) that take their place in
 EDF order and their room on the instances, instead of as a load that stretches every
-wait. Measured (``benchmarks/look_ahead.py``) it adds about a point of attainment at
-the policy sweep's reference loads and doubles a re-plan's work.
+wait. Measured (``benchmarks/look_ahead.py``, README): about a point of attainment at
+the policy sweep's reference loads, mixed at moderate loads (a burst that has passed is
+expected again), and twice a re-plan's work; off by default.
 
 Every policy takes ``clairvoyant=True``: it is then told each request's true output
 length (:func:`~qlmctl.plan.estimator.known_scenario` replaces the sampled lengths,
