@@ -9,8 +9,10 @@ beside the waiting ones, in groups of their own (:data:`EXPECTED_PREFIX` on thei
 its plan leaves room for them (their class's deadlines, their place in EDF order) but
 never queues them, and the next re-plan places the requests that really came.
 
-Where it stops: a repeated window cannot foresee a burst larger than the last one, and
-right after a lull it expects nothing.
+Where it stops: a repeated window cannot foresee a burst larger than the last one,
+right after a lull it expects nothing, and right after a burst it expects the burst
+again (at moderate loads that put waiting work behind arrivals that did not come:
+README, Results). Off by default.
 """
 
 from __future__ import annotations
