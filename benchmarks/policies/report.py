@@ -175,14 +175,17 @@ def _sweep_rows(cell: pd.DataFrame) -> list[str]:
     return lines
 
 
-def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None) -> str:
-    """The summary the README quotes (``frame``: every run; seeds are averaged)."""
+def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None, note: str = "") -> str:
+    """The summary the README quotes (``frame``: every run; seeds are averaged; ``note``
+    follows the command that regenerates it)."""
     refs = reference_loads(frame)
     frame = by_point(frame)
     out = [
         "# Policy benchmark (simulated vLLM, real traces)",
         "",
-        f"Regenerate: `{command}`" + (f" (wall time {wall_s / 60:.1f} min)." if wall_s else "."),
+        f"Regenerate: `{command}`"
+        + (f" (wall time {wall_s / 60:.1f} min)." if wall_s else ".")
+        + (f" {note}" if note else ""),
         "Attainment = requests finishing with TTFT inside their class SLO / all requests.",
         "Load = offered request rate / the cluster's estimated capacity (the largest rate of",
         "the request mix the instances can share, each serving only its models: an LP).",
