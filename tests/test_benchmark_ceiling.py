@@ -46,7 +46,7 @@ def test_the_lp_keeps_the_shortest_prompts_that_fit_their_window(
     ceiling = prefill_ceiling(
         _burst([100_000, 50_000, 100_000]), cluster, {("m1", "G"): perf}, bucket_s=0.5
     )
-    assert ceiling.attainment == pytest.approx(on_time / 3)
+    assert ceiling == pytest.approx(on_time / 3)
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "edf", "heuristic"])
@@ -56,7 +56,7 @@ def test_no_simulated_run_beats_the_ceiling(policy: str, tmp_path: Path) -> None
     workload = Workload.from_requests(reqs, SLO_CLASSES, "burst")
     cluster = make_cluster(1, models=("m1",))
     perf = {("m1", "G"): make_perf()}
-    ceiling = prefill_ceiling(workload, cluster, perf).attainment
+    ceiling = prefill_ceiling(workload, cluster, perf)
     p = make_policy(policy)
     summary = run_simulated(
         workload, cluster, perf, p, CoreConfig.for_policy(p, improve=False), tmp_path / "run"

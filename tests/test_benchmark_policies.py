@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks.policies import real, report
 from benchmarks.policies.__main__ import main as policies_main
-from benchmarks.policies.run import HINDSIGHT, POLICY_RUNS, Point, run_point
+from benchmarks.policies.run import CEILING, HINDSIGHT, POLICY_RUNS, Point, run_point
 from benchmarks.policies.scenarios import SCENARIOS, build_point, capacity_rps, slo_classes
 from qlmctl.demo import run_demo
 from qlmctl.profile.store import ProfileStore
@@ -82,7 +82,7 @@ def test_real_leg_table_has_a_row_per_policy(tmp_path: Path) -> None:
     assert frame.loc[frame["policy"] == "qlm", "first_token_p90_cover"].notna().all()
 
 
-def test_only_bounds_recomputes_the_hindsight_rows_and_keeps_the_runs(tmp_path: Path) -> None:
+def test_only_bounds_recomputes_the_bounds_and_keeps_the_runs(tmp_path: Path) -> None:
     base = {c: 0.0 for c in report.COLUMNS}
     base.update(scenario="A-mixed", instances=4, load=0.5, requests=10, n_interactive=10)
     rows = [{**base, "policy": p, "attainment": 0.25} for p in POLICY_RUNS]
@@ -90,5 +90,8 @@ def test_only_bounds_recomputes_the_hindsight_rows_and_keeps_the_runs(tmp_path: 
     report.write_parquet(report.to_frame(rows), tmp_path / "policies.parquet")
     assert policies_main(["--only-bounds", "--out", str(tmp_path), "--jobs", "1"]) == 0
     got = pd.read_parquet(tmp_path / "policies.parquet").set_index("policy")["attainment"]
-    assert got["fcfs"] == 0.25 and got[HINDSIGHT] == 1.0  # at half the capacity: all of it
-    assert "recomputed later, by `--only-bounds`" in (tmp_path / "policies.md").read_text()
+    assert got["fcfs"] == 0.25  # the runs are kept; at half the capacity the bounds keep all
+    assert got[HINDSIGHT] == 1.0 and got[CEILING] == 1.0
+    md = (tmp_path / "policies.md").read_text()
+    assert "recomputed later, by `--only-bounds`" in md
+    assert "Runs above their point's prefill ceiling: 0" in md

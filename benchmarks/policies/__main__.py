@@ -9,8 +9,8 @@ and ``policies-real.parquet`` and ``policies-real.md``, into the output director
 (default ``benchmarks/results``). ``--quick`` runs one cell with a shorter span.
 ``--seeds N`` runs every policy with N planner seeds at each cell's reference load
 (the rest of the sweep runs seed 0); the summaries average them. ``--only-bounds``
-recomputes the hindsight bounds of the sweep already in the output directory (they
-depend on no policy) and rewrites its results.
+recomputes the bounds (``hindsight``, ``ceiling``) of the sweep already in the output
+directory (they depend on no policy) and rewrites its results.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from benchmarks.policies import real, report
-from benchmarks.policies.run import HINDSIGHT, POLICY_RUNS, Point, sweep
+from benchmarks.policies.run import BOUNDS, POLICY_RUNS, Point, sweep
 from benchmarks.policies.scenarios import QUICK_SPAN_S, REPO, SPAN_S
 from qlmctl.errors import QlmError
 from qlmctl.fileio import atomic_write_text
@@ -57,7 +57,7 @@ def points(quick: bool, slo_s: tuple[float, float, float], seed: int = 0) -> lis
         Point(s, n, load, p, span_s(quick), slo_s, seed)
         for s, n in cells
         for load in loads
-        for p in (*POLICY_RUNS, HINDSIGHT)
+        for p in (*POLICY_RUNS, *BOUNDS)
     ]
     return sorted(pts, key=lambda p: (-p.load * p.instances, p.scenario))
 
@@ -67,7 +67,7 @@ def _print_row(row: dict[str, Any]) -> None:
         f"{row['scenario']:13} n={row['instances']} load={row['load']:<4g} "
         f"{row['policy']:11} seed={row['seed']} attainment={100 * row['attainment']:5.1f}% "
     )
-    if row["policy"] == HINDSIGHT:
+    if row["policy"] in BOUNDS:
         print(f"{head}(bound) wall={row['wall_s']:5.1f}s", flush=True)
         return
     print(
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only-bounds",
         action="store_true",
-        help="recompute the hindsight bounds of the sweep in --out, keep its policy runs",
+        help="recompute the bounds of the sweep in --out, keep its policy runs",
     )
     ap.add_argument(
         "--workdir", type=Path, default=REPO / ".qlmctl-bench", help="real leg's models and runs"
@@ -162,18 +162,23 @@ def run_sweep(
 
 
 def refresh_bounds(out: Path, jobs: int, slo: tuple[float, float, float]) -> None:
-    """The hindsight bound of every point of the sweep in ``out`` again (it depends on no
-    policy: a change to the program needs no new policy runs), its results rewritten."""
+    """The bounds of every point of the sweep in ``out`` again (they depend on no policy:
+    a change to the program or the ceiling needs no new policy runs), its results
+    rewritten."""
     frame = pd.read_parquet(out / "policies.parquet")
     cells = frame[["scenario", "instances", "load"]].drop_duplicates()
     bounds = sweep(
-        [Point(s, n, load, HINDSIGHT, SPAN_S, slo) for s, n, load in cells.itertuples(False)],
+        [
+            Point(s, n, load, bound, SPAN_S, slo)
+            for s, n, load in cells.itertuples(index=False)
+            for bound in BOUNDS
+        ],
         jobs,
         _print_row,
     )
-    runs = pd.concat([frame[frame["policy"] != HINDSIGHT], report.to_frame(bounds)])
+    runs = pd.concat([frame[~frame["policy"].isin(BOUNDS)], report.to_frame(bounds)])
     by_point = runs.sort_values(["scenario", "instances", "load"], kind="stable")
-    note = "Its hindsight bounds were recomputed later, by `--only-bounds`."
+    note = "Its bounds were recomputed later, by `--only-bounds`."
     write_results(by_point, out, False, ".venv/bin/python -m benchmarks.policies", None, note)
 
 

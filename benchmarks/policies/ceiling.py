@@ -25,41 +25,25 @@ the optimum / the number of requests.
 
 Where it binds: a burst of long prompts (C-longprompt, D-longdoc), whose first tokens
 wait for the prefill. Where decode and the batch slots decide (B-multimodel's batch
-work), it says little: it knows nothing of them.
-
-Run ``.venv/bin/python -m benchmarks.policies.ceiling`` after the policy sweep: the
-ceiling at every point of ``policies.parquet``, beside the policies' attainment and
-the hindsight bound, and any run above it (none, or the ceiling is wrong), into
-``ceiling.{json,md}``.
+work), it says little: it knows nothing of them. The sweep computes it at every point
+(a ``ceiling`` row beside ``hindsight``) and counts the runs above it: none, or it is
+wrong.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import highspy
 import numpy as np
-import pandas as pd
 
-from benchmarks.policies import report
-from benchmarks.policies.run import HINDSIGHT, _workload
-from benchmarks.policies.scenarios import REPO, SCENARIOS, SPAN_S, slo_classes
 from qlmctl.domain import ClusterSpec
-from qlmctl.fileio import atomic_write_text
 from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.highs import new_highs
-from qlmctl.profile.store import ProfileStore
 from qlmctl.workload import Workload
 
-BUCKET_S = 1.0
+BUCKET_S = 1.0  # a twentieth of the sweep's shortest target (20 s)
 LONG_TTFT_S = 600.0  # windows longer than this end in the tail bucket
 
 
@@ -71,20 +55,12 @@ def seconds_per_token(perf: PerfModel) -> float:
     return float(np.min(perf.step_time_s(c, none, none) / c))
 
 
-@dataclass(frozen=True)
-class Ceiling:
-    """The LP's answer."""
-
-    attainment: float  # the ceiling: requests that can be on time / all requests
-    columns: int  # the LP's size
-
-
 def prefill_ceiling(
     workload: Workload,
     cluster: ClusterSpec,
     perf: Mapping[tuple[str, str], PerfModel],
     bucket_s: float = BUCKET_S,
-) -> Ceiling:
+) -> float:
     """The share of ``workload``'s requests that can meet their TTFT target at best on
     ``cluster`` (see the module docstring)."""
     reqs = workload.requests
@@ -152,109 +128,4 @@ def prefill_ceiling(
     if status != "Optimal":
         raise RuntimeError(f"prefill ceiling: HiGHS ended with {status}")
     on_time = -float(h.getInfo().objective_function_value)
-    return Ceiling(min(1.0, on_time / n) if n else 1.0, num_col)
-
-
-def point_ceilings(frame: pd.DataFrame) -> pd.DataFrame:
-    """The ceiling at every (scenario, instances, load) of the sweep's results ``frame``,
-    beside each policy's attainment there (the mean over its seeds) and the hindsight
-    bound, with the ratio the ceiling allows over ``fcfs``."""
-    slo_s = tuple(float(c.ttft_s) for c in slo_classes())  # the sweep's default targets
-    att = report.by_point(frame).pivot_table(
-        index=["scenario", "instances", "load"], columns="policy", values="attainment"
-    )
-    rows = []
-    for mine in att.reset_index().to_dict("records"):
-        scenario, instances, load = str(mine["scenario"]), int(mine["instances"]), mine["load"]
-        cluster = SCENARIOS[scenario].cluster(instances)
-        perf = ProfileStore.load().for_cluster(cluster)
-        workload, _, _ = _workload(scenario, instances, float(load), SPAN_S, slo_s)
-        t0 = time.perf_counter()
-        ceiling = prefill_ceiling(workload, cluster, perf)
-        rows.append(
-            {
-                "scenario": scenario,
-                "instances": instances,
-                "load": float(load),
-                "ceiling": ceiling.attainment,
-                "ceiling_over_fcfs": ceiling.attainment / mine["fcfs"],
-                "lp_columns": ceiling.columns,
-                "lp_s": time.perf_counter() - t0,
-                **{p: float(mine[p]) for p in report.POLICY_ORDER if p in mine},
-            }
-        )
-        print(
-            f"{scenario:13} n={instances} load={load:<4g} ceiling={100 * ceiling.attainment:5.1f}%"
-            f" ({rows[-1]['lp_s']:.1f} s)",
-            flush=True,
-        )
-    return pd.DataFrame(rows)
-
-
-def above_ceiling(frame: pd.DataFrame, ceilings: pd.DataFrame) -> pd.DataFrame:
-    """Every run of ``frame`` (each seed) that attains more than its point's ceiling."""
-    runs = frame[frame["policy"] != HINDSIGHT].merge(
-        ceilings[["scenario", "instances", "load", "ceiling"]]
-    )
-    return runs[runs["attainment"] > runs["ceiling"] + 1e-9]
-
-
-def markdown(ceilings: pd.DataFrame, above: pd.DataFrame, refs: dict[Any, Any]) -> str:
-    """The results table and the checks."""
-    policies = [p for p in report.POLICY_ORDER if p in ceilings.columns]
-    lines = [
-        "# The prefill ceiling (`python -m benchmarks.policies.ceiling`)",
-        "",
-        "At most this share of each point's requests can meet its TTFT target on the simulated",
-        "engine, whatever the policy: their prompts must be prefilled inside their windows,",
-        f"at each instance's best tokens per second (an LP in {BUCKET_S:g} s buckets; see",
-        "`benchmarks/policies/ceiling.py`). Attainment in % from `policies.parquet` (the mean",
-        "over its seeds); `ceiling / fcfs` is the most any policy could attain over `fcfs`.",
-        f"Runs above their ceiling: {len(above)} (none, or the ceiling is wrong).",
-        "",
-        f"| scenario | instances | load | ceiling | {' | '.join(policies)} | ceiling / fcfs |",
-        "|---|--:|--:|--:|" + "--:|" * len(policies) + "--:|",
-    ]
-    for r in ceilings.to_dict("records"):
-        ref = refs.get((r["scenario"], r["instances"])) == r["load"]
-        load = f"**{r['load']:g}**" if ref else f"{r['load']:g}"
-        cells = " | ".join(f"{100 * r[p]:.1f}" for p in policies)
-        lines.append(
-            f"| {r['scenario']} | {r['instances']} | {load} | {100 * r['ceiling']:.1f} "
-            f"| {cells} | {r['ceiling_over_fcfs']:.2f}x |"
-        )
-    lines += ["", "Bold: the cell's reference load (the lowest where `fcfs` attains <= 50 %)."]
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Compute the ceilings of the sweep in ``--results`` and write them beside it."""
-    ap = argparse.ArgumentParser(
-        prog="python -m benchmarks.policies.ceiling", description=__doc__.splitlines()[0]
-    )
-    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
-    args = ap.parse_args(argv)
-    source = args.results / "policies.parquet"
-    if not source.exists():
-        print(f"{source}: no sweep results (run python -m benchmarks.policies)", file=sys.stderr)
-        return 2
-    frame = pd.read_parquet(source)
-    ceilings = point_ceilings(frame)
-    above = above_ceiling(frame, ceilings)
-    refs = report.reference_loads(frame)
-    out = args.results / "ceiling.json"
-    data = {
-        "bucket_s": BUCKET_S,
-        "points": ceilings.to_dict("records"),
-        "runs_above_ceiling": above[["scenario", "instances", "load", "policy", "seed"]].to_dict(
-            "records"
-        ),
-    }
-    atomic_write_text(out, json.dumps(data, indent=1, allow_nan=False) + "\n")
-    atomic_write_text(args.results / "ceiling.md", markdown(ceilings, above, refs))
-    print(f"wrote {out} and ceiling.md; runs above their ceiling: {len(above)}")
-    return 1 if len(above) else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return min(1.0, on_time / n) if n else 1.0

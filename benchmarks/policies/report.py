@@ -38,7 +38,10 @@ COLUMNS = (
     "milp_offered", "milp_adopted",
     *(f"{k}_{c}" for c in ("interactive", "batch-1", "batch-2") for k in FORECAST_KEYS),
 )  # fmt: skip
-POLICY_ORDER = ("fcfs", "edf", "priority", "heuristic", "qlm", "clairvoyant", "hindsight")
+POLICY_ORDER = (
+    "fcfs", "edf", "priority", "heuristic", "qlm", "clairvoyant", "hindsight", "ceiling",
+)  # fmt: skip
+BOUND_NAMES = ("hindsight", "ceiling")  # rows that are no policy's runs
 POINT = ["scenario", "instances", "load", "policy"]
 SUMMED = ("milp_offered", "milp_adopted")  # over seeds; every other figure is averaged
 
@@ -118,7 +121,7 @@ def _policy_rows(point: pd.DataFrame) -> list[str]:
     ]
     by = {rec["policy"]: rec for rec in point.to_dict("records")}
     for p in POLICY_ORDER:
-        if p not in by or p == "hindsight":
+        if p not in by or p in BOUND_NAMES:
             continue
         r = by[p]
         lines.append(
@@ -133,6 +136,14 @@ def _policy_rows(point: pd.DataFrame) -> list[str]:
             f"Hindsight bound: {_pct(by['hindsight']['attainment'])} % (the stochastic program "
             "given the whole run's arrivals and output lengths, as an LP: the ceiling in the "
             "planner's model of the engine).",
+        ]
+    if "ceiling" in by:
+        ceiling = by["ceiling"]["attainment"]
+        lines += [
+            "",
+            f"Prefill ceiling: {_pct(ceiling)} % (no policy can do better on the simulated "
+            "engine: the prompts that fit into their windows at each instance's best prefill "
+            f"rate, an LP), {ceiling / by['fcfs']['attainment']:.2f}x fcfs.",
         ]
     return lines
 
@@ -179,6 +190,7 @@ def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None, not
     """The summary the README quotes (``frame``: every run; seeds are averaged; ``note``
     follows the command that regenerates it)."""
     refs = reference_loads(frame)
+    above = above_ceiling(frame)
     frame = by_point(frame)
     out = [
         "# Policy benchmark (simulated vLLM, real traces)",
@@ -191,6 +203,8 @@ def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None, not
         "the request mix the instances can share, each serving only its models: an LP).",
         "Where a point ran with several planner seeds (the reference loads), its figures are",
         "their means, and its attainment shows their range in brackets.",
+        f"Runs above their point's prefill ceiling: {len(above)} (any would "
+        "mean the ceiling is wrong).",
         "",
     ]
     for (scenario, size), cell in frame.groupby(["scenario", "instances"], sort=True):
@@ -208,6 +222,17 @@ def markdown(frame: pd.DataFrame, command: str, wall_s: float | None = None, not
             out += ["", *_forecast_rows(point[point["policy"] == "qlm"].iloc[0]), ""]
         out += ["Overall attainment % by load:", "", *_sweep_rows(cell), ""]
     return "\n".join(out)
+
+
+def above_ceiling(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every run of ``frame`` (each seed) that attains more than its point's prefill
+    ceiling (none where the sweep has no ceiling rows)."""
+    point = ["scenario", "instances", "load"]
+    ceilings = frame.loc[frame["policy"] == "ceiling", [*point, "attainment"]]
+    runs = frame[~frame["policy"].isin(BOUND_NAMES)].merge(
+        ceilings.rename(columns={"attainment": "ceiling"}), on=point
+    )
+    return runs[runs["attainment"] > runs["ceiling"] + 1e-9]
 
 
 def estimator_summary(frame: pd.DataFrame) -> dict[str, Any]:
@@ -256,7 +281,7 @@ def plot_attainment(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
             for p in POLICY_ORDER:
                 line = cell[cell["policy"] == p].sort_values("load")
                 if len(line):
-                    style = {"clairvoyant": "--", "hindsight": ":"}.get(p, "-")
+                    style = {"clairvoyant": "--", "hindsight": ":", "ceiling": "-."}.get(p, "-")
                     ax.plot(line["load"], 100 * line["attainment"], style, marker="o", label=p)
             ax.set_title(f"{scenario}, {n} instances")
             ax.set_xlabel("offered load / estimated capacity")

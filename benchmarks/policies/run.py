@@ -11,8 +11,9 @@ The ``qlm`` policy runs with its MILP improver on (``CoreConfig.improve``): its
 snapshot as the solve took), depend on the machine's speed; every other policy is
 deterministic for the seed.
 ``clairvoyant`` is the ``qlm`` planner told every request's true output length: the
-bound on what better length estimates could buy. ``hindsight`` is no policy: the
-program's bound given the whole run (:mod:`.bound`), one row per point.
+bound on what better length estimates could buy. ``hindsight`` and ``ceiling`` are no
+policies but bounds, one row each per point: the program's given the whole run
+(:mod:`.bound`), and the simulated engine's prefill capacity (:mod:`.ceiling`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 import pandas as pd
 
 from benchmarks.policies.bound import hindsight_bound
+from benchmarks.policies.ceiling import prefill_ceiling
 from benchmarks.policies.scenarios import SCENARIOS, build_point, slo_classes
 from qlmctl.plan.policies import make_policy
 from qlmctl.profile.store import ProfileStore
@@ -49,7 +51,9 @@ POLICY_RUNS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "clairvoyant": ("qlm", {"clairvoyant": True}, True),
 }
 CLASSES = ("interactive", "batch-1", "batch-2")
-HINDSIGHT = "hindsight"  # not a policy: the ceiling (bound.py), one row per point
+HINDSIGHT = "hindsight"  # not a policy: the program's bound (bound.py), a row per point
+CEILING = "ceiling"  # not a policy: what no policy can beat on the engine (ceiling.py)
+BOUNDS = {HINDSIGHT: hindsight_bound, CEILING: prefill_ceiling}  # (workload, cluster, perf)
 
 
 @dataclass(frozen=True)
@@ -66,14 +70,14 @@ class Point:
 
 
 def run_point(point: Point) -> dict[str, Any]:
-    """Replay one point and return its row of results (for ``hindsight``, the bound)."""
+    """Replay one point and return its row of results (for a bound, the bound)."""
     scenario = SCENARIOS[point.scenario]
     cluster = scenario.cluster(point.instances)
     perf = ProfileStore.load().for_cluster(cluster)
     workload, scale, offered = _workload(
         point.scenario, point.instances, point.load, point.span_s, point.slo_s
     )
-    if point.policy == HINDSIGHT:
+    if point.policy in BOUNDS:
         t0 = time.perf_counter()
         return {
             "scenario": point.scenario,
@@ -81,10 +85,10 @@ def run_point(point: Point) -> dict[str, Any]:
             "load": point.load,
             "offered_load": offered,
             "time_scale": scale,
-            "policy": HINDSIGHT,
+            "policy": point.policy,
             "seed": point.seed,
             "requests": len(workload.requests),
-            "attainment": hindsight_bound(workload, cluster, perf),
+            "attainment": BOUNDS[point.policy](workload, cluster, perf),
             "wall_s": time.perf_counter() - t0,
         }
     name, options, improve = POLICY_RUNS[point.policy]
