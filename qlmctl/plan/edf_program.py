@@ -218,11 +218,11 @@ def _dispatch_capacity(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """([n, S] work (fluid seconds) instance ``i`` has dispatched by each of the groups
     ``gs``'s dispatch deadlines, [n, S] the times that is counted by, the seconds a
-    model change idles it), read off the slot
-    model: the groups' requests, in deadline order, run through a copy of the
-    instance's engine; each request counts its share of its group's time at its
-    dispatch; past the last, work accrues at 1 per s. A model change drains the busy
-    batch: the engine idles, on average, from each slot's end to the last one's.
+    model change idles it), read off the slot model: the groups' requests, in deadline
+    order, run through a copy of the instance's engine; each request counts its share of
+    its group's time at its dispatch; past the last, work accrues at 1 per s. A model
+    change drains the busy batch: the engine idles, on average, from each slot's end to
+    the last one's.
 
     Arrivals going ahead of a group take ``urgent`` of the instance while it waits: as
     in the scorer (:func:`~qlmctl.plan.simulate.first_tokens`), its wait from now
