@@ -139,11 +139,12 @@ def _policy_rows(point: pd.DataFrame) -> list[str]:
         ]
     if "ceiling" in by:
         ceiling = by["ceiling"]["attainment"]
+        fcfs = by["fcfs"]["attainment"] if "fcfs" in by else 0.0
         lines += [
             "",
             f"Prefill ceiling: {_pct(ceiling)} % (no policy can do better on the simulated "
             "engine: the prompts that fit into their windows at each instance's best prefill "
-            f"rate, an LP), {ceiling / by['fcfs']['attainment']:.2f}x fcfs.",
+            "rate, an LP)" + (f", {ceiling / fcfs:.2f}x fcfs." if fcfs > 0 else "."),
         ]
     return lines
 
