@@ -91,6 +91,12 @@ def prefill_ceiling(
         index.append(row_of[j])
         value.append(-float(r.prompt_tokens))
     cap_row0 = len(groups)
+    cost = {  # (model, instance) -> seconds per prompt token there
+        (model, i): seconds_per_token(perf[(model, inst.gpu)])
+        for model in {r.model for r in reqs}
+        for i, inst in enumerate(insts)
+        if inst.can_serve(model)
+    }
     for (model, cls, b), row in groups.items():
         for i, inst in enumerate(insts):
             if not inst.can_serve(model):
@@ -100,11 +106,10 @@ def prefill_ceiling(
             if last_s <= b * bucket_s:
                 continue
             k_end = n_fine + 1 if last_s > n_fine * bucket_s else math.ceil(last_s / bucket_s)
-            cost = seconds_per_token(p)
             for k in range(b, k_end):
                 starts.append(len(index))
                 index += [row, cap_row0 + i * (n_fine + 1) + k]
-                value += [1.0, cost]
+                value += [1.0, cost[(model, i)]]
     num_col = len(starts)
     num_row = cap_row0 + len(insts) * (n_fine + 1)
     starts.append(len(index))
