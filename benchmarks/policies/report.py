@@ -38,10 +38,10 @@ COLUMNS = (
     "milp_offered", "milp_adopted",
     *(f"{k}_{c}" for c in ("interactive", "batch-1", "batch-2") for k in FORECAST_KEYS),
 )  # fmt: skip
-POLICY_ORDER = (
-    "fcfs", "edf", "priority", "heuristic", "qlm", "clairvoyant", "hindsight", "ceiling",
-)  # fmt: skip
-BOUND_NAMES = ("hindsight", "ceiling")  # rows that are no policy's runs
+HINDSIGHT = "hindsight"  # not a policy: the program's bound (bound.py), a row per point
+CEILING = "ceiling"  # not a policy: what no policy can beat on the engine (ceiling.py)
+BOUND_NAMES = (HINDSIGHT, CEILING)  # rows that are no policy's runs
+POLICY_ORDER = ("fcfs", "edf", "priority", "heuristic", "qlm", "clairvoyant", *BOUND_NAMES)
 POINT = ["scenario", "instances", "load", "policy"]
 SUMMED = ("milp_offered", "milp_adopted")  # over seeds; every other figure is averaged
 
@@ -130,15 +130,15 @@ def _policy_rows(point: pd.DataFrame) -> list[str]:
             f"| {r['throughput_rps']:.2f} | {r['throughput_tps']:.0f} | {int(r['swaps'])} "
             f"| {int(r['evictions'])} |"
         )
-    if "hindsight" in by:
+    if HINDSIGHT in by:
         lines += [
             "",
-            f"Hindsight bound: {_pct(by['hindsight']['attainment'])} % (the stochastic program "
+            f"Hindsight bound: {_pct(by[HINDSIGHT]['attainment'])} % (the stochastic program "
             "given the whole run's arrivals and output lengths, as an LP: the ceiling in the "
             "planner's model of the engine).",
         ]
-    if "ceiling" in by:
-        ceiling = by["ceiling"]["attainment"]
+    if CEILING in by:
+        ceiling = by[CEILING]["attainment"]
         fcfs = by["fcfs"]["attainment"] if "fcfs" in by else 0.0
         lines += [
             "",
@@ -229,7 +229,7 @@ def above_ceiling(frame: pd.DataFrame) -> pd.DataFrame:
     """Every run of ``frame`` (each seed) that attains more than its point's prefill
     ceiling (none where the sweep has no ceiling rows)."""
     point = ["scenario", "instances", "load"]
-    ceilings = frame.loc[frame["policy"] == "ceiling", [*point, "attainment"]]
+    ceilings = frame.loc[frame["policy"] == CEILING, [*point, "attainment"]]
     runs = frame[~frame["policy"].isin(BOUND_NAMES)].merge(
         ceilings.rename(columns={"attainment": "ceiling"}), on=point
     )
@@ -282,7 +282,7 @@ def plot_attainment(frame: pd.DataFrame, out_dir: Path) -> list[Path]:
             for p in POLICY_ORDER:
                 line = cell[cell["policy"] == p].sort_values("load")
                 if len(line):
-                    style = {"clairvoyant": "--", "hindsight": ":", "ceiling": "-."}.get(p, "-")
+                    style = {"clairvoyant": "--", HINDSIGHT: ":", CEILING: "-."}.get(p, "-")
                     ax.plot(line["load"], 100 * line["attainment"], style, marker="o", label=p)
             ax.set_title(f"{scenario}, {n} instances")
             ax.set_xlabel("offered load / estimated capacity")

@@ -32,6 +32,7 @@ import pandas as pd
 
 from benchmarks.policies.bound import hindsight_bound
 from benchmarks.policies.ceiling import prefill_ceiling
+from benchmarks.policies.report import CEILING, HINDSIGHT
 from benchmarks.policies.scenarios import SCENARIOS, build_point, slo_classes
 from qlmctl.plan.policies import make_policy
 from qlmctl.profile.store import ProfileStore
@@ -51,8 +52,6 @@ POLICY_RUNS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "clairvoyant": ("qlm", {"clairvoyant": True}, True),
 }
 CLASSES = ("interactive", "batch-1", "batch-2")
-HINDSIGHT = "hindsight"  # not a policy: the program's bound (bound.py), a row per point
-CEILING = "ceiling"  # not a policy: what no policy can beat on the engine (ceiling.py)
 BOUNDS = {HINDSIGHT: hindsight_bound, CEILING: prefill_ceiling}  # (workload, cluster, perf)
 
 
