@@ -95,3 +95,12 @@ def test_only_bounds_recomputes_the_bounds_and_keeps_the_runs(tmp_path: Path) ->
     md = (tmp_path / "policies.md").read_text()
     assert "recomputed later, by `--only-bounds`" in md
     assert "Runs above their point's prefill ceiling: 0" in md
+
+
+def test_only_bounds_without_a_sweep_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert policies_main(["--only-bounds", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no sweep in" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.only_bounds:
+        if not (args.out / "policies.parquet").is_file():
+            print(f"--only-bounds: no sweep in {args.out} (policies.parquet)", file=sys.stderr)
+            return 2
         refresh_bounds(args.out, args.jobs, (slo[0], slo[1], slo[2]))
         return 0
     status = 0
