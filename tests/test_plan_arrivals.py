@@ -7,7 +7,13 @@ from dataclasses import replace
 import numpy as np
 
 from qlmctl.plan.arrivals import EXPECTED_PREFIX, is_expected, repeat_window
-from qlmctl.plan.estimator import LengthModel, arrival_rates
+from qlmctl.plan.estimator import (
+    ARRIVAL_HORIZON_S,
+    MAX_URGENT_LOAD,
+    LengthModel,
+    arrival_rates,
+    arrivals_delay_s,
+)
 from qlmctl.plan.policies import make_policy, prepare
 from qlmctl.plan.types import Plan, QueueSnapshot, RecentArrivals
 from qlmctl.serve.core import ARRIVAL_WINDOW_S
@@ -17,11 +23,14 @@ from tests.test_serve_core import make_core
 
 
 def busy_batch_queue(
-    recent_interactive: int, residents: tuple[str, ...] = ("m1",), cold_start_s: float = 20.0
+    recent_interactive: int,
+    residents: tuple[str, ...] = ("m1",),
+    cold_start_s: float = 20.0,
+    batch: int = 400,
 ) -> QueueSnapshot:
-    """400 batch requests of m1 waiting at t=100 (more than the slots), and
+    """``batch`` batch requests of m1 waiting at t=100 (400: more than the slots), and
     ``recent_interactive`` interactive arrivals of m1 over the last 60 s (all served)."""
-    waiting = make_requests(400, slo_class="batch", gap_s=0.01, start_s=95.0, output_tokens=400)
+    waiting = make_requests(batch, slo_class="batch", gap_s=0.01, start_s=95.0, output_tokens=400)
     seen = make_requests(
         recent_interactive, gap_s=60.0 / max(recent_interactive, 1), start_s=40.0, prefix="past-"
     )
@@ -58,6 +67,19 @@ def test_interactive_arrivals_delay_batch_groups_only() -> None:
     now = make_requests(5, gap_s=0.1, start_s=99.0, prefix="now-")
     snap = replace(busy_batch_queue(1800), waiting=tuple(now))
     assert not prepare(snap, LengthModel(), rng, scenarios=2).problem.stream_ahead.any()
+
+
+def test_arrivals_go_ahead_for_their_horizon_only() -> None:
+    # half the instance for the next minute: a 20 s wait doubles, a 200 s one grows 60 s
+    assert arrivals_delay_s(np.array([0.0, 20.0, 200.0]), 0.5).tolist() == [0.0, 20.0, 30.0]
+    assert arrivals_delay_s(-5.0, 0.5) == 0.0 and arrivals_delay_s(100.0, 0.0) == 0.0
+    # minutes of batch backlog behind a heavy stream: its last group waits at most the
+    # stream's share of the horizon longer than without the stream (stretched, minutes)
+    rng = np.random.default_rng(0)
+    quiet = make_policy("heuristic", scenarios=20).plan(busy_batch_queue(0, batch=3000), rng)
+    busy = make_policy("heuristic", scenarios=20).plan(busy_batch_queue(1800, batch=3000), rng)
+    assert last_start(quiet) > 100.0 + 2 * ARRIVAL_HORIZON_S
+    assert 5.0 < last_start(busy) - last_start(quiet) <= MAX_URGENT_LOAD * ARRIVAL_HORIZON_S
 
 
 def test_batch_work_leaves_headroom_where_the_urgent_stream_lands() -> None:

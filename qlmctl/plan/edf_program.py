@@ -59,7 +59,7 @@ import numpy as np
 import pyomo.environ as pe
 
 from qlmctl.plan import highs
-from qlmctl.plan.estimator import Scenarios
+from qlmctl.plan.estimator import ARRIVAL_HORIZON_S, Scenarios
 from qlmctl.plan.problem import Problem
 from qlmctl.plan.simulate import first_tokens
 
@@ -225,16 +225,17 @@ def _dispatch_capacity(
     the last one's.
 
     Arrivals going ahead of a group take ``urgent`` of the instance while it waits: as
-    in the scorer (:func:`~qlmctl.plan.simulate.first_tokens`), its wait from now
-    stretches by ``1 / (1 - urgent)``, so its capacity is what is dispatched by
-    ``now + (deadline - now) * (1 - urgent)``, not that share of what is dispatched by
-    its deadline (the engine's first seconds, its running requests' slots still
-    taken, dispatch little)."""
+    in the scorer (:func:`~qlmctl.plan.estimator.arrivals_delay_s`), its wait from now
+    stretches by ``1 / (1 - urgent)`` for the arrivals' horizon ``H``, so its capacity
+    is what is dispatched by ``deadline - urgent * min(deadline - now, H)`` (the
+    inverse), not that share of what is dispatched by its deadline (the engine's first
+    seconds, its running requests' slots still taken, dispatch little)."""
     due = problem.dispatch_deadline_s()[gs, i]
     now = problem.now_s
     # [n, S] the times the work must be dispatched by (the deadline itself where nothing
     # goes ahead, or where it has passed: before now, nothing is dispatched by then)
-    reach = now + (due - now)[:, None] * (1.0 - scen.urgent_load[gs, i])
+    left = np.minimum(due - now, ARRIVAL_HORIZON_S)[:, None]
+    reach = due[:, None] - scen.urgent_load[gs, i] * left
     engine = scen.engines[i].copy()
     starts, shares = [], []
     for g in gs[np.argsort(due, kind="stable")]:

@@ -41,6 +41,19 @@ from qlmctl.plan.slots import EngineState, started_engines
 DEFAULT_MEDIAN_TOKENS = 200.0
 DEFAULT_LOG_SD = 1.0
 MAX_URGENT_LOAD = 0.9  # arrivals going ahead never take more of an instance than this
+# the recent window's rates are expected to hold this long (the window is as long)
+ARRIVAL_HORIZON_S = 60.0
+
+
+def arrivals_delay_s(wait_s: np.ndarray | float, urgent: np.ndarray | float) -> np.ndarray:
+    """What arrivals going ahead add to a wait of ``wait_s`` (from now) for a batch slot:
+    they take ``urgent`` of the instance for the next ``ARRIVAL_HORIZON_S`` seconds, so
+    the wait ``w`` becomes ``w'`` with ``w' = w + urgent * min(w', horizon)``: stretched
+    by ``1 / (1 - urgent)`` within the horizon, by at most ``urgent * horizon`` after it.
+    """
+    urgent = np.asarray(urgent)
+    wait = np.maximum(wait_s, 0.0)
+    return np.minimum(wait * (urgent / (1.0 - urgent)), urgent * ARRIVAL_HORIZON_S)
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from qlmctl.plan.estimator import Scenarios
+from qlmctl.plan.estimator import Scenarios, arrivals_delay_s
 from qlmctl.plan.problem import Problem
 from qlmctl.plan.simulate import Queues, serve_group
 from qlmctl.plan.slots import EngineState
@@ -102,8 +102,8 @@ class _Placement:
             slot + float(pb.req_ttft_s[last, i]),
             max(pipeline, pb.release_s[g]) + prefill + float(pb.overhead_s[m, i]),
         )
-        urgent = float(self.mean.urgent_load[g, i, 0])  # arrivals that will go ahead
-        return pb.now_s + max(token - pb.now_s, 0.0) / (1.0 - urgent)
+        wait = max(token - pb.now_s, 0.0)
+        return pb.now_s + wait + float(arrivals_delay_s(wait, self.mean.urgent_load[g, i, 0]))
 
     def _engine(self, i: int) -> EngineState:
         """Instance ``i``'s engine, to change: its own copy."""

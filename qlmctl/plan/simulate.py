@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qlmctl.errors import BadInput
-from qlmctl.plan.estimator import Scenarios
+from qlmctl.plan.estimator import Scenarios, arrivals_delay_s
 from qlmctl.plan.problem import Problem
 from qlmctl.plan.slots import EngineState
 
@@ -178,8 +178,9 @@ def first_tokens(
     ([S, n] dispatch times, [S, n] prefill ends, [S, n] first-token times).
 
     Arrivals that will go ahead of the group take ``urgent`` ([S]) of the instance while
-    it waits for a slot: that wait stretches by ``1 / (1 - urgent)`` (the engine's own
-    state does not: every group is stretched from its unstretched start). Its wait in
+    it waits for a slot: that wait stretches as :func:`~qlmctl.plan.estimator.
+    arrivals_delay_s` says (the engine's own state does not: every group is stretched
+    from its unstretched start). Its wait in
     the prefill pipeline after that does not: the core has sent it, and vLLM serves its
     queue in order (a document of 30k tokens behind others' prompts waits there).
 
@@ -199,8 +200,7 @@ def first_tokens(
     tokens = np.maximum(prefilled + overhead, starts + problem.req_ttft_s[rows, i])
     if not urgent.any():  # NOTE: nothing goes ahead (one class, say): every delay is 0
         return starts, prefilled, tokens
-    stretch = (urgent / (1.0 - urgent))[:, None]
-    delay = np.maximum(slot_free - problem.now_s, 0.0) * stretch
+    delay = arrivals_delay_s(slot_free - problem.now_s, urgent[:, None])
     return starts + delay, prefilled + delay, tokens + delay
 
 

@@ -62,6 +62,7 @@ from qlmctl.engine.events import (
 )
 from qlmctl.errors import BadInput
 from qlmctl.perfmodel import PerfModel
+from qlmctl.plan.estimator import ARRIVAL_HORIZON_S
 from qlmctl.plan.types import Plan, Policy, QueueSnapshot, SolverStats
 from qlmctl.serve.calibration import SpeedCalibration
 from qlmctl.serve.config import (
@@ -79,7 +80,9 @@ from qlmctl.serve.recent import RecentWindow
 from qlmctl.serve.runlog import OperationLog, Outcome
 from qlmctl.serve.state import InstanceRecord, InstStatus, ReqState, Tracked
 
-ARRIVAL_WINDOW_S = 60.0  # a snapshot carries this much arrival history (the rates' fit)
+# a snapshot carries this much arrival history (the rates' fit), as long as the rates are
+# expected to hold
+ARRIVAL_WINDOW_S = ARRIVAL_HORIZON_S
 # NOTE: a re-plan row copies these shallowly: dataclasses.asdict (a deep copy) cost more
 # than the rest of the row
 _SOLVER_FIELDS = tuple(f.name for f in fields(SolverStats))
