@@ -13,6 +13,7 @@ from qlmctl.plan.estimator import (
     LengthModel,
     arrival_rates,
     arrivals_delay_s,
+    horizons,
 )
 from qlmctl.plan.policies import make_policy, prepare
 from qlmctl.plan.types import Plan, QueueSnapshot, RecentArrivals
@@ -70,9 +71,15 @@ def test_interactive_arrivals_delay_batch_groups_only() -> None:
 
 
 def test_arrivals_go_ahead_for_their_horizon_only() -> None:
-    # half the instance for the next minute: a 20 s wait doubles, a 200 s one grows 60 s
-    assert arrivals_delay_s(np.array([0.0, 20.0, 200.0]), 0.5).tolist() == [0.0, 20.0, 30.0]
-    assert arrivals_delay_s(-5.0, 0.5) == 0.0 and arrivals_delay_s(100.0, 0.0) == 0.0
+    # half the instance for the next minute: a 20 s wait doubles, a 200 s one grows 30 s
+    delays = arrivals_delay_s(np.array([0.0, 20.0, 200.0]), 0.5, 60.0)
+    assert delays.tolist() == [0.0, 20.0, 30.0]
+    assert arrivals_delay_s(-5.0, 0.5, 60.0) == 0.0 and arrivals_delay_s(100.0, 0.0, 60.0) == 0.0
+    # how long the rates hold: exponential quantiles of mean ~ the horizon, one: the mean
+    assert horizons(1).tolist() == [ARRIVAL_HORIZON_S]
+    many = horizons(1000)
+    assert np.all(np.diff(many) > 0) and abs(many.mean() / ARRIVAL_HORIZON_S - 1) < 0.01
+    assert abs(np.median(many) - ARRIVAL_HORIZON_S * np.log(2)) < 0.1
     # minutes of batch backlog behind a heavy stream: its last group waits at most the
     # stream's share of the horizon longer than without the stream (stretched, minutes)
     rng = np.random.default_rng(0)

@@ -132,7 +132,8 @@ def test_program_keeps_what_the_slot_model_serves_when_arrivals_go_ahead() -> No
     late = simulate(pb, ctx.scen, queues_of(pb, res.instance_of, res.miss, H.edf_order(pb)))
     kept = int((np.array(res.miss) < 0.5).sum())
     assert 10 < kept < pb.num_groups - 10
-    assert abs(kept - int((late.miss_prob == 0).sum())) <= 1
+    # (how long the arrivals keep coming differs by scenario: on time in most of them)
+    assert abs(kept - int((late.miss_prob < 0.5).sum())) <= 1
 
 
 def test_the_programs_plan_with_the_heuristics_assignment_is_the_heuristics_plan() -> None:

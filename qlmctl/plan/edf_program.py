@@ -59,7 +59,7 @@ import numpy as np
 import pyomo.environ as pe
 
 from qlmctl.plan import highs
-from qlmctl.plan.estimator import ARRIVAL_HORIZON_S, Scenarios
+from qlmctl.plan.estimator import Scenarios
 from qlmctl.plan.problem import Problem
 from qlmctl.plan.simulate import first_tokens
 
@@ -234,14 +234,15 @@ def _dispatch_capacity(
     now = problem.now_s
     # [n, S] the times the work must be dispatched by (the deadline itself where nothing
     # goes ahead, or where it has passed: before now, nothing is dispatched by then)
-    left = np.minimum(due - now, ARRIVAL_HORIZON_S)[:, None]
+    left = np.minimum((due - now)[:, None], scen.horizon_s)
     reach = due[:, None] - scen.urgent_load[gs, i] * left
     engine = scen.engines[i].copy()
     starts, shares = [], []
     for g in gs[np.argsort(due, kind="stable")]:
         n = int(problem.size[g])
         decode = np.broadcast_to(scen.decode_s[g, i][:, None], (scen.count, n))
-        start, _ = first_tokens(problem, engine, int(g), i, decode, np.zeros(scen.count))[:2]
+        nothing = np.zeros(scen.count)  # nothing goes ahead: reach has counted it
+        start, _ = first_tokens(problem, engine, int(g), i, decode, nothing, nothing)[:2]
         starts.append(start)
         shares.append(np.broadcast_to((scen.service_s[g, i] / n)[:, None], start.shape))
     start = np.concatenate(starts, axis=1)  # [S, N]

@@ -41,19 +41,32 @@ from qlmctl.plan.slots import EngineState, started_engines
 DEFAULT_MEDIAN_TOKENS = 200.0
 DEFAULT_LOG_SD = 1.0
 MAX_URGENT_LOAD = 0.9  # arrivals going ahead never take more of an instance than this
-# the recent window's rates are expected to hold this long (the window is as long)
+# the recent window's rates are expected to hold this long on average (the window is as
+# long); how long they do is drawn per scenario (horizons)
 ARRIVAL_HORIZON_S = 60.0
 
 
-def arrivals_delay_s(wait_s: np.ndarray | float, urgent: np.ndarray | float) -> np.ndarray:
+def arrivals_delay_s(
+    wait_s: np.ndarray | float, urgent: np.ndarray | float, horizon_s: np.ndarray | float
+) -> np.ndarray:
     """What arrivals going ahead add to a wait of ``wait_s`` (from now) for a batch slot:
-    they take ``urgent`` of the instance for the next ``ARRIVAL_HORIZON_S`` seconds, so
-    the wait ``w`` becomes ``w'`` with ``w' = w + urgent * min(w', horizon)``: stretched
-    by ``1 / (1 - urgent)`` within the horizon, by at most ``urgent * horizon`` after it.
+    they take ``urgent`` of the instance for the next ``horizon_s`` seconds, so the wait
+    ``w`` becomes ``w'`` with ``w' = w + urgent * min(w', horizon)``: stretched by
+    ``1 / (1 - urgent)`` within the horizon, by at most ``urgent * horizon`` after it.
     """
     urgent = np.asarray(urgent)
     wait = np.maximum(wait_s, 0.0)
-    return np.minimum(wait * (urgent / (1.0 - urgent)), urgent * ARRIVAL_HORIZON_S)
+    return np.minimum(wait * (urgent / (1.0 - urgent)), urgent * horizon_s)
+
+
+def horizons(count: int) -> np.ndarray:
+    """[count] how long the recent rates hold in each scenario: a rate lasts an
+    exponential time of mean ``ARRIVAL_HORIZON_S`` (a burst may end any moment), taken
+    at its ``(k + 1/2) / count`` quantiles (one scenario: the mean), so no draw is spent.
+    """
+    if count == 1:
+        return np.array([ARRIVAL_HORIZON_S])
+    return -ARRIVAL_HORIZON_S * np.log1p(-(np.arange(count) + 0.5) / count)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +78,7 @@ class Scenarios:
     engines: tuple[EngineState, ...]  # per instance: when its slots and pipeline free
     # [G, I, S] share of instance i's capacity that arrivals going ahead of group g take
     urgent_load: np.ndarray
+    horizon_s: np.ndarray  # [S] for how long they take it (see horizons)
 
     @property
     def count(self) -> int:
@@ -78,6 +92,7 @@ class Scenarios:
             self.decode_s.mean(axis=2, keepdims=True),
             tuple(e.mean() for e in self.engines),
             self.urgent_load.mean(axis=2, keepdims=True),
+            self.horizon_s.mean(keepdims=True),
         )
 
 
@@ -343,7 +358,13 @@ def scenarios_from_tokens(
     urgent = np.einsum(
         "gk,ks,ki->gis", problem.stream_ahead.astype(float), rates, problem.stream_load
     )
-    return Scenarios(service, decode, tuple(engines), np.minimum(urgent, MAX_URGENT_LOAD))
+    return Scenarios(
+        service,
+        decode,
+        tuple(engines),
+        np.minimum(urgent, MAX_URGENT_LOAD),
+        horizons(tokens.shape[1]),
+    )
 
 
 _BLOCK = 1 << 14  # array elements per block of the leftover transform

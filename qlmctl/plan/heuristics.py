@@ -103,7 +103,8 @@ class _Placement:
             max(pipeline, pb.release_s[g]) + prefill + float(pb.overhead_s[m, i]),
         )
         wait = max(token - pb.now_s, 0.0)
-        return pb.now_s + wait + float(arrivals_delay_s(wait, self.mean.urgent_load[g, i, 0]))
+        delay = arrivals_delay_s(wait, self.mean.urgent_load[g, i, 0], self.mean.horizon_s[0])
+        return pb.now_s + wait + float(delay)
 
     def _engine(self, i: int) -> EngineState:
         """Instance ``i``'s engine, to change: its own copy."""
@@ -125,7 +126,7 @@ class _Placement:
             self.loaded[i] = m
         decode = np.full((1, int(pb.size[g])), self.mean.decode_s[g, i, 0])
         urgent = self.mean.urgent_load[g, i]
-        self.misses[g] = serve_group(pb, engine, g, i, decode, urgent)[3][0]
+        self.misses[g] = serve_group(pb, engine, g, i, decode, urgent, self.mean.horizon_s)[3][0]
         self.queues[i].append(g)
         if self.spreads[g]:  # each request holds a slot and the pipeline, after the rest
             work = float(self._lost_work(g)[i])

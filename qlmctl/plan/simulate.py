@@ -135,11 +135,17 @@ def _serve_queue(
             loaded = m
         decode = np.repeat(scen.decode_s[g, i][:, None], int(problem.size[g]), axis=1)
         urgent = scen.urgent_load[g, i]
-        yield g, swap, decode, serve_group(problem, engine, g, i, decode, urgent)
+        yield g, swap, decode, serve_group(problem, engine, g, i, decode, urgent, scen.horizon_s)
 
 
 def serve_group(
-    problem: Problem, engine: EngineState, g: int, i: int, decode: np.ndarray, urgent: np.ndarray
+    problem: Problem,
+    engine: EngineState,
+    g: int,
+    i: int,
+    decode: np.ndarray,
+    urgent: np.ndarray,
+    horizon_s: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Serve group ``g`` on instance ``i``'s ``engine`` (updated) as the core would;
     its requests' ([S, n] dispatch times, [S, n] prefill ends, [S, n] first tokens,
@@ -153,13 +159,13 @@ def serve_group(
     rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
     deadline = problem.req_deadline_s[rows]
     before = engine.copy() if problem.defer_late else engine
-    starts, prefilled, tokens = first_tokens(problem, engine, g, i, decode, urgent)
+    starts, prefilled, tokens = first_tokens(problem, engine, g, i, decode, urgent, horizon_s)
     late = tokens > deadline
     if problem.defer_late:
         hopeless = starts + problem.req_ttft_s[rows, i] > deadline
         if hopeless.any():
             engine.slots, engine.pipeline_s = before.slots, before.pipeline_s
-            tokens = first_tokens(problem, engine, g, i, decode, urgent, hopeless)[2]
+            tokens = first_tokens(problem, engine, g, i, decode, urgent, horizon_s, hopeless)[2]
             late = hopeless | (tokens > deadline)
             tokens = np.where(hopeless, np.inf, tokens)
     return starts, prefilled, tokens, late
@@ -172,6 +178,7 @@ def first_tokens(
     i: int,
     decode: np.ndarray,
     urgent: np.ndarray,
+    horizon_s: np.ndarray,
     skip: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Serve group ``g`` on instance ``i``'s ``engine`` (updated); its requests'
@@ -200,7 +207,7 @@ def first_tokens(
     tokens = np.maximum(prefilled + overhead, starts + problem.req_ttft_s[rows, i])
     if not urgent.any():  # NOTE: nothing goes ahead (one class, say): every delay is 0
         return starts, prefilled, tokens
-    delay = arrivals_delay_s(slot_free - problem.now_s, urgent[:, None])
+    delay = arrivals_delay_s(slot_free - problem.now_s, urgent[:, None], horizon_s[:, None])
     return starts + delay, prefilled + delay, tokens + delay
 
 
