@@ -15,6 +15,7 @@ from qlmctl.domain import Request
 from qlmctl.errors import BadInput
 from qlmctl.plan import heuristics as H
 from qlmctl.plan.estimator import (
+    Ahead,
     LengthModel,
     _inverse_mills,
     _norm_ppf,
@@ -248,7 +249,7 @@ def test_arrivals_going_ahead_stretch_the_wait_for_a_slot_not_for_the_pipeline()
 
     def dispatch(slots_free_s: float, pipeline_free_s: float, urgent: np.ndarray) -> np.ndarray:
         engine = EngineState(np.full((s, b), slots_free_s), np.full(s, pipeline_free_s))
-        return first_tokens(pb, engine, 0, 0, decode, urgent, np.full(s, 60.0))[0]  # a minute
+        return first_tokens(pb, engine, 0, 0, decode, Ahead(urgent, np.full(s, 60.0)))[0]
 
     slot_bound, unstretched = dispatch(10.0, 0.0, half), dispatch(10.0, 0.0, 0 * half)
     assert np.allclose(slot_bound, unstretched + 10.0)

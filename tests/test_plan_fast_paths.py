@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qlmctl.plan import heuristics as H
-from qlmctl.plan.estimator import LengthModel
+from qlmctl.plan.estimator import Ahead, LengthModel
 from qlmctl.plan.heuristics import _Placement
 from qlmctl.plan.policies import make_policy, prepare
 from qlmctl.plan.simulate import _serve_kept, first_tokens
@@ -161,7 +161,7 @@ def test_first_tokens_with_nothing_going_ahead_are_the_unstretched_ones() -> Non
     pb, scen = ctx.problem, ctx.scen
     decode = np.repeat(scen.decode_s[0, 0][:, None], 6, axis=1)
     urgent = np.zeros(scen.count)
-    got = first_tokens(pb, scen.engines[0].copy(), 0, 0, decode, urgent, scen.horizon_s)
+    got = first_tokens(pb, scen.engines[0].copy(), 0, 0, decode, Ahead(urgent, scen.horizon_s))
     starts, prefilled, _ = scen.engines[0].copy().serve(decode, pb.req_prefill_s[:6, 0], 0.0)
     tokens = np.maximum(prefilled + pb.overhead_s[0, 0], starts + pb.req_ttft_s[:6, 0])
     delay = np.maximum(starts - pb.now_s, 0.0) * (urgent / (1.0 - urgent))[:, None]

@@ -59,7 +59,7 @@ import numpy as np
 import pyomo.environ as pe
 
 from qlmctl.plan import highs
-from qlmctl.plan.estimator import Scenarios
+from qlmctl.plan.estimator import Ahead, Scenarios
 from qlmctl.plan.problem import Problem
 from qlmctl.plan.simulate import first_tokens
 
@@ -241,8 +241,8 @@ def _dispatch_capacity(
     for g in gs[np.argsort(due, kind="stable")]:
         n = int(problem.size[g])
         decode = np.broadcast_to(scen.decode_s[g, i][:, None], (scen.count, n))
-        nothing = np.zeros(scen.count)  # nothing goes ahead: reach has counted it
-        start, _ = first_tokens(problem, engine, int(g), i, decode, nothing, nothing)[:2]
+        # nothing goes ahead here: reach has counted it
+        start, _ = first_tokens(problem, engine, int(g), i, decode, Ahead.none(scen.count))[:2]
         starts.append(start)
         shares.append(np.broadcast_to((scen.service_s[g, i] / n)[:, None], start.shape))
     start = np.concatenate(starts, axis=1)  # [S, N]

@@ -30,6 +30,7 @@ import math
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,6 +70,18 @@ def horizons(count: int) -> np.ndarray:
     return -ARRIVAL_HORIZON_S * np.log1p(-(np.arange(count) + 0.5) / count)
 
 
+class Ahead(NamedTuple):
+    """The arrivals that will go ahead of a group on an instance, per scenario."""
+
+    load: np.ndarray  # [S] the share of the instance they take
+    horizon_s: np.ndarray  # [S] for how long they keep coming
+
+    @classmethod
+    def none(cls, count: int) -> Ahead:
+        """Nothing goes ahead, in any of ``count`` scenarios."""
+        return cls(np.zeros(count), np.zeros(count))
+
+
 @dataclass(frozen=True, slots=True)
 class Scenarios:
     """Sampled inputs of the second stage: S equally likely scenarios."""
@@ -84,6 +97,10 @@ class Scenarios:
     def count(self) -> int:
         """S."""
         return int(self.service_s.shape[2])
+
+    def ahead(self, g: int, i: int) -> Ahead:
+        """The arrivals that will go ahead of group ``g`` on instance ``i``."""
+        return Ahead(self.urgent_load[g, i], self.horizon_s)
 
     def mean(self) -> Scenarios:
         """The one scenario of the means (what greedy placement plans with)."""

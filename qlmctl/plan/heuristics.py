@@ -125,8 +125,7 @@ class _Placement:
             engine.drain(float(pb.swap_s[i, self.loaded[i], m]), pb.group_batch(g, i))
             self.loaded[i] = m
         decode = np.full((1, int(pb.size[g])), self.mean.decode_s[g, i, 0])
-        urgent = self.mean.urgent_load[g, i]
-        self.misses[g] = serve_group(pb, engine, g, i, decode, urgent, self.mean.horizon_s)[3][0]
+        self.misses[g] = serve_group(pb, engine, g, i, decode, self.mean.ahead(g, i))[3][0]
         self.queues[i].append(g)
         if self.spreads[g]:  # each request holds a slot and the pipeline, after the rest
             work = float(self._lost_work(g)[i])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qlmctl.errors import BadInput
-from qlmctl.plan.estimator import Scenarios, arrivals_delay_s
+from qlmctl.plan.estimator import Ahead, Scenarios, arrivals_delay_s
 from qlmctl.plan.problem import Problem
 from qlmctl.plan.slots import EngineState
 
@@ -134,8 +134,7 @@ def _serve_queue(
             engine.drain(swap, problem.group_batch(g, i))
             loaded = m
         decode = np.repeat(scen.decode_s[g, i][:, None], int(problem.size[g]), axis=1)
-        urgent = scen.urgent_load[g, i]
-        yield g, swap, decode, serve_group(problem, engine, g, i, decode, urgent, scen.horizon_s)
+        yield g, swap, decode, serve_group(problem, engine, g, i, decode, scen.ahead(g, i))
 
 
 def serve_group(
@@ -144,8 +143,7 @@ def serve_group(
     g: int,
     i: int,
     decode: np.ndarray,
-    urgent: np.ndarray,
-    horizon_s: np.ndarray,
+    ahead: Ahead,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Serve group ``g`` on instance ``i``'s ``engine`` (updated) as the core would;
     its requests' ([S, n] dispatch times, [S, n] prefill ends, [S, n] first tokens,
@@ -159,13 +157,13 @@ def serve_group(
     rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
     deadline = problem.req_deadline_s[rows]
     before = engine.copy() if problem.defer_late else engine
-    starts, prefilled, tokens = first_tokens(problem, engine, g, i, decode, urgent, horizon_s)
+    starts, prefilled, tokens = first_tokens(problem, engine, g, i, decode, ahead)
     late = tokens > deadline
     if problem.defer_late:
         hopeless = starts + problem.req_ttft_s[rows, i] > deadline
         if hopeless.any():
             engine.slots, engine.pipeline_s = before.slots, before.pipeline_s
-            tokens = first_tokens(problem, engine, g, i, decode, urgent, horizon_s, hopeless)[2]
+            tokens = first_tokens(problem, engine, g, i, decode, ahead, hopeless)[2]
             late = hopeless | (tokens > deadline)
             tokens = np.where(hopeless, np.inf, tokens)
     return starts, prefilled, tokens, late
@@ -177,15 +175,14 @@ def first_tokens(
     g: int,
     i: int,
     decode: np.ndarray,
-    urgent: np.ndarray,
-    horizon_s: np.ndarray,
+    ahead: Ahead,
     skip: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Serve group ``g`` on instance ``i``'s ``engine`` (updated); its requests'
     ([S, n] dispatch times, [S, n] prefill ends, [S, n] first-token times).
 
-    Arrivals that will go ahead of the group take ``urgent`` ([S]) of the instance while
-    it waits for a slot: that wait stretches as :func:`~qlmctl.plan.estimator.
+    Arrivals that will go ahead of the group (``ahead``) take their share of the instance
+    while it waits for a slot: that wait stretches as :func:`~qlmctl.plan.estimator.
     arrivals_delay_s` says (the engine's own state does not: every group is stretched
     from its unstretched start). Its wait in
     the prefill pipeline after that does not: the core has sent it, and vLLM serves its
@@ -205,9 +202,10 @@ def first_tokens(
         slot_free = starts
     overhead = problem.overhead_s[problem.group_model[g], i]
     tokens = np.maximum(prefilled + overhead, starts + problem.req_ttft_s[rows, i])
-    if not urgent.any():  # NOTE: nothing goes ahead (one class, say): every delay is 0
+    if not ahead.load.any():  # NOTE: nothing goes ahead (one class, say): every delay is 0
         return starts, prefilled, tokens
-    delay = arrivals_delay_s(slot_free - problem.now_s, urgent[:, None], horizon_s[:, None])
+    wait = slot_free - problem.now_s
+    delay = arrivals_delay_s(wait, ahead.load[:, None], ahead.horizon_s[:, None])
     return starts + delay, prefilled + delay, tokens + delay
 
 
