@@ -226,10 +226,11 @@ def _dispatch_capacity(
 
     Arrivals going ahead of a group take ``urgent`` of the instance while it waits: as
     in the scorer (:func:`~qlmctl.plan.estimator.arrivals_delay_s`), its wait from now
-    stretches by ``1 / (1 - urgent)`` for the arrivals' horizon ``H``, so its capacity
-    is what is dispatched by ``deadline - urgent * min(deadline - now, H)`` (the
-    inverse), not that share of what is dispatched by its deadline (the engine's first
-    seconds, its running requests' slots still taken, dispatch little)."""
+    stretches by ``1 / (1 - urgent)`` for the scenario's horizon ``h`` (how long they
+    keep coming), so its capacity is what is dispatched by ``deadline - urgent *
+    min(deadline - now, h)`` (the inverse), not that share of what is dispatched by its
+    deadline (the engine's first seconds, its running requests' slots still taken,
+    dispatch little)."""
     due = problem.dispatch_deadline_s()[gs, i]
     now = problem.now_s
     # [n, S] the times the work must be dispatched by (the deadline itself where nothing

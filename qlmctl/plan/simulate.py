@@ -182,11 +182,11 @@ def first_tokens(
     ([S, n] dispatch times, [S, n] prefill ends, [S, n] first-token times).
 
     Arrivals that will go ahead of the group (``ahead``) take their share of the instance
-    while it waits for a slot: that wait stretches as :func:`~qlmctl.plan.estimator.
-    arrivals_delay_s` says (the engine's own state does not: every group is stretched
-    from its unstretched start). Its wait in
-    the prefill pipeline after that does not: the core has sent it, and vLLM serves its
-    queue in order (a document of 30k tokens behind others' prompts waits there).
+    while it waits for a slot: that wait stretches as
+    :func:`~qlmctl.plan.estimator.arrivals_delay_s` says (the engine's own state does
+    not: every group is stretched from its unstretched start). Its wait in the prefill
+    pipeline after that does not: the core has sent it, and vLLM serves its queue in
+    order (a document of 30k tokens behind others' prompts waits there).
 
     ``skip`` ([S, n] bool) marks requests deferred in each scenario: they take neither
     slot time nor pipeline time here (their times are those of a zero-length request
