@@ -103,7 +103,7 @@ def pooled(profiles: list[PerfModel]) -> PerfModel:
     of theirs (the sweeps' designs are the same, so this is the least-squares fit of
     their samples pooled, up to the fit's non-negativity)."""
     times = (*COEFFICIENTS, "admission_gap_s")
-    mean = {f: statistics.fmean(getattr(p, f) for p in profiles) for f in times}
+    mean: dict[str, Any] = {f: statistics.fmean(getattr(p, f) for p in profiles) for f in times}
     note = f"; the mean of {len(profiles)} servers profiled at once" if len(profiles) > 1 else ""
     return replace(profiles[0], **mean, provenance=profiles[0].provenance + note)
 

@@ -13,7 +13,7 @@ with their range; the reference load itself comes from the first seed's runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +106,7 @@ def _pct(x: Any) -> str:
     return "" if x is None or pd.isna(x) else f"{100 * float(x):.1f}"
 
 
-def _spread(r: dict[str, Any]) -> str:
+def _spread(r: Mapping[Hashable, Any]) -> str:
     """Attainment %, with the range over the seeds where more than one ran."""
     if r["seeds"] < 2:
         return _pct(r["attainment"])

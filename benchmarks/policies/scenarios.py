@@ -250,15 +250,16 @@ def capacity_rps(
         share = float(np.mean(model == m))
         h.addRow(0.0, 0.0, len(cols), cols, np.array([1.0] * len(insts) + [-share]))
     for j, inst in enumerate(insts):
-        cols, secs = [], []
+        served: list[int] = []  # the instance's columns, and a request's seconds in each
+        secs: list[float] = []
         for k, m in enumerate(models):
             if inst.can_serve(m):
                 sel = model == m
-                cols.append(k * len(insts) + j)
+                served.append(k * len(insts) + j)
                 secs.append(
                     float(np.mean(_request_seconds(perf[(m, inst.gpu)], prompt[sel], output[sel])))
                 )
-        h.addRow(-highspy.kHighsInf, 1.0, len(cols), np.array(cols, np.int32), np.array(secs))
+        h.addRow(-highspy.kHighsInf, 1.0, len(served), np.array(served, np.int32), np.array(secs))
     h.run()
     return float(h.getSolution().col_value[rate])
 
