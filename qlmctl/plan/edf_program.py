@@ -422,8 +422,9 @@ def solve(
     """Build and solve within ``time_limit_s`` in all (build, translation and solve);
     ``warm`` (group -> instance) is the MIP start if given, and then each group may go
     to at most ``max_choices`` instances (None: any eligible; :func:`_choices`).
-    ``relaxed`` solves the LP relaxation (a group may be split over instances): its
-    optimum bounds the program's, and it solves in a fraction of the time."""
+    ``relaxed`` solves the LP relaxation (a group may be split over instances) by the
+    interior-point method (:func:`~qlmctl.plan.highs.run`'s ``interior``): its optimum
+    bounds the program's, and it solves in a fraction of the time."""
     t0 = time.perf_counter()
     data = scenario_data(problem, scen, swap_cost, warm, max_choices)
     model = build_model(data)
@@ -433,7 +434,8 @@ def solve(
     start = []
     if warm is not None:
         start = [(var, float(warm[g] == i)) for (g, i), var in model.x.items()]
-    sol = highs.run(model, time_limit_s - (time.perf_counter() - t0), mip_gap, start)
+    left_s = time_limit_s - (time.perf_counter() - t0)
+    sol = highs.run(model, left_s, mip_gap, start, interior=relaxed)
     instance_of = miss = None
     if sol.has_solution:
         x = {k: sol.value(v) or 0.0 for k, v in model.x.items()}
