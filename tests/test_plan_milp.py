@@ -306,6 +306,27 @@ def test_relaxation_bounds_the_program_and_late_arrivals_cannot_use_earlier_capa
     assert kept(60.0)[0] <= kept(0.0)[0] + 0.02
 
 
+def test_an_interior_solve_stopped_short_is_finished_by_the_simplex(monkeypatch) -> None:
+    # the interior-point method without crossover may end without a proven optimum: the
+    # relaxation's bound must then come from the simplex, not be missing
+    ctx = prepare(
+        snapshot(make_requests(60, gap_s=0.01, output_tokens=400), residents=("m1", "m1")),
+        LengthModel(), np.random.default_rng(0), max_group_size=4, clairvoyant=True,
+    )  # fmt: skip
+    full = solve(ctx.problem, ctx.scen, time_limit_s=30, relaxed=True)
+    quiet = highs.new_highs
+
+    def stopped_after_one_step() -> object:
+        h = quiet()
+        h.setOptionValue("ipm_iteration_limit", 1)
+        return h
+
+    monkeypatch.setattr(highs, "new_highs", stopped_after_one_step)
+    short = solve(ctx.problem, ctx.scen, time_limit_s=30, relaxed=True)
+    assert full.status == short.status == "Optimal"
+    assert full.bound is not None and short.bound == pytest.approx(full.bound, rel=1e-6)
+
+
 def test_work_arriving_before_a_burst_does_not_lend_it_the_idle_time_between() -> None:
     # two instances; for 55 s a stream of long prompts one instance alone could not keep
     # up with (so each one's capacity curve, which runs every group, is busy throughout),
