@@ -306,7 +306,9 @@ def test_relaxation_bounds_the_program_and_late_arrivals_cannot_use_earlier_capa
     assert kept(60.0)[0] <= kept(0.0)[0] + 0.02
 
 
-def test_an_interior_solve_stopped_short_is_finished_by_the_simplex(monkeypatch) -> None:
+def test_an_interior_solve_stopped_short_is_finished_by_the_simplex(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # the interior-point method without crossover may end without a proven optimum: the
     # relaxation's bound must then come from the simplex, not be missing
     ctx = prepare(
