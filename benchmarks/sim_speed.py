@@ -364,7 +364,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Simulator speed (virtual seconds per wall second)",
         "",
-        "Regenerate: `.venv/bin/python benchmarks/sim_speed.py`.",
+        "Regenerate: `.venv/bin/python benchmarks/sim_speed.py` (`--full`: every policy, the "
+        "whole trace at overload and the ~100k-request leg).",
         "",
     ]
     engine = results.get("engine")
