@@ -98,7 +98,8 @@ def run(
     h.run()
     if interior and h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         h.setOptionValue("solver", "simplex")
-        h.setOptionValue("time_limit", max(0.0, float(time_limit_s) - (time.perf_counter() - t0)))
+        left_s = float(time_limit_s) - (time.perf_counter() - t0)
+        h.setOptionValue("time_limit", max(0.0, HIGHS_SHARE * left_s))
         h.run()
     t2 = time.perf_counter()
     info_h = h.getInfo()
