@@ -91,7 +91,8 @@ def test_only_bounds_recomputes_the_bounds_and_keeps_the_runs(tmp_path: Path) ->
     assert policies_main(["--only-bounds", "--out", str(tmp_path), "--jobs", "1"]) == 0
     got = pd.read_parquet(tmp_path / "policies.parquet").set_index("policy")["attainment"]
     assert got["fcfs"] == 0.25  # the runs are kept; at half the capacity the bounds keep all
-    assert got[HINDSIGHT] == 1.0 and got[CEILING] == 1.0
+    # the hindsight LP's optimum comes from the interior-point method: within its tolerance
+    assert got[HINDSIGHT] == pytest.approx(1.0, abs=1e-8) and got[CEILING] == 1.0
     md = (tmp_path / "policies.md").read_text()
     assert "recomputed later, by `--only-bounds`" in md
     assert "Runs above their point's prefill ceiling: 0" in md
