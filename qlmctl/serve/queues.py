@@ -155,19 +155,32 @@ def instance_state(
         servable_models=frozenset(inst.spec.models) if inst.spec.models else None,
         sleeping_models=frozenset(inst.sleeping),
         max_running=max_running,
-        running=tuple(
-            RunningRequest(
-                t.request,
-                t.dispatch_s or now_s,
-                t.first_token_s,
-                min(
-                    t.kept_tokens + generated_tokens(t, inst, perf, now_s),
-                    max(0, t.request.max_output_tokens - 1),
-                ),
-            )
-            for t in running
+        running=tuple(_running(t, inst, perf, now_s) for t in running),
+    )
+
+
+def _running(
+    tr: Tracked, inst: InstanceRecord, perf: Mapping[tuple[str, str], PerfModel], now_s: float
+) -> RunningRequest:
+    """``tr``, in flight on ``inst``, as a policy sees it at ``now_s``.
+
+    NOTE: a request waiting in the engine for its first token looks the same at every
+    snapshot of its attempt: the view is kept on its record and used again (a router under
+    overload has thousands waiting in vLLM's queues, priced at every re-plan)."""
+    view = tr.engine_queued_view
+    if view is not None and tr.first_token_s is None:
+        return view
+    view = RunningRequest(
+        tr.request,
+        tr.dispatch_s or now_s,
+        tr.first_token_s,
+        min(
+            tr.kept_tokens + generated_tokens(tr, inst, perf, now_s),
+            max(0, tr.request.max_output_tokens - 1),
         ),
     )
+    tr.engine_queued_view = view if tr.first_token_s is None and tr.dispatch_s else None
+    return view
 
 
 def generated_tokens(

@@ -21,7 +21,7 @@ from enum import IntEnum
 from typing import Any
 
 from qlmctl.domain import InstanceSpec, Request, SLOClass
-from qlmctl.plan.types import PlannedGroup, known_time
+from qlmctl.plan.types import PlannedGroup, RunningRequest, known_time
 from qlmctl.serve.runlog import Outcome
 
 
@@ -140,6 +140,8 @@ class Tracked:
     # (evict-and-resume), so it is sent prompt + these and asked only for the rest
     kept_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # how a snapshot saw it while it waited in the engine in this attempt (queues._running)
+    engine_queued_view: RunningRequest | None = None
 
     @property
     def id(self) -> str:
@@ -219,6 +221,7 @@ class Tracked:
         self.attempt += 1
         self.instance_id = None
         self.dispatch_s = self.first_token_s = None
+        self.engine_queued_view = None
         self.forecast = None
         self.evict_reason = ""
         self.extra.clear()
