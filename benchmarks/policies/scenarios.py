@@ -19,6 +19,14 @@ mixing A100 and A10 GPUs with the shipped default profiles. The shapes follow th
 * ``D-longdoc``: like C, but the jobs are long documents: prompts uniform in 8k-32k
   tokens, outputs log-normal (median 300, max 2,048), batch-1. No public trace here has
   prompts this long, so the lengths are synthetic (chosen before any result was seen).
+* ``E-twomodels``: where the model an instance holds should decide (chosen before any of
+  its results was seen, after B showed none): two models whose traffic moves
+  independently, the code trace as interactive (20 s) on the 8B model, the conversation
+  trace as batch-1 (60 s) and arXiv jobs as batch-2 (1 h) on the 7B model; every
+  instance may serve either (warm: a model change is a sleep and a wake) and starts
+  with one, in turn. When one trace bursts, instances should change model, and a change
+  drains a busy batch first: a decision that is costly to undo. Not in the main sweep
+  (``--cells E-twomodels:4``).
 
 Load: every point offers ``SPAN_S`` seconds of arrivals (virtual time) at a target
 multiple of the cluster's *estimated* capacity (:func:`capacity_rps`: per request,
@@ -204,6 +212,18 @@ SCENARIOS: dict[str, Scenario] = {
                 _jobs("docs", LONG_DOC_LENGTHS, SMALL, "batch-1"),
             ),
             (SMALL,),
+        ),
+        Scenario(
+            "E-twomodels",
+            "two models: code trace interactive (20 s) on the 8B; conversation batch-1 "
+            "(60 s) and arXiv jobs batch-2 (1 h) on the 7B; every instance may serve either",
+            (SMALL, SMALL2),
+            (
+                _trace("code", CODE, SMALL, "interactive"),
+                _trace("conv", CONV, SMALL2, "batch-1"),
+                _jobs("arxiv", ARXIV_LENGTHS, SMALL2, "batch-2"),
+            ),
+            (SMALL, SMALL2),
         ),
     )
 }
