@@ -68,9 +68,17 @@ class Foresight(HeuristicPolicy):
         return super().plan(replace(snapshot, recent=RecentArrivals(window, coming)), rng)
 
 
-def run_cell(scenario: str, instances: int, load: float, seed: int, variant: str) -> dict[str, Any]:
-    """One run: attainment overall and per class, and its wall time."""
-    cluster = SCENARIOS[scenario].cluster(instances)
+def run_cell(
+    scenario: str,
+    instances: int,
+    load: float,
+    seed: int,
+    variant: str,
+    placement: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """One run (the instances starting with ``placement``'s models where given):
+    attainment overall and per class, model changes, the run's length and wall time."""
+    cluster = SCENARIOS[scenario].cluster(instances, placement)
     perf = ProfileStore.load().for_cluster(cluster)
     workload, _, _ = _workload(scenario, instances, load, SPAN_S, SLO_S)
     policy = {
@@ -92,6 +100,8 @@ def run_cell(scenario: str, instances: int, load: float, seed: int, variant: str
         "variant": variant,
         "attainment": summary.attainment,
         "by_class": {c: s.attainment for c, s in metrics.by_class.items()},
+        "swaps": metrics.operations.swaps + metrics.operations.wakes,
+        "duration_s": metrics.duration_s,
         "wall_s": time.perf_counter() - t0,
     }
 

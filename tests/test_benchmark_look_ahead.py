@@ -34,3 +34,13 @@ def test_reference_cells_come_from_the_policy_sweep() -> None:
     cells = reference_cells(RESULTS / "estimator.json")
     assert len(cells) >= 4
     assert all(n >= 1 and load > 0 for _, n, load in cells)
+
+
+def test_model_placement_tries_every_start_holding_both_models() -> None:
+    from benchmarks.model_placement import label, starts
+
+    models = ("llama-3.1-8b", "mistral-7b")
+    every = starts(models, 4)
+    assert len(every) == 2**4 - 2 == len(set(every))  # all but the two single-model ones
+    assert all(set(p) == set(models) for p in every)
+    assert label(("mistral-7b", "llama-3.1-8b")) == "ml"

@@ -105,3 +105,24 @@ def test_only_bounds_without_a_sweep_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no sweep in" in err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("cells", "message"),
+    [("Z-none:4", "unknown scenario 'Z-none'"), ("E-twomodels", "expected SCENARIO:INSTANCES")],
+)
+def test_a_bad_cell_is_one_line_and_exit_2(
+    cells: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert policies_main(["--cells", cells, "--no-real"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_a_placement_sets_each_instances_first_model() -> None:
+    scenario = SCENARIOS["E-twomodels"]
+    assert [i.model for i in scenario.cluster(4).instances] == [*scenario.models] * 2
+    placement = (scenario.models[1], scenario.models[1], scenario.models[0], scenario.models[0])
+    cluster = scenario.cluster(4, placement)
+    assert tuple(i.model for i in cluster.instances) == placement
+    assert all(i.models is None for i in cluster.instances)  # each may serve either

@@ -202,7 +202,8 @@ def run_sweep(
     rows += sweep(extra, jobs, _print_row)
     command = ".venv/bin/python -m benchmarks.policies" + (" --quick" if quick else "")
     if cells:
-        command += " --cells " + ",".join(f"{s}:{n}" for s, n in cells)
+        where = out.resolve().relative_to(REPO) if out.resolve().is_relative_to(REPO) else out
+        command += f" --no-real --cells {','.join(f'{s}:{n}' for s, n in cells)} --out {where}"
     write_results(report.to_frame(rows), out, quick, command, time.perf_counter() - t0)
 
 

@@ -41,7 +41,7 @@ cluster size. Load 1.0 is the estimate of saturation; the sweep runs to 2.5 time
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,8 +109,9 @@ class Scenario:
             }
         )
 
-    def cluster(self, num_instances: int) -> ClusterSpec:
-        """Half A100, half A10; resident models round-robin over what each GPU may serve."""
+    def cluster(self, num_instances: int, placement: Sequence[str] = ()) -> ClusterSpec:
+        """Half A100, half A10; resident models round-robin over what each GPU may serve,
+        or instance ``k`` starting with ``placement[k]`` where given."""
         resident = self.resident or self.models
         instances = []
         for k in range(num_instances):
@@ -122,7 +123,7 @@ class Scenario:
                     "id": f"{gpu.lower()}-{k}",
                     "gpu": gpu,
                     "endpoint": f"http://sim/{k}",
-                    "model": choices[k % len(choices)],
+                    "model": placement[k] if placement else choices[k % len(choices)],
                     "models": list(allowed) if allowed != self.models else None,
                 }
             )
