@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import write_report
 from benchmarks.policies.run import _workload
 from benchmarks.policies.scenarios import SCENARIOS, SPAN_S, slo_classes
 from qlmctl.domain import Request
-from qlmctl.fileio import atomic_write_text
 from qlmctl.plan.policies import HeuristicPolicy
 from qlmctl.plan.types import Plan, QueueSnapshot, RecentArrivals
 from qlmctl.profile.store import ProfileStore
@@ -151,12 +151,8 @@ def main() -> int:
             f"| {t['cell']} | {t['load']:g} | {t['heuristic']:.1f} | {t['look-ahead']:.1f} | "
             f"{t['foresight']:.1f} | {t['look-ahead'] - t['heuristic']:+.1f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "look_ahead.md", text)
     result = {"seeds": args.seeds, "wall_s": wall_s, "cells": table, "runs": rows}
-    atomic_write_text(args.out / "look_ahead.json", json.dumps(result, indent=1) + "\n")
+    write_report(args.out, "look_ahead", "\n".join(lines) + "\n", result)
     return 0
 
 

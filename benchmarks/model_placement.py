@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import write_report
 from benchmarks.look_ahead import reference_cells, run_cell
 from benchmarks.policies.scenarios import SCENARIOS
-from qlmctl.fileio import atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CELL = ("E-twomodels", 4)
@@ -107,13 +106,9 @@ def main() -> int:
             f"| {t['start']} | {t['attainment']:.1f} | {t['interactive']:.1f} | "
             f"{t['batch-1']:.1f} | {t['swaps']:.1f} | {t['duration_s']:.0f} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "model_placement.md", text)
     result = {"cell": list(CELL), "load": load, "seeds": args.seeds, "wall_s": wall_s}
     result |= {"variants": table, "runs": rows}
-    atomic_write_text(args.out / "model_placement.json", json.dumps(result, indent=1) + "\n")
+    write_report(args.out, "model_placement", "\n".join(lines) + "\n", result)
     return 0
 
 
