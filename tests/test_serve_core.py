@@ -20,7 +20,14 @@ from qlmctl.engine.events import (
     InstanceReady,
     LoadModel,
 )
-from qlmctl.plan.types import InstancePlan, Plan, PlannedGroup, QueueSnapshot, ServingStyle
+from qlmctl.plan.types import (
+    InstancePlan,
+    Plan,
+    PlannedGroup,
+    QueueSnapshot,
+    RunningRequest,
+    ServingStyle,
+)
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.state import IllegalTransition, InstStatus, ReqState, Tracked
@@ -670,6 +677,23 @@ def test_a_running_request_is_credited_with_the_decode_steps_left_by_others_pref
     assert running["s0"].generated_tokens == 1 + int((3.0 - 0.1 - prefill_s) / step_s)
     assert running["s0"].generated_tokens < 1 + int((3.0 - 0.1) / step_s)
     assert running["l0"].generated_tokens == 1 + int((3.0 - 2.1) / step_s)
+
+
+def test_a_request_waiting_in_the_engine_is_seen_the_same_until_its_first_token() -> None:
+    """A snapshot keeps the view of a request sent and not started (a router's thousands
+    waiting in vLLM's queues), and sees the one that started make progress."""
+    core = make_core(models=("m1",))
+    assert dispatched(arrive(core, make_requests(2, output_tokens=5000))) == ["r0", "r1"]
+
+    def seen(now_s: float) -> dict[str, RunningRequest]:
+        return {rr.request.id: rr for rr in core.snapshot(now_s).instances[0].running}
+
+    before = seen(1.0)
+    core.on_event(FirstToken("r0", "i0", 1.5), 1.5)
+    after = seen(3.0)
+    assert after["r1"] is before["r1"] and after["r1"].first_token_s is None
+    assert after["r0"].first_token_s == 1.5 and after["r0"].generated_tokens > 1
+    assert seen(4.0)["r0"].generated_tokens > after["r0"].generated_tokens
 
 
 # ---- moving a running request ---------------------------------------------------------

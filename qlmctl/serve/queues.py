@@ -172,14 +172,15 @@ def _running(
         return view
     view = RunningRequest(
         tr.request,
-        tr.dispatch_s or now_s,
+        tr.dispatch_s if tr.dispatch_s is not None else now_s,
         tr.first_token_s,
         min(
             tr.kept_tokens + generated_tokens(tr, inst, perf, now_s),
             max(0, tr.request.max_output_tokens - 1),
         ),
     )
-    tr.engine_queued_view = view if tr.first_token_s is None and tr.dispatch_s else None
+    queued = tr.first_token_s is None and tr.dispatch_s is not None
+    tr.engine_queued_view = view if queued else None
     return view
 
 
