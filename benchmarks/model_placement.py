@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -48,15 +49,23 @@ def label(placement: tuple[str, ...]) -> str:
     return "".join(m[0] for m in placement)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--sweep", type=Path, default=RESULTS / "e-twomodels")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     scenario, instances = CELL
-    [(_, _, load)] = reference_cells(args.sweep / "estimator.json")
+    estimator = args.sweep / "estimator.json"
+    if not estimator.is_file():
+        print(
+            f"no sweep of {scenario} in {args.sweep}: run `python -m benchmarks.policies "
+            f"--no-real --cells {scenario}:{instances} --out {args.sweep}` first",
+            file=sys.stderr,
+        )
+        return 2
+    [(_, _, load)] = reference_cells(estimator)
     default = SCENARIOS[scenario].cluster(instances).instances
     round_robin = tuple(str(i.model) for i in default)
     variants: list[tuple[str, str, tuple[str, ...]]] = [

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from benchmarks.look_ahead import RESULTS, Foresight, reference_cells
 from qlmctl.plan.policies import HeuristicPolicy
@@ -44,3 +46,14 @@ def test_model_placement_tries_every_start_holding_both_models() -> None:
     assert len(every) == 2**4 - 2 == len(set(every))  # all but the two single-model ones
     assert all(set(p) == set(models) for p in every)
     assert label(("mistral-7b", "llama-3.1-8b")) == "ml"
+
+
+def test_model_placement_without_its_sweep_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks.model_placement import main
+
+    assert main(["--sweep", str(tmp_path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--cells E-twomodels:4" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
