@@ -23,10 +23,10 @@ mixing A100 and A10 GPUs with the shipped default profiles. The shapes follow th
   its results was seen, after B showed none): two models whose traffic moves
   independently, the code trace as interactive (20 s) on the 8B model, the conversation
   trace as batch-1 (60 s) and arXiv jobs as batch-2 (1 h) on the 7B model; every
-  instance may serve either (warm: a model change is a sleep and a wake) and starts
-  with one, in turn. When one trace bursts, instances should change model, and a change
-  drains a busy batch first: a decision that is costly to undo. Not in the main sweep
-  (``--cells E-twomodels:4``).
+  instance may serve either and starts with one, in turn (its first change of model is
+  a cold start, later ones a sleep and a wake). When one trace bursts, instances should
+  change model, and a change drains a busy batch first: a decision that is costly to
+  undo. Not in the main sweep (``--cells E-twomodels:4``).
 
 Load: every point offers ``SPAN_S`` seconds of arrivals (virtual time) at a target
 multiple of the cluster's *estimated* capacity (:func:`capacity_rps`: per request,

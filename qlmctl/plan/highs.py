@@ -82,11 +82,17 @@ def run(
             info = LPWriter().write(model, fh, symbolic_solver_labels=False)
         h.readModel(path)
     t1 = time.perf_counter()
+
+    def time_left_s(now_s: float) -> float:
+        """HiGHS's share of the budget left at ``now_s``.
+
+        NOTE: HiGHS checks its clock between nodes and cleans up after: it overruns its
+        limit by a few percent, so it gets :data:`HIGHS_SHARE` of what is left."""
+        return max(0.0, HIGHS_SHARE * (float(time_limit_s) - (now_s - t0)))
+
     variables = [info.symbol_map.bySymbol.get(n) for n in h.getLp().col_names_]
     col_of = {id(v): k for k, v in enumerate(variables) if v is not None}
-    # NOTE: HiGHS checks its clock between nodes and cleans up after: it overruns its
-    # limit by a few percent, so it gets 90 % of what is left
-    h.setOptionValue("time_limit", max(0.0, HIGHS_SHARE * (float(time_limit_s) - (t1 - t0))))
+    h.setOptionValue("time_limit", time_left_s(t1))
     h.setOptionValue("mip_rel_gap", float(mip_gap))
     if interior:
         h.setOptionValue("solver", "ipm")
@@ -98,8 +104,7 @@ def run(
     h.run()
     if interior and h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
         h.setOptionValue("solver", "simplex")
-        left_s = float(time_limit_s) - (time.perf_counter() - t0)
-        h.setOptionValue("time_limit", max(0.0, HIGHS_SHARE * left_s))
+        h.setOptionValue("time_limit", time_left_s(time.perf_counter()))
         h.run()
     t2 = time.perf_counter()
     info_h = h.getInfo()
