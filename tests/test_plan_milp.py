@@ -224,16 +224,18 @@ def test_qlm_never_below_heuristic(seed: int) -> None:
     heur = make_policy("heuristic", scenarios=20, max_group_size=8).plan(
         snap, np.random.default_rng(seed).spawn(2)[0]
     )
-    qlm = make_policy("qlm", scenarios=20, max_group_size=8, time_limit_s=0.3).plan(
-        snap, np.random.default_rng(seed)
-    )
+    qlm = make_policy(
+        "qlm", scenarios=20, max_group_size=8, time_limit_s=0.3, placement=False
+    ).plan(snap, np.random.default_rng(seed))
     assert qlm.predicted_attainment >= heur.predicted_attainment - 1e-12
     assert qlm.solver.chosen in heur.solver.scores or qlm.solver.chosen.startswith("milp")
 
 
 def test_timeout_without_incumbent_falls_back_to_heuristic() -> None:
     snap = snapshot(mixed_requests([("m1", "interactive", 60), ("m2", "batch", 60)], 0.05))
-    pol = QlmPolicy(time_limit_s=0.0, warm_start=False, scenarios=10, max_group_size=4)
+    pol = QlmPolicy(
+        time_limit_s=0.0, warm_start=False, scenarios=10, max_group_size=4, placement=False
+    )
     plan = pol.plan(snap, np.random.default_rng(0))
     assert not plan.solver.chosen.startswith("milp")
     assert "fell back to the heuristic" in plan.solver.note

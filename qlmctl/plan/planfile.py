@@ -32,6 +32,7 @@ _RECORDED_OPTIONS = (
     "milp_scenarios",
     "swap_cost",
     "warm_start",
+    "placement",
 )
 
 

@@ -67,6 +67,7 @@ from qlmctl.plan.estimator import (
     sample_scenarios,
 )
 from qlmctl.plan.groups import DEFAULT_MAX_GROUP_SIZE, build_groups
+from qlmctl.plan.placement import Decision, Targets, decide, has_choice, restrict, standing
 from qlmctl.plan.problem import Problem, build_problem
 from qlmctl.plan.simulate import (
     Queues,
@@ -87,6 +88,7 @@ from qlmctl.plan.types import (
     StreamArrivals,
 )
 
+PLACEMENT_SHARE = 0.5  # of the improver's budget the placement program may take
 MAX_PROGRAM_MOVES = 16  # the program's moves tried one by one on the heuristic's plan
 _BETTER = 1e-9  # expected weighted misses a move must save (not float noise)
 
@@ -465,6 +467,7 @@ class QlmPolicy(BasePolicy):
         milp_scenarios: int = 10,
         swap_cost: float = DEFAULT_SWAP_COST,
         warm_start: bool = True,
+        placement: bool = True,
         **options: Any,
     ) -> None:
         super().__init__(**options)
@@ -475,14 +478,54 @@ class QlmPolicy(BasePolicy):
         self.milp_scenarios = milp_scenarios
         self.swap_cost = swap_cost
         self.warm_start = warm_start
+        self.placement = placement
         # the last plan the MILP won with: quick() keeps its placements while they score best
         self._kept: Plan | None = None
+        # the standing model placement (placement program), and the one before it
+        self._targets: Targets | None = None
+        self._targets_before: Targets | None = None
+
+    def _targets_at(self, now_s: float) -> Targets | None:
+        """The placement standing at ``now_s``: the program's last answer once it has
+        arrived (its solve's wall time after its snapshot), the one before until then."""
+        targets = self._targets
+        if targets is not None and now_s < targets.effective_s:
+            return self._targets_before
+        return targets
+
+    def _held(self, ctx: Context, targets: Targets | None) -> Context:
+        """``ctx`` with each instance taking only the groups of the model it holds."""
+        if targets is None:
+            return ctx
+        return replace(ctx, problem=restrict(ctx.problem, standing(ctx.problem, targets)))
+
+    def _place(
+        self, ctx: Context, rng: np.random.Generator, budget_s: float
+    ) -> tuple[Targets | None, Decision | None]:
+        """Run the placement program (if enabled and some instance has a choice): the
+        placement it leaves standing, and its decision. The caller stores the placement
+        when its answer is ready (:meth:`_stand`)."""
+        pb = ctx.problem
+        standing_now = self._targets_at(pb.now_s)
+        if not self.placement or not has_choice(pb):
+            return standing_now, None
+        decision = decide(pb, ctx.mean, standing_now, rng, self.milp_scenarios, budget_s)
+        changed = dict(standing_now.changed_s) if standing_now is not None else {}
+        changed.update({iid: pb.now_s for iid in decision.changed})
+        return Targets(decision.models, changed, pb.now_s), decision
+
+    def _stand(self, targets: Targets, now_s: float, started: float) -> None:
+        """Make ``targets`` the standing placement from when this solve's answer is ready
+        (``now_s`` plus its wall time since ``started``)."""
+        ready_s = now_s + time.perf_counter() - started
+        self._targets_before = self._targets_at(ready_s)
+        self._targets = replace(targets, effective_s=ready_s)
 
     def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
         """The heuristic answer, or the MILP's last placements kept if they score better
         (new arrivals placed greedily among them), labelled ``qlm``: for the hot path."""
         t0 = time.perf_counter()
-        ctx = self.prepare(snapshot, rng)
+        ctx = self._held(self.prepare(snapshot, rng), self._targets_at(snapshot.now_s))
         cands = heuristic_candidates(ctx)
         kept = self._kept
         if kept is not None:
@@ -508,7 +551,7 @@ class QlmPolicy(BasePolicy):
     ) -> Plan | None:
         """Run the MILP within about ``budget_s``; the plan only if it beats the heuristic."""
         plan = self._solve(snapshot, rng, budget_s)
-        if not plan.solver.chosen.startswith("milp"):
+        if not plan.solver.chosen.startswith("milp") and "placement:" not in plan.solver.note:
             return None
         self._kept = plan
         return plan
@@ -518,8 +561,13 @@ class QlmPolicy(BasePolicy):
         return self._solve(snapshot, rng, self.time_limit_s)
 
     def _solve(self, snapshot: QueueSnapshot, rng: np.random.Generator, budget_s: float) -> Plan:
-        eval_rng, milp_rng = rng.spawn(2)
+        t0 = time.perf_counter()
+        eval_rng, milp_rng, place_rng = rng.spawn(3)
         ctx = self.prepare(snapshot, eval_rng)
+        targets, decision = self._place(ctx, place_rng, PLACEMENT_SHARE * budget_s)
+        ctx = self._held(ctx, targets)
+        placed = _placement_note(decision)
+        budget_s = max(budget_s - (time.perf_counter() - t0), 0.0)
         pb = ctx.problem
         cands = heuristic_candidates(ctx)
         best = best_candidate(cands)
@@ -539,7 +587,9 @@ class QlmPolicy(BasePolicy):
                 time_limit_s=budget_s, mip_gap=self.mip_gap, swap_cost=self.swap_cost,
             )  # fmt: skip
         except (RuntimeError, ValueError, OSError, MemoryError) as exc:
-            note = f"MILP failed ({type(exc).__name__}: {exc}); heuristic plan"
+            note = f"MILP failed ({type(exc).__name__}: {exc}); heuristic plan{placed}"
+            if targets is not None and decision is not None:
+                self._stand(targets, pb.now_s, t0)
             stats = SolverStats(status="error", chosen=best, scores=scores, note=note)
             return to_plan(ctx, self.name, cands[best][0], cands[best][1], stats)
         chosen_q, chosen_s, chosen = cands[best][0], cands[best][1], best
@@ -568,9 +618,19 @@ class QlmPolicy(BasePolicy):
             num_constraints=res.num_constraints,
             chosen=chosen,
             scores=scores,
-            note=note,
+            note=note + placed,
         )
+        if targets is not None and decision is not None:
+            self._stand(targets, pb.now_s, t0)
         return to_plan(ctx, self.name, chosen_q, chosen_s, stats)
+
+
+def _placement_note(decision: Decision | None) -> str:
+    """What the placement program changed, for the plan's note ("" if nothing)."""
+    if decision is None or not decision.changed:
+        return ""
+    moves = ", ".join(f"{iid} -> {decision.models[iid]}" for iid in decision.changed)
+    return f"; placement: {moves} (gain {decision.gain:.1f}, in {decision.share:.0%} of scenarios)"
 
 
 _SHARED_OPTIONS = ("scenarios", "max_group_size", "lengths", "clairvoyant", "look_ahead")
@@ -596,7 +656,7 @@ def make_policy(name: str, **options: Any) -> BasePolicy:
 
     Every policy takes the options of ``_SHARED_OPTIONS`` (scenarios, max_group_size,
     lengths, clairvoyant); those only ``qlm`` understands (time_limit_s, mip_gap,
-    milp_scenarios, swap_cost, warm_start) are ignored by the others.
+    milp_scenarios, swap_cost, warm_start, placement) are ignored by the others.
     """
     if name not in POLICIES:
         raise BadInput(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

@@ -120,6 +120,11 @@ class Problem:
     stream_ahead: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))  # [G, K]
     stream_load: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [K, I]
     stream_seen: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [K] arrivals
+    stream_model: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # [K] index
+    stream_ttft_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [K] class TTFT
+    stream_weight: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [K] class weight
+    # [K, I] instance seconds one request of stream k takes on i in a full batch (inf: n/a)
+    stream_work_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     arrival_window_s: float = 0.0
     # how its plans are served: a request that can no longer make its deadline when its
     # turn comes goes behind its instance's queue (ServingStyle.defers_late)
@@ -340,7 +345,8 @@ def _streams(
     instances that hold its model (all that may serve it if none does) in proportion to
     what each serves per second (slots over a request's hold: its decode at the busy step
     plus its prompt in the pipeline); ``stream_load[k, i]`` is the share of instance i's
-    capacity one request per second of stream k takes.
+    capacity one request per second of stream k takes, ``stream_work_s[k, i]`` the
+    seconds of instance i one request takes (on any instance that may serve it).
     """
     recent = snapshot.recent
     index = {m: k for k, m in enumerate(models)}
@@ -352,13 +358,19 @@ def _streams(
     ahead = np.zeros((len(groups), len(keys)), bool)
     load = np.zeros((len(keys), n_i))
     seen = np.zeros(len(keys))
+    model_of = np.zeros(len(keys), int)
+    ttft = np.full(len(keys), np.inf)
+    weight = np.zeros(len(keys))
+    work = np.full((len(keys), n_i), np.inf)
     deadline = np.array([g.deadline_s for g in groups])
     for k, (model, cls) in enumerate(keys):
         mine = streams[(model, cls)]
         seen[k] = mine.count
         if cls in snapshot.slo_classes:
-            ahead[:, k] = snapshot.now_s + snapshot.slo_classes[cls].ttft_s < deadline
-        m = index[model]
+            slo = snapshot.slo_classes[cls]
+            ahead[:, k] = snapshot.now_s + slo.ttft_s < deadline
+            ttft[k], weight[k] = slo.ttft_s, slo.weight
+        m = model_of[k] = index[model]
         prompt = mine.prompt_tokens / mine.count  # NOTE: their mean: an exact sum, divided
         output = float(np.mean(expected.of_stream(model, cls, mine)))
         served = np.where(batch[m] > 0, batch[m] / (output * step[m] + prompt * rate[m]), 0.0)
@@ -367,10 +379,15 @@ def _streams(
         pool = (holds if holds.any() else up) & (served > 0)
         if pool.any():
             load[k, pool] = 1.0 / served[pool].sum()
+        work[k, up & (served > 0)] = 1.0 / served[up & (served > 0)]
     return {
         "stream_ahead": ahead,
         "stream_load": load,
         "stream_seen": seen,
+        "stream_model": model_of,
+        "stream_ttft_s": ttft,
+        "stream_weight": weight,
+        "stream_work_s": work,
         "arrival_window_s": recent.window_s,
     }
 
