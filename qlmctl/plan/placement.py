@@ -76,7 +76,6 @@ class Decision:
     changed: tuple[str, ...]  # instances whose model it changed
     gain: float  # expected weighted requests over keeping the standing placement
     share: float  # of the scenarios where it does not lose
-    status: str
     build_s: float
     solve_s: float
 
@@ -136,22 +135,22 @@ def decide(
     chosen = {i: m for i, m in data["pairs"] if (best.value(model.x[i, m]) or 0.0) > 0.5}
     moved = [i for i, m in chosen.items() if m != held[i]]
     if not moved:
-        return Decision(names, (), 0.0, 1.0, best.status, built - t0, best.solve_s)
+        return Decision(names, (), 0.0, 1.0, built - t0, best.solve_s)
     ours = _served(model, best, data)
     for var, value in keep:
         var.fix(value)
     base = highs.run(model, max(time_limit_s - (time.perf_counter() - t0), 0.0), 1e-4)
     solve_s = time.perf_counter() - built
     if not base.has_solution:
-        return Decision(names, (), 0.0, 0.0, base.status, built - t0, solve_s)
+        return Decision(names, (), 0.0, 0.0, built - t0, solve_s)
     gains = ours - _served(model, base, data)
     gain, share = float(gains.mean()), float((gains >= -1e-6).mean())
     if gain < MIN_GAIN or share < MIN_SHARE:
-        return Decision(names, (), gain, share, best.status, built - t0, solve_s)
+        return Decision(names, (), gain, share, built - t0, solve_s)
     for i in moved:
         names[pb.instance_ids[i]] = pb.models[chosen[i]]
     changed = tuple(pb.instance_ids[i] for i in moved)
-    return Decision(names, changed, gain, share, best.status, built - t0, solve_s)
+    return Decision(names, changed, gain, share, built - t0, solve_s)
 
 
 def _names(pb: Problem, held: np.ndarray) -> list[str]:

@@ -23,7 +23,11 @@ and miss probability.
   its assignment with the groups to give up chosen by the heuristic's shedding walk, and
   the best candidate with the program's moves kept one at a time where they score.
   The best on the held-out scoring scenarios wins, so it never scores below the
-  heuristic. For the serving core it splits into
+  heuristic on the same snapshot. Where an instance may hold more than one model, the
+  placement program (:mod:`qlmctl.plan.placement`, the first stage) decides first which
+  model each holds; every plan then gives an instance only its model's groups (so a
+  snapshot's score may rate ``qlm``'s plan below the heuristic's free one: the placement
+  is worth what the minutes after it serve). For the serving core it splits into
   :meth:`QlmPolicy.quick` (the heuristic answer now, or the MILP's last placements while
   they still score best) and :meth:`QlmPolicy.improve` (the MILP, safe to run in a
   worker thread: one Pyomo model and one HiGHS object per call; the only state it shares
@@ -501,14 +505,14 @@ class QlmPolicy(BasePolicy):
 
     def _place(
         self, ctx: Context, rng: np.random.Generator, budget_s: float
-    ) -> tuple[Targets | None, Decision | None]:
-        """Run the placement program (if enabled and some instance has a choice): the
-        placement it leaves standing, and its decision. The caller stores the placement
-        when its answer is ready (:meth:`_stand`)."""
+    ) -> tuple[Targets, Decision] | None:
+        """The placement program's answer (if enabled and some instance has a choice): the
+        placement it leaves standing and its decision. The caller makes it stand when its
+        answer is ready (:meth:`_stand`)."""
         pb = ctx.problem
         standing_now = self._targets_at(pb.now_s)
         if not self.placement or not has_choice(pb):
-            return standing_now, None
+            return None
         decision = decide(pb, ctx.mean, standing_now, rng, self.milp_scenarios, budget_s)
         changed = dict(standing_now.changed_s) if standing_now is not None else {}
         changed.update({iid: pb.now_s for iid in decision.changed})
@@ -549,25 +553,42 @@ class QlmPolicy(BasePolicy):
     def improve(
         self, snapshot: QueueSnapshot, budget_s: float, rng: np.random.Generator
     ) -> Plan | None:
-        """Run the MILP within about ``budget_s``; the plan only if it beats the heuristic."""
-        plan = self._solve(snapshot, rng, budget_s)
-        if not plan.solver.chosen.startswith("milp") and "placement:" not in plan.solver.note:
+        """Run the programs within about ``budget_s``; the plan only if the MILP's beats the
+        heuristic's or it stands on a new placement."""
+        plan, placed = self._solve(snapshot, rng, budget_s)
+        if not plan.solver.chosen.startswith("milp") and not placed:
             return None
         self._kept = plan
         return plan
 
     def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
         """Heuristic candidates plus the MILP, best on the scoring scenarios."""
-        return self._solve(snapshot, rng, self.time_limit_s)
+        return self._solve(snapshot, rng, self.time_limit_s)[0]
 
-    def _solve(self, snapshot: QueueSnapshot, rng: np.random.Generator, budget_s: float) -> Plan:
+    def _solve(
+        self, snapshot: QueueSnapshot, rng: np.random.Generator, budget_s: float
+    ) -> tuple[Plan, bool]:
+        """The plan under the placement program's answer, and whether that changed a model."""
         t0 = time.perf_counter()
         eval_rng, milp_rng, place_rng = rng.spawn(3)
         ctx = self.prepare(snapshot, eval_rng)
-        targets, decision = self._place(ctx, place_rng, PLACEMENT_SHARE * budget_s)
-        ctx = self._held(ctx, targets)
-        placed = _placement_note(decision)
-        budget_s = max(budget_s - (time.perf_counter() - t0), 0.0)
+        placed = self._place(ctx, place_rng, PLACEMENT_SHARE * budget_s)
+        ctx = self._held(ctx, placed[0] if placed else self._targets_at(snapshot.now_s))
+        plan = self._program_plan(ctx, milp_rng, max(budget_s - (time.perf_counter() - t0), 0.0))
+        if placed is None:
+            return plan, False
+        targets, decision = placed
+        self._stand(targets, snapshot.now_s, t0)
+        stats = replace(
+            plan.solver,
+            build_s=plan.solver.build_s + decision.build_s,
+            solve_s=plan.solver.solve_s + decision.solve_s,
+            note="; ".join(n for n in (plan.solver.note, _placement_note(decision)) if n),
+        )
+        return replace(plan, solver=stats), bool(decision.changed)
+
+    def _program_plan(self, ctx: Context, milp_rng: np.random.Generator, budget_s: float) -> Plan:
+        """The heuristic's candidates and the MILP's, the best on the scoring scenarios."""
         pb = ctx.problem
         cands = heuristic_candidates(ctx)
         best = best_candidate(cands)
@@ -587,9 +608,7 @@ class QlmPolicy(BasePolicy):
                 time_limit_s=budget_s, mip_gap=self.mip_gap, swap_cost=self.swap_cost,
             )  # fmt: skip
         except (RuntimeError, ValueError, OSError, MemoryError) as exc:
-            note = f"MILP failed ({type(exc).__name__}: {exc}); heuristic plan{placed}"
-            if targets is not None and decision is not None:
-                self._stand(targets, pb.now_s, t0)
+            note = f"MILP failed ({type(exc).__name__}: {exc}); heuristic plan"
             stats = SolverStats(status="error", chosen=best, scores=scores, note=note)
             return to_plan(ctx, self.name, cands[best][0], cands[best][1], stats)
         chosen_q, chosen_s, chosen = cands[best][0], cands[best][1], best
@@ -618,19 +637,17 @@ class QlmPolicy(BasePolicy):
             num_constraints=res.num_constraints,
             chosen=chosen,
             scores=scores,
-            note=note + placed,
+            note=note,
         )
-        if targets is not None and decision is not None:
-            self._stand(targets, pb.now_s, t0)
         return to_plan(ctx, self.name, chosen_q, chosen_s, stats)
 
 
-def _placement_note(decision: Decision | None) -> str:
+def _placement_note(decision: Decision) -> str:
     """What the placement program changed, for the plan's note ("" if nothing)."""
-    if decision is None or not decision.changed:
+    if not decision.changed:
         return ""
     moves = ", ".join(f"{iid} -> {decision.models[iid]}" for iid in decision.changed)
-    return f"; placement: {moves} (gain {decision.gain:.1f}, in {decision.share:.0%} of scenarios)"
+    return f"placement: {moves} (gain {decision.gain:.1f}, in {decision.share:.0%} of scenarios)"
 
 
 _SHARED_OPTIONS = ("scenarios", "max_group_size", "lengths", "clairvoyant", "look_ahead")
