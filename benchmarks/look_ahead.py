@@ -27,6 +27,7 @@ import json
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -38,7 +39,7 @@ from benchmarks import write_report
 from benchmarks.policies.run import _workload
 from benchmarks.policies.scenarios import SCENARIOS, SPAN_S, slo_classes
 from qlmctl.domain import Request
-from qlmctl.plan.policies import HeuristicPolicy
+from qlmctl.plan.policies import BasePolicy, HeuristicPolicy, QlmPolicy
 from qlmctl.plan.types import Plan, QueueSnapshot, RecentArrivals
 from qlmctl.profile.store import ProfileStore
 from qlmctl.report.metrics import run_metrics
@@ -49,6 +50,12 @@ from qlmctl.serve.sim_driver import run_simulated
 RESULTS = Path(__file__).resolve().parent / "results"
 SLO_S = tuple(float(c.ttft_s) for c in slo_classes())  # the sweep's default TTFT targets
 VARIANTS = ("heuristic", "look-ahead", "foresight")
+# qlm with its background improver, as in the sweep (not deterministic: its MILP is timed)
+QLM_VARIANTS: dict[str, Callable[[], BasePolicy]] = {
+    "qlm": QlmPolicy,
+    "qlm without placement": lambda: QlmPolicy(placement=False),
+    "qlm, mean-value programs": lambda: QlmPolicy(milp_scenarios=1),
+}
 
 
 class Foresight(HeuristicPolicy):
@@ -81,15 +88,16 @@ def run_cell(
     cluster = SCENARIOS[scenario].cluster(instances, placement)
     perf = ProfileStore.load().for_cluster(cluster)
     workload, _, _ = _workload(scenario, instances, load, SPAN_S, SLO_S)
-    policy = {
+    policy: BasePolicy = {
         "heuristic": HeuristicPolicy,
         "look-ahead": lambda: HeuristicPolicy(look_ahead=True),
         "foresight": lambda: Foresight(list(workload.requests)),
+        **QLM_VARIANTS,
     }[variant]()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qlmctl-look-ahead-") as tmp:
         run_dir = Path(tmp) / "run"
-        config = CoreConfig.for_policy(policy, improve=False)
+        config = CoreConfig.for_policy(policy, improve=variant in QLM_VARIANTS)
         summary = run_simulated(workload, cluster, perf, policy, config, run_dir, seed)
         metrics = run_metrics(load_run(run_dir))
     return {

@@ -10,7 +10,10 @@ the ``heuristic`` planner (deterministic per seed, so differences on one seed ar
   some): what the first-stage decision is worth if it were taken once, at the start;
 * ``look-ahead`` and ``foresight`` (:mod:`benchmarks.look_ahead`) from round robin:
   whether planning around the coming arrivals, or knowing them, makes the planner move
-  models.
+  models;
+* ``qlm`` from round robin, as in the sweep (its MILP is timed, so not deterministic),
+  without its placement program, and with both programs on the mean-value scenario
+  (``milp_scenarios=1``): what the first stage and its scenarios are worth.
 
 Prints attainment, model changes and the run's length per variant and writes
 ``benchmarks/results/model_placement.{json,md}``.
@@ -31,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import write_report
-from benchmarks.look_ahead import reference_cells, run_cell
+from benchmarks.look_ahead import QLM_VARIANTS, reference_cells, run_cell
 from benchmarks.policies.scenarios import SCENARIOS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         (ROUND_ROBIN, "heuristic", ()),
         ("look-ahead", "look-ahead", ()),
         ("foresight", "foresight", ()),
+        *((name, name, ()) for name in QLM_VARIANTS),
     ] + [
         (label(p), "heuristic", p)
         for p in starts(SCENARIOS[scenario].models, instances)
@@ -101,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# How much the model each instance holds decides (`benchmarks/model_placement.py`)",
         "",
-        f"{scenario} ({instances}) at its reference load {load:g}x, `heuristic`, mean of "
+        f"{scenario} ({instances}) at its reference load {load:g}x, `heuristic` unless "
+        f"named, mean of "
         f"{args.seeds} seeds, SLO attainment in % ({wall_s / 60:.1f} min on {args.jobs} "
         "processes). A start names each instance's first model in order (a100-0, a100-1, "
         f"a10-2, a10-3; {label(round_robin)} is round robin): l = {round_robin[0]}, "
