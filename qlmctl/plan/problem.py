@@ -379,7 +379,10 @@ def _streams(
         pool = (holds if holds.any() else up) & (served > 0)
         if pool.any():
             load[k, pool] = 1.0 / served[pool].sum()
-        work[k, up & (served > 0)] = 1.0 / served[up & (served > 0)]
+        # the scenarios' fluid view (estimator.scenarios_from_tokens): a request's hold
+        # over the slots, or its prompt's time in the prefill pipeline where that is longer
+        ok = up & (served > 0)
+        work[k, ok] = np.maximum(1.0 / served[ok], prompt * rate[m][ok])
     return {
         "stream_ahead": ahead,
         "stream_load": load,
