@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from qlmctl.plan.placement import MIN_GAIN, Targets, decide, has_choice, restrict, standing
 from qlmctl.plan.policies import Context, QlmPolicy, make_policy
-from qlmctl.plan.types import QueueSnapshot
+from qlmctl.plan.types import QueueSnapshot, RecentArrivals
 from tests.helpers import make_requests
 from tests.test_plan_core import mixed_requests, snapshot
 
@@ -78,3 +80,15 @@ def test_the_plan_follows_the_placement_once_its_answer_has_arrived() -> None:
     # while the answer is still on its way (the same virtual time as the snapshot), the
     # placement before it stands: none, so nothing is restricted
     assert pol._targets_at(0.0) is None
+
+
+def test_an_arriving_request_takes_at_least_its_prompts_prefill_time() -> None:
+    # long prompts, short outputs: the prefill pipeline, not the slots, bounds the rate
+    # (counted by the slots alone, an 8B model's code prompts on an A100 took a third of
+    # their time, and the program gave away instances the interactive traffic needed)
+    reqs = make_requests(20, model="m1", prompt_tokens=4000, output_tokens=5, gap_s=1.0)
+    snap = replace(snapshot(reqs[-2:]), recent=RecentArrivals(60.0, tuple(reqs)))
+    pb = prepared(snap).problem
+    k = list(pb.stream_model).index(pb.models.index("m1"))
+    i = 0  # holds m1
+    assert pb.stream_work_s[k, i] >= pb.req_prefill_s[0, i] > 0
