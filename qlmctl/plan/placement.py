@@ -154,6 +154,7 @@ def decide(
 
 
 def _names(pb: Problem, held: np.ndarray) -> list[str]:
+    """Each instance's model name under ``held`` ("" for none)."""
     return [pb.models[m] if m < len(pb.models) else "" for m in held]
 
 
