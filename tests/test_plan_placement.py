@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 
 from qlmctl.plan.placement import MIN_GAIN, Targets, decide, has_choice, restrict, standing
-from qlmctl.plan.policies import Context, QlmPolicy, make_policy
+from qlmctl.plan.policies import Arriving, Context, QlmPolicy, make_policy
 from qlmctl.plan.types import QueueSnapshot, RecentArrivals
 from tests.helpers import make_requests
 from tests.test_plan_core import mixed_requests, snapshot
@@ -43,11 +43,11 @@ def test_no_change_where_the_placement_serves_everything() -> None:
 def test_an_instance_that_changed_keeps_its_model_for_the_hold() -> None:
     ctx = prepared(backlog())
     # i1 was put on m2 five seconds ago: the backlog of m1 may not take it back yet
-    held = Targets({"i0": "m1", "i1": "m2"}, {"i1": -5.0}, effective_s=-5.0)
+    held = Targets({"i0": "m1", "i1": "m2"}, {"i1": -5.0})
     d = decide(ctx.problem, ctx.mean, held, np.random.default_rng(1), 10, 5.0)
     assert d.changed == () and d.models["i1"] == "m2"
     # long ago: it may
-    old = Targets({"i0": "m1", "i1": "m2"}, {"i1": -500.0}, effective_s=-500.0)
+    old = Targets({"i0": "m1", "i1": "m2"}, {"i1": -500.0})
     d = decide(ctx.problem, ctx.mean, old, np.random.default_rng(1), 10, 5.0)
     assert d.changed == ("i1",)
 
@@ -55,12 +55,12 @@ def test_an_instance_that_changed_keeps_its_model_for_the_hold() -> None:
 def test_instances_take_only_the_groups_of_the_model_they_hold() -> None:
     snap = snapshot(mixed_requests([("m1", "interactive", 8), ("m2", "batch", 8)]))
     pb = prepared(snap).problem
-    both = Targets({"i0": "m2", "i1": "m2"}, {}, 0.0)
+    both = Targets({"i0": "m2", "i1": "m2"}, {})
     held = restrict(pb, standing(pb, both))
     m1 = pb.group_model == pb.models.index("m1")
     assert held.eligible[~m1].all()  # m2's groups: both instances
     assert (held.eligible[m1] == pb.eligible[m1]).all()  # m1's: no instance holds m1
-    mine = restrict(pb, standing(pb, Targets({"i0": "m1", "i1": "m2"}, {}, 0.0)))
+    mine = restrict(pb, standing(pb, Targets({"i0": "m1", "i1": "m2"}, {})))
     assert mine.eligible[m1, 0].all() and not mine.eligible[m1, 1].any()
     assert mine.eligible[~m1, 1].all() and not mine.eligible[~m1, 0].any()
 
@@ -79,7 +79,7 @@ def test_the_plan_follows_the_placement_once_its_answer_has_arrived() -> None:
     assert sorted(quick.request_ids()) == sorted(r.id for r in later.waiting)
     # while the answer is still on its way (the same virtual time as the snapshot), the
     # placement before it stands: none, so nothing is restricted
-    assert pol._targets_at(0.0) is None
+    assert pol._targets.at(0.0) is None
 
 
 def test_an_arriving_request_takes_at_least_its_prompts_prefill_time() -> None:
@@ -92,3 +92,16 @@ def test_an_arriving_request_takes_at_least_its_prompts_prefill_time() -> None:
     k = list(pb.stream_model).index(pb.models.index("m1"))
     i = 0  # holds m1
     assert pb.stream_work_s[k, i] >= pb.req_prefill_s[0, i] > 0
+
+
+def test_an_improvers_answer_counts_from_when_it_would_arrive() -> None:
+    # the simulator runs the improver at its snapshot's time; a real run's worker thread
+    # hands its answer over a solve later, and the answer before it stands until then
+    first = Arriving[str]().then("first", ready_s=10.0)
+    assert first.at(9.9) is None and first.at(10.0) == "first"
+    second = first.then("second", ready_s=20.0)
+    assert second.at(15.0) == "first" and second.at(20.0) == "second"
+    # given up at 15 s: the first is gone, the second still arrives
+    assert second.dropped(15.0).at(15.0) is None
+    assert second.dropped(15.0).at(20.0) == "second"
+    assert second.dropped(25.0).at(25.0) is None

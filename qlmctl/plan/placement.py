@@ -60,12 +60,10 @@ HOLD_S = ARRIVAL_HORIZON_S  # a changed instance keeps its model this long
 
 @dataclass(frozen=True)
 class Targets:
-    """The standing placement: instance -> model, when each last changed, and from when
-    the plans use it (the virtual time its program's answer arrives)."""
+    """A placement: instance -> model, and when each instance last changed model."""
 
     models: Mapping[str, str]
     changed_s: Mapping[str, float]
-    effective_s: float
 
 
 @dataclass(frozen=True)

@@ -49,12 +49,13 @@ lengths a real deployment does not know.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -459,6 +460,36 @@ class HeuristicPolicy(BasePolicy):
         return to_plan(ctx, self.name, cands[best][0], cands[best][1], stats)
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Arriving(Generic[T]):
+    """An improver's answer, counted from ``ready_s`` (its snapshot's time plus the solve's
+    wall time: when a real run's worker thread hands it over), and the answer before it,
+    counted until then. The simulated driver runs the improver at its snapshot's virtual
+    time, so a plan read before ``ready_s`` would have been served fresher than any real
+    run could (see :mod:`qlmctl.serve.sim_driver`)."""
+
+    answer: T | None = None
+    ready_s: float = -math.inf
+    before: T | None = None
+
+    def at(self, now_s: float) -> T | None:
+        """The answer standing at ``now_s``."""
+        return self.answer if now_s >= self.ready_s else self.before
+
+    def then(self, answer: T, ready_s: float) -> Arriving[T]:
+        """``answer`` from ``ready_s`` on, this one's until then."""
+        return Arriving(answer, ready_s, self.at(ready_s))
+
+    def dropped(self, now_s: float) -> Arriving[T]:
+        """The answer standing at ``now_s`` given up (one still on its way stays)."""
+        if now_s >= self.ready_s:
+            return Arriving()
+        return Arriving(self.answer, self.ready_s)
+
+
 class QlmPolicy(BasePolicy):
     """The stochastic program, never worse than the heuristic on the scoring scenarios."""
 
@@ -484,18 +515,8 @@ class QlmPolicy(BasePolicy):
         self.warm_start = warm_start
         self.placement = placement
         # the last plan the MILP won with: quick() keeps its placements while they score best
-        self._kept: Plan | None = None
-        # the standing model placement (placement program), and the one before it
-        self._targets: Targets | None = None
-        self._targets_before: Targets | None = None
-
-    def _targets_at(self, now_s: float) -> Targets | None:
-        """The placement standing at ``now_s``: the program's last answer once it has
-        arrived (its solve's wall time after its snapshot), the one before until then."""
-        targets = self._targets
-        if targets is not None and now_s < targets.effective_s:
-            return self._targets_before
-        return targets
+        self._kept: Arriving[Plan] = Arriving()
+        self._targets: Arriving[Targets] = Arriving()  # the placement program's answer
 
     def _held(self, ctx: Context, targets: Targets | None) -> Context:
         """``ctx`` with each instance taking only the groups of the model it holds."""
@@ -508,30 +529,23 @@ class QlmPolicy(BasePolicy):
     ) -> tuple[Targets, Decision] | None:
         """The placement program's answer (if enabled and some instance has a choice): the
         placement it leaves standing and its decision. The caller makes it stand when its
-        answer is ready (:meth:`_stand`)."""
+        answer is ready."""
         pb = ctx.problem
-        standing_now = self._targets_at(pb.now_s)
+        standing_now = self._targets.at(pb.now_s)
         if not self.placement or not has_choice(pb):
             return None
         decision = decide(pb, ctx.mean, standing_now, rng, self.milp_scenarios, budget_s)
         changed = dict(standing_now.changed_s) if standing_now is not None else {}
         changed.update({iid: pb.now_s for iid in decision.changed})
-        return Targets(decision.models, changed, pb.now_s), decision
-
-    def _stand(self, targets: Targets, now_s: float, started: float) -> None:
-        """Make ``targets`` the standing placement from when this solve's answer is ready
-        (``now_s`` plus its wall time since ``started``)."""
-        ready_s = now_s + time.perf_counter() - started
-        self._targets_before = self._targets_at(ready_s)
-        self._targets = replace(targets, effective_s=ready_s)
+        return Targets(decision.models, changed), decision
 
     def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
         """The heuristic answer, or the MILP's last placements kept if they score better
         (new arrivals placed greedily among them), labelled ``qlm``: for the hot path."""
         t0 = time.perf_counter()
-        ctx = self._held(self.prepare(snapshot, rng), self._targets_at(snapshot.now_s))
+        ctx = self._held(self.prepare(snapshot, rng), self._targets.at(snapshot.now_s))
         cands = heuristic_candidates(ctx)
-        kept = self._kept
+        kept = self._kept.at(snapshot.now_s)
         if kept is not None:
             sequence, blocks = _milp_sequence(cands)
             queues = _kept_queues(ctx, kept, sequence)
@@ -540,7 +554,7 @@ class QlmPolicy(BasePolicy):
                 cands["milp-kept"] = (queues, score, sequence, blocks)
         best = best_candidate(cands)
         if best != "milp-kept":
-            self._kept = None
+            self._kept = self._kept.dropped(snapshot.now_s)
         stats = SolverStats(
             build_s=time.perf_counter() - t0,
             status="heuristic",
@@ -555,10 +569,11 @@ class QlmPolicy(BasePolicy):
     ) -> Plan | None:
         """Run the programs within about ``budget_s``; the plan only if the MILP's beats the
         heuristic's or it stands on a new placement."""
+        t0 = time.perf_counter()
         plan, placed = self._solve(snapshot, rng, budget_s)
         if not plan.solver.chosen.startswith("milp") and not placed:
             return None
-        self._kept = plan
+        self._kept = self._kept.then(plan, snapshot.now_s + time.perf_counter() - t0)
         return plan
 
     def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
@@ -573,12 +588,12 @@ class QlmPolicy(BasePolicy):
         eval_rng, milp_rng, place_rng = rng.spawn(3)
         ctx = self.prepare(snapshot, eval_rng)
         placed = self._place(ctx, place_rng, PLACEMENT_SHARE * budget_s)
-        ctx = self._held(ctx, placed[0] if placed else self._targets_at(snapshot.now_s))
+        ctx = self._held(ctx, placed[0] if placed else self._targets.at(snapshot.now_s))
         plan = self._program_plan(ctx, milp_rng, max(budget_s - (time.perf_counter() - t0), 0.0))
         if placed is None:
             return plan, False
         targets, decision = placed
-        self._stand(targets, snapshot.now_s, t0)
+        self._targets = self._targets.then(targets, snapshot.now_s + time.perf_counter() - t0)
         stats = replace(
             plan.solver,
             build_s=plan.solver.build_s + decision.build_s,
