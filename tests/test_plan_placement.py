@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
+from qlmctl.plan import policies
 from qlmctl.plan.placement import MIN_GAIN, Targets, decide, has_choice, restrict, standing
 from qlmctl.plan.policies import Arriving, Context, QlmPolicy, make_policy
 from qlmctl.plan.types import QueueSnapshot, RecentArrivals
@@ -105,3 +107,18 @@ def test_an_improvers_answer_counts_from_when_it_would_arrive() -> None:
     assert second.dropped(15.0).at(15.0) is None
     assert second.dropped(15.0).at(20.0) == "second"
     assert second.dropped(25.0).at(25.0) is None
+
+
+def test_a_failing_placement_program_leaves_the_plan_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("HiGHS crashed")
+
+    monkeypatch.setattr(policies, "decide", broken)
+    snap = backlog(200)
+    plan = QlmPolicy(scenarios=10, max_group_size=8, time_limit_s=1.0).plan(
+        snap, np.random.default_rng(0)
+    )
+    assert "placement program failed (RuntimeError: HiGHS crashed)" in plan.solver.note
+    assert sorted(plan.request_ids()) == sorted(r.id for r in snap.waiting)

@@ -93,6 +93,8 @@ from qlmctl.plan.types import (
     StreamArrivals,
 )
 
+# what a Pyomo build or a HiGHS solve may raise: the plan then goes on without that program
+SOLVER_ERRORS = (RuntimeError, ValueError, OSError, MemoryError)
 PLACEMENT_SHARE = 0.5  # of the improver's budget the placement program may take
 MAX_PROGRAM_MOVES = 16  # the program's moves tried one by one on the heuristic's plan
 _BETTER = 1e-9  # expected weighted misses a move must save (not float noise)
@@ -587,20 +589,26 @@ class QlmPolicy(BasePolicy):
         t0 = time.perf_counter()
         eval_rng, milp_rng, place_rng = rng.spawn(3)
         ctx = self.prepare(snapshot, eval_rng)
-        placed = self._place(ctx, place_rng, PLACEMENT_SHARE * budget_s)
+        failed = ""
+        try:
+            placed = self._place(ctx, place_rng, PLACEMENT_SHARE * budget_s)
+        except SOLVER_ERRORS as exc:
+            placed = None
+            failed = f"placement program failed ({type(exc).__name__}: {exc}); placement kept"
         ctx = self._held(ctx, placed[0] if placed else self._targets.at(snapshot.now_s))
         plan = self._program_plan(ctx, milp_rng, max(budget_s - (time.perf_counter() - t0), 0.0))
         if placed is None:
-            return plan, False
+            return _noted(plan, failed), False
         targets, decision = placed
         self._targets = self._targets.then(targets, snapshot.now_s + time.perf_counter() - t0)
         stats = replace(
             plan.solver,
             build_s=plan.solver.build_s + decision.build_s,
             solve_s=plan.solver.solve_s + decision.solve_s,
-            note="; ".join(n for n in (plan.solver.note, _placement_note(decision)) if n),
         )
-        return replace(plan, solver=stats), bool(decision.changed)
+        return _noted(replace(plan, solver=stats), _placement_note(decision)), bool(
+            decision.changed
+        )
 
     def _program_plan(self, ctx: Context, milp_rng: np.random.Generator, budget_s: float) -> Plan:
         """The heuristic's candidates and the MILP's, the best on the scoring scenarios."""
@@ -622,7 +630,7 @@ class QlmPolicy(BasePolicy):
                 pb, in_sample, warm if self.warm_start else None,
                 time_limit_s=budget_s, mip_gap=self.mip_gap, swap_cost=self.swap_cost,
             )  # fmt: skip
-        except (RuntimeError, ValueError, OSError, MemoryError) as exc:
+        except SOLVER_ERRORS as exc:
             note = f"MILP failed ({type(exc).__name__}: {exc}); heuristic plan"
             stats = SolverStats(status="error", chosen=best, scores=scores, note=note)
             return to_plan(ctx, self.name, cands[best][0], cands[best][1], stats)
@@ -655,6 +663,14 @@ class QlmPolicy(BasePolicy):
             note=note,
         )
         return to_plan(ctx, self.name, chosen_q, chosen_s, stats)
+
+
+def _noted(plan: Plan, note: str) -> Plan:
+    """``plan`` with ``note`` added to its solver's note (if any)."""
+    if not note:
+        return plan
+    joined = "; ".join(n for n in (plan.solver.note, note) if n)
+    return replace(plan, solver=replace(plan.solver, note=joined))
 
 
 def _placement_note(decision: Decision) -> str:
