@@ -11,7 +11,7 @@ the ``heuristic`` planner (deterministic per seed, so differences on one seed ar
 * ``look-ahead`` and ``foresight`` (:mod:`benchmarks.look_ahead`) from round robin:
   whether planning around the coming arrivals, or knowing them, makes the planner move
   models;
-* ``qlm`` from round robin, as in the sweep (its MILP is timed, so not deterministic),
+* ``qlm`` from round robin, as in the sweep (its answers a budget after each snapshot),
   without its placement program, and with both programs on the mean-value scenario
   (``milp_scenarios=1``): what the first stage and its scenarios are worth.
 

@@ -272,6 +272,7 @@ def test_replans_are_rate_limited() -> None:
 def test_the_improver_is_offered_only_a_plan_it_could_beat(predicted: float) -> None:
     class TinyImprover(TinyPolicy):
         time_limit_s = 1.0
+        answer_delay_s = None
 
         def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
             return replace(self.plan(snapshot, rng), predicted_attainment=predicted)

@@ -207,3 +207,34 @@ def test_the_improvers_answer_arrives_as_long_after_its_snapshot_as_the_solve_to
     assert len(answers) == len(asked_at) >= 3
     delays = [a - b for a, b in zip(answers, asked_at, strict=True)]
     assert min(delays) >= solve_s
+
+
+def test_answers_at_the_budget_come_a_budget_after_their_snapshot_and_runs_repeat(
+    tmp_path: Path,
+) -> None:
+    """With ``answer_at_budget``, every answer of ``qlm``'s improver reaches the core its
+    whole budget after its snapshot, however long the solve took, and the run repeats to
+    the byte (its answers no longer come when the wall clock says)."""
+    asked_at: list[float] = []
+
+    class Recording(LosingQlm):
+        def improve(self, snapshot: QueueSnapshot, budget_s: float, rng: Any) -> Plan | None:
+            asked_at.append(snapshot.now_s)
+            return super().improve(snapshot, budget_s, rng)
+
+    cluster, perf = small_cluster()
+    config = CoreConfig(improve=True, improve_min_interval_s=1.0)
+    for run_name in ("a", "b"):
+        policy = Recording(time_limit_s=0.5, answer_at_budget=True)
+        run_simulated(hol_workload(), cluster, perf, policy, config, tmp_path / run_name)
+    ops = read_run(tmp_path / "a").operations
+    answers = [
+        t
+        for t, d in zip(ops["time_s"], ops["detail"], strict=True)
+        if json.loads(d).get("source") == "improver"
+    ]
+    assert len(answers) >= 3
+    delays = [a - b for a, b in zip(answers, asked_at[: len(answers)], strict=True)]  # run a
+    assert delays == pytest.approx([0.5] * len(answers))
+    for name in ("requests.parquet", "operations.parquet"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

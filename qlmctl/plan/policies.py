@@ -505,12 +505,16 @@ class QlmPolicy(BasePolicy):
         swap_cost: float = DEFAULT_SWAP_COST,
         warm_start: bool = True,
         placement: bool = True,
+        answer_at_budget: bool = False,
         **options: Any,
     ) -> None:
         super().__init__(**options)
         if not time_limit_s >= 0 or not 0 <= mip_gap < 1 or milp_scenarios < 1:
             raise BadInput("qlm: time_limit_s must be >= 0, mip_gap in [0, 1), milp_scenarios >= 1")
         self.time_limit_s = time_limit_s
+        # every improvement's answer comes its whole budget after its snapshot, however long
+        # the solve took (the latest a real run's would): a simulated run repeats
+        self.answer_delay_s = time_limit_s if answer_at_budget else None
         self.mip_gap = mip_gap
         self.milp_scenarios = milp_scenarios
         self.swap_cost = swap_cost
@@ -519,6 +523,12 @@ class QlmPolicy(BasePolicy):
         # the last plan the MILP won with: quick() keeps its placements while they score best
         self._kept: Arriving[Plan] = Arriving()
         self._targets: Arriving[Targets] = Arriving()  # the placement program's answer
+
+    def _took_s(self, t0: float) -> float:
+        """How long after its snapshot an answer begun at ``t0`` (perf_counter) comes."""
+        if self.answer_delay_s is not None:
+            return self.answer_delay_s
+        return time.perf_counter() - t0
 
     def _held(self, ctx: Context, targets: Targets | None) -> Context:
         """``ctx`` with each instance taking only the groups of the model it holds."""
@@ -575,7 +585,7 @@ class QlmPolicy(BasePolicy):
         plan, placed = self._solve(snapshot, rng, budget_s)
         if not plan.solver.chosen.startswith("milp") and not placed:
             return None
-        self._kept = self._kept.then(plan, snapshot.now_s + time.perf_counter() - t0)
+        self._kept = self._kept.then(plan, snapshot.now_s + self._took_s(t0))
         return plan
 
     def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
@@ -600,7 +610,7 @@ class QlmPolicy(BasePolicy):
         if placed is None:
             return _noted(plan, failed), False
         targets, decision = placed
-        self._targets = self._targets.then(targets, snapshot.now_s + time.perf_counter() - t0)
+        self._targets = self._targets.then(targets, snapshot.now_s + self._took_s(t0))
         stats = replace(
             plan.solver,
             build_s=plan.solver.build_s + decision.build_s,
@@ -704,7 +714,8 @@ def make_policy(name: str, **options: Any) -> BasePolicy:
 
     Every policy takes the options of ``_SHARED_OPTIONS`` (scenarios, max_group_size,
     lengths, clairvoyant); those only ``qlm`` understands (time_limit_s, mip_gap,
-    milp_scenarios, swap_cost, warm_start, placement) are ignored by the others.
+    milp_scenarios, swap_cost, warm_start, placement, answer_at_budget) are ignored by
+    the others.
     """
     if name not in POLICIES:
         raise BadInput(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")

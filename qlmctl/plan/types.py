@@ -328,6 +328,9 @@ class Improver(Protocol):
     which returns a better plan or None."""
 
     time_limit_s: float
+    # how long after its snapshot each answer comes, however long the solve took (a
+    # simulated run then repeats); None: when the solve ends
+    answer_delay_s: float | None
 
     def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
         """The fast answer."""

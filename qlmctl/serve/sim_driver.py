@@ -15,8 +15,11 @@ core as much virtual time later as the solve took (wall clock): when the real dr
 worker thread would have it. Applied at once instead, its plans were served fresher than
 any real run could serve them, which flattered them (``qlm`` offered the MILP every 2 s
 rather than 10: C-longprompt 1.5x 72.1 % against 69.1 % with the solve's latency, D
-1.5x 80.3 against 76.6). It is off by default here: a time-limited MILP's answer (and
-now when it arrives) depends on the machine's speed, which would break determinism.
+1.5x 80.3 against 76.6). It is off by default here: when the answer arrives depends on
+the machine's speed, which would break determinism. An improver whose answers come a
+fixed delay after their snapshots (``Improver.answer_delay_s``; ``qlm``'s
+``answer_at_budget``, as the benchmarks run it) gets them then: such runs repeat (the
+solves are still cut by their time limit: a much slower machine can find other plans).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from qlmctl.domain import ClusterSpec, Request, check_models_served
 from qlmctl.engine.events import Action, Dispatch, Evict, LoadModel
 from qlmctl.engine.sim import SimEngine
 from qlmctl.perfmodel import PerfModel
-from qlmctl.plan.types import Plan, Policy, QueueSnapshot
+from qlmctl.plan.types import Improver, Plan, Policy, QueueSnapshot
 from qlmctl.serve.config import CoreConfig, ImproveFn
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.run import (
@@ -105,10 +108,13 @@ def run_simulated(
 
     answers: list[tuple[float, Plan | None]] = []  # (when the core gets it, the plan)
 
+    delay_s = policy.answer_delay_s if isinstance(policy, Improver) else None
+
     def improve(improver: ImproveFn, snap: QueueSnapshot, now_s: float) -> None:
         started = time.perf_counter()
         plan = improver(snap, improve_rng)
-        answers.append((now_s + time.perf_counter() - started, plan))  # when it is ready
+        took_s = delay_s if delay_s is not None else time.perf_counter() - started
+        answers.append((now_s + took_s, plan))  # when it is ready
 
     with sigint_flag() as interrupted, open_log(run_dir, meta) as log:
         step = DriverStep(
