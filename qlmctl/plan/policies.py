@@ -513,7 +513,8 @@ class QlmPolicy(BasePolicy):
             raise BadInput("qlm: time_limit_s must be >= 0, mip_gap in [0, 1), milp_scenarios >= 1")
         self.time_limit_s = time_limit_s
         # every improvement's answer comes its whole budget after its snapshot, however long
-        # the solve took (the latest a real run's would): a simulated run repeats
+        # the solve took (the latest a real run's would): a simulated run repeats but for
+        # a solve its time limit cuts elsewhere
         self.answer_delay_s = time_limit_s if answer_at_budget else None
         self.mip_gap = mip_gap
         self.milp_scenarios = milp_scenarios

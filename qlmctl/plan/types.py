@@ -329,7 +329,7 @@ class Improver(Protocol):
 
     time_limit_s: float
     # how long after its snapshot each answer comes, however long the solve took (a
-    # simulated run then repeats); None: when the solve ends
+    # simulated run then does not depend on the wall clock's timing); None: when it ends
     answer_delay_s: float | None
 
     def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:

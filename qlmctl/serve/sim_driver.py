@@ -18,8 +18,8 @@ rather than 10: C-longprompt 1.5x 72.1 % against 69.1 % with the solve's latency
 1.5x 80.3 against 76.6). It is off by default here: when the answer arrives depends on
 the machine's speed, which would break determinism. An improver whose answers come a
 fixed delay after their snapshots (``Improver.answer_delay_s``; ``qlm``'s
-``answer_at_budget``, as the benchmarks run it) gets them then: such runs repeat (the
-solves are still cut by their time limit: a much slower machine can find other plans).
+``answer_at_budget``, as the benchmarks run it) gets them then: such runs repeat but
+for a solve that its time limit cuts elsewhere (on a busier or slower machine).
 """
 
 from __future__ import annotations
