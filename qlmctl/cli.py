@@ -287,6 +287,15 @@ def serve(
         str | None, typer.Option(help="Run directory name (default: workload-policy-engine-time).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the policy's randomness.")] = 0,
+    improver: Annotated[
+        bool | None,
+        typer.Option(
+            "--improver/--no-improver",
+            help="Run qlm's background MILP improver [default: with --engine vllm only; in "
+            "sim it makes runs slower, and each answer comes its whole time budget after "
+            "its snapshot].",
+        ),
+    ] = None,
     connect_timeout: Annotated[
         float | None, typer.Option(help="vllm: seconds to connect, per attempt [default: 5].")
     ] = None,
@@ -356,8 +365,8 @@ def serve(
 
         if workload is None or listen is not None:
             raise typer.BadParameter("--target replays a WORKLOAD through a running gateway")
-        if plan_file is not None:
-            raise typer.BadParameter("--plan runs a plan in this process; not with --target")
+        if plan_file is not None or improver is not None:
+            raise typer.BadParameter("--plan and --improver act in this process; not with --target")
         result = replay_through(load_workload(workload), target, api_key_env=api_key_env)
         print_table(f"replayed {workload} through {target}", ["field", "value"], result.rows())
         return
@@ -367,8 +376,10 @@ def serve(
         from qlmctl.gateway.command import prepare_gateway
         from qlmctl.gateway.server import run_gateway
 
-        if workload is not None or engine != "vllm":
-            raise typer.BadParameter("--listen serves live clients on real vLLM: no WORKLOAD")
+        if workload is not None or engine != "vllm" or improver is not None:
+            raise typer.BadParameter(
+                "--listen serves live clients on real vLLM (its improver on): no WORKLOAD"
+            )
 
         gw = prepare_gateway(
             cluster, listen=listen, policy=policy or "qlm", profiles=measured, runs=runs, name=name,
@@ -384,7 +395,7 @@ def serve(
         workload, cluster, policy=policy, engine=engine, profiles=measured, runs=runs,
         name=name, seed=seed,
         timeouts=stream_timeouts(connect_timeout, first_token_timeout, token_timeout),
-        plan=plan_file, plan_margin=plan_margin,
+        plan=plan_file, plan_margin=plan_margin, improve=improver,
     )  # fmt: skip
     with live_view(engine, job.total) as progress:
         summary = job.run(progress)

@@ -183,6 +183,33 @@ def test_serve_command_runs_the_simulator_and_reports(tmp_path: Path) -> None:
     assert isinstance(bad.exception, BadInput) and "unknown policy" in str(bad.exception)
 
 
+def test_serve_runs_the_improver_in_the_simulator_when_asked(tmp_path: Path) -> None:
+    """``--improver`` runs ``qlm``'s MILP in a simulated run, each answer a budget after
+    its snapshot; by default the simulator runs without it."""
+    cluster, perf = small_cluster()
+    dump_spec(cluster, tmp_path / "cluster.yaml")
+    (tmp_path / "profiles").mkdir()
+    perf[("m1", "G")].save(tmp_path / "profiles" / "m1__G.json")
+    # long prompts faster than two instances prefill them: plans lose some, so the
+    # improver is offered snapshots
+    flood = make_requests(100, gap_s=0.02, prompt_tokens=8000)
+    write_workload(Workload.from_requests(flood, SLO_CLASSES, "flood"), tmp_path / "wl.parquet")
+    args = ["serve", str(tmp_path / "wl.parquet"), "-c", str(tmp_path / "cluster.yaml"),
+            "--engine", "sim", "--profiles", str(tmp_path / "profiles"),
+            "--runs", str(tmp_path / "runs"), "--policy", "qlm"]  # fmt: skip
+    answers = {}
+    for flag in ("--improver", "--no-improver"):
+        result = CliRunner().invoke(app, [*args, flag, "--name", flag[2:]])
+        assert result.exit_code == 0, result.output
+        run = read_run(tmp_path / "runs" / flag[2:])
+        replans = run.operations[run.operations["kind"] == "replan"]
+        details = [json.loads(d) for d in replans["detail"]]
+        answers[flag] = [t for t, d in zip(replans["time_s"], details, strict=True)
+                         if d.get("source") == "improver"]  # fmt: skip
+        assert run.meta["config"]["improve"] == (flag == "--improver")
+    assert len(answers["--improver"]) >= 1 and answers["--no-improver"] == []
+
+
 def test_the_improvers_answer_arrives_as_long_after_its_snapshot_as_the_solve_took(
     tmp_path: Path,
 ) -> None:

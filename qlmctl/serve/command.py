@@ -76,13 +76,17 @@ def prepare_serve(
     timeouts: StreamTimeouts | None = None,
     plan: Path | None = None,
     plan_margin: float = DEFAULT_MARGIN,
+    improve: bool | None = None,
 ) -> ServeJob:
     """Load and check everything for a run of ``workload_path`` on ``cluster_path``.
 
     The run goes to ``runs/NAME``. vLLM priority scheduling (``--scheduling-policy
     priority`` and the request field) is used when the policy sets priorities
-    (``priority``). The simulated engine skips the MILP improver (determinism); the real
-    one runs it in a worker thread. ``timeouts`` bound every attempt on the real engine.
+    (``priority``). ``improve`` runs the policy's background improver (``qlm``'s MILP;
+    None: on the real engine, in a worker thread, not on the simulated one, where it makes
+    runs slower; there each answer comes its whole budget after its snapshot,
+    ``answer_at_budget``, so runs do not follow the wall clock). ``timeouts`` bound every
+    attempt on the real engine.
 
     With ``plan`` (a file written by ``qlmctl plan``) the run follows that plan
     (:class:`~qlmctl.serve.follow.PlanFollower`) with the policy and options it was made
@@ -102,7 +106,11 @@ def prepare_serve(
             "drop --policy to run it"
         )
     policy = committed.policy if committed is not None else (policy or "qlm")
-    inner = make_policy(policy, **(policy_options(committed) if committed else {}))
+    improve = engine == "vllm" if improve is None else improve
+    options = policy_options(committed) if committed else {}
+    if improve and engine == "sim":
+        options = {**options, "answer_at_budget": True}
+    inner = make_policy(policy, **options)
     chosen: Policy = inner
     workload = load_workload(workload_path)
     cluster = load_cluster(cluster_path)
@@ -120,7 +128,7 @@ def prepare_serve(
         perf=perf,
         policy=chosen,
         engine=engine,
-        config=CoreConfig.for_policy(chosen, improve=engine == "vllm"),
+        config=CoreConfig.for_policy(chosen, improve=improve),
         run_dir=run_dir,
         seed=seed,
         meta=meta,
