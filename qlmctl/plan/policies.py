@@ -91,6 +91,7 @@ from qlmctl.plan.types import (
     ServingStyle,
     SolverStats,
     StreamArrivals,
+    answer_after_s,
 )
 
 # what a Pyomo build or a HiGHS solve may raise: the plan then goes on without that program
@@ -467,11 +468,12 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Arriving(Generic[T]):
-    """An improver's answer, counted from ``ready_s`` (its snapshot's time plus the solve's
-    wall time: when a real run's worker thread hands it over), and the answer before it,
-    counted until then. The simulated driver runs the improver at its snapshot's virtual
-    time, so a plan read before ``ready_s`` would have been served fresher than any real
-    run could (see :mod:`qlmctl.serve.sim_driver`)."""
+    """An improver's answer, counted from ``ready_s`` (its snapshot's time plus
+    :func:`~qlmctl.plan.types.answer_after_s`: when a real run's worker thread hands it
+    over, or the fixed delay), and the answer before it, counted until then. The
+    simulated driver runs the improver at its snapshot's virtual time, so a plan read
+    before ``ready_s`` would have been served fresher than any real run could (see
+    :mod:`qlmctl.serve.sim_driver`)."""
 
     answer: T | None = None
     ready_s: float = -math.inf
@@ -525,12 +527,6 @@ class QlmPolicy(BasePolicy):
         self._kept: Arriving[Plan] = Arriving()
         self._targets: Arriving[Targets] = Arriving()  # the placement program's answer
 
-    def _took_s(self, t0: float) -> float:
-        """How long after its snapshot an answer begun at ``t0`` (perf_counter) comes."""
-        if self.answer_delay_s is not None:
-            return self.answer_delay_s
-        return time.perf_counter() - t0
-
     def _held(self, ctx: Context, targets: Targets | None) -> Context:
         """``ctx`` with each instance taking only the groups of the model it holds."""
         if targets is None:
@@ -544,9 +540,9 @@ class QlmPolicy(BasePolicy):
         placement it leaves standing and its decision. The caller makes it stand when its
         answer is ready."""
         pb = ctx.problem
-        standing_now = self._targets.at(pb.now_s)
         if not self.placement or not has_choice(pb):
             return None
+        standing_now = self._targets.at(pb.now_s)
         decision = decide(pb, ctx.mean, standing_now, rng, self.milp_scenarios, budget_s)
         changed = dict(standing_now.changed_s) if standing_now is not None else {}
         changed.update({iid: pb.now_s for iid in decision.changed})
@@ -586,7 +582,7 @@ class QlmPolicy(BasePolicy):
         plan, placed = self._solve(snapshot, rng, budget_s)
         if not plan.solver.chosen.startswith("milp") and not placed:
             return None
-        self._kept = self._kept.then(plan, snapshot.now_s + self._took_s(t0))
+        self._kept = self._kept.then(plan, snapshot.now_s + answer_after_s(self.answer_delay_s, t0))
         return plan
 
     def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
@@ -611,7 +607,8 @@ class QlmPolicy(BasePolicy):
         if placed is None:
             return _noted(plan, failed), False
         targets, decision = placed
-        self._targets = self._targets.then(targets, snapshot.now_s + self._took_s(t0))
+        ready_s = snapshot.now_s + answer_after_s(self.answer_delay_s, t0)
+        self._targets = self._targets.then(targets, ready_s)
         stats = replace(
             plan.solver,
             build_s=plan.solver.build_s + decision.build_s,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -341,3 +342,10 @@ class Improver(Protocol):
     ) -> Plan | None:
         """A better plan than the fast answer within ``budget_s``, or None."""
         ...
+
+
+def answer_after_s(delay_s: float | None, started: float) -> float:
+    """How long after its snapshot an improver's answer comes: ``delay_s`` where the
+    improver fixes it (:attr:`Improver.answer_delay_s`), else the wall time since
+    ``started`` (``time.perf_counter``)."""
+    return delay_s if delay_s is not None else time.perf_counter() - started

@@ -37,7 +37,7 @@ from qlmctl.domain import ClusterSpec, Request, check_models_served
 from qlmctl.engine.events import Action, Dispatch, Evict, LoadModel
 from qlmctl.engine.sim import SimEngine
 from qlmctl.perfmodel import PerfModel
-from qlmctl.plan.types import Improver, Plan, Policy, QueueSnapshot
+from qlmctl.plan.types import Improver, Plan, Policy, QueueSnapshot, answer_after_s
 from qlmctl.serve.config import CoreConfig, ImproveFn
 from qlmctl.serve.core import ServeCore
 from qlmctl.serve.run import (
@@ -113,8 +113,7 @@ def run_simulated(
     def improve(improver: ImproveFn, snap: QueueSnapshot, now_s: float) -> None:
         started = time.perf_counter()
         plan = improver(snap, improve_rng)
-        took_s = delay_s if delay_s is not None else time.perf_counter() - started
-        answers.append((now_s + took_s, plan))  # when it is ready
+        answers.append((now_s + answer_after_s(delay_s, started), plan))  # when it is ready
 
     with sigint_flag() as interrupted, open_log(run_dir, meta) as log:
         step = DriverStep(
