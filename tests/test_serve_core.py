@@ -621,6 +621,24 @@ def test_a_head_too_late_for_its_deadline_waits_behind_the_queue(defer_late: boo
     assert core.stats().waiting == 0
 
 
+@pytest.mark.parametrize(("horizon_s", "expected"), [(60.0, "f0 x1 x2 b0"), (1e3, "f0 b0 x1 x2")])
+def test_a_late_head_goes_ahead_of_work_due_beyond_the_defer_horizon(
+    horizon_s: float, expected: str
+) -> None:
+    # as above, with b0 (batch: due at 600 s) queued behind the interactive requests: at
+    # t=30 the late x1 and x2 go behind f0 (due at 45) but ahead of b0 when it is due
+    # beyond the horizon, behind it otherwise
+    core = make_core(policy=TinyPolicy(by_priority=True), max_inflight=1, defer_horizon_s=horizon_s)
+    assert dispatched(arrive(core, make_requests(3, gap_s=0.0, prefix="x"))) == ["x0"]
+    arrive(core, make_requests(1, slo_class="batch", prefix="b"))
+    arrive(core, make_requests(1, start_s=25.0, prefix="f"), now_s=25.0)
+    order = dispatched(finish(core, "x0", "i0", 30.0))
+    for t in (31.0, 32.0, 33.0):
+        order += dispatched(finish(core, order[-1], "i0", t))
+    assert order == expected.split()
+    assert core.stats().waiting == 0
+
+
 def test_under_a_flood_a_replan_plans_the_most_urgent_and_the_rest_still_run() -> None:
     class Recording(TinyPolicy):
         seen: list[list[str]]

@@ -8,10 +8,15 @@ How it works (:meth:`ServingOps.serve`, once per decision, visits every up insta
   that frees is refilled at once (one such request of a less urgent class gives its place
   to a head: it has no output to lose).
   A head that can no longer get its first token by its deadline (``defer_late``, as the
-  policy's serving style says) goes behind the rest of that queue: it misses either way,
-  and served first it would make the requests behind it miss too (EDF's domino effect).
+  policy's serving style says) goes behind the rest of that queue due within
+  ``defer_horizon_s``: it misses either way, and served first it would make the requests
+  behind it miss too (EDF's domino effect). Groups due later (a batch class's hour) lose
+  nothing by letting it go first, and the test is early on purpose (see
+  :func:`_first_token_alone_s`): some heads it defers still make their deadline.
   The test is the planner's (its first-token time beside the decodes running there), and
-  plans are scored deferring the same requests: the two must agree. While nothing
+  plans are scored deferring the same requests (behind the whole queue: the two differ
+  only for groups due beyond the horizon, which that cannot make late while the backlog
+  is shorter). While nothing
   waits, a new arrival skips the queue for an instance that would start it at once
   (:meth:`ServingOps.admit`).
 * **Eviction.** When the plan in force says the head would miss its deadline waiting for
@@ -140,7 +145,7 @@ class ServingOps:
 
     def _head(self, inst: InstanceRecord, now_s: float) -> tuple[QueuedGroup, Tracked] | None:
         """The first still-waiting request of the instance's virtual queue and its group;
-        heads too late for their deadline move behind the queue on the way."""
+        heads too late for their deadline move back on the way (:func:`_defer`)."""
         vq = self._queues[inst.spec.id]
         while vq:
             g = vq[0]
@@ -149,7 +154,7 @@ class ServingOps:
                 if tr.state is ReqState.WAITING and tr.vq_instance == inst.spec.id:
                     if g.deferred or not self._defers(tr, inst, now_s):
                         return g, tr
-                    _defer(vq, g, tr.id)
+                    _defer(vq, g, tr.id, now_s + self.config.defer_horizon_s)
                 g.ids.popleft()
             vq.popleft()
         return None
@@ -506,13 +511,18 @@ def _first_token_alone_s(perf: PerfModel, prompt_tokens: int, batch: int, contex
     return float(first_token_s(perf, float(prompt_tokens), batch, context))
 
 
-def _defer(vq: deque[QueuedGroup], group: QueuedGroup, request_id: str) -> None:
-    """Queue ``request_id`` of ``group`` behind the rest of ``vq``."""
-    tail = vq[-1]
-    if tail.deferred and tail.plan is group.plan:
-        tail.ids.append(request_id)
+def _defer(vq: deque[QueuedGroup], group: QueuedGroup, request_id: str, due_by_s: float) -> None:
+    """Queue ``request_id`` of ``group`` (``vq``'s head) behind the groups of ``vq`` due
+    by ``due_by_s`` and the requests deferred before it, ahead of the first group due
+    later (``CoreConfig.defer_horizon_s``)."""
+    pos = 1
+    while pos < len(vq) and (vq[pos].deferred or vq[pos].plan.deadline_s <= due_by_s):
+        pos += 1
+    before = vq[pos - 1]
+    if before.deferred and before.plan is group.plan:
+        before.ids.append(request_id)
     else:
-        vq.append(QueuedGroup(group.plan, deque([request_id]), deferred=True))
+        vq.insert(pos, QueuedGroup(group.plan, deque([request_id]), deferred=True))
 
 
 def _late_by_plan(group: PlannedGroup, request_id: str, now_s: float) -> bool:
