@@ -513,11 +513,12 @@ def test_placement_goes_where_the_first_token_comes_first() -> None:
     assert placed == {"narrow-0": [], "wide-0": [("new-0",)]}
 
 
-def test_lost_groups_gather_while_some_can_make_it_and_spread_when_none_can() -> None:
+def test_lost_groups_gather_while_some_can_make_it_soon_and_spread_when_none_can() -> None:
     # four equal instances at t=100; requests that arrived at 0 (TTFT 20 s) are lost
-    # anywhere, and the core serves them after each instance's queue
+    # anywhere, and the core serves them after each instance's queue; one instance alone
+    # would take about 50 s to serve them all (fluid)
     insts = tuple(InstanceState(f"i{k}", "G", "m1", True, 100.0) for k in range(4))
-    perf = {("m1", "G"): make_perf()}
+    perf = {("m1", "G"): make_perf(step_base_s=1.0)}
     lost = make_requests(64, gap_s=0.0, prefix="lost-")
     fresh = make_requests(4, start_s=100.0, gap_s=0.0, prefix="new-")
     policy = make_policy("heuristic", max_group_size=4)
@@ -533,6 +534,9 @@ def test_lost_groups_gather_while_some_can_make_it_and_spread_when_none_can() ->
     assert groups_per_instance([*lost, *fresh]) == [0, 0, 0, 16]  # the others stay free
     assert groups_per_instance(lost, tuple(fresh)) == [0, 0, 0, 16]  # more may come
     assert groups_per_instance(lost) == [4, 4, 4, 4]  # nothing to save: drain everywhere
+    # nor when what can still make it is due after one instance would have done it all
+    later = make_requests(4, start_s=100.0, gap_s=0.0, prefix="batch-", slo_class="batch")
+    assert groups_per_instance([*lost, *later]) == [4, 4, 4, 4]
 
 
 def test_lost_groups_spread_without_swapping_models() -> None:

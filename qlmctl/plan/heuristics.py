@@ -66,8 +66,7 @@ class _Placement:
         # lost groups placed by their work, which happens only when nothing is left to
         # save (see best()); otherwise none
         lost = lost_groups(problem)
-        nothing_to_save = lost.all() and not problem.stream_seen.any()
-        self.spreads = lost if nothing_to_save else np.zeros_like(lost)
+        self.spreads = lost if _nothing_to_save(problem, mean, lost) else np.zeros_like(lost)
         self.deferred = [0.0] * problem.num_instances  # per instance: their work
         self._deferred_of: dict[int, float] = {}  # lost group -> its work where it is
         # per instance: the work queued on its engine (slot and pipeline free times summed)
@@ -176,8 +175,8 @@ class _Placement:
         one instance takes the doomed work and the others stay free for requests that can
         still make it, or arrive (spreading them instead cost 2.5-4.7 points of attainment
         in four of the five reference cells of the policy benchmark, three seeds). When
-        nothing is left to save (every group lost, nothing arrived in the window: the tail
-        of a flood), their work is counted and they spread, each where its work would be
+        nothing is left to save (:func:`_nothing_to_save`: the tail of a flood), their work
+        is counted and they spread, each where its work would be
         done first (queued work and its own over the slots) among the instances holding
         its model (if any does), so the backlog drains at the whole cluster's rate."""
         pb = self.problem
@@ -212,6 +211,24 @@ def lost_groups(problem: Problem) -> np.ndarray:
     if not problem.defer_late:
         return np.zeros(problem.num_groups, bool)
     return _late_even_first(problem, problem.req_offsets[1:] - 1)
+
+
+def _nothing_to_save(problem: Problem, mean: Scenarios, lost: np.ndarray) -> bool:
+    """Whether keeping instances free of the ``lost`` groups' work saves nothing: nothing
+    arrived in the window, and every group not lost is due after one instance alone would
+    have done the whole queue's work (fluid, each group at its fastest instance's rate),
+    so no placement of the lost work can make it late.
+
+    NOTE: since the core serves late heads ahead of work due an hour later
+    (``CoreConfig.defer_horizon_s``), such work is often all that is left beside the lost
+    groups in a flood's tail; gathered on one instance while it waited, the lost work
+    moved from instance to instance at every re-plan (A-mixed (8) at 2.5x: 400 re-plans
+    against 170, a run 50 s longer)."""
+    if problem.stream_seen.any():
+        return False
+    work = np.where(problem.eligible, mean.service_s[:, :, 0], np.inf).min(axis=1)
+    done_s = problem.now_s + float(work[np.isfinite(work)].sum())
+    return bool((problem.deadline_s[~lost] > done_s).all())
 
 
 def _late_even_first(problem: Problem, rows: np.ndarray) -> np.ndarray:
