@@ -575,3 +575,16 @@ def test_a_busy_instance_changes_model_only_where_the_holder_would_miss() -> Non
     assert placed(30.0, i1) == "i0"  # due at 50 s: i0 is in time
     assert placed(14.0, i1) == "i1"  # due at 34 s: only i1, drained and swapped, is
     assert placed(30.0, ()) == "i1"  # idle, i1 is the earliest
+
+
+def test_attainable_leaves_out_the_requests_late_even_if_served_first() -> None:
+    # at t=100, requests that arrived at 0 (TTFT 20 s) miss in any plan; those that
+    # arrived at 100 need not; every plan scores at most what is attainable
+    insts = tuple(InstanceState(f"i{k}", "G", "m1", True, 100.0) for k in range(2))
+    perf = {("m1", "G"): make_perf()}
+    waiting = (*make_requests(6, gap_s=0.0, prefix="lost-"), *make_requests(2, start_s=100.0))
+    snap = QueueSnapshot(100.0, waiting, insts, SLO_CLASSES, perf)
+    for name in ("edf", "heuristic"):
+        plan = make_policy(name).plan(snap, np.random.default_rng(0))
+        assert plan.attainable == pytest.approx(2 / 8)
+        assert plan.predicted_attainment <= plan.attainable + 1e-9

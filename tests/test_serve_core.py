@@ -268,22 +268,28 @@ def test_replans_are_rate_limited() -> None:
     assert policy.calls == 2
 
 
-@pytest.mark.parametrize("predicted", [0.0, 0.6, 1.0])
-def test_the_improver_is_offered_only_a_plan_it_could_beat(predicted: float) -> None:
+@pytest.mark.parametrize(
+    ("predicted", "attainable"), [(0.0, 0.0), (0.0, 0.5), (0.6, 1.0), (0.6, 0.6), (1.0, 1.0)]
+)
+def test_the_improver_is_offered_only_a_plan_it_could_beat(
+    predicted: float, attainable: float
+) -> None:
     class TinyImprover(TinyPolicy):
         time_limit_s = 1.0
         answer_delay_s = None
 
         def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
-            return replace(self.plan(snapshot, rng), predicted_attainment=predicted)
+            plan = self.plan(snapshot, rng)
+            return replace(plan, predicted_attainment=predicted, attainable=attainable)
 
         def improve(self, snapshot: QueueSnapshot, budget_s: float, rng: Any) -> Plan | None:
             return None
 
     core = make_core(policy=TinyImprover(), max_inflight=1, dispatch_on_arrival=False)
     arrive(core, make_requests(3))
-    # all met or all lost: no plan can score strictly higher, so none is asked for
-    assert (core.wants_improvement() is not None) == (0.0 < predicted < 1.0)
+    # all met, or every miss lost in any plan: none can score strictly higher, so none
+    # is asked for
+    assert (core.wants_improvement() is not None) == (predicted < attainable)
 
 
 def test_arrivals_alone_are_planned_every_share_of_the_tightest_target() -> None:

@@ -210,7 +210,7 @@ def lost_groups(problem: Problem) -> np.ndarray:
     request misses its deadline even if it started as soon as an instance is ready."""
     if not problem.defer_late:
         return np.zeros(problem.num_groups, bool)
-    return _late_even_first(problem, problem.req_offsets[1:] - 1)
+    return problem.late_even_first()[problem.req_offsets[1:] - 1]
 
 
 def _nothing_to_save(problem: Problem, mean: Scenarios, lost: np.ndarray) -> bool:
@@ -229,14 +229,6 @@ def _nothing_to_save(problem: Problem, mean: Scenarios, lost: np.ndarray) -> boo
     work = np.where(problem.eligible, mean.service_s[:, :, 0], np.inf).min(axis=1)
     done_s = problem.now_s + float(work[np.isfinite(work)].sum())
     return bool((problem.deadline_s[~lost] > done_s).all())
-
-
-def _late_even_first(problem: Problem, rows: np.ndarray) -> np.ndarray:
-    """[G] bool: whether request ``rows[g]`` of each group misses its deadline even if an
-    instance started it as soon as it is ready (and the request has arrived)."""
-    start = np.maximum(problem.ready_s[None, :], problem.release_s[:, None])
-    soonest = np.min(start + problem.req_ttft_s[rows], axis=1)  # inf where not eligible
-    return soonest > problem.req_deadline_s[rows]
 
 
 def _work(engines: list[EngineState]) -> list[float]:
@@ -283,7 +275,7 @@ def shed_order_and_queues(
     place = _Placement(problem, mean, checkpoints=True)
     work = mean.service_s[:, :, 0] / problem.size[:, None]  # a request's fluid seconds
     cost = work / problem.weight[:, None]
-    lost_first = _late_even_first(problem, problem.req_offsets[:-1])
+    lost_first = problem.late_even_first()[problem.req_offsets[:-1]]
     shed: set[int] = set()
     for g in order:
         if lost_first[g]:

@@ -247,6 +247,7 @@ def to_plan(
         predicted_attainment=score.attainment,
         predicted_attainment_by_class=score.by_class,
         solver=stats,
+        attainable=pb.attainable(),
     )
 
 

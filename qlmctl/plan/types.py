@@ -189,6 +189,9 @@ class Plan:
     predicted_attainment: float  # expected weighted fraction of waiting requests meeting SLO
     predicted_attainment_by_class: dict[str, float]
     solver: SolverStats = field(default_factory=SolverStats)
+    # the most any plan of its snapshot could attain: the requests late even if served
+    # first miss in every plan (Problem.attainable)
+    attainable: float = 1.0
     version: int = PLAN_VERSION
     # what `qlmctl plan` ran it from (workload fingerprint, cluster, profiles, policy
     # options, seed); `serve --plan` refuses a plan whose inputs differ (plan/planfile.py)
@@ -229,6 +232,7 @@ class Plan:
             predicted_attainment=data["predicted_attainment"],
             predicted_attainment_by_class=dict(data["predicted_attainment_by_class"]),
             solver=SolverStats(**data["solver"]),
+            attainable=data.get("attainable", 1.0),
             meta=dict(data.get("meta") or {}),
         )
 
