@@ -130,19 +130,21 @@ class Problem:
     # turn comes goes behind its instance's queue (ServingStyle.defers_late)
     defer_late: bool = False
 
+    def request_group(self) -> np.ndarray:
+        """[N] the group of each request."""
+        return np.repeat(np.arange(self.num_groups), self.size.astype(int))
+
     def late_even_first(self) -> np.ndarray:
         """[N] bool: whether each request's first token is late even if an instance
         started it as soon as it is ready (and its group has arrived): it misses in every
         plan."""
-        group = np.repeat(np.arange(self.num_groups), self.size.astype(int))
-        start = np.maximum(self.ready_s[None, :], self.release_s[group][:, None])
+        start = np.maximum(self.ready_s[None, :], self.release_s[self.request_group()][:, None])
         return np.min(start + self.req_ttft_s, axis=1) > self.req_deadline_s  # inf: n/a
 
     def attainable(self) -> float:
         """The most any plan can attain (weighted, as a score's attainment): all but the
         requests :meth:`late_even_first`."""
-        group = np.repeat(np.arange(self.num_groups), self.size.astype(int))
-        lost = float(np.sum(self.weight[group] * self.late_even_first()))
+        lost = float(np.sum(self.weight[self.request_group()] * self.late_even_first()))
         return 1.0 - lost / self.total_weight()
 
     def group_prefill_s(self) -> np.ndarray:

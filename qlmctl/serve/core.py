@@ -438,7 +438,7 @@ class ServeCore:
             # NOTE: only a plan that loses some request another plan could save leaves the
             # improver anything to win: it is adopted only when it scores strictly higher.
             # In a flood's tail, where what is not lost is due an hour later, a third of
-            # the offers in A-mixed at 2.5x had nothing to win ("no better plan")
+            # the offers at 2x load and above in the policy benchmark had nothing to win
             self._offer = snap
 
     def snapshot(self, now_s: float) -> QueueSnapshot:
