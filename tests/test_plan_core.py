@@ -448,6 +448,26 @@ def test_the_scorer_serves_the_hopeless_last_when_the_core_defers_them() -> None
     assert simulate(ctx.problem, ctx.scen, edf).attainment < 4 / 204 - 1 / 204
 
 
+def test_the_scorer_serves_the_hopeless_ahead_of_work_due_beyond_the_defer_horizon() -> None:
+    # as above, the backlog is lost; batch work due at about 629 s comes after it
+    lost = make_requests(200, gap_s=0.01, output_tokens=3000, prefix="old-")
+    batch = make_requests(4, slo_class="batch", gap_s=0.01, start_s=29.0, prefix="new-")
+    snap = snapshot(lost + batch, residents=("m1",), now_s=30.0)
+    ctx = prepare(snap, LengthModel(), np.random.default_rng(0), max_group_size=32)
+    edf = (tuple(H.edf_order(ctx.problem)),)
+    served = replace(ctx.problem, defer_late=True)
+    scores = {h: simulate(replace(served, defer_horizon_s=h), ctx.scen, edf)
+              for h in (math.inf, 3600.0, 60.0)}  # fmt: skip
+    last = ctx.problem.num_groups - 1
+    assert ctx.problem.groups[last].slo_class == "batch"
+    # due within an hour of the lost work's turn: the lost work waits behind it
+    assert np.array_equal(scores[3600.0].start_s, scores[math.inf].start_s)
+    # due more than a minute after it: the lost work goes first, 3000 tokens a request
+    decode_s = float(ctx.mean.decode_s[0, 0, 0])
+    assert scores[60.0].start_s[last] > scores[math.inf].start_s[last] + decode_s
+    assert [s.attainment for s in scores.values()] == pytest.approx([4 / 204] * 3)
+
+
 def test_plans_forecast_each_requests_first_token_and_finish_with_a_p90() -> None:
     snap = snapshot(mixed_requests([("m1", "interactive", 12), ("m2", "batch", 40)]))
     plan = make_policy("heuristic").plan(snap, np.random.default_rng(0))

@@ -12,7 +12,7 @@ from qlmctl.plan import heuristics as H
 from qlmctl.plan.estimator import Ahead, LengthModel
 from qlmctl.plan.heuristics import _Placement
 from qlmctl.plan.policies import make_policy, prepare
-from qlmctl.plan.simulate import _serve_kept, first_tokens
+from qlmctl.plan.simulate import first_tokens
 from qlmctl.plan.slots import EngineState, started_engines
 from qlmctl.plan.types import InstanceState, QueueSnapshot, RecentArrivals, RunningRequest
 from qlmctl.serve.calibration import _STEP_COEFFICIENTS, scaled
@@ -230,7 +230,7 @@ def test_a_group_without_its_deferred_requests_is_served_as_row_by_row(skipped: 
     engine = random_engine(rng, scen.count, 8)
     general = engine.copy()
     want = serve_kept_per_row(general, decode, pb.req_prefill_s[:6, 0], pb.release_s[0], skip)
-    got = _serve_kept(pb, engine, 0, 0, decode, skip)
+    got = engine.serve_kept(decode, pb.req_prefill_s[:6, 0], skip, pb.release_s[0])
     for a, b in zip(got, want, strict=True):
         assert np.array_equal(a, b)
     assert np.array_equal(engine.slots, general.slots)

@@ -26,7 +26,7 @@ import numpy as np
 
 from qlmctl.plan.estimator import Scenarios, arrivals_delay_s
 from qlmctl.plan.problem import Problem
-from qlmctl.plan.simulate import Queues, serve_group
+from qlmctl.plan.simulate import Queues, serve_group, turn_to
 from qlmctl.plan.slots import EngineState
 
 Order = list[int]
@@ -120,9 +120,8 @@ class _Placement:
             self.before[i].append((self.engines[i], self.loaded[i]))
             self._own.discard(i)  # that one is kept: changes go to a copy
         engine = self._engine(i)
-        if m != self.loaded[i]:
-            engine.drain(float(pb.swap_s[i, self.loaded[i], m]), pb.group_batch(g, i))
-            self.loaded[i] = m
+        turn_to(pb, engine, int(self.loaded[i]), g, i)
+        self.loaded[i] = m
         decode = np.full((1, int(pb.size[g])), self.mean.decode_s[g, i, 0])
         self.misses[g] = serve_group(pb, engine, g, i, decode, self.mean.ahead(g, i))[3][0]
         self.queues[i].append(g)

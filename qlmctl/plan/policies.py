@@ -119,12 +119,14 @@ def prepare(
     clairvoyant: bool = False,
     defer_late: bool = False,
     look_ahead: bool = False,
+    defer_horizon_s: float = math.inf,
 ) -> Context:
     """Groups, problem arrays and ``scenarios`` scoring scenarios for ``snapshot``.
 
     With ``clairvoyant`` the true output lengths replace the estimates and the known
     scenarios (true lengths, sampled arrivals) replace the sampled ones. ``defer_late``:
-    plans will be served deferring hopeless requests (:attr:`Problem.defer_late`).
+    plans will be served deferring hopeless requests (:attr:`Problem.defer_late`) behind
+    work due within ``defer_horizon_s``.
     ``look_ahead``: the coming arrivals are planned as requests (the recent window again,
     :func:`~qlmctl.plan.arrivals.repeat_window`, in groups of their own) rather than as
     the load that stretches every wait (``Problem.stream_load``).
@@ -144,7 +146,11 @@ def prepare(
         )
         groups.sort(key=lambda g: g.deadline_s)  # NOTE: stable: ties keep the waiting first
         snapshot = replace(snapshot, recent=RecentArrivals())
-    problem = replace(build_problem(snapshot, groups, expected), defer_late=defer_late)
+    problem = replace(
+        build_problem(snapshot, groups, expected),
+        defer_late=defer_late,
+        defer_horizon_s=defer_horizon_s,
+    )
     if clairvoyant:
         scen = known_scenario(problem, rng, max(1, scenarios))
     else:
@@ -289,6 +295,7 @@ class BasePolicy(ABC):
             self.clairvoyant,
             self.serving.defers_late,
             self.look_ahead,
+            self.serving.defer_horizon_s,
         )
 
 

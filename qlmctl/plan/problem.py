@@ -20,6 +20,7 @@ sooner than its own chunked prefill allows (``req_ttft_s``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -127,8 +128,10 @@ class Problem:
     stream_work_s: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     arrival_window_s: float = 0.0
     # how its plans are served: a request that can no longer make its deadline when its
-    # turn comes goes behind its instance's queue (ServingStyle.defers_late)
+    # turn comes goes behind its instance's queue (ServingStyle.defers_late) due within
+    # this many seconds of its turn (ServingStyle.defer_horizon_s; inf: the whole queue)
     defer_late: bool = False
+    defer_horizon_s: float = math.inf
 
     def request_group(self) -> np.ndarray:
         """[N] the group of each request."""

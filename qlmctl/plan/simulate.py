@@ -8,7 +8,8 @@ matrix), then its requests take the earliest free slots, not before the group's 
 time. A request meets its SLO in a scenario when its first token (slot taken + its
 ``req_ttft_s``) comes by its own deadline. Where the core serves hopeless requests last
 (``Problem.defer_late``), a request whose first token would be late even alone when its
-turn comes is skipped in that scenario: it misses and takes no slot or pipeline time
+turn comes is skipped in that scenario: it misses and takes its slot and pipeline time
+only when the first group due beyond the core's deferral horizon comes
 (:func:`serve_group`). Everything is vectorised over scenarios; the loop is over groups
 only.
 
@@ -127,14 +128,23 @@ def _serve_queue(
     engine = scen.engines[i].copy()
     loaded = int(problem.init_model[i])
     for g in queue:
-        m = int(problem.group_model[g])
-        swap = 0.0
-        if m != loaded:
-            swap = float(problem.swap_s[i, loaded, m])
-            engine.drain(swap, problem.group_batch(g, i))
-            loaded = m
+        swap = turn_to(problem, engine, loaded, g, i)
+        loaded = int(problem.group_model[g])
         decode = np.repeat(scen.decode_s[g, i][:, None], int(problem.size[g]), axis=1)
         yield g, swap, decode, serve_group(problem, engine, g, i, decode, scen.ahead(g, i))
+
+
+def turn_to(problem: Problem, engine: EngineState, loaded: int, g: int, i: int) -> float:
+    """Bring instance ``i``'s ``engine``, holding model ``loaded``, to group ``g``'s turn:
+    the requests deferred until work due after ``g`` are served first, then it changes
+    to ``g``'s model if that is another; the swap seconds paid."""
+    engine.serve_deferred(float(problem.deadline_s[g]))
+    m = int(problem.group_model[g])
+    if m == loaded:
+        return 0.0
+    swap = float(problem.swap_s[i, loaded, m])
+    engine.drain(swap, problem.group_batch(g, i))
+    return swap
 
 
 def serve_group(
@@ -150,9 +160,11 @@ def serve_group(
     [S, n] whether each misses).
 
     With ``problem.defer_late``, a request whose first token would be late even alone
-    when its turn comes goes behind the instance's queue: it misses and holds up no one
+    when its turn comes goes behind the instance's queue due within
+    ``problem.defer_horizon_s`` of that turn: it misses and holds up none of that work
     (its dispatch and prefill times are those it had before it was deferred; its first
-    token is inf: it comes after the queue, which is not timed here).
+    token is inf, not timed here). The engine holds it until a group due later comes
+    (:func:`turn_to`), as the core does.
     """
     rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
     deadline = problem.req_deadline_s[rows]
@@ -166,6 +178,11 @@ def serve_group(
             tokens = first_tokens(problem, engine, g, i, decode, ahead, hopeless)[2]
             late = hopeless | (tokens > deadline)
             tokens = np.where(hopeless, np.inf, tokens)
+            if math.isfinite(problem.defer_horizon_s):
+                cols = hopeless.any(axis=0)
+                due = np.where(hopeless, starts + problem.defer_horizon_s, np.inf)[:, cols]
+                prefill = problem.req_prefill_s[rows, i][cols]
+                engine.defer(decode[:, cols], np.broadcast_to(prefill, due.shape), due)
     return starts, prefilled, tokens, late
 
 
@@ -198,7 +215,9 @@ def first_tokens(
             decode, problem.req_prefill_s[rows, i], problem.release_s[g]
         )
     else:  # NOTE: deferred requests in the group: stretched from their dispatch
-        starts, prefilled = _serve_kept(problem, engine, g, i, decode, skip)
+        starts, prefilled = engine.serve_kept(
+            decode, problem.req_prefill_s[rows, i], skip, problem.release_s[g]
+        )
         slot_free = starts
     overhead = problem.overhead_s[problem.group_model[g], i]
     tokens = np.maximum(prefilled + overhead, starts + problem.req_ttft_s[rows, i])
@@ -207,46 +226,6 @@ def first_tokens(
     wait = slot_free - problem.now_s
     delay = arrivals_delay_s(wait, ahead.load[:, None], ahead.horizon_s[:, None])
     return starts + delay, prefilled + delay, tokens + delay
-
-
-def _serve_kept(
-    problem: Problem, engine: EngineState, g: int, i: int, decode: np.ndarray, skip: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`EngineState.serve` of group ``g`` without the requests ``skip`` marks:
-    per scenario the kept ones run in queue order, the skipped ones cost nothing.
-
-    NOTE: under overload most calls skip every request in every scenario (a group whose
-    deadlines have passed: :meth:`EngineState.pass_through`), or the same requests in
-    every scenario: those reorder whole columns, not each row (the same values, a
-    fraction of the work).
-    """
-    rows = slice(problem.req_offsets[g], problem.req_offsets[g + 1])
-    prefill = problem.req_prefill_s[rows, i]
-    if skip.all():
-        starts = engine.pass_through(skip.shape[1], problem.release_s[g])
-        return starts, starts.copy()
-    pipeline = engine.pipeline_s.copy()
-    if (skip == skip[:1]).all():  # the same requests in every scenario
-        order = np.argsort(skip[0], kind="stable")  # kept first, each in queue order
-        kept = ~skip[0, order]
-        starts, prefilled, _ = engine.serve(
-            decode[:, order] * kept, prefill[order] * kept, problem.release_s[g]
-        )
-        back = np.argsort(order)
-        starts, prefilled = starts[:, back], prefilled[:, back]
-    else:
-        order = np.argsort(skip, axis=1, kind="stable")
-        row = np.arange(skip.shape[0])[:, None]
-        kept = ~skip[row, order]
-        starts, prefilled, _ = engine.serve(
-            decode[row, order] * kept, prefill[order] * kept, problem.release_s[g]
-        )
-        back = np.argsort(order, axis=1)
-        starts, prefilled = starts[row, back], prefilled[row, back]
-    # the pipeline is free once the last kept prompt is in
-    last_in = np.where(skip, -np.inf, prefilled).max(axis=1)
-    engine.pipeline_s[:] = np.maximum(pipeline, last_in)
-    return starts, prefilled
 
 
 def scenario_quantiles(values: np.ndarray, qs: tuple[float, ...]) -> list[np.ndarray]:

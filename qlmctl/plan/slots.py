@@ -49,22 +49,37 @@ class Served(NamedTuple):
     slot_free_s: np.ndarray
 
 
-class EngineState:
-    """When each batch slot and the prefill pipeline free, per scenario."""
+class Deferred(NamedTuple):
+    """Requests the core serves after its queue's work due by ``due_s`` (late heads,
+    :meth:`EngineState.defer`), [S, n] per scenario."""
 
-    __slots__ = ("_make_slots", "_slots", "known_mean", "pipeline_s")
+    decode_s: np.ndarray
+    prefill_s: np.ndarray
+    due_s: np.ndarray  # inf: not deferred in that scenario (or served already)
+
+
+class EngineState:
+    """When each batch slot and the prefill pipeline free, per scenario, and the
+    requests deferred on it that it has yet to serve."""
+
+    __slots__ = ("_make_slots", "_slots", "deferred", "known_mean", "pipeline_s")
 
     def __init__(
-        self, slots: np.ndarray, pipeline_s: np.ndarray, known_mean: EngineState | None = None
+        self,
+        slots: np.ndarray,
+        pipeline_s: np.ndarray,
+        known_mean: EngineState | None = None,
+        deferred: tuple[Deferred, ...] = (),
     ) -> None:
         self._slots: np.ndarray | None = slots
         self._make_slots: Callable[[], np.ndarray] | None = None
         self.pipeline_s = pipeline_s  # [S]
         # its mean, when computed with others' (started_engines); dropped when it changes
         self.known_mean = known_mean
+        self.deferred = deferred  # in the order they were deferred
 
     @classmethod
-    def deferred(
+    def lazy(
         cls, make_slots: Callable[[], np.ndarray], pipeline_s: np.ndarray, mean: EngineState
     ) -> EngineState:
         """An engine of known ``mean`` whose slots ``make_slots`` builds when first read.
@@ -74,7 +89,7 @@ class EngineState:
         """
         engine = cls.__new__(cls)
         engine._slots, engine._make_slots = None, make_slots
-        engine.pipeline_s, engine.known_mean = pipeline_s, mean
+        engine.pipeline_s, engine.known_mean, engine.deferred = pipeline_s, mean, ()
         return engine
 
     @property
@@ -95,10 +110,11 @@ class EngineState:
         return cls(np.full((scenarios, max(batch, 1)), ready_s), np.full(scenarios, ready_s))
 
     def copy(self) -> EngineState:
-        return EngineState(self.slots.copy(), self.pipeline_s.copy())
+        return EngineState(self.slots.copy(), self.pipeline_s.copy(), deferred=self.deferred)
 
     def mean(self) -> EngineState:
-        """The one scenario of the means."""
+        """The one scenario of the means (of the slots and pipeline: planning takes it of
+        the engines it starts from, which have nothing deferred)."""
         if self.known_mean is not None:
             return self.known_mean
         # NOTE: what ndarray.mean computes (a sum, then a division by the count), without
@@ -149,6 +165,69 @@ class EngineState:
         self.pipeline_s[:] = end[:, -1]
         return Served(end - prefill, end, ready)
 
+    def serve_kept(
+        self, decode: np.ndarray, prefill: np.ndarray, skip: np.ndarray, not_before: float = -np.inf
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`serve` without the requests ``skip`` ([S, n] bool) marks: per scenario
+        the kept ones run in order, the skipped ones cost nothing (their times are those
+        of a request of no length behind the kept ones); returns [S, n] dispatch and
+        prefill ends.
+
+        NOTE: under overload most calls skip every request in every scenario (a group whose
+        deadlines have passed: :meth:`pass_through`), or the same requests in every
+        scenario: those reorder whole columns, not each row (the same values, a fraction
+        of the work).
+        """
+        if skip.all():
+            starts = self.pass_through(skip.shape[1], not_before)
+            return starts, starts.copy()
+        pipeline = self.pipeline_s.copy()
+        if (skip == skip[:1]).all():  # the same requests in every scenario
+            order = np.argsort(skip[0], kind="stable")  # kept first, each in queue order
+            kept = ~skip[0, order]
+            starts, prefilled, _ = self.serve(
+                decode[:, order] * kept, prefill[..., order] * kept, not_before
+            )
+            back = np.argsort(order)
+            starts, prefilled = starts[:, back], prefilled[:, back]
+        else:
+            order = np.argsort(skip, axis=1, kind="stable")
+            kept = ~np.take_along_axis(skip, order, axis=1)
+            starts, prefilled, _ = self.serve(
+                np.take_along_axis(decode, order, axis=1) * kept,
+                np.take_along_axis(np.broadcast_to(prefill, skip.shape), order, axis=1) * kept,
+                not_before,
+            )
+            back = np.argsort(order, axis=1)
+            starts = np.take_along_axis(starts, back, axis=1)
+            prefilled = np.take_along_axis(prefilled, back, axis=1)
+        # the pipeline is free once the last kept prompt is in
+        last_in = np.where(skip, -np.inf, prefilled).max(axis=1)
+        self.pipeline_s[:] = np.maximum(pipeline, last_in)
+        return starts, prefilled
+
+    def defer(self, decode: np.ndarray, prefill: np.ndarray, due_s: np.ndarray) -> None:
+        """Hold requests (each [S, n]; ``due_s`` inf where one is not deferred) until work
+        due after ``due_s`` comes: :meth:`serve_deferred` serves them then."""
+        self.deferred += (Deferred(decode, prefill, due_s),)
+
+    def serve_deferred(self, deadline_s: float) -> None:
+        """Serve, in the order they were deferred, the requests deferred until work due
+        after ``deadline_s``: the core serves them ahead of such work."""
+        if not self.deferred or min(float(d.due_s.min()) for d in self.deferred) >= deadline_s:
+            return
+        decode, prefill, due = (
+            np.concatenate(parts, axis=1) for parts in zip(*self.deferred, strict=True)
+        )
+        take = due < deadline_s
+        cols = take.any(axis=0)
+        self.serve_kept(decode[:, cols], prefill[:, cols], ~take[:, cols])
+        due = np.where(take, np.inf, due)
+        left = np.isfinite(due).any(axis=0)
+        self.deferred = ()
+        if left.any():
+            self.deferred = (Deferred(decode[:, left], prefill[:, left], due[:, left]),)
+
     def pass_through(self, n: int, not_before: float = -np.inf) -> np.ndarray:
         """:meth:`serve` of ``n`` requests that take no time (no prompt, no decode): each
         takes a slot and frees it when it could start; returns [S, n] their start times
@@ -187,6 +266,7 @@ class EngineState:
         """A model change: every slot and the pipeline wait until all is done, then for
         ``swap_s``; the new model may fit another batch size."""
         self.known_mean = None
+        self.deferred = ()  # NOTE: what the core defers behind another model is not timed
         end = np.maximum(self.slots.max(axis=1), self.pipeline_s) + swap_s
         self.slots = np.repeat(end[:, None], max(batch, 1), axis=1)
         self.pipeline_s = end.copy()
@@ -282,7 +362,7 @@ def _serve_idle(
     mean_slots[:, untouched:] = sums[:, kept:]
     mean_pipelines = np.add.reduce(pipelines, axis=1) / n_s
     return [
-        EngineState.deferred(
+        EngineState.lazy(
             partial(_whole_rows, float(ready[j]), untouched, short[j, :, kept:]),
             pipelines[j],
             EngineState(mean_slots[j : j + 1], mean_pipelines[j : j + 1]),

@@ -19,7 +19,7 @@ import numpy as np
 
 from qlmctl.domain import Request
 from qlmctl.errors import BadInput
-from qlmctl.plan.types import Improver, Plan, Policy, QueueSnapshot
+from qlmctl.plan.types import DEFER_HORIZON_S, Improver, Plan, Policy, QueueSnapshot
 
 PlanFn = Callable[[QueueSnapshot, np.random.Generator], Plan]
 ImproveFn = Callable[[QueueSnapshot, np.random.Generator], Plan | None]
@@ -89,12 +89,11 @@ class CoreConfig:
     # never with evict_batch 0)
     move_running: bool = True
     # a request that can no longer make its deadline when it reaches the head of its
-    # virtual queue is served after the rest of that queue (requests mid-stream never)...
+    # virtual queue is served after the rest of that queue (requests mid-stream never)
+    # due within defer_horizon_s; groups due later still come after it (as the policy's
+    # ServingStyle says: plans are scored serving it so)
     defer_late: bool = True
-    # ...due within this many seconds; groups due later still come after it. The test is
-    # early on purpose, and deferring behind work due in an hour cost what it deferred:
-    # 1.0 / 0.3 / 0.3 points of `heuristic` in A-mixed (4), (8), B-multimodel (8) at 2.5x
-    defer_horizon_s: float = 600.0
+    defer_horizon_s: float = DEFER_HORIZON_S
 
     def arrival_replan_s(self, ttft_targets: Iterable[float]) -> float:
         """How long after the last re-plan new arrivals alone are planned, the tightest of
@@ -132,6 +131,7 @@ class CoreConfig:
         knobs: dict[str, Any] = {
             "vllm_priority": style.vllm_priority,
             "defer_late": style.defers_late,
+            "defer_horizon_s": style.defer_horizon_s,
         }
         if style.router:
             knobs |= {

@@ -14,10 +14,8 @@ How it works (:meth:`ServingOps.serve`, once per decision, visits every up insta
   nothing by letting it go first, and the test is early on purpose (see
   :func:`_first_token_alone_s`): some heads it defers still make their deadline.
   The test is the planner's (its first-token time beside the decodes running there), and
-  plans are scored deferring the same requests, but behind the whole queue: the plan
-  forecasts groups due beyond the horizon to start too early (batch-2 work a median 76-98
-  s in the policy benchmark), though deferred work cannot make them late while the
-  backlog is shorter than the horizon. While nothing
+  plans are scored deferring the same requests behind the same work
+  (:func:`~qlmctl.plan.simulate.serve_group`). While nothing
   waits, a new arrival skips the queue for an instance that would start it at once
   (:meth:`ServingOps.admit`).
 * **Eviction.** When the plan in force says the head would miss its deadline waiting for
