@@ -32,6 +32,7 @@ NOTE: every method works on all scenarios at once; callers loop over groups only
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NamedTuple
@@ -62,21 +63,18 @@ class EngineState:
     """When each batch slot and the prefill pipeline free, per scenario, and the
     requests deferred on it that it has yet to serve."""
 
-    __slots__ = ("_make_slots", "_slots", "deferred", "known_mean", "pipeline_s")
+    __slots__ = ("_make_slots", "_slots", "deferred", "deferred_due_s", "known_mean", "pipeline_s")
 
     def __init__(
-        self,
-        slots: np.ndarray,
-        pipeline_s: np.ndarray,
-        known_mean: EngineState | None = None,
-        deferred: tuple[Deferred, ...] = (),
+        self, slots: np.ndarray, pipeline_s: np.ndarray, known_mean: EngineState | None = None
     ) -> None:
         self._slots: np.ndarray | None = slots
         self._make_slots: Callable[[], np.ndarray] | None = None
         self.pipeline_s = pipeline_s  # [S]
         # its mean, when computed with others' (started_engines); dropped when it changes
         self.known_mean = known_mean
-        self.deferred = deferred  # in the order they were deferred
+        self.deferred: tuple[Deferred, ...] = ()  # in the order they were deferred
+        self.deferred_due_s = math.inf  # the earliest of their due_s
 
     @classmethod
     def lazy(
@@ -89,7 +87,8 @@ class EngineState:
         """
         engine = cls.__new__(cls)
         engine._slots, engine._make_slots = None, make_slots
-        engine.pipeline_s, engine.known_mean, engine.deferred = pipeline_s, mean, ()
+        engine.pipeline_s, engine.known_mean = pipeline_s, mean
+        engine.deferred, engine.deferred_due_s = (), math.inf
         return engine
 
     @property
@@ -110,7 +109,9 @@ class EngineState:
         return cls(np.full((scenarios, max(batch, 1)), ready_s), np.full(scenarios, ready_s))
 
     def copy(self) -> EngineState:
-        return EngineState(self.slots.copy(), self.pipeline_s.copy(), deferred=self.deferred)
+        engine = EngineState(self.slots.copy(), self.pipeline_s.copy())
+        engine.deferred, engine.deferred_due_s = self.deferred, self.deferred_due_s
+        return engine
 
     def mean(self) -> EngineState:
         """The one scenario of the means (of the slots and pipeline: planning takes it of
@@ -210,11 +211,12 @@ class EngineState:
         """Hold requests (each [S, n]; ``due_s`` inf where one is not deferred) until work
         due after ``due_s`` comes: :meth:`serve_deferred` serves them then."""
         self.deferred += (Deferred(decode, prefill, due_s),)
+        self.deferred_due_s = min(self.deferred_due_s, float(due_s.min()))
 
     def serve_deferred(self, deadline_s: float) -> None:
         """Serve, in the order they were deferred, the requests deferred until work due
         after ``deadline_s``: the core serves them ahead of such work."""
-        if not self.deferred or min(float(d.due_s.min()) for d in self.deferred) >= deadline_s:
+        if self.deferred_due_s >= deadline_s:
             return
         decode, prefill, due = (
             np.concatenate(parts, axis=1) for parts in zip(*self.deferred, strict=True)
@@ -224,9 +226,10 @@ class EngineState:
         self.serve_kept(decode[:, cols], prefill[:, cols], ~take[:, cols])
         due = np.where(take, np.inf, due)
         left = np.isfinite(due).any(axis=0)
-        self.deferred = ()
+        self.deferred, self.deferred_due_s = (), math.inf
         if left.any():
             self.deferred = (Deferred(decode[:, left], prefill[:, left], due[:, left]),)
+            self.deferred_due_s = float(due[:, left].min())
 
     def pass_through(self, n: int, not_before: float = -np.inf) -> np.ndarray:
         """:meth:`serve` of ``n`` requests that take no time (no prompt, no decode): each
@@ -266,7 +269,8 @@ class EngineState:
         """A model change: every slot and the pipeline wait until all is done, then for
         ``swap_s``; the new model may fit another batch size."""
         self.known_mean = None
-        self.deferred = ()  # NOTE: what the core defers behind another model is not timed
+        # NOTE: what the core defers behind another model is not timed
+        self.deferred, self.deferred_due_s = (), math.inf
         end = np.maximum(self.slots.max(axis=1), self.pipeline_s) + swap_s
         self.slots = np.repeat(end[:, None], max(batch, 1), axis=1)
         self.pipeline_s = end.copy()
