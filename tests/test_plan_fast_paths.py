@@ -282,3 +282,25 @@ def test_recent_window_keeps_what_a_summary_of_its_requests_gives() -> None:
             for recent in (kept, RecentArrivals(20.0, kept.requests))
         ]
         assert plans[0].instances == plans[1].instances
+
+
+def test_deferred_requests_are_served_in_their_order_once_work_due_later_comes() -> None:
+    """What :meth:`EngineState.serve_deferred` serves is what serving those requests in
+    the order they were deferred gives; the rest stay deferred until theirs comes."""
+    rng = np.random.default_rng(5)
+    engine = random_engine(rng, 6, 4)
+    decode, prefill = rng.random((6, 5)), rng.random((6, 5))
+    due = np.full((6, 5), np.inf)
+    due[:, :3] = [10.0, 30.0, 20.0]  # the last two were not deferred
+    engine.defer(decode[:, :2], prefill[:, :2], due[:, :2])
+    engine.defer(decode[:, 2:], prefill[:, 2:], due[:, 2:])
+    want = engine.copy()
+    engine.serve_deferred(10.0)  # due by 10: none comes first
+    assert np.array_equal(engine.slots, want.slots) and engine.deferred_due_s == 10.0
+    engine.serve_deferred(25.0)  # the first and the third
+    want.serve(decode[:, [0, 2]], prefill[:, [0, 2]])
+    assert np.array_equal(engine.slots, want.slots)
+    assert np.array_equal(engine.pipeline_s, want.pipeline_s)
+    assert engine.deferred_due_s == 30.0
+    engine.drain(1.0, 4)  # another model: what is left is not timed
+    assert engine.deferred == () and engine.deferred_due_s == np.inf
