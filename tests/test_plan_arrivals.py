@@ -139,3 +139,22 @@ def test_a_look_ahead_plan_leaves_room_for_arrivals_and_queues_none() -> None:
     assert sum(is_expected(g.group_id) for g in groups) >= 1800 // 8
     assert all(is_expected(g.group_id) == is_expected(g.requests[0].id) for g in groups)
     assert all(len({is_expected(r.id) for r in g.requests}) == 1 for g in groups)
+
+
+def test_work_due_beyond_the_deferral_horizon_waits_behind_every_arrival_ahead() -> None:
+    # the stream (120/s) wants more than the instance: of the arrivals ahead of work due
+    # within the core's deferral horizon, those beyond MAX_URGENT_LOAD are late and wait
+    # behind it; work due beyond the horizon waits behind them all
+    snap = busy_batch_queue(7200)
+
+    def urgent(horizon_s: float) -> np.ndarray:
+        rng = np.random.default_rng(0)
+        ctx = prepare(snap, LengthModel(), rng, 4, defer_late=True, defer_horizon_s=horizon_s)
+        return ctx.scen.urgent_load
+
+    within, beyond = urgent(3600.0), urgent(60.0)
+    assert within.max() == MAX_URGENT_LOAD and beyond.min() > 1.0
+    # a long wait grows by all they bring over the horizon, a short one as much as at
+    # MAX_URGENT_LOAD (a group that starts now waits for none)
+    assert arrivals_delay_s(100.0, 2.5, 60.0) == 150.0
+    assert arrivals_delay_s(1.0, 2.5, 60.0) == arrivals_delay_s(1.0, MAX_URGENT_LOAD, 60.0)

@@ -41,7 +41,10 @@ from qlmctl.plan.slots import EngineState, started_engines
 
 DEFAULT_MEDIAN_TOKENS = 200.0
 DEFAULT_LOG_SD = 1.0
-MAX_URGENT_LOAD = 0.9  # arrivals going ahead never take more of an instance than this
+# arrivals going ahead of work due within the core's deferral horizon never take more of
+# an instance than this: those that would are late and wait behind that work
+# (ServingStyle.defers_late); a wait stretches by at most 1 / (1 - this) within the horizon
+MAX_URGENT_LOAD = 0.9
 # the recent window's rates are expected to hold this long on average (the window is as
 # long); how long they do is drawn per scenario (horizons)
 ARRIVAL_HORIZON_S = 60.0
@@ -54,10 +57,14 @@ def arrivals_delay_s(
     they take ``urgent`` of the instance for the next ``horizon_s`` seconds, so the wait
     ``w`` becomes ``w'`` with ``w' = w + urgent * min(w', horizon)``: stretched by
     ``1 / (1 - urgent)`` within the horizon, by at most ``urgent * horizon`` after it.
+    ``urgent`` may be 1 or more (work due beyond the core's deferral horizon waits behind
+    every arrival ahead, late or not): the wait then grows by all they bring (the stretch
+    is at most that of ``MAX_URGENT_LOAD``, so a group that starts now waits for none).
     """
     urgent = np.asarray(urgent)
     wait = np.maximum(wait_s, 0.0)
-    return np.minimum(wait * (urgent / (1.0 - urgent)), urgent * horizon_s)
+    stretch = np.minimum(urgent, MAX_URGENT_LOAD)
+    return np.minimum(wait * (stretch / (1.0 - stretch)), urgent * horizon_s)
 
 
 def horizons(count: int) -> np.ndarray:
@@ -375,12 +382,10 @@ def scenarios_from_tokens(
     urgent = np.einsum(
         "gk,ks,ki->gis", problem.stream_ahead.astype(float), rates, problem.stream_load
     )
+    beyond = problem.defer_late & (problem.deadline_s > problem.now_s + problem.defer_horizon_s)
+    cap = np.where(beyond, np.inf, MAX_URGENT_LOAD)[:, None, None]
     return Scenarios(
-        service,
-        decode,
-        tuple(engines),
-        np.minimum(urgent, MAX_URGENT_LOAD),
-        horizons(tokens.shape[1]),
+        service, decode, tuple(engines), np.minimum(urgent, cap), horizons(tokens.shape[1])
     )
 
 
