@@ -67,10 +67,10 @@ class _Placement:
         # save (see best()); otherwise none
         lost = lost_groups(problem)
         self.spreads = lost if _nothing_to_save(problem, mean, lost) else np.zeros_like(lost)
-        self.deferred = [0.0] * problem.num_instances  # per instance: their work
-        self._deferred_of: dict[int, float] = {}  # lost group -> its work where it is
+        self.spread_work = [0.0] * problem.num_instances  # per instance: spread lost work
+        self._spread_work_of: dict[int, float] = {}  # lost group -> its work where it is
         # per instance: the work queued on its engine (slot and pipeline free times summed)
-        # and deferred behind it; NOTE: kept up to date by add/remove, so best() does not
+        # and the lost work spread there; NOTE: kept up to date by add/remove, so best() does not
         # re-sum every engine
         self.queued = _work(self.engines)
         # per instance, per queue position: (engine, loaded model) before that group
@@ -127,9 +127,9 @@ class _Placement:
         self.queues[i].append(g)
         if self.spreads[g]:  # each request holds a slot and the pipeline, after the rest
             work = float(self._lost_work(g)[i])
-            self._deferred_of[g] = work
-            self.deferred[i] += work
-        self.queued[i] = _work([engine])[0] + self.deferred[i]
+            self._spread_work_of[g] = work
+            self.spread_work[i] += work
+        self.queued[i] = _work([engine])[0] + self.spread_work[i]
 
     def late(self, g: int) -> bool:
         """Whether a request of ``g`` (queued) misses its deadline."""
@@ -141,7 +141,7 @@ class _Placement:
         k = self.queues[i].index(g) if self.before is not None else 0
         rest = [h for h in self.queues[i][k:] if h != g]
         for h in self.queues[i][k:]:
-            self.deferred[i] -= self._deferred_of.pop(h, 0.0)
+            self.spread_work[i] -= self._spread_work_of.pop(h, 0.0)
         del self.queues[i][k:]
         if self.before is not None:
             self.engines[i], self.loaded[i] = self.before[i][k]
@@ -150,7 +150,7 @@ class _Placement:
             self.engines[i] = self.mean.engines[i]
             self.loaded[i] = self.problem.init_model[i]
         self._own.discard(i)
-        self.queued[i] = _work([self.engines[i]])[0] + self.deferred[i]
+        self.queued[i] = _work([self.engines[i]])[0] + self.spread_work[i]
         for h in rest:
             self.add(h, i)
 
