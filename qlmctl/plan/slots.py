@@ -26,6 +26,10 @@ requests go round-robin over the slots in that order (request ``j`` in round ``j
 of slot ``j % B``): exact list scheduling when a request holds its slot at least the
 spread of the slots it takes, close otherwise.
 
+Deferral: a request the core serves after the rest of its queue (a late head) waits on
+the engine (:meth:`EngineState.defer`) and takes its slot and pipeline time when the
+first group due beyond the core's deferral horizon comes (:meth:`EngineState.serve_deferred`).
+
 NOTE: every method works on all scenarios at once; callers loop over groups only.
 """
 
@@ -214,8 +218,8 @@ class EngineState:
         self.deferred_due_s = min(self.deferred_due_s, float(due_s.min()))
 
     def serve_deferred(self, deadline_s: float) -> None:
-        """Serve, in the order they were deferred, the requests deferred until work due
-        after ``deadline_s``: the core serves them ahead of such work."""
+        """Serve, in the order they were deferred, the deferred requests whose ``due_s``
+        comes before ``deadline_s``: the core serves them ahead of a group due then."""
         if self.deferred_due_s >= deadline_s:
             return
         decode, prefill, due = (
