@@ -382,8 +382,7 @@ def scenarios_from_tokens(
     urgent = np.einsum(
         "gk,ks,ki->gis", problem.stream_ahead.astype(float), rates, problem.stream_load
     )
-    beyond = problem.defer_late & (problem.deadline_s > problem.now_s + problem.defer_horizon_s)
-    cap = np.where(beyond, np.inf, MAX_URGENT_LOAD)[:, None, None]
+    cap = np.where(problem.due_beyond_defer_horizon(), np.inf, MAX_URGENT_LOAD)[:, None, None]
     return Scenarios(
         service, decode, tuple(engines), np.minimum(urgent, cap), horizons(tokens.shape[1])
     )

@@ -146,12 +146,15 @@ def prepare(
         )
         groups.sort(key=lambda g: g.deadline_s)  # NOTE: stable: ties keep the waiting first
         snapshot = replace(snapshot, recent=RecentArrivals())
-    problem = build_problem(snapshot, groups, expected)
-    if not (problem.deadline_s > problem.now_s + defer_horizon_s).any():
+    problem = replace(
+        build_problem(snapshot, groups, expected),
+        defer_late=defer_late,
+        defer_horizon_s=defer_horizon_s,
+    )
+    if not problem.due_beyond_defer_horizon().any():
         # NOTE: no group is due beyond the horizon of a turn (turns come from now on): what
         # is deferred is served after the whole queue, which costs nothing to track
-        defer_horizon_s = math.inf
-    problem = replace(problem, defer_late=defer_late, defer_horizon_s=defer_horizon_s)
+        problem = replace(problem, defer_horizon_s=math.inf)
     if clairvoyant:
         scen = known_scenario(problem, rng, max(1, scenarios))
     else:

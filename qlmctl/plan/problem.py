@@ -137,6 +137,11 @@ class Problem:
         """[N] the group of each request."""
         return np.repeat(np.arange(self.num_groups), self.size.astype(int))
 
+    def due_beyond_defer_horizon(self) -> np.ndarray:
+        """[G] bool: groups a deferred request goes ahead of, however soon its turn
+        comes: due more than ``defer_horizon_s`` from now (none without ``defer_late``)."""
+        return self.defer_late & (self.deadline_s > self.now_s + self.defer_horizon_s)
+
     def late_even_first(self) -> np.ndarray:
         """[N] bool: whether each request's first token is late even if an instance
         started it as soon as it is ready (and its group has arrived): it misses in every
