@@ -97,7 +97,20 @@ def test_groups_split_by_span_and_length_class() -> None:
     reqs = make_requests(3, gap_s=6.0) + make_requests(1, prompt_tokens=5000, prefix="long")
     groups = build_groups(reqs, SLO_CLASSES, lambda r: 50.0)
     sizes = sorted((g.length_class, g.size) for g in groups)
-    assert sizes == [("long", 1), ("short", 1), ("short", 2)]  # span 10 s: 12 s is cut off
+    assert sizes == [("to512", 1), ("to512", 2), ("to8k", 1)]  # span 10 s: 12 s is cut off
+
+
+def test_length_classes_keep_a_groups_requests_within_twice_each_others_length() -> None:
+    """A group is shed whole: a 600-token request does not share one with 1,500 tokens."""
+    reqs = [
+        *make_requests(2, prompt_tokens=550, prefix="a"),
+        *make_requests(2, prompt_tokens=1450, prefix="b"),
+    ]
+    groups = build_groups(reqs, SLO_CLASSES, lambda r: 50.0)
+    assert sorted((g.length_class, [r.id for r in g.requests]) for g in groups) == [
+        ("to1k", ["a0", "a1"]),
+        ("to2k", ["b0", "b1"]),
+    ]
 
 
 def test_unknown_class_is_bad_input() -> None:
@@ -271,8 +284,8 @@ def test_clairvoyant_policies_plan_on_the_true_lengths() -> None:
     snap = snapshot(reqs)
     guess = prepare(snap, LengthModel(), np.random.default_rng(0))
     truth = prepare(snap, LengthModel(), np.random.default_rng(0), clairvoyant=True)
-    assert {g.length_class for g in guess.problem.groups} == {"short"}
-    assert {g.length_class for g in truth.problem.groups} == {"short", "long"}
+    assert {g.length_class for g in guess.problem.groups} == {"to512"}
+    assert {g.length_class for g in truth.problem.groups} == {"to512", "to4k"}
     known = known_scenario(truth.problem)
     assert truth.scen.count == 1 and np.allclose(truth.scen.service_s, known.service_s)
     for name in POLICIES:
