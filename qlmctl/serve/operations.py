@@ -505,8 +505,10 @@ def _first_token_alone_s(perf: PerfModel, prompt_tokens: int, batch: int, contex
     context defers fewer heads and scores 78.1 / 76.1 / 86.1 / 66.4 / 75.3 against
     84.7 / 85.0 / 88.0 / 68.6 / 77.6; adding the engine's prefill backlog gives
     84.1 / 79.0 / 87.6 / 69.9 / 79.4; deferring also what the plan expects to miss,
-    82.5 / 80.3 / 87.9 / 69.7 / 78.3. Kept until a deferral rule from the engine's real
-    wait does better (issue 13)."""
+    82.5 / 80.3 / 87.9 / 69.7 / 78.3. Again with groups of like lengths (2026-12-05,
+    78c0884, whose shedding walk gives up long prompts itself): the per-sequence context
+    73.0 / 79.1 / 75.5 / 84.0 / 84.6 against 77.3 / 80.4 / 80.9 / 86.4 / 85.2. Kept
+    until a deferral rule from the engine's real wait does better (issue 13)."""
     return float(first_token_s(perf, float(prompt_tokens), batch, context))
 
 
