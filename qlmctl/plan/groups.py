@@ -26,7 +26,9 @@ from qlmctl.errors import BadInput
 # longest work first, not short requests grouped with long ones. Measured
 # (2026-12-05, heuristic, three seeds) against 512 / 2048 / open: A-mixed (4) and (8),
 # B-multimodel, C-longprompt, D-longdoc at their reference loads +0.7 / +0.2 / +0.9 /
-# +2.5 / +0.9 points, A-mixed (4) and C at 2x +0.3 / +0.8.
+# +2.5 / +0.9 points, A-mixed (4) and C at 2x +0.3 / +0.8. Not kept: also cutting a
+# group at 8 x 512 tokens (fewer long requests to a group): -2.6 / +0.6 / -0.6 / +0.9 /
+# +0.7, -0.6 / +0.8 against these classes, and three times the planning time.
 LENGTH_CLASSES: tuple[tuple[str, float], ...] = (
     ("to512", 512),
     ("to1k", 1024),
