@@ -804,3 +804,43 @@ def test_a_stream_that_cannot_be_continued_is_not_evicted_once_started(resumable
     urgent = make_requests(1, slo_class="interactive", start_s=1.0, output_tokens=10, prefix="u")
     evicted = [a.request_id for a in arrive(core, urgent, 1.0) if isinstance(a, Evict)]
     assert evicted == (["b1"] if resumable else [])
+
+
+def test_a_burst_of_late_heads_is_deferred_as_if_each_walked_the_queue_from_its_head() -> None:
+    from collections import deque
+
+    from qlmctl.serve.operations import _defer
+    from qlmctl.serve.state import QueuedGroup
+
+    def plan(k: int, deadline_s: float) -> PlannedGroup:
+        return PlannedGroup(f"g{k}", "m1", "interactive", (), deadline_s, 0.0, 0.0, 0.0)
+
+    def queue(rng: np.random.Generator) -> deque[QueuedGroup]:
+        plans = [plan(k, float(rng.choice([5.0, 10.0, 20.0]))) for k in range(8)]
+        return deque(
+            QueuedGroup(plans[k], deque([f"r{k}.{j}" for j in range(3)]), bool(rng.random() < 0.3))
+            for k in range(8)
+        )
+
+    def shape(vq: deque[QueuedGroup]) -> list[tuple[str, bool, list[str]]]:
+        return [(g.plan.group_id, g.deferred, list(g.ids)) for g in vq]
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        first = queue(rng)
+        second = deque(QueuedGroup(g.plan, deque(g.ids), g.deferred) for g in first)
+        filled = 0
+        for vq in (first, second):  # the head group's requests, then the next group's
+            for _ in range(2):
+                head = vq[0]
+                if head.deferred:  # the core serves it: nothing more is deferred
+                    break
+                while head.ids:
+                    if vq is first:
+                        filled = _defer(vq, head, head.ids[0], 10.0, filled)
+                    else:
+                        _defer(vq, head, head.ids[0], 10.0, 0)
+                    head.ids.popleft()
+                vq.popleft()
+                filled = max(filled - 1, 0)
+        assert shape(first) == shape(second)

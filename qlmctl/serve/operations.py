@@ -42,6 +42,7 @@ append their actions to the decision's list and log evictions and sleeps.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
@@ -146,6 +147,7 @@ class ServingOps:
         """The first still-waiting request of the instance's virtual queue and its group;
         heads too late for their deadline move back on the way (:func:`_defer`)."""
         vq = self._queues[inst.spec.id]
+        filled = 0  # where the last request deferred here went (0: none yet)
         while vq:
             g = vq[0]
             while g.ids:
@@ -153,9 +155,11 @@ class ServingOps:
                 if tr.state is ReqState.WAITING and tr.vq_instance == inst.spec.id:
                     if g.deferred or not self._defers(tr, inst, now_s):
                         return g, tr
-                    _defer(vq, g, tr.id, now_s + self.config.defer_horizon_s)
+                    due_by_s = now_s + self.config.defer_horizon_s
+                    filled = _defer(vq, g, tr.id, due_by_s, filled)
                 g.ids.popleft()
             vq.popleft()
+            filled = max(filled - 1, 0)
         return None
 
     def _defers(self, tr: Tracked, inst: InstanceRecord, now_s: float) -> bool:
@@ -512,18 +516,28 @@ def _first_token_alone_s(perf: PerfModel, prompt_tokens: int, batch: int, contex
     return float(first_token_s(perf, float(prompt_tokens), batch, context))
 
 
-def _defer(vq: deque[QueuedGroup], group: QueuedGroup, request_id: str, due_by_s: float) -> None:
+def _defer(
+    vq: deque[QueuedGroup], group: QueuedGroup, request_id: str, due_by_s: float, filled: int
+) -> int:
     """Queue ``request_id`` of ``group`` (``vq``'s head) behind the groups of ``vq`` due
     by ``due_by_s`` and the requests deferred before it, ahead of the first group due
-    later (``CoreConfig.defer_horizon_s``)."""
-    pos = 1
-    while pos < len(vq) and (vq[pos].deferred or vq[pos].plan.deadline_s <= due_by_s):
+    later (``CoreConfig.defer_horizon_s``); the position of the deferred group it joins.
+
+    ``filled``: the position this returned for the last request deferred in ``vq`` with
+    the same ``due_by_s`` (0: none). Every group up to it is passed over again, so the
+    walk starts after it (a burst of late heads defers hundreds at once, and the walk
+    from the head made each one pass the whole queue)."""
+    pos = filled + 1
+    for later in itertools.islice(vq, pos, None):
+        if not (later.deferred or later.plan.deadline_s <= due_by_s):
+            break
         pos += 1
     before = vq[pos - 1]
     if before.deferred and before.plan is group.plan:
         before.ids.append(request_id)
-    else:
-        vq.insert(pos, QueuedGroup(group.plan, deque([request_id]), deferred=True))
+        return pos - 1
+    vq.insert(pos, QueuedGroup(group.plan, deque([request_id]), deferred=True))
+    return pos
 
 
 def _late_by_plan(group: PlannedGroup, request_id: str, now_s: float) -> bool:
