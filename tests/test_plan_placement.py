@@ -103,10 +103,6 @@ def test_an_improvers_answer_counts_from_when_it_would_arrive() -> None:
     assert first.at(9.9) is None and first.at(10.0) == "first"
     second = first.then("second", ready_s=20.0)
     assert second.at(15.0) == "first" and second.at(20.0) == "second"
-    # given up at 15 s: the first is gone, the second still arrives
-    assert second.dropped(15.0).at(15.0) is None
-    assert second.dropped(15.0).at(20.0) == "second"
-    assert second.dropped(25.0).at(25.0) is None
 
 
 def test_a_failing_placement_program_leaves_the_plan_and_says_so(

@@ -28,10 +28,11 @@ and miss probability.
   model each holds; every plan then gives an instance only its model's groups (so a
   snapshot's score may rate ``qlm``'s plan below the heuristic's free one: the placement
   is worth what the minutes after it serve). For the serving core it splits into
-  :meth:`QlmPolicy.quick` (the heuristic answer now, or the MILP's last placements while
-  they still score best) and :meth:`QlmPolicy.improve` (the MILP, safe to run in a
-  worker thread: one Pyomo model and one HiGHS object per call; the only state it shares
-  is the last winning plan, swapped in as one reference).
+  :meth:`QlmPolicy.quick` (the heuristic answer now) and :meth:`QlmPolicy.improve` (the
+  MILP, safe to run in a worker thread: one Pyomo model and one HiGHS object per call;
+  the only state it shares is the placement program's answer, swapped in as one
+  reference). A MILP plan the core adopts runs until the next re-plan, which starts
+  afresh.
 
 Every policy takes ``look_ahead``: the arrivals to come are then planned as requests
 (the recent window repeated, :mod:`qlmctl.plan.arrivals`) that take their place in
@@ -52,7 +53,6 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
@@ -372,30 +372,6 @@ def _milp_sequence(cands: dict[str, Any]) -> tuple[H.Order, list[int]]:
     return best[2], best[3]
 
 
-def _kept_queues(ctx: Context, plan: Plan, sequence: H.Order) -> Queues | None:
-    """``plan``'s instances for the groups it placed, in ``sequence``; groups new since
-    then placed greedily among them. None if it placed none of today's groups."""
-    pb = ctx.problem
-    index = {iid: i for i, iid in enumerate(pb.instance_ids)}
-    where = {
-        r: index[ip.instance_id]
-        for ip in plan.instances
-        if ip.instance_id in index
-        for pg in ip.groups
-        for r in pg.request_ids
-    }
-    fixed = {}
-    for g, grp in enumerate(pb.groups):
-        votes = Counter(where[r.id] for r in grp.requests if r.id in where)
-        if votes:
-            i = votes.most_common(1)[0][0]
-            if pb.eligible[g, i]:
-                fixed[g] = i
-    if not fixed:
-        return None
-    return H.greedy_place(pb, ctx.mean, sequence, fixed)
-
-
 def program_queues(ctx: Context, res: ProgramResult, sequence: H.Order) -> dict[str, Queues]:
     """The program's three plans: its own queues; its assignment run in ``sequence`` with
     the groups it gives up moved to the back; and its assignment with the groups to give
@@ -499,12 +475,6 @@ class Arriving(Generic[T]):
         """``answer`` from ``ready_s`` on, this one's until then."""
         return Arriving(answer, ready_s, self.at(ready_s))
 
-    def dropped(self, now_s: float) -> Arriving[T]:
-        """The answer standing at ``now_s`` given up (one still on its way stays)."""
-        if now_s >= self.ready_s:
-            return Arriving()
-        return Arriving(self.answer, self.ready_s)
-
 
 class QlmPolicy(BasePolicy):
     """The stochastic program, never worse than the heuristic on the scoring scenarios."""
@@ -535,8 +505,6 @@ class QlmPolicy(BasePolicy):
         self.swap_cost = swap_cost
         self.warm_start = warm_start
         self.placement = placement
-        # the last plan the MILP won with: quick() keeps its placements while they score best
-        self._kept: Arriving[Plan] = Arriving()
         self._targets: Arriving[Targets] = Arriving()  # the placement program's answer
 
     def _held(self, ctx: Context, targets: Targets | None) -> Context:
@@ -561,21 +529,21 @@ class QlmPolicy(BasePolicy):
         return Targets(decision.models, changed), decision
 
     def quick(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
-        """The heuristic answer, or the MILP's last placements kept if they score better
-        (new arrivals placed greedily among them), labelled ``qlm``: for the hot path."""
+        """The heuristic answer under the standing placement, labelled ``qlm``: for the
+        hot path.
+
+        NOTE: it used to add the MILP's last winning plan as a candidate (its groups'
+        instances kept, new ones placed greedily) while it scored best, so one adopted
+        plan steered the re-plans after it. Measured without it (2026-12-05, three
+        seeds at the sweep's reference loads and at D 2.5x): `qlm` − `heuristic` went
+        from −0.0 / −0.0 / −0.1 / −1.1 / +0.2 / −2.2 points to −0.3 / −0.2 / +0.2 /
+        −0.2 / −0.0 / −0.5 (A-mixed (4) and (8), B, C, D, D at 2.5x): a plan the scorer
+        favoured on one snapshot, kept while the same scorer favoured it, carried its
+        error forward, most in the long-prompt cells C and D."""
         t0 = time.perf_counter()
         ctx = self._held(self.prepare(snapshot, rng), self._targets.at(snapshot.now_s))
         cands = heuristic_candidates(ctx)
-        kept = self._kept.at(snapshot.now_s)
-        if kept is not None:
-            sequence, blocks = _milp_sequence(cands)
-            queues = _kept_queues(ctx, kept, sequence)
-            if queues is not None:
-                score = simulate(ctx.problem, ctx.scen, queues)
-                cands["milp-kept"] = (queues, score, sequence, blocks)
         best = best_candidate(cands)
-        if best != "milp-kept":
-            self._kept = self._kept.dropped(snapshot.now_s)
         stats = SolverStats(
             build_s=time.perf_counter() - t0,
             status="heuristic",
@@ -590,11 +558,9 @@ class QlmPolicy(BasePolicy):
     ) -> Plan | None:
         """Run the programs within about ``budget_s``; the plan only if the MILP's beats the
         heuristic's or it stands on a new placement."""
-        t0 = time.perf_counter()
         plan, placed = self._solve(snapshot, rng, budget_s)
         if not plan.solver.chosen.startswith("milp") and not placed:
             return None
-        self._kept = self._kept.then(plan, snapshot.now_s + answer_after_s(self.answer_delay_s, t0))
         return plan
 
     def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
