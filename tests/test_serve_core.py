@@ -825,22 +825,24 @@ def test_a_burst_of_late_heads_is_deferred_as_if_each_walked_the_queue_from_its_
     def shape(vq: deque[QueuedGroup]) -> list[tuple[str, bool, list[str]]]:
         return [(g.plan.group_id, g.deferred, list(g.ids)) for g in vq]
 
+    def defer_heads(vq: deque[QueuedGroup], cursor: bool) -> None:
+        """Defer the head group's requests, then the next group's, as ServingOps._head
+        does in one look (with the cursor) or each from the head (without)."""
+        filled = 0
+        for _ in range(2):
+            head = vq[0]
+            if head.deferred:  # the core serves it: nothing more is deferred
+                return
+            while head.ids:
+                filled = _defer(vq, head, head.ids[0], 10.0, filled if cursor else 0)
+                head.ids.popleft()
+            vq.popleft()
+            filled = max(filled - 1, 0)
+
     rng = np.random.default_rng(0)
     for _ in range(200):
-        first = queue(rng)
-        second = deque(QueuedGroup(g.plan, deque(g.ids), g.deferred) for g in first)
-        filled = 0
-        for vq in (first, second):  # the head group's requests, then the next group's
-            for _ in range(2):
-                head = vq[0]
-                if head.deferred:  # the core serves it: nothing more is deferred
-                    break
-                while head.ids:
-                    if vq is first:
-                        filled = _defer(vq, head, head.ids[0], 10.0, filled)
-                    else:
-                        _defer(vq, head, head.ids[0], 10.0, 0)
-                    head.ids.popleft()
-                vq.popleft()
-                filled = max(filled - 1, 0)
-        assert shape(first) == shape(second)
+        walked = queue(rng)
+        from_head = deque(QueuedGroup(g.plan, deque(g.ids), g.deferred) for g in walked)
+        defer_heads(walked, cursor=True)
+        defer_heads(from_head, cursor=False)
+        assert shape(walked) == shape(from_head)
