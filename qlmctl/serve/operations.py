@@ -147,6 +147,7 @@ class ServingOps:
         """The first still-waiting request of the instance's virtual queue and its group;
         heads too late for their deadline move back on the way (:func:`_defer`)."""
         vq = self._queues[inst.spec.id]
+        due_by_s = now_s + self.config.defer_horizon_s  # one look: the same for every head
         filled = 0  # where the last request deferred here went (0: none yet)
         while vq:
             g = vq[0]
@@ -155,7 +156,6 @@ class ServingOps:
                 if tr.state is ReqState.WAITING and tr.vq_instance == inst.spec.id:
                     if g.deferred or not self._defers(tr, inst, now_s):
                         return g, tr
-                    due_by_s = now_s + self.config.defer_horizon_s
                     filled = _defer(vq, g, tr.id, due_by_s, filled)
                 g.ids.popleft()
             vq.popleft()
