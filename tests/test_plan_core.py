@@ -24,9 +24,17 @@ from qlmctl.plan.estimator import (
 )
 from qlmctl.plan.groups import build_groups
 from qlmctl.plan.policies import POLICIES, make_policy, prepare
-from qlmctl.plan.simulate import first_tokens, scenario_quantiles, simulate
+from qlmctl.plan.simulate import Score, first_tokens, scenario_quantiles, simulate
 from qlmctl.plan.slots import EngineState
-from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, RecentArrivals, RunningRequest
+from qlmctl.plan.types import (
+    InstanceState,
+    Plan,
+    PlannedGroup,
+    QueueSnapshot,
+    RecentArrivals,
+    RunningRequest,
+)
+from qlmctl.serve.state import Forecast
 from tests.helpers import SLO_CLASSES, make_perf, make_requests
 
 MODELS = ("m1", "m2")
@@ -268,6 +276,37 @@ def test_arrivals_going_ahead_stretch_the_wait_for_a_slot_not_for_the_pipeline()
     assert np.allclose(slot_bound, unstretched + 10.0)
     pipeline_bound, unstretched = dispatch(0.0, 10.0, half), dispatch(0.0, 10.0, 0 * half)
     assert (unstretched >= 10.0).all() and np.array_equal(pipeline_bound, unstretched)
+
+
+def test_dispatch_keeps_the_cores_engine_queue_ahead_of_the_pipeline() -> None:
+    """Slots free, a burst of long prompts: the core sends each when fewer than
+    ``max_waiting`` wait in the engine, i.e. when the prompt that many places before it
+    enters the pipeline; without that limit, as soon as its slot is free. Never after
+    its own start."""
+    reqs = make_requests(6, gap_s=0.0, prompt_tokens=5000)
+
+    def score(max_waiting: int | None) -> Score:
+        snap = snapshot(reqs, residents=("m1",))
+        inst = replace(snap.instances[0], max_waiting=max_waiting)
+        snap = replace(snap, instances=(inst,))
+        ctx = prepare(snap, LengthModel(), np.random.default_rng(0), max_group_size=6)
+        return simulate(ctx.problem, ctx.scen, ((0,),))
+
+    paced, free = score(2), score(None)
+    assert np.array_equal(paced.request_start_s, free.request_start_s)  # only dispatch moves
+    assert np.array_equal(free.request_dispatch_s, np.zeros(6))
+    assert np.array_equal(paced.request_dispatch_s[:2], np.zeros(2))
+    assert np.allclose(paced.request_dispatch_s[2:], paced.request_start_s[:-2])
+    assert (paced.request_dispatch_s[3:] > 0).all()  # the first prompt starts at once
+    assert (paced.request_dispatch_s <= paced.request_start_s).all()
+
+
+def test_a_requests_forecast_is_its_dispatch() -> None:
+    """The run log's forecast is the dispatch; a plan from before it has the start."""
+    group = PlannedGroup("g", "m1", "interactive", ("a",), 20.0, 5.0, 9.0, 0.1,
+                         request_start_s=(5.0,), request_miss_probability=(0.1,))  # fmt: skip
+    assert Forecast.of_group(group, 0).start_s == 5.0
+    assert Forecast.of_group(replace(group, request_dispatch_s=(3.0,)), 0).start_s == 3.0
 
 
 def test_scenarios_spread_and_clairvoyant_truth() -> None:

@@ -162,10 +162,11 @@ def test_first_tokens_with_nothing_going_ahead_are_the_unstretched_ones() -> Non
     decode = np.repeat(scen.decode_s[0, 0][:, None], 6, axis=1)
     urgent = np.zeros(scen.count)
     got = first_tokens(pb, scen.engines[0].copy(), 0, 0, decode, Ahead(urgent, scen.horizon_s))
-    starts, prefilled, _ = scen.engines[0].copy().serve(decode, pb.req_prefill_s[:6, 0], 0.0)
+    starts, prefilled, free = scen.engines[0].copy().serve(decode, pb.req_prefill_s[:6, 0], 0.0)
     tokens = np.maximum(prefilled + pb.overhead_s[0, 0], starts + pb.req_ttft_s[:6, 0])
-    delay = np.maximum(starts - pb.now_s, 0.0) * (urgent / (1.0 - urgent))[:, None]
-    for a, b in zip(got, (starts + delay, prefilled + delay, tokens + delay), strict=True):
+    delay = np.maximum(free - pb.now_s, 0.0) * (urgent / (1.0 - urgent))[:, None]
+    want = (starts + delay, prefilled + delay, tokens + delay, free + delay)
+    for a, b in zip(got, want, strict=True):
         assert np.array_equal(a, b)
 
 

@@ -242,6 +242,7 @@ def to_plan(
                     miss_probability=float(score.miss_prob[g]),
                     priority=grp.priority if with_priority else 0,
                     request_start_s=tuple(score.request_start_s[rows].tolist()),
+                    request_dispatch_s=tuple(score.request_dispatch_s[rows].tolist()),
                     request_miss_probability=tuple(score.request_miss_prob[rows].tolist()),
                     request_first_token_s=tuple(token_p50[rows].tolist()),
                     request_first_token_p90_s=tuple(token_p90[rows].tolist()),

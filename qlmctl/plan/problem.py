@@ -117,6 +117,9 @@ class Problem:
     running_instance: np.ndarray = field(default_factory=lambda: np.zeros(0, int))  # [R]
     running_step_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] full step
     running_prefill_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [R] left
+    # [I] the core sends a request only while fewer than this many wait in the instance's
+    # engine for the prefill pipeline (0, or empty: no such limit; see simulate)
+    engine_queue: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
     # coming arrivals, per stream k (model, class) seen in the snapshot's recent window:
     stream_ahead: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), bool))  # [G, K]
     stream_load: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # [K, I]
@@ -316,6 +319,7 @@ def build_problem(
         running_instance=np.array(run_inst, int),
         running_step_s=run_step,
         running_prefill_s=np.array(run_prefill, float),
+        engine_queue=np.array([inst.max_waiting or 0 for inst in insts], int),
         **_streams(snapshot, groups, models, batch, step, rate, expected),
     )
 

@@ -56,6 +56,8 @@ class InstanceState:
     sleeping_models: frozenset[str] = frozenset()
     running: tuple[RunningRequest, ...] = ()
     max_running: int | None = None  # the core runs no more at once (None: the profile's)
+    # the core sends work only while fewer than this wait in the engine (None: no limit)
+    max_waiting: int | None = None
 
     def can_serve(self, model: str) -> bool:
         """Whether the instance is up and allowed to serve ``model``."""
@@ -139,6 +141,8 @@ class PlannedGroup:
     # null in the JSON form)
     request_start_s: tuple[float, ...] = ()
     request_miss_probability: tuple[float, ...] = ()
+    # per request: when the core sends it (mean; at or before its start, see simulate)
+    request_dispatch_s: tuple[float, ...] = ()
     request_first_token_s: tuple[float, ...] = ()
     request_first_token_p90_s: tuple[float, ...] = ()
     request_finish_s: tuple[float, ...] = ()
@@ -248,7 +252,7 @@ _UNTIMED_IS_NULL = (
     "request_finish_p90_s",
 )
 # PlannedGroup's per-request columns (aligned with request_ids), and those holding times
-PER_REQUEST_TIMES = ("request_start_s", *_UNTIMED_IS_NULL)
+PER_REQUEST_TIMES = ("request_start_s", "request_dispatch_s", *_UNTIMED_IS_NULL)
 PER_REQUEST = ("request_ids", "request_miss_probability", *PER_REQUEST_TIMES)
 
 

@@ -143,8 +143,11 @@ def instance_state(
     now_s: float,
     perf: Mapping[tuple[str, str], PerfModel],
     max_running: int | None,
+    max_waiting: int | None = None,
 ) -> InstanceState:
-    """``inst`` as a policy sees it at ``now_s`` (``max_running``: the core's cap)."""
+    """``inst`` as a policy sees it at ``now_s`` (``max_running``, ``max_waiting``: the
+    core's caps on the requests it runs there and on those it leaves waiting in the
+    engine)."""
     running = [*inst.inflight.values(), *inst.evicting.values()]
     return InstanceState(
         instance_id=inst.spec.id,
@@ -155,6 +158,7 @@ def instance_state(
         servable_models=frozenset(inst.spec.models) if inst.spec.models else None,
         sleeping_models=frozenset(inst.sleeping),
         max_running=max_running,
+        max_waiting=max_waiting,
         running=tuple(_running(t, inst, perf, now_s) for t in running),
     )
 

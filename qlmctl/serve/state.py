@@ -74,7 +74,7 @@ class Forecast:
     time is None where none was made: a plan without it, or a request its instance
     serves after its queue in at least that share of the scoring scenarios)."""
 
-    start_s: float  # dispatch (a batch slot taken), mean
+    start_s: float  # dispatch (the core sends it), mean
     miss_prob: float
     first_token_s: float | None = None  # median
     first_token_p90_s: float | None = None
@@ -93,7 +93,8 @@ class Forecast:
                 group.request_finish_p90_s,
             )
         ]
-        return cls(group.request_start_s[k], group.request_miss_probability[k], *times)
+        dispatch = group.request_dispatch_s or group.request_start_s  # older plans: start
+        return cls(dispatch[k], group.request_miss_probability[k], *times)
 
     def row(self) -> dict[str, float | None]:
         """Its run-log columns (``REQUESTS_SCHEMA``)."""
