@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +31,8 @@ from qlmctl.plan.types import (
 )
 from qlmctl.serve.config import CoreConfig
 from qlmctl.serve.core import ServeCore
-from qlmctl.serve.state import IllegalTransition, InstStatus, ReqState, Tracked
+from qlmctl.serve.operations import _defer
+from qlmctl.serve.state import IllegalTransition, InstStatus, QueuedGroup, ReqState, Tracked
 from tests.helpers import SLO_CLASSES, make_cluster, make_perf, make_requests
 
 
@@ -807,11 +809,6 @@ def test_a_stream_that_cannot_be_continued_is_not_evicted_once_started(resumable
 
 
 def test_a_burst_of_late_heads_is_deferred_as_if_each_walked_the_queue_from_its_head() -> None:
-    from collections import deque
-
-    from qlmctl.serve.operations import _defer
-    from qlmctl.serve.state import QueuedGroup
-
     def plan(k: int, deadline_s: float) -> PlannedGroup:
         return PlannedGroup(f"g{k}", "m1", "interactive", (), deadline_s, 0.0, 0.0, 0.0)
 
