@@ -208,13 +208,16 @@ def plan(
     """
     from qlmctl.plan.planner import instance_rows, plan_workload, summary
     from qlmctl.render import print_json, print_table
+    from qlmctl.serve.config import instance_caps
 
     names = [p.strip() for p in compare.split(",") if p.strip()] if compare else [policy]
     options = {"time_limit_s": time_limit, "mip_gap": mip_gap, "milp_scenarios": scenarios}
     if clairvoyant:
         options["clairvoyant"] = True
     measured = profiles if profiles.exists() or profiles != Path("profiles") else None
-    result = plan_workload(workload, cluster, measured, names, options, seed, at, out)
+    result = plan_workload(
+        workload, cluster, measured, names, options, seed, at, out, caps=instance_caps
+    )
     if json_out:
         print_json(summary(result))
         return

@@ -40,6 +40,32 @@ def test_plan_table_at_time(tmp_path: Path) -> None:
     assert "instance a100-0" in result.output and "attainment" in result.output
 
 
+def test_plan_forecasts_dispatch_as_the_core_sends(tmp_path: Path) -> None:
+    """`qlmctl plan` plans each policy with the caps the core serves it with: a queue
+    policy's request is sent once fewer than two wait in the engine (never before the
+    prompt two places ahead enters the pipeline); a router sends every request as soon
+    as a slot is free, ahead of the pipeline."""
+    args = ["plan", str(WORKLOAD), "--cluster", str(CLUSTER), "--profiles", str(tmp_path)]
+    result = runner.invoke(
+        app, [*args, "--compare", "edf,fcfs", "--at", "20", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+
+    def sent_ahead(policy: str) -> int:
+        """Requests forecast to be sent before the prompt two places ahead enters."""
+        path = tmp_path / f"synthetic-bursty-{policy}.json"
+        plan = Plan.from_dict(json.loads(path.read_text()))
+        count = 0
+        for ip in plan.instances:
+            sent = [t for g in ip.groups for t in g.request_dispatch_s]
+            start = [t for g in ip.groups for t in g.request_start_s]
+            count += sum(d < s - 1e-9 for d, s in zip(sent[2:], start, strict=False))
+        return count
+
+    assert sent_ahead("edf") == 0
+    assert sent_ahead("fcfs") > 0
+
+
 def test_plan_bad_policy_is_one_line(tmp_path: Path) -> None:
     args = ["plan", str(WORKLOAD), "--cluster", str(CLUSTER), "--profiles", str(tmp_path)]
     result = runner.invoke(app, [*args, "--policy", "sjf", "--out", str(tmp_path)])

@@ -3,16 +3,18 @@
 How it works: :func:`snapshot_from_workload` pictures the cluster at time ``at_s`` (0 by
 default: every request of the workload is waiting, later arrivals released when they
 arrive; with ``at_s``: the requests arrived by then) with instances idle on their
-resident models. :func:`compare_policies` plans with each policy, then scores every
-plan on one common held-out scenario set drawn from an independent stream, so the
-comparison does not favour the policy whose own scenarios were used to pick its plan.
+resident models. :func:`compare_policies` plans with each policy (on the snapshot with
+the caps the serving core would give it, :func:`with_core_caps`, so a plan's forecasts
+are those ``serve --plan`` makes), then scores every plan on one common held-out
+scenario set drawn from an independent stream, so the comparison does not favour the
+policy whose own scenarios were used to pick its plan.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -26,10 +28,14 @@ from qlmctl.plan.estimator import LengthModel, sample_scenarios
 from qlmctl.plan.groups import DEFAULT_MAX_GROUP_SIZE
 from qlmctl.plan.policies import make_policy, prepare
 from qlmctl.plan.simulate import Score, check_queues, simulate
-from qlmctl.plan.types import InstanceState, Plan, QueueSnapshot, known_time
+from qlmctl.plan.types import InstanceState, Plan, Policy, QueueSnapshot, known_time
 from qlmctl.workload import Workload
 
 HELD_OUT_SCENARIOS = 200
+
+# a policy -> the caps the serving core puts on each instance for it: requests it runs
+# there, requests it leaves waiting in the engine (None: no cap)
+CoreCaps = Callable[[Policy], tuple[int | None, int | None]]
 
 
 def snapshot_from_workload(
@@ -63,6 +69,17 @@ def snapshot_from_workload(
     return QueueSnapshot(now, reqs, instances, classes, perf)
 
 
+def with_core_caps(
+    snapshot: QueueSnapshot, max_running: int | None, max_waiting: int | None
+) -> QueueSnapshot:
+    """``snapshot`` with the serving core's caps on every instance, as its re-plans see
+    them (the forecast dispatch of a burst is paced by ``max_waiting``)."""
+    instances = tuple(
+        replace(i, max_running=max_running, max_waiting=max_waiting) for i in snapshot.instances
+    )
+    return replace(snapshot, instances=instances)
+
+
 @dataclass(frozen=True)
 class Compared:
     """One policy's plan and its score on the common held-out scenarios."""
@@ -78,13 +95,16 @@ def compare_policies(
     options: dict[str, Any],
     seed: int = 0,
     held_out: int = HELD_OUT_SCENARIOS,
+    caps: CoreCaps | None = None,
 ) -> dict[str, Compared]:
-    """Plan with each policy in ``names``; score all on the same held-out scenarios."""
+    """Plan with each policy in ``names`` (on ``snapshot`` with the ``caps`` the core
+    gives it, if given); score all on the same held-out scenarios."""
     out_plans: dict[str, tuple[Plan, float, bool]] = {}  # plan, wall, served deferring late
     for name in names:
         policy = make_policy(name, **options)
+        planned = snapshot if caps is None else with_core_caps(snapshot, *caps(policy))
         t0 = time.perf_counter()
-        plan = policy.plan(snapshot, np.random.default_rng(seed))
+        plan = policy.plan(planned, np.random.default_rng(seed))
         out_plans[name] = (plan, time.perf_counter() - t0, policy.serving.defers_late)
     ctx = prepare(snapshot, LengthModel(), np.random.default_rng(seed), 1, _group_size(options))
     scen = sample_scenarios(
@@ -113,8 +133,10 @@ def plan_workload(
     seed: int = 0,
     at_s: float | None = None,
     out_dir: Path | None = None,
+    caps: CoreCaps | None = None,
 ) -> dict[str, Compared]:
-    """Load the inputs, plan with each policy, write ``<out_dir>/<workload>-<policy>.json``."""
+    """Load the inputs, plan with each policy (``caps``: see :func:`compare_policies`),
+    write ``<out_dir>/<workload>-<policy>.json``."""
     from qlmctl.domain import check_models_served
     from qlmctl.plan.planfile import plan_meta
     from qlmctl.profile.store import ProfileStore
@@ -126,7 +148,7 @@ def plan_workload(
     check_models_served(cluster, workload.models)
     perf = ProfileStore.load(profiles).for_cluster(cluster)
     snapshot = snapshot_from_workload(workload, cluster, perf, at_s)
-    result = compare_policies(snapshot, policies, options, seed)
+    result = compare_policies(snapshot, policies, options, seed, caps=caps)
     meta = plan_meta(workload, cluster, perf, options, seed, at_s)
     meta["cluster"] = str(cluster_path)
     result = {

@@ -148,6 +148,13 @@ class CoreConfig:
         return asdict(self)
 
 
+def instance_caps(policy: Policy) -> tuple[int | None, int | None]:
+    """The caps the core puts on each instance when it serves ``policy``'s plans (by
+    default): requests it runs there, requests it leaves waiting in the engine."""
+    config = CoreConfig.for_policy(policy)
+    return config.max_inflight, config.max_engine_waiting
+
+
 @dataclass(frozen=True, slots=True)
 class CoreStats:
     """Counts for a live view and the final summary."""
