@@ -144,15 +144,20 @@ class CoreConfig:
             knobs["evict_batch"] = 0
         return cls(**{**knobs, **overrides})
 
+    @property
+    def instance_caps(self) -> tuple[int | None, int | None]:
+        """The caps each instance's snapshot carries for the planner: requests the core
+        runs there, requests it leaves waiting in the engine."""
+        return self.max_inflight, self.max_engine_waiting
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def instance_caps(policy: Policy) -> tuple[int | None, int | None]:
-    """The caps the core puts on each instance when it serves ``policy``'s plans (by
-    default): requests it runs there, requests it leaves waiting in the engine."""
-    config = CoreConfig.for_policy(policy)
-    return config.max_inflight, config.max_engine_waiting
+    """:attr:`CoreConfig.instance_caps` when the core serves ``policy``'s plans (by
+    default)."""
+    return CoreConfig.for_policy(policy).instance_caps
 
 
 @dataclass(frozen=True, slots=True)

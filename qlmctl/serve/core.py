@@ -449,9 +449,7 @@ class ServeCore:
             now_s=now_s,
             waiting=tuple(what_is_left(t) for t in waiting),
             instances=tuple(
-                instance_state(
-                    i, now_s, self._perf, self.config.max_inflight, self.config.max_engine_waiting
-                )
+                instance_state(i, now_s, self._perf, *self.config.instance_caps)
                 for i in self._insts.values()
             ),
             slo_classes=self._slo,
