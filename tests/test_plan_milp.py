@@ -153,7 +153,7 @@ def test_the_programs_plan_with_the_heuristics_assignment_is_the_heuristics_plan
         instance_of(heuristic, pb.num_groups), [0.0] * pb.num_groups,
         None, None, "Optimal", 0.0, 0.0, 0.0, 0.0, 0, 0,
     )  # fmt: skip
-    sequence, _ = _milp_sequence(cands)
+    sequence = _milp_sequence(cands)
     assert program_queues(ctx, assigned, sequence)["milp"] == heuristic
 
 
@@ -175,8 +175,8 @@ def test_the_programs_moves_are_kept_only_where_the_plan_scores_higher() -> None
         where = instance_of(queues, pb.num_groups)
         return ProgramResult(where, [0.0] * pb.num_groups, None, None, "", 0.0, 0, 0, 0, 0, 0)
 
-    def candidate(queues: Queues) -> tuple[Queues, Score, list[int], list[int]]:
-        return queues, simulate(pb, ctx.scen, queues), edf, [0] * len(edf)
+    def candidate(queues: Queues) -> tuple[Queues, Score, list[int]]:
+        return queues, simulate(pb, ctx.scen, queues), edf
 
     for queues in (crowded, spread):  # each queue's misses add up to the plan's
         parts = [queue_misses(pb, ctx.scen, i, q) for i, q in enumerate(queues)]

@@ -291,8 +291,8 @@ def shed_order_and_queues(
     return [g for g in order if g not in shed] + [g for g in order if g in shed], None
 
 
-def block_order(problem: Problem, bucket_s: float | None = None) -> tuple[Order, list[int]]:
-    """Model-batched order and the block index of each position.
+def block_order(problem: Problem, bucket_s: float | None = None) -> Order:
+    """Model-batched order: blocks of one tier and one model, each in EDF order.
 
     Args:
         problem: the planning problem.
@@ -309,12 +309,7 @@ def block_order(problem: Problem, bucket_s: float | None = None) -> tuple[Order,
     for g in edf_order(problem):
         blocks.setdefault((tier[g], int(problem.group_model[g])), []).append(g)
     ranked = sorted(blocks.items(), key=lambda kv: (kv[0][0], problem.deadline_s[kv[1][0]]))
-    order: Order = []
-    block_of: list[int] = []
-    for b, (_key, members) in enumerate(ranked):
-        order.extend(members)
-        block_of.extend([b] * len(members))
-    return order, block_of
+    return [g for _key, members in ranked for g in members]
 
 
 def greedy_place(

@@ -335,22 +335,22 @@ class OrderPolicy(BasePolicy):
         return to_plan(ctx, self.name, queues, score, stats, self.serving.vllm_priority)
 
 
-def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order, list[int]]]:
+def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order]]:
     """EDF-greedy (plain and with shedding) and two model-batched greedy candidates, scored."""
     pb = ctx.problem
     min_ttft = float(np.min(pb.deadline_s - pb.release_s))
     out = {}
     edf = H.edf_order(pb)
     orders = {
-        "edf-greedy": (edf, [0] * len(edf)),
+        "edf-greedy": edf,
         "class-blocks": H.block_order(pb),
         "deadline-blocks": H.block_order(pb, bucket_s=min_ttft),
     }
     shed, edf_queues = H.shed_order_and_queues(pb, ctx.mean, edf)
     if shed != edf:
-        orders["edf-shed"] = (shed, [0] * len(edf))
+        orders["edf-shed"] = shed
     placed: dict[tuple[int, ...], tuple[Queues, Score]] = {}  # order -> queues, score
-    for name, (order, blocks) in orders.items():
+    for name, order in orders.items():
         # NOTE: orders often coincide (one class and one model: every block order is EDF);
         # placement and scoring are deterministic, so each distinct order is done once
         # (EDF's placement is the shedding walk's when it shed nothing)
@@ -359,18 +359,17 @@ def heuristic_candidates(ctx: Context) -> dict[str, tuple[Queues, Score, H.Order
             known = edf_queues if order == edf else None
             queues = known if known is not None else H.greedy_place(pb, ctx.mean, order)
             placed[key] = (queues, simulate(pb, ctx.scen, queues))
-        out[name] = (*placed[key], order, blocks)
+        out[name] = (*placed[key], order)
     return out
 
 
-def _milp_sequence(cands: dict[str, Any]) -> tuple[H.Order, list[int]]:
-    """The MILP's fixed sequence: the best candidate's order (and its model blocks).
+def _milp_sequence(cands: dict[str, Any]) -> H.Order:
+    """The MILP's fixed sequence: the best candidate's order.
 
     NOTE: its queues follow this order (:func:`queues_of`), so the program's plan with
     the best candidate's assignment is that candidate's plan (shedding its order again
     here made that plan score 87.7 % against 92.2 % at one re-plan in A-mixed at 2x)."""
-    best = cands[best_candidate(cands)]
-    return best[2], best[3]
+    return cands[best_candidate(cands)][2]
 
 
 def program_queues(ctx: Context, res: ProgramResult, sequence: H.Order) -> dict[str, Queues]:
@@ -394,7 +393,7 @@ def program_queues(ctx: Context, res: ProgramResult, sequence: H.Order) -> dict[
 
 
 def program_moves(
-    ctx: Context, cand: tuple[Queues, Score, H.Order, list[int]], res: ProgramResult
+    ctx: Context, cand: tuple[Queues, Score, H.Order], res: ProgramResult
 ) -> tuple[Queues, Score]:
     """``cand`` (a heuristic candidate) with the program's moves (the groups it puts on
     another instance) tried one at a time in the candidate's order, each kept where the
@@ -406,7 +405,7 @@ def program_moves(
     score); at most :data:`MAX_PROGRAM_MOVES` are tried."""
     assert res.instance_of is not None
     pb, scen = ctx.problem, ctx.scen
-    queues, score, order, _blocks = cand
+    queues, score, order = cand
     where = instance_of(queues, pb.num_groups)
 
     def queue(i: int) -> tuple[int, ...]:
@@ -602,7 +601,7 @@ class QlmPolicy(BasePolicy):
         pb = ctx.problem
         cands = heuristic_candidates(ctx)
         best = best_candidate(cands)
-        order, _blocks = _milp_sequence(cands)
+        order = _milp_sequence(cands)
         if self.clairvoyant:
             in_sample = known_scenario(pb, milp_rng, self.milp_scenarios)
         elif self.milp_scenarios == 1:
