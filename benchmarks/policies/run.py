@@ -78,20 +78,20 @@ def run_point(point: Point) -> dict[str, Any]:
     workload, scale, offered = _workload(
         point.scenario, point.instances, point.load, point.span_s, point.slo_s
     )
+    key = {
+        "scenario": point.scenario,
+        "instances": point.instances,
+        "load": point.load,
+        "offered_load": offered,
+        "time_scale": scale,
+        "policy": point.policy,
+        "seed": point.seed,
+        "requests": len(workload.requests),
+    }
     if point.policy in BOUNDS:
         t0 = time.perf_counter()
-        return {
-            "scenario": point.scenario,
-            "instances": point.instances,
-            "load": point.load,
-            "offered_load": offered,
-            "time_scale": scale,
-            "policy": point.policy,
-            "seed": point.seed,
-            "requests": len(workload.requests),
-            "attainment": BOUNDS[point.policy](workload, cluster, perf),
-            "wall_s": time.perf_counter() - t0,
-        }
+        bound = BOUNDS[point.policy](workload, cluster, perf)
+        return {**key, "attainment": bound, "wall_s": time.perf_counter() - t0}
     name, options, improve = POLICY_RUNS[point.policy]
     policy = make_policy(name, **options)
     t0 = time.perf_counter()
@@ -105,14 +105,7 @@ def run_point(point: Point) -> dict[str, Any]:
         milp = milp_counts(log.operations)
     o = m.overall
     row: dict[str, Any] = {
-        "scenario": point.scenario,
-        "instances": point.instances,
-        "load": point.load,
-        "offered_load": offered,
-        "time_scale": scale,
-        "policy": point.policy,
-        "seed": point.seed,
-        "requests": len(workload.requests),
+        **key,
         "ended": o.requests,
         "finished": o.finished,
         "met": o.met,

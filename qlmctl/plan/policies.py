@@ -426,6 +426,21 @@ def program_moves(
     return moved, simulate(pb, scen, moved)
 
 
+def heuristic_plan(ctx: Context, policy: str, t0: float, note: str = "") -> Plan:
+    """The best-scoring heuristic candidate of ``ctx`` as ``policy``'s plan, its build
+    time counted from ``t0`` (a ``time.perf_counter()`` reading)."""
+    cands = heuristic_candidates(ctx)
+    best = best_candidate(cands)
+    stats = SolverStats(
+        build_s=time.perf_counter() - t0,
+        status="heuristic",
+        chosen=best,
+        scores={k: v[1].attainment for k, v in cands.items()},
+        note=note,
+    )
+    return to_plan(ctx, policy, cands[best][0], cands[best][1], stats)
+
+
 def best_candidate(cands: dict[str, Any]) -> str:
     """Candidate with the highest score; ties go to the first listed."""
     return max(cands, key=lambda k: cands[k][1].attainment)
@@ -439,16 +454,7 @@ class HeuristicPolicy(BasePolicy):
     def plan(self, snapshot: QueueSnapshot, rng: np.random.Generator) -> Plan:
         """The best-scoring heuristic candidate."""
         t0 = time.perf_counter()
-        ctx = self.prepare(snapshot, rng)
-        cands = heuristic_candidates(ctx)
-        best = best_candidate(cands)
-        stats = SolverStats(
-            build_s=time.perf_counter() - t0,
-            status="heuristic",
-            chosen=best,
-            scores={k: v[1].attainment for k, v in cands.items()},
-        )
-        return to_plan(ctx, self.name, cands[best][0], cands[best][1], stats)
+        return heuristic_plan(self.prepare(snapshot, rng), self.name, t0)
 
 
 T = TypeVar("T")
@@ -542,16 +548,7 @@ class QlmPolicy(BasePolicy):
         error forward, most in the long-prompt cells C and D."""
         t0 = time.perf_counter()
         ctx = self._held(self.prepare(snapshot, rng), self._targets.at(snapshot.now_s))
-        cands = heuristic_candidates(ctx)
-        best = best_candidate(cands)
-        stats = SolverStats(
-            build_s=time.perf_counter() - t0,
-            status="heuristic",
-            chosen=best,
-            scores={k: v[1].attainment for k, v in cands.items()},
-            note="fast answer; the MILP improver runs beside it",
-        )
-        return to_plan(ctx, self.name, cands[best][0], cands[best][1], stats)
+        return heuristic_plan(ctx, self.name, t0, "fast answer; the MILP improver runs beside it")
 
     def improve(
         self, snapshot: QueueSnapshot, budget_s: float, rng: np.random.Generator
