@@ -75,14 +75,14 @@ class FirstPlanAfter:
 
 
 def forecasts(plan: Plan) -> pd.DataFrame:
-    """One row per request the plan places: its instance and dispatch forecast."""
+    """One row per request the plan places: its class and dispatch forecast."""
     rows = [
-        (rid, ip.instance_id, g.slo_class, g.request_dispatch_s[k])
+        (rid, g.slo_class, g.request_dispatch_s[k])
         for ip in plan.instances
         for g in ip.groups
         for k, rid in enumerate(g.request_ids)
     ]
-    return pd.DataFrame(rows, columns=["request_id", "instance_id", "slo_class", "forecast_s"])
+    return pd.DataFrame(rows, columns=["request_id", "slo_class", "forecast_s"])
 
 
 def errors(plan: Plan, requests: pd.DataFrame) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def instance_state(
     now_s: float,
     perf: Mapping[tuple[str, str], PerfModel],
     max_running: int | None,
-    max_waiting: int | None = None,
+    max_waiting: int | None,
 ) -> InstanceState:
     """``inst`` as a policy sees it at ``now_s`` (``max_running``, ``max_waiting``: the
     core's caps on the requests it runs there and on those it leaves waiting in the
