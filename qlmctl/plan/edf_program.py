@@ -303,7 +303,8 @@ def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
     def kept(m: pe.ConcreteModel, i: int, s: int, q: int) -> Any:
         g = row_group[(i, s, q)]
         before = m.W[i, s, q - 1] if q else 0.0
-        return m.W[i, s, q] == before + p[(g, i, s)] * (m.x[g, i] - m.z[g, i, s])
+        share = p[(g, i, s)]
+        return m.W[i, s, q] == before + share * m.x[g, i] - share * m.z[g, i, s]
 
     m.kept = pe.Constraint(m.R, rule=kept)
     # with swaps: the q-th row of scenario s is charged the swaps the mean order's q needs
@@ -324,7 +325,8 @@ def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
     def released(m: pe.ConcreteModel, i: int, s: int, r: float, n: int) -> Any:
         g = data["later"][(i, s, r)][n][0]
         before = m.V[i, s, r, n - 1] if n else 0.0
-        return m.V[i, s, r, n] == before + p[(g, i, s)] * (m.x[g, i] - m.z[g, i, s])
+        share = p[(g, i, s)]
+        return m.V[i, s, r, n] == before + share * m.x[g, i] - share * m.z[g, i, s]
 
     m.released = pe.Constraint(m.L, rule=released)
     last: dict[int, int] = {}
@@ -335,7 +337,9 @@ def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
     )
     m.second_stage_cost = pe.Expression(
         data["S"],
-        rule=lambda m, s: sum(data["wn"][g] * (m.z[g, i, s] - m.x[g, i]) for g, i in pairs),
+        rule=lambda m, s: sum(
+            data["wn"][g] * m.z[g, i, s] - data["wn"][g] * m.x[g, i] for g, i in pairs
+        ),
     )
     m.obj = pe.Objective(
         expr=m.first_stage_cost + data["prob"] * sum(m.second_stage_cost[s] for s in data["S"]),
