@@ -123,13 +123,15 @@ def run_cell(
         config = CoreConfig.for_policy(policy, improve=False)
         run_simulated(workload, cluster, perf, policy, config, run_dir, 0)
         requests = pd.read_parquet(run_dir / "requests.parquet")
-    assert policy.kept is not None, f"no plan after {cut_s} s"
-    head = {"cell": f"{scenario} ({instances})", "load": load, "cut_s": cut_s}
-    return {
-        **head,
+    head = {
+        "cell": f"{scenario} ({instances})",
+        "load": load,
+        "cut_s": cut_s,
         "lengths": "true" if clairvoyant else "estimated",
-        **errors(policy.kept, requests),
     }
+    if policy.kept is None:  # no plan after the cut: nothing was left waiting
+        return {**head, "at_s": None, "waiting": 0, "drained_forecast": 0, "drained": 0}
+    return {**head, **errors(policy.kept, requests)}
 
 
 def _class_cells(row: dict[str, Any], cls: str) -> str:
