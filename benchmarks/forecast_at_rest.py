@@ -13,7 +13,9 @@ forecasts the sweep scores are made mid-burst, so they also miss the arrivals to
 
 Per cell, cut and lengths: per class, the median absolute and signed error of the
 dispatch forecasts (actual - forecast: negative is early) and the median forecast wait;
-and the requests dispatched in the next ``DRAIN_S`` seconds, forecast against actual.
+the requests dispatched in the next ``DRAIN_S`` seconds, forecast against actual; and
+the speed calibration's factor per GPU when the plan was made (the profiles' step times
+scaled by it; the simulated engine runs at its profile, so 1 is the truth).
 Prints a table and writes ``benchmarks/results/forecast_at_rest.{json,md}``.
 
 Usage: .venv/bin/python -m benchmarks.forecast_at_rest [--jobs 2] [--out DIR]
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from benchmarks import write_report
 from benchmarks.look_ahead import RESULTS, SLO_S, reference_cells
 from benchmarks.policies.run import _workload
 from benchmarks.policies.scenarios import SCENARIOS, SPAN_S
+from qlmctl.perfmodel import PerfModel
 from qlmctl.plan.policies import HeuristicPolicy
 from qlmctl.plan.types import LengthEstimates, Plan, Policy, QueueSnapshot, ServingStyle
 from qlmctl.profile.store import ProfileStore
@@ -54,6 +58,7 @@ class FirstPlanAfter:
         self._policy = policy
         self.name = policy.name
         self.at_s = at_s
+        self.kept_perf: dict[tuple[str, str], PerfModel] = {}  # the profiles it planned with
         self.kept: Plan | None = None
 
     @property
@@ -70,7 +75,7 @@ class FirstPlanAfter:
         """The wrapped policy's plan (kept if it is the first at or after ``at_s``)."""
         plan = self._policy.plan(snapshot, rng)
         if self.kept is None and snapshot.now_s >= self.at_s:
-            self.kept = plan
+            self.kept, self.kept_perf = plan, dict(snapshot.perf)
         return plan
 
 
@@ -131,7 +136,19 @@ def run_cell(
     }
     if policy.kept is None:  # no plan after the cut: nothing was left waiting
         return {**head, "at_s": None, "waiting": 0, "drained_forecast": 0, "drained": 0}
-    return {**head, **errors(policy.kept, requests)}
+    return {**head, **errors(policy.kept, requests), "speed": speed_factors(policy.kept_perf, perf)}
+
+
+def speed_factors(
+    planned: Mapping[tuple[str, str], PerfModel], profiled: Mapping[tuple[str, str], PerfModel]
+) -> dict[str, float]:
+    """Per GPU, the mean over its models of the planned step time over the profiled one
+    (the calibration scales every step coefficient alike)."""
+    by_gpu: dict[str, list[float]] = {}
+    for (model, gpu), perf in planned.items():
+        ratio = perf.step_time_s(1, 1, 1) / profiled[(model, gpu)].step_time_s(1, 1, 1)
+        by_gpu.setdefault(gpu, []).append(ratio)
+    return {gpu: float(np.mean(f)) for gpu, f in sorted(by_gpu.items())}
 
 
 def _class_cells(row: dict[str, Any], cls: str) -> str:
@@ -165,14 +182,16 @@ def main() -> int:
         f" ({wall_s / 60:.1f} min on {args.jobs} processes).",
         "",
         f"| cell | load | cut s | lengths | waiting | {CLASSES[0]}: error s | bias s | wait s "
-        f"| {CLASSES[1]}: error s | bias s | wait s | sent in {DRAIN_S:g} s: forecast | actual |",
-        "|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        f"| {CLASSES[1]}: error s | bias s | wait s | sent in {DRAIN_S:g} s: forecast | actual "
+        "| speed factor |",
+        "|---|--:|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['cell']} | {r['load']:g} | {r['cut_s']:g} | {r['lengths']} | {r['waiting']} "
             f"| {_class_cells(r, CLASSES[0])} | {_class_cells(r, CLASSES[1])} "
-            f"| {r['drained_forecast']} | {r['drained']} |"
+            f"| {r['drained_forecast']} | {r['drained']} "
+            f"| {', '.join(f'{g} {f:.2f}' for g, f in r.get('speed', {}).items()) or '-'} |"
         )
     write_report(
         args.out, "forecast_at_rest", "\n".join(lines) + "\n", {"wall_s": wall_s, "runs": rows}
