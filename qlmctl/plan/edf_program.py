@@ -300,6 +300,9 @@ def build_model(data: dict[str, Any]) -> pe.ConcreteModel:
         rule=lambda m, i, k, q: m.u[i, k, q] >= m.u[i, k, q - 1],
     )
 
+    # NOTE: the rows are written as sums of monomials (share * x - share * z): Pyomo's LP
+    # writer takes its fast path for those, and walks share * (x - z) node by node (the
+    # same LP file, byte for byte)
     def kept(m: pe.ConcreteModel, i: int, s: int, q: int) -> Any:
         g = row_group[(i, s, q)]
         before = m.W[i, s, q - 1] if q else 0.0
